@@ -1,0 +1,106 @@
+"""The ``kdistill`` command line. Each subcommand calls exactly one public API function."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import api
+from .errors import KDistillError
+
+app = typer.Typer(add_completion=False, no_args_is_help=False, help="kdistill: knowledge distillation toolkit.")
+
+
+def _fail(e: Exception) -> None:
+    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+@app.command("run")
+def run_cmd(
+    config: Annotated[Optional[str], typer.Argument(help="Recipe file or built-in name (default: classic/mnist1d).")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value overrides, e.g. train.epochs=5")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run folder (default runs/<name>).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed (overrides the recipe's).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --output.")] = False,
+    nproc: Annotated[int, typer.Option(help="Processes to launch with torchrun (DDP).")] = 1,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide progress bars.")] = False,
+) -> None:
+    """Run a recipe: train/reuse the teacher, distil the student(s), evaluate, write the report."""
+    overrides = list(overrides or [])
+    if config is not None and "=" in config and not Path(config).exists():
+        overrides.insert(0, config)  # `kdistill run train.epochs=3` -> default recipe + override
+        config = None
+    try:
+        api.run(config, output=output, seed=seed, resume=resume, overrides=overrides, nproc=nproc,
+                progress=not no_progress)
+    except KDistillError as e:
+        _fail(e)
+
+
+@app.command("list")
+def list_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List methods, models, datasets, tasks and built-in recipes."""
+    everything = api.list_all()
+    if as_json:
+        typer.echo(json.dumps(everything, indent=2))
+        return
+    from rich.console import Console
+
+    console = Console()
+    for section, items in everything.items():
+        console.print(f"[bold]{section}[/] ({len(items)})")
+        for name, doc in items.items():
+            console.print(f"  {name:<32} {doc}")
+
+
+@app.command("eval")
+def eval_cmd(checkpoint: Annotated[Path, typer.Argument(help="A model folder (e.g. runs/x/student) or a run folder.")]) -> None:
+    """Evaluate a saved student on its dataset's test split."""
+    try:
+        typer.echo(json.dumps(api.evaluate(checkpoint), indent=2))
+    except KDistillError as e:
+        _fail(e)
+
+
+@app.command("export")
+def export_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="A model folder or a run folder.")],
+    out: Annotated[Path, typer.Option("--out", help="Destination folder.")],
+) -> None:
+    """Export the student only (safetensors + config) and check that it reloads with identical outputs."""
+    try:
+        typer.echo(json.dumps(api.export(checkpoint, out), indent=2))
+    except KDistillError as e:
+        _fail(e)
+
+
+@app.command("serve")
+def serve_cmd(
+    model: Annotated[str, typer.Argument(help="Zoo name (smollm2-135m) or a saved Hugging Face causal LM folder.")],
+    host: Annotated[str, typer.Option(help="Bind address (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key_env: Annotated[Optional[str], typer.Option(help="Env var holding a bearer token clients must send.")] = None,
+    max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 512,
+    max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt accepted (tokens).")] = 2048,
+    max_request_bytes: Annotated[int, typer.Option(help="Largest request body accepted (bytes).")] = 1_000_000,
+    max_batch_size: Annotated[int, typer.Option(help="Sequences decoded together in one batch.")] = 8,
+) -> None:
+    """Serve a local causal LM over an OpenAI-compatible HTTP API (for black-box distillation)."""
+    try:
+        api.serve(model, host=host, port=port, api_key_env=api_key_env, max_tokens_limit=max_tokens_limit,
+                  max_prompt_tokens=max_prompt_tokens, max_request_bytes=max_request_bytes,
+                  max_batch_size=max_batch_size)
+    except KDistillError as e:
+        _fail(e)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,253 @@
+"""Run configuration: YAML -> pydantic models (validated, with defaults) -> flat keyword arguments.
+
+Each task (``classification``, ``llm``, ``embedding``, ``blackbox``) registers its own pydantic schema in
+``TASKS``; the shared pieces (model / method / training specs) live here. No class reads a config
+object: runners turn specs into keyword arguments (``spec.kwargs``) for constructors.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError, close_matches
+from .registry import AUGMENTS, METHODS, TASKS, Registry
+
+
+class StrictModel(BaseModel):
+    """Base for every config section: unknown fields are errors (with close matches)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+def check_kwargs(kind: str, name: str, factory: Callable[..., Any], kwargs: Mapping[str, Any],
+                 provided: Sequence[str] = ()) -> None:
+    """Check ``kwargs`` against ``factory``'s signature: unknown names (with close matches) and missing
+    required arguments fail here, before anything is built. ``provided`` names are filled in later by
+    the runner (e.g. ``input_shape``, ``num_classes``)."""
+    sig = inspect.signature(factory)
+    params = {n: p for n, p in sig.parameters.items() if n != "self"}
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    allowed = [n for n, p in params.items() if p.kind not in (inspect.Parameter.VAR_POSITIONAL,
+                                                               inspect.Parameter.VAR_KEYWORD)]
+    for key in kwargs:
+        if key in provided:
+            raise ConfigError(f"{kind} {name!r}: argument {key!r} is set by kdistill itself; remove it from the recipe.")
+        if key not in params and not accepts_any:
+            m = close_matches(key, [a for a in allowed if a not in provided])
+            hint = f" Did you mean {' or '.join(repr(x) for x in m)}?" if m else ""
+            raise ConfigError(
+                f"{kind} {name!r} got an unknown argument {key!r}.{hint} Expected some of: "
+                f"{', '.join(a for a in allowed if a not in provided) or '(none)'}."
+            )
+    missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty
+               and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+               and n not in kwargs and n not in provided]
+    if missing:
+        raise ConfigError(f"{kind} {name!r} is missing required argument(s) {missing}; add them under its kwargs.")
+
+
+class NamedSpec(StrictModel):
+    """``{name: ..., kwargs: {...}}``; a bare string is accepted as ``{name: <string>}``."""
+
+    name: str
+    kwargs: dict[str, Any] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
+
+
+class MethodSpec(NamedSpec):
+    """A distillation method from ``METHODS``; kwargs go to its constructor."""
+
+    name: str = "hinton_kd"
+
+    @model_validator(mode="after")
+    def _validate(self) -> MethodSpec:
+        cls = METHODS.get(self.name)
+        check_kwargs("method", self.name, cls.__init__, self.kwargs)
+        try:
+            cls(**self.kwargs)  # cheap: methods build shape-dependent parts in setup()
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"method {self.name!r} rejected its kwargs {self.kwargs}: {e}") from None
+        return self
+
+
+class AugmentSpec(NamedSpec):
+    """A loop-level input augmentation from ``AUGMENTS`` (e.g. ``mixup``)."""
+
+    @model_validator(mode="after")
+    def _validate(self) -> AugmentSpec:
+        check_kwargs("augmentation", self.name, AUGMENTS.get(self.name), self.kwargs, provided=("num_classes",))
+        return self
+
+
+def registry_spec(registry: Registry, provided: Sequence[str] = ()) -> Callable[[NamedSpec], NamedSpec]:
+    """Validator factory: the spec's name must be in ``registry`` and its kwargs fit the factory."""
+
+    def check(spec: NamedSpec) -> NamedSpec:
+        check_kwargs(registry.kind, spec.name, registry.get(spec.name), spec.kwargs, provided)
+        return spec
+
+    return check
+
+
+class TrainSpec(StrictModel):
+    """Optimisation settings, turned into keyword arguments of :func:`kdistill.train.loop.fit`."""
+
+    epochs: int = 10
+    max_steps: int | None = None
+    batch_size: int = 128
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_steps: int = 0
+    step_size: int = 30
+    gamma: float = 0.1
+    grad_accum: int = 1
+    max_grad_norm: float | None = None
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    eval_every: int = 0
+    log_every: int = 50
+    checkpoint_every: int = 0
+    tensorboard: bool = False
+
+    @field_validator("epochs", "batch_size", "grad_accum")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"must be >= 1 (got {v})")
+        return v
+
+    @field_validator("lr")
+    @classmethod
+    def _lr(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError(f"must be > 0 (got {v})")
+        return v
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def _format_validation_error(err: ValidationError, model: type[BaseModel], source: str) -> ConfigError:
+    lines = [f"invalid recipe {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        got = e.get("input")
+        if e["type"] == "extra_forbidden":
+            fields = _fields_at(model, e["loc"][:-1])
+            m = close_matches(str(e["loc"][-1]), fields)
+            hint = f" Did you mean {' or '.join(repr(x) for x in m)}?" if m else ""
+            lines.append(f"- {loc}: unknown field.{hint} Allowed here: {', '.join(fields)}.")
+        elif e["type"] == "missing":
+            lines.append(f"- {loc}: required field is missing.")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"- {loc}: {msg} (got {got!r}).")
+    return ConfigError("\n".join(lines))
+
+
+def _fields_at(model: type[BaseModel], loc: Sequence[Any]) -> list[str]:
+    cur: Any = model
+    for part in loc:
+        if not (isinstance(cur, type) and issubclass(cur, BaseModel)):
+            return []
+        field = cur.model_fields.get(str(part))
+        if field is None:
+            return []
+        ann = field.annotation
+        args = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
+        cur = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else (args[0] if args else None)
+    if isinstance(cur, type) and issubclass(cur, BaseModel):
+        return sorted(cur.model_fields)
+    return []
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.lr=3e-4"`` -> (["train", "lr"], 0.0003). Values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. train.epochs=5 or method=dkd.")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r}: empty key; expected key=value, e.g. train.epochs=5.")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string; users mean a number
+        try:
+            value = float(value) if value.strip().lower() not in ("nan", "inf", "-inf") else value
+        except ValueError:
+            pass
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        cur = data
+        for part in path[:-1]:
+            nxt = cur.get(part)
+            if isinstance(nxt, str):  # "method: dkd" shorthand -> {"name": "dkd"}
+                nxt = {"name": nxt}
+            if nxt is None:
+                nxt = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {text!r}: {part!r} holds {nxt!r}, not a section; cannot set a key inside it.")
+            cur[part] = nxt
+            cur = nxt
+        cur[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"recipe {str(path)!r} does not exist; expected a YAML file. "
+                          "Run `kdistill list` for the built-in recipes.")
+    try:
+        data = yaml.safe_load(p.read_text())  # safe_load: no YAML tag runs code
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {str(path)!r}: expected a mapping at the top level, got {type(data).__name__}.")
+    return data
+
+
+def validate(data: Mapping[str, Any], source: str = "<dict>") -> BaseModel:
+    """Validate a recipe mapping against its task's schema (``task:`` key, default ``classification``)."""
+    from . import tasks  # noqa: F401  (fills TASKS)
+
+    data = dict(data)
+    task_name = data.get("task", "classification")
+    task = TASKS.get(task_name)
+    try:
+        return task.config_model.model_validate(data)
+    except ValidationError as e:
+        raise _format_validation_error(e, task.config_model, source) from None
+
+
+def load_config(recipe: str | Path | Mapping[str, Any] | None = None, overrides: Sequence[str] = ()) -> BaseModel:
+    """Read and validate a recipe (path, built-in name such as ``classic/mnist1d`` or a dict)."""
+    from .recipes import DEFAULT_RECIPE, find_recipe
+
+    if recipe is None:
+        recipe = DEFAULT_RECIPE
+    if isinstance(recipe, Mapping):
+        data, source = dict(recipe), "<dict>"
+    else:
+        path = find_recipe(recipe)
+        data, source = read_yaml(path), str(path)
+    data = apply_overrides(data, overrides)
+    return validate(data, source)

@@ -1,0 +1,217 @@
+"""Offline classification datasets (built locally or read from installed packages) and loaders."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import subprocess
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Sampler
+
+from ..errors import KDistillError, expect
+from ..registry import DATASETS
+
+
+@dataclass
+class ClassificationData:
+    """Train / validation / test tensors. ``x_*`` float32, ``y_*`` int64."""
+
+    name: str
+    x_train: Tensor
+    y_train: Tensor
+    x_val: Tensor
+    y_val: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    num_classes: int
+    class_names: list[str] = field(default_factory=list)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    def summary(self) -> dict[str, Any]:
+        return {"name": self.name, "train": len(self.y_train), "val": len(self.y_val), "test": len(self.y_test),
+                "num_classes": self.num_classes, "input_shape": list(self.input_shape)}
+
+
+def _split_val(x: np.ndarray, y: np.ndarray, val_fraction: float, seed: int):
+    expect(0.0 < val_fraction < 0.5, "val_fraction", val_fraction, "a number in (0, 0.5)")
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(len(y))
+    n_val = max(1, int(round(len(y) * val_fraction)))
+    return x[idx[n_val:]], y[idx[n_val:]], x[idx[:n_val]], y[idx[:n_val]]
+
+
+def _standardise(x_train: np.ndarray, *others: np.ndarray, per_feature: bool = True):
+    axis = 0 if per_feature else None
+    mean = x_train.mean(axis=axis, keepdims=per_feature)
+    std = x_train.std(axis=axis, keepdims=per_feature) + 1e-6
+    return [(a - mean) / std for a in (x_train, *others)]
+
+
+def _pack(name, x_tr, y_tr, x_va, y_va, x_te, y_te, num_classes, class_names=()) -> ClassificationData:
+    f = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32)  # noqa: E731
+    i = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.long)  # noqa: E731
+    return ClassificationData(name, f(x_tr), i(y_tr), f(x_va), i(y_va), f(x_te), i(y_te), int(num_classes),
+                              list(class_names))
+
+
+@DATASETS.register("mnist1d")
+def mnist1d(num_samples: int = 10000, val_fraction: float = 0.1, data_seed: int = 42) -> ClassificationData:
+    """MNIST-1D (Greydanus, 2020): procedural 1-D digits of length 40, generated locally and
+    deterministically by the ``mnist1d`` package (80/20 train/test, then ``val_fraction`` of train)."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples = int(num_samples)
+    args.seed = int(data_seed)
+    d = make_dataset(args)  # builds locally; never the download path
+    x_tr, y_tr, x_va, y_va = _split_val(d["x"], d["y"], val_fraction, data_seed)
+    x_tr, x_va, x_te = _standardise(x_tr, x_va, d["x_test"], per_feature=False)
+    return _pack("mnist1d", x_tr, y_tr, x_va, y_va, x_te, d["y_test"], 10, [str(i) for i in range(10)])
+
+
+def _sklearn(name: str, loader, test_fraction: float, val_fraction: float, data_seed: int) -> ClassificationData:
+    from sklearn.model_selection import train_test_split
+
+    bunch = loader()
+    x, y = bunch.data.astype(np.float32), bunch.target
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction, random_state=data_seed, stratify=y)
+    x_tr, y_tr, x_va, y_va = _split_val(x_tr, y_tr, val_fraction, data_seed)
+    x_tr, x_va, x_te = _standardise(x_tr, x_va, x_te)
+    names = [str(n) for n in getattr(bunch, "target_names", range(int(y.max()) + 1))]
+    return _pack(name, x_tr, y_tr, x_va, y_va, x_te, y_te, int(y.max()) + 1, names)
+
+
+@DATASETS.register("digits")
+def digits(test_fraction: float = 0.25, val_fraction: float = 0.15, data_seed: int = 42) -> ClassificationData:
+    """scikit-learn 8x8 digits (1,797 images, 10 classes), standardised per pixel."""
+    from sklearn.datasets import load_digits
+
+    return _sklearn("digits", load_digits, test_fraction, val_fraction, data_seed)
+
+
+@DATASETS.register("iris")
+def iris(test_fraction: float = 0.3, val_fraction: float = 0.15, data_seed: int = 42) -> ClassificationData:
+    """scikit-learn iris (150 rows, 4 features, 3 classes)."""
+    from sklearn.datasets import load_iris
+
+    return _sklearn("iris", load_iris, test_fraction, val_fraction, data_seed)
+
+
+@DATASETS.register("wine")
+def wine(test_fraction: float = 0.3, val_fraction: float = 0.15, data_seed: int = 42) -> ClassificationData:
+    """scikit-learn wine (178 rows, 13 features, 3 classes)."""
+    from sklearn.datasets import load_wine
+
+    return _sklearn("wine", load_wine, test_fraction, val_fraction, data_seed)
+
+
+@DATASETS.register("breast_cancer")
+def breast_cancer(test_fraction: float = 0.25, val_fraction: float = 0.15, data_seed: int = 42) -> ClassificationData:
+    """scikit-learn breast cancer Wisconsin (569 rows, 30 features, 2 classes)."""
+    from sklearn.datasets import load_breast_cancer
+
+    return _sklearn("breast_cancer", load_breast_cancer, test_fraction, val_fraction, data_seed)
+
+
+def debian_files(package: str) -> list[str]:
+    """Files installed by a Debian package (``dpkg -L``); a clear error when it is missing."""
+    try:
+        out = subprocess.run(["dpkg", "-L", package], capture_output=True, text=True, check=True).stdout
+    except (FileNotFoundError, subprocess.CalledProcessError):
+        raise KDistillError(
+            f"Debian package {package!r} is not installed; expected it for this dataset. "
+            f"Fix: `sudo apt-get install {package}` (the Makefile does this)."
+        ) from None
+    return out.split()
+
+
+FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                   "ankle-boot"]
+
+
+@DATASETS.register("fashion_mnist")
+def fashion_mnist(num_train: int | None = None, val_fraction: float = 0.1, data_seed: int = 42) -> ClassificationData:
+    """Fashion-MNIST (Xiao et al., 2017) from Debian's ``dataset-fashion-mnist``: 28x28 grey images,
+    10 classes; ``num_train`` keeps a random subset of the 60k training images (CPU budgets)."""
+    files = {os.path.basename(f): f for f in debian_files("dataset-fashion-mnist") if f.endswith("-ubyte.gz")}
+
+    def idx(name: str, offset: int) -> np.ndarray:
+        with gzip.open(files[name], "rb") as fh:
+            return np.frombuffer(fh.read(), np.uint8, offset=offset)
+
+    x = idx("train-images-idx3-ubyte.gz", 16).reshape(-1, 1, 28, 28).astype(np.float32) / 255.0
+    y = idx("train-labels-idx1-ubyte.gz", 8).astype(np.int64)
+    x_te = idx("t10k-images-idx3-ubyte.gz", 16).reshape(-1, 1, 28, 28).astype(np.float32) / 255.0
+    y_te = idx("t10k-labels-idx1-ubyte.gz", 8).astype(np.int64)
+    if num_train is not None:
+        keep = np.random.default_rng(data_seed).permutation(len(y))[: int(num_train)]
+        x, y = x[keep], y[keep]
+    x_tr, y_tr, x_va, y_va = _split_val(x, y, val_fraction, data_seed)
+    x_tr, x_va, x_te = _standardise(x_tr, x_va, x_te, per_feature=False)
+    return _pack("fashion_mnist", x_tr, y_tr, x_va, y_va, x_te, y_te, 10, FASHION_CLASSES)
+
+
+def load_dataset(name: str, **kwargs: Any) -> ClassificationData:
+    return DATASETS.get(name)(**kwargs)
+
+
+class TensorDictDataset(torch.utils.data.Dataset):
+    """A dataset of aligned tensors that fetches whole batches at once (``__getitems__``): one
+    fancy-index per batch instead of one Python call per example."""
+
+    def __init__(self, **tensors: Tensor) -> None:
+        lengths = {k: len(v) for k, v in tensors.items()}
+        if len(set(lengths.values())) != 1:
+            raise KDistillError(f"TensorDictDataset: tensors have different lengths {lengths}; expected equal.")
+        self.tensors = tensors
+        self.n = next(iter(lengths.values()))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {k: v[i] for k, v in self.tensors.items()}
+
+    def __getitems__(self, indices: list[int]) -> dict[str, Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return {k: v[idx] for k, v in self.tensors.items()}
+
+
+def _identity(batch: Any) -> Any:
+    return batch
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffles with a permutation that depends only on ``(seed, epoch)``: identical on every rank and
+    after a resume, so the data order of a run is a pure function of its seed."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True) -> None:
+        self.n, self.seed, self.shuffle, self.epoch = n, int(seed), shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        if not self.shuffle:
+            return iter(range(self.n))
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, *, seed: int = 0, shuffle: bool = True,
+                drop_last: bool = False) -> DataLoader:
+    """A DataLoader over a :class:`TensorDictDataset` with a deterministic epoch sampler."""
+    expect(batch_size >= 1, "batch_size", batch_size, "an integer >= 1")
+    return DataLoader(dataset, batch_size=batch_size, sampler=EpochSampler(len(dataset), seed, shuffle),
+                      collate_fn=_identity, drop_last=drop_last)

@@ -1,0 +1,1 @@
+"""Metrics, latency, and the run report."""

@@ -1,0 +1,52 @@
+"""Classification metrics, teacher agreement, and CPU latency."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..losses.logits import forward_kl
+
+
+def accuracy(logits: Tensor, labels: Tensor) -> float:
+    return float((logits.argmax(-1) == labels).float().mean()) if len(labels) else float("nan")
+
+
+def classification_metrics(logits: Tensor, labels: Tensor) -> dict[str, float]:
+    """``accuracy`` and mean cross-entropy ``loss``."""
+    return {"accuracy": accuracy(logits, labels), "loss": float(F.cross_entropy(logits.float(), labels))}
+
+
+def agreement(student_logits: Tensor, teacher_logits: Tensor) -> dict[str, float]:
+    """Top-1 agreement and mean held-out KL(teacher || student) at T = 1."""
+    return {
+        "top1_agreement": float((student_logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean()),
+        "kl_teacher_student": float(forward_kl(student_logits, teacher_logits).mean()),
+    }
+
+
+@torch.no_grad()
+def latency_ms(fn: Callable[[], object], *, repeats: int = 30, warmup: int = 5) -> float:
+    """Median wall time of ``fn()`` in milliseconds, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return float(statistics.median(times))
+
+
+def model_latency_ms(model: nn.Module, example: Tensor, repeats: int = 30) -> float:
+    was = model.training
+    model.eval()
+    try:
+        return latency_ms(lambda: model(example), repeats=repeats)
+    finally:
+        model.train(was)

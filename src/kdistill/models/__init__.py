@@ -1,0 +1,6 @@
+"""Model families registered in ``MODELS`` (classifier nets here; LLM and encoder builders live in
+``students/`` and ``zoo.py``)."""
+
+from .classifiers import CNN, MLP, build_cnn, build_mlp, count_params, predict_logits
+
+__all__ = ["CNN", "MLP", "build_cnn", "build_mlp", "count_params", "predict_logits"]

@@ -1,0 +1,28 @@
+"""What a task is: a config schema plus a runner that returns the report dict."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+
+@dataclass
+class RunContext:
+    """Where and how a run happens (set by ``kdistill.run``, never read from the recipe)."""
+
+    output: Path
+    resume: bool = False
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Task:
+    name: str
+    config_model: type[BaseModel]
+    run: Callable[[Any, RunContext], dict[str, Any]]
+    description: str = ""

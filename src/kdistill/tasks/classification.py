@@ -1,0 +1,251 @@
+"""Task ``classification``: a teacher classifier distilled into a student, compared with the same
+student trained alone (the baseline) and with other distilled variants, on one data split."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import model_validator
+
+from .. import __version__
+from ..config import AugmentSpec, MethodSpec, NamedSpec, StrictModel, TrainSpec, check_kwargs
+from ..data.augment import build_augment
+from ..data.classification import ClassificationData, TensorDictDataset, load_dataset, make_loader
+from ..errors import KDistillError
+from ..eval.metrics import agreement, classification_metrics, model_latency_ms
+from ..eval.report import write_report
+from ..export.classifier import load_classifier, save_classifier
+from ..models.classifiers import count_params, predict_logits
+from ..registry import DATASETS, METHODS, MODELS, TASKS
+from ..train.checkpoint import load_state_dict, write_json_atomic
+from ..train.loop import fit, make_accelerator
+from .base import RunContext, Task
+
+
+class DataSpec(NamedSpec):
+    """A dataset from ``DATASETS`` (``kdistill list``) and its keyword arguments."""
+
+    @model_validator(mode="after")
+    def _check(self) -> DataSpec:
+        check_kwargs("dataset", self.name, DATASETS.get(self.name), self.kwargs)
+        return self
+
+
+class ModelSpec(NamedSpec):
+    """A model family from ``MODELS``; ``input_shape`` and ``num_classes`` come from the data."""
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSpec:
+        check_kwargs("model", self.name, MODELS.get(self.name), self.kwargs, provided=("input_shape", "num_classes"))
+        return self
+
+
+class TeacherSpec(StrictModel):
+    """The teacher: trained here (and cached by fingerprint) unless ``checkpoint`` names a model folder
+    or a ``.safetensors`` state dict for ``model``."""
+
+    model: ModelSpec
+    train: TrainSpec = TrainSpec()
+    checkpoint: str | None = None
+    reuse: bool = True
+
+
+class VariantSpec(StrictModel):
+    """Another distilled student of the same run (same architecture, data and training budget)."""
+
+    method: MethodSpec
+    augment: AugmentSpec | None = None
+
+
+class EvalSpec(StrictModel):
+    latency_batch_size: int = 256
+    latency_repeats: int = 30
+
+
+class ClassificationConfig(StrictModel):
+    task: Literal["classification"] = "classification"
+    name: str = "classification"
+    description: str = ""
+    seed: int = 0
+    data: DataSpec
+    teacher: TeacherSpec
+    student: ModelSpec
+    method: MethodSpec = MethodSpec()
+    augment: AugmentSpec | None = None
+    train: TrainSpec = TrainSpec()
+    baseline: bool = True
+    variants: dict[str, VariantSpec] = {}
+    eval: EvalSpec = EvalSpec()
+
+    @model_validator(mode="after")
+    def _names(self) -> ClassificationConfig:
+        for name in self.variants:
+            if name in ("teacher", "baseline", "student", "work") or not name.replace("_", "").isalnum():
+                raise ValueError(f"variant name {name!r} is reserved or not snake_case; pick e.g. 'kd_plain'")
+        return self
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("KDISTILL_CACHE", Path.home() / ".cache" / "kdistill"))
+
+
+def teacher_fingerprint(cfg: ClassificationConfig) -> str:
+    blob = json.dumps({"data": cfg.data.model_dump(), "model": cfg.teacher.model.model_dump(),
+                       "train": cfg.teacher.train.model_dump(), "seed": cfg.seed,
+                       "torch": torch.__version__.split("+")[0], "kdistill": __version__}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _build(spec: ModelSpec, data: ClassificationData) -> torch.nn.Module:
+    return MODELS.get(spec.name)(data.input_shape, data.num_classes, **spec.kwargs)
+
+
+def _phase_done(d: Path) -> bool:
+    return (d / "model.json").is_file() and (d / "model.safetensors").is_file() and (d / "history.json").is_file()
+
+
+def _train_phase(name: str, *, cfg: ClassificationConfig, data: ClassificationData, model_spec: ModelSpec,
+                 train: TrainSpec, method_spec: MethodSpec, augment_spec: AugmentSpec | None,
+                 teacher: torch.nn.Module | None, accelerator: Any, ctx: RunContext,
+                 extra_meta: dict[str, Any] | None = None) -> tuple[torch.nn.Module, list[dict], float]:
+    """Train one model (or reload it when a resumed run already finished this phase)."""
+    pdir, work = ctx.output / name, ctx.output / "work" / name
+    if ctx.resume and _phase_done(pdir):
+        model, _ = load_classifier(pdir)
+        hist = json.loads((pdir / "history.json").read_text())
+        return model, hist["history"], hist["seconds"]
+    if not ctx.resume and work.exists():
+        shutil.rmtree(work)  # a fresh run never continues from stale checkpoints
+    seed_everything(cfg.seed)  # every student starts from the same initial weights
+    model = _build(model_spec, data)
+    method = METHODS.get(method_spec.name)(**method_spec.kwargs)
+    augment = build_augment(augment_spec.name, data.num_classes, **augment_spec.kwargs) if augment_spec else None
+    loader = make_loader(TensorDictDataset(inputs=data.x_train, labels=data.y_train), train.batch_size, seed=cfg.seed)
+
+    def evaluate(m: torch.nn.Module) -> dict[str, float]:
+        return classification_metrics(predict_logits(m, data.x_val), data.y_val)
+
+    res = fit(student=model, method=method, teacher=teacher, train_loader=loader, accelerator=accelerator,
+              augment=augment, evaluate=evaluate, output_dir=work, resume=ctx.resume, phase=name,
+              progress=ctx.progress, seed=cfg.seed,
+              **train.model_dump(exclude={"batch_size", "mixed_precision"}))
+    if accelerator.is_main_process:
+        save_classifier(pdir, res.student, model_name=model_spec.name, model_kwargs=model_spec.kwargs,
+                        input_shape=data.input_shape, num_classes=data.num_classes,
+                        extra={"data": cfg.data.model_dump(), "phase": name, **(extra_meta or {})})
+        write_json_atomic(pdir / "history.json", {"history": res.history, "seconds": res.seconds, "steps": res.steps})
+    accelerator.wait_for_everyone()
+    return res.student, res.history, res.seconds
+
+
+def _get_teacher(cfg: ClassificationConfig, data: ClassificationData, accelerator: Any, ctx: RunContext):
+    spec = cfg.teacher
+    if spec.checkpoint:
+        p = Path(spec.checkpoint)
+        if p.is_dir():
+            model, _ = load_classifier(p)
+        else:
+            model = _build(spec.model, data)
+            model.load_state_dict(load_state_dict(p))
+        return model, [], 0.0, "checkpoint"
+    fp = teacher_fingerprint(cfg)
+    tdir, cached = ctx.output / "teacher", cache_root() / "teachers" / fp
+    if _phase_done(tdir) and json.loads((tdir / "model.json").read_text()).get("fingerprint") == fp and (ctx.resume or spec.reuse):
+        model, _ = load_classifier(tdir)
+        h = json.loads((tdir / "history.json").read_text())
+        return model, h["history"], h["seconds"], "reused (run folder)"
+    if spec.reuse and _phase_done(cached):
+        model, _ = load_classifier(cached)
+        if accelerator.is_main_process:
+            shutil.copytree(cached, tdir, dirs_exist_ok=True)
+        h = json.loads((cached / "history.json").read_text())
+        return model, h["history"], h["seconds"], f"reused (cache {fp})"
+    model, hist, secs = _train_phase("teacher", cfg=cfg, data=data, model_spec=spec.model, train=spec.train,
+                                     method_spec=MethodSpec(name="none"), augment_spec=None, teacher=None,
+                                     accelerator=accelerator, ctx=RunContext(ctx.output, False, ctx.progress),
+                                     extra_meta={"fingerprint": fp})
+    if spec.reuse and accelerator.is_main_process:
+        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+        shutil.copytree(tdir, tmp, dirs_exist_ok=True)
+        if cached.exists():
+            shutil.rmtree(cached)
+        os.replace(tmp, cached)
+    return model, hist, secs, "trained"
+
+
+def run_classification(cfg: ClassificationConfig, ctx: RunContext) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    ctx.output.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(ctx.output / "config.json", cfg.model_dump())
+    data = load_dataset(cfg.data.name, **cfg.data.kwargs)
+    accelerator = make_accelerator(cfg.train.mixed_precision)
+    teacher, teacher_hist, teacher_secs, teacher_source = _get_teacher(cfg, data, accelerator, ctx)
+    teacher.eval()
+
+    phases: list[tuple[str, MethodSpec, AugmentSpec | None]] = []
+    if cfg.baseline:
+        phases.append(("baseline", MethodSpec(name="none"), None))
+    phases.append(("student", cfg.method, cfg.augment))
+    phases += [(n, v.method, v.augment) for n, v in cfg.variants.items()]
+    trained: dict[str, tuple[torch.nn.Module, list[dict], float]] = {}
+    for name, mspec, aspec in phases:
+        needs_teacher = METHODS.get(mspec.name).needs_teacher
+        trained[name] = _train_phase(name, cfg=cfg, data=data, model_spec=cfg.student, train=cfg.train,
+                                     method_spec=mspec, augment_spec=aspec,
+                                     teacher=teacher if needs_teacher else None, accelerator=accelerator, ctx=ctx,
+                                     extra_meta={"method": mspec.model_dump(),
+                                                 "augment": aspec.model_dump() if aspec else None})
+
+    # ---- evaluation on the test split (never used for any choice above) ----------------------------
+    t_logits = predict_logits(teacher, data.x_test)
+    lat_x = data.x_test[: cfg.eval.latency_batch_size]
+    student_model = trained["student"][0]
+
+    def entry(model: torch.nn.Module, secs: float) -> dict[str, Any]:
+        logits = predict_logits(model, data.x_test)
+        return {"params": count_params(model), "metrics": classification_metrics(logits, data.y_test),
+                "train_seconds": secs, "agreement": agreement(logits, t_logits)}
+
+    teacher_entry = {"params": count_params(teacher), "metrics": classification_metrics(t_logits, data.y_test),
+                     "latency_ms": model_latency_ms(teacher, lat_x, cfg.eval.latency_repeats),
+                     "model": cfg.teacher.model.model_dump(), "source": teacher_source, "train_seconds": teacher_secs}
+    student_entry = {**entry(student_model, trained["student"][2]),
+                     "latency_ms": model_latency_ms(student_model, lat_x, cfg.eval.latency_repeats),
+                     "model": cfg.student.model_dump(), "augment": cfg.augment.model_dump() if cfg.augment else None}
+    report: dict[str, Any] = {
+        "recipe": cfg.name, "task": "classification", "method": cfg.method.name, "seed": cfg.seed,
+        "data": data.summary(), "teacher": teacher_entry, "student": student_entry,
+        "agreement": student_entry["agreement"], "variants": {},
+    }
+    if cfg.baseline:
+        report["baseline"] = entry(*[trained["baseline"][i] for i in (0, 2)])
+    for name, v in cfg.variants.items():
+        report["variants"][name] = {**entry(trained[name][0], trained[name][2]), "method": v.method.model_dump(),
+                                    "augment": v.augment.model_dump() if v.augment else None}
+    report["latency_batch_size"] = int(lat_x.shape[0])
+    report["wall_seconds"] = time.perf_counter() - t_start
+    curves = {"teacher": teacher_hist}
+    curves.update({("student: " + cfg.method.name + (f" + {cfg.augment.name}" if cfg.augment else "")
+                    if n == "student" else n): trained[n][1] for n in trained})
+    if accelerator.is_main_process:
+        write_report(report, ctx.output, curves=curves)
+    return report
+
+
+TASKS.register("classification")(Task("classification", ClassificationConfig, run_classification,
+                                      "teacher classifier -> student classifier, with baseline and variants"))

@@ -1,0 +1,217 @@
+"""Atomic, pickle-free checkpoints.
+
+Tensors go to safetensors, everything else (optimizer hyper-parameters, scheduler counters, RNG states
+of Python and NumPy, loop position, history) to JSON. A checkpoint directory is written under a temporary
+name, flushed, then renamed; ``latest.json`` (replaced atomically) points to the newest complete one, so a
+``kill -9`` at any moment leaves either the previous or the new checkpoint, never a torn one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import KDistillError
+
+FORMAT_VERSION = 1
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same directory + fsync + rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    write_bytes_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default).encode())
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def save_state_dict_atomic(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """``safetensors`` file written atomically (temp file + fsync + rename). Shared storage is cloned."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        clean = {k: v.detach().contiguous().clone().cpu() for k, v in tensors.items()}
+        save_file(clean, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise KDistillError(f"weights file {str(path)!r} does not exist; expected a .safetensors file written by kdistill.")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types on truncation
+        raise KDistillError(f"weights file {str(path)!r} is unreadable or truncated ({e}). "
+                            "Delete it and re-run, or resume from an earlier checkpoint.") from None
+
+
+# -------------------------------------------------------------- nested state <-> (tensors, JSON skeleton)
+
+
+def flatten_state(obj: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tensor]]:
+    """Replace every tensor in a nested structure by ``{"__tensor__": key}`` and collect them."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(o: Any, key: str) -> Any:
+        if isinstance(o, torch.Tensor):
+            tensors[key] = o
+            return {"__tensor__": key}
+        if isinstance(o, dict):
+            return {"__dict__": [[walk(k, f"{key}.k{i}"), walk(v, f"{key}.{i}")] for i, (k, v) in enumerate(o.items())]}
+        if isinstance(o, (list, tuple)):
+            return {"__list__" if isinstance(o, list) else "__tuple__": [walk(v, f"{key}.{i}") for i, v in enumerate(o)]}
+        if isinstance(o, np.ndarray):
+            tensors[key] = torch.from_numpy(o.astype(np.int64) if o.dtype.kind in "ui" else o.astype(np.float64))
+            return {"__ndarray__": key, "dtype": o.dtype.str}
+        if isinstance(o, (np.integer, np.floating)):
+            return o.item()
+        if o is None or isinstance(o, (bool, int, float, str)):
+            return o
+        raise KDistillError(f"checkpoint: cannot store a value of type {type(o).__name__} at {key!r}")
+
+    return walk(obj, prefix or "s"), tensors
+
+
+def unflatten_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    def walk(o: Any) -> Any:
+        if isinstance(o, dict):
+            if "__tensor__" in o:
+                return tensors[o["__tensor__"]]
+            if "__ndarray__" in o:
+                return tensors[o["__ndarray__"]].numpy().astype(np.dtype(o["dtype"]))
+            if "__dict__" in o:
+                return {walk(k): walk(v) for k, v in o["__dict__"]}
+            if "__list__" in o:
+                return [walk(v) for v in o["__list__"]]
+            if "__tuple__" in o:
+                return tuple(walk(v) for v in o["__tuple__"])
+        return o
+
+    return walk(skeleton)
+
+
+def rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(legacy=False),
+            "python": random.getstate()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+
+
+# -------------------------------------------------------------------------------------- manager
+
+
+class CheckpointManager:
+    """``<root>/step-<n>/{state.safetensors, state.json}`` + ``<root>/latest.json``; keeps ``keep`` newest."""
+
+    def __init__(self, root: str | Path, keep: int = 2) -> None:
+        self.root = Path(root)
+        self.keep = keep
+
+    def save(self, step: int, state: dict[str, Any]) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        skeleton, tensors = flatten_state(state)
+        final = self.root / f"step-{step:09d}"
+        tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".step-{step:09d}.", suffix=".tmp"))
+        try:
+            save_state_dict_atomic(tmp / "state.safetensors", tensors)
+            write_json_atomic(tmp / "state.json", {"format_version": FORMAT_VERSION, "step": step, "state": skeleton})
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        write_json_atomic(self.root / "latest.json", {"step": step, "dir": final.name})
+        self._prune(final.name)
+        return final
+
+    def _prune(self, current: str) -> None:
+        dirs = sorted(p for p in self.root.glob("step-*") if p.is_dir())
+        for p in dirs[: max(0, len(dirs) - self.keep)]:
+            if p.name != current:
+                shutil.rmtree(p, ignore_errors=True)
+        for p in self.root.glob(".step-*.tmp"):  # leftovers of a crash mid-save
+            shutil.rmtree(p, ignore_errors=True)
+
+    def latest(self) -> Path | None:
+        pointer = self.root / "latest.json"
+        if not pointer.is_file():
+            return None
+        d = self.root / json.loads(pointer.read_text())["dir"]
+        return d if d.is_dir() else None
+
+    def load(self, path: Path | None = None) -> dict[str, Any] | None:
+        path = path or self.latest()
+        if path is None:
+            return None
+        meta = json.loads((path / "state.json").read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise KDistillError(f"checkpoint {str(path)!r} has format {meta.get('format_version')}, expected "
+                                f"{FORMAT_VERSION}; it was written by another kdistill version. Start a fresh run.")
+        tensors = load_state_dict(path / "state.safetensors")
+        return unflatten_state(meta["state"], tensors)

@@ -1,0 +1,393 @@
+"""The one training loop: plain PyTorch + Hugging Face Accelerate.
+
+Read top to bottom: set-up (teacher frozen, method sized on a probe batch), preparation by Accelerate,
+optional resume, then windows of ``grad_accum`` micro-batches -> one optimizer step. DDP / FSDP come from
+Accelerate's launcher and config (``torchrun`` / ``accelerate launch``), never from code here.
+
+Loss normalisation lives here and only here: a method returns *means over its micro-batch*; the loop
+rescales each micro-batch by ``n_local * world_size / n_global`` where ``n`` counts examples (or
+``batch["mask"]`` tokens) over the whole accumulation window and all ranks. DDP then averages
+gradients over ranks, so the update equals that of one process on the concatenated batch, whatever the
+split into micro-batches and processes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..capture import capture
+from ..errors import KDistillError, expect
+from ..methods.base import Method, ModelOutput, SetupInfo
+from .checkpoint import CheckpointManager, rng_state, set_rng_state, write_bytes_atomic
+from .optim import build_optimizer, build_scheduler
+
+Batch = dict[str, Any]
+Forward = Callable[[nn.Module, Batch], "Tensor | ModelOutput"]
+
+
+def make_accelerator(mixed_precision: str = "no", *, find_unused_parameters: bool = False):
+    """An ``accelerate.Accelerator``. Accelerate keeps process-wide state; when a later run in the same
+    process asks for another precision, that state is reset (never the process group)."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.state import AcceleratorState, GradientState
+
+    expect(mixed_precision in ("no", "bf16", "fp16"), "mixed_precision", mixed_precision, "'no', 'bf16' or 'fp16'")
+    if mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise KDistillError("mixed_precision: got 'fp16' on a machine without CUDA; expected 'bf16' or 'no' on CPU.")
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision", None) not in (None, mixed_precision):
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+    kwargs = [DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)]
+    # On a CPU-only machine Accelerate forms the gloo process group from torchrun's environment only when
+    # told cpu=True; without it every process would silently train alone on all the data.
+    return Accelerator(mixed_precision=mixed_precision, kwargs_handlers=kwargs, cpu=not torch.cuda.is_available())
+
+
+def default_forward(model: nn.Module, batch: Batch) -> Tensor:
+    return model(batch["inputs"])
+
+
+def as_output(out: Tensor | ModelOutput | Any) -> ModelOutput:
+    if isinstance(out, ModelOutput):
+        return out
+    if isinstance(out, Tensor):
+        return ModelOutput(logits=out)
+    logits = getattr(out, "logits", None)  # Hugging Face ModelOutput
+    if isinstance(logits, Tensor):
+        return ModelOutput(logits=logits, extra={"model_output": out})
+    raise KDistillError(f"a forward function returned {type(out).__name__}; expected a Tensor of logits or a ModelOutput.")
+
+
+def batch_count(batch: Batch) -> float:
+    """How many things in a micro-batch the losses average over: mask entries, or examples."""
+    mask = batch.get("mask")
+    if isinstance(mask, Tensor):
+        return float(mask.sum())
+    for v in batch.values():
+        if isinstance(v, Tensor) and v.ndim > 0:
+            return float(v.shape[0])
+    raise KDistillError("cannot count examples in a batch with no tensors; expected e.g. {'inputs': ..., 'labels': ...}.")
+
+
+class DistillStep(nn.Module):
+    """Student + method as one module: what Accelerate wraps (DDP/FSDP) and what the optimizer sees,
+    so method parameters (projectors, banks) are trained and synchronised like the student's."""
+
+    def __init__(self, student: nn.Module, method: Method, student_forward: Forward) -> None:
+        super().__init__()
+        self.student = student
+        self.method = method
+        self._forward = student_forward
+
+    def forward(self, batch: Batch, teacher_out: ModelOutput | None) -> dict[str, Tensor]:
+        with capture(self.student, self.method.student_layers) as feats:
+            out = as_output(self._forward(self.student, batch))
+        out.features.update(feats)
+        return self.method(out, teacher_out, batch)
+
+
+@dataclass
+class FitResult:
+    student: nn.Module
+    method: Method
+    history: list[dict[str, Any]] = field(default_factory=list)
+    steps: int = 0
+    seconds: float = 0.0
+
+
+def _teacher_fn(teacher: nn.Module | None, method: Method, teacher_forward: Forward,
+                teacher_targets: Callable[[Batch], ModelOutput] | None) -> Callable[[Batch], ModelOutput | None]:
+    def run(batch: Batch) -> ModelOutput | None:
+        if not method.needs_teacher:
+            return None
+        if teacher_targets is not None:  # offline cache / API teacher: never touches a model
+            return teacher_targets(batch)
+        with torch.no_grad(), capture(teacher, method.teacher_layers, detach=True) as feats:
+            out = as_output(teacher_forward(teacher, batch))
+        out.features.update(feats)
+        return out
+
+    return run
+
+
+@torch.no_grad()
+def probe(student: nn.Module, method: Method, batch: Batch, student_forward: Forward,
+          teacher_fn: Callable[[Batch], ModelOutput | None], num_train: int | None, **extra: Any) -> SetupInfo:
+    """One eval-mode forward to learn feature and logit shapes, so ``method.setup`` can size its modules."""
+    was = student.training
+    student.eval()
+    with capture(student, method.student_layers) as feats:
+        s = as_output(student_forward(student, batch))
+    student.train(was)
+    t = teacher_fn(batch)
+    return SetupInfo(
+        student_features={k: tuple(v.shape) for k, v in feats.items()},
+        teacher_features={k: tuple(v.shape) for k, v in (t.features.items() if t else [])},
+        num_classes=int(s.logits.shape[-1]) if s.logits is not None else None,
+        num_train=num_train,
+        student_logits=tuple(s.logits.shape) if s.logits is not None else None,
+        teacher_logits=tuple(t.logits.shape) if t is not None and t.logits is not None else None,
+        extra=dict(extra),
+    )
+
+
+def _truncate_jsonl(path: Path, max_step: int) -> None:
+    """On resume, drop log lines written after the checkpoint we restart from (they will be re-logged)."""
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= max_step]
+    write_bytes_atomic(path, ("\n".join(keep) + ("\n" if keep else "")).encode())
+
+
+def fit(
+    *,
+    student: nn.Module,
+    method: Method,
+    train_loader: torch.utils.data.DataLoader,
+    accelerator: Any,
+    teacher: nn.Module | None = None,
+    student_forward: Forward | None = None,
+    teacher_forward: Forward | None = None,
+    teacher_targets: Callable[[Batch], ModelOutput] | None = None,
+    augment: Callable[[Batch, np.random.Generator], Batch] | None = None,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    output_dir: str | Path | None = None,
+    resume: bool = False,
+    phase: str = "student",
+    progress: bool = True,
+    seed: int = 0,
+    epochs: int = 1,
+    max_steps: int | None = None,
+    optimizer: str = "adamw",
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    momentum: float = 0.9,
+    schedule: str = "cosine",
+    warmup_steps: int = 0,
+    step_size: int = 30,
+    gamma: float = 0.1,
+    grad_accum: int = 1,
+    max_grad_norm: float | None = None,
+    eval_every: int = 0,
+    log_every: int = 50,
+    checkpoint_every: int = 0,
+    tensorboard: bool = False,
+    setup_extra: dict[str, Any] | None = None,
+) -> FitResult:
+    """Train ``student`` (and ``method``'s own parameters) against ``teacher`` or ``teacher_targets``.
+
+    ``eval_every`` / ``checkpoint_every`` count optimizer steps; 0 means "at the end of every epoch".
+    With ``resume=True`` and a checkpoint under ``output_dir/checkpoints``, training continues from it and
+    ends with the same weights as an uninterrupted run (same data order, RNG states and schedule).
+    """
+    expect(grad_accum >= 1, "grad_accum", grad_accum, "an integer >= 1")
+    expect(epochs >= 1, "epochs", epochs, "an integer >= 1")
+    student_forward = student_forward or default_forward
+    teacher_forward = teacher_forward or default_forward
+    if method.needs_teacher and teacher is None and teacher_targets is None:
+        raise KDistillError(f"method {type(method).__name__} needs a teacher, but neither a teacher model nor cached "
+                            "teacher targets were given. Set `teacher:` in the recipe or use method `none`.")
+    device = accelerator.device
+    if teacher is not None:
+        # Frozen for good: eval mode (dropout off, BN statistics fixed), no gradients, never optimised.
+        teacher.eval().requires_grad_(False).to(device)
+    teacher_fn = _teacher_fn(teacher, method, teacher_forward, teacher_targets)
+
+    # Size the method's own modules (projectors, banks) from one probe batch, before the optimizer exists.
+    student.to(device)
+    probe_batch = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in next(iter(train_loader)).items()}
+    info = probe(student, method, probe_batch, student_forward, teacher_fn, len(train_loader.dataset),
+                 train_loader=train_loader, teacher_targets_fn=teacher_fn, **(setup_extra or {}))
+    method.setup(info)
+    method.to(device)
+
+    step_module = DistillStep(student, method, student_forward)
+    opt = build_optimizer(step_module.parameters(), optimizer=optimizer, lr=lr, weight_decay=weight_decay,
+                          momentum=momentum)
+    step_module, opt, loader = accelerator.prepare(step_module, opt, train_loader)
+    steps_per_epoch = math.ceil(len(loader) / grad_accum)
+    total_steps = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
+    # The scheduler is stepped by us once per optimizer step (not prepared: Accelerate would step it once
+    # per process).
+    sched = build_scheduler(opt, schedule=schedule, total_steps=total_steps, warmup_steps=warmup_steps,
+                            step_size=step_size, gamma=gamma, steps_per_epoch=steps_per_epoch)
+    inner = accelerator.unwrap_model(step_module)
+    aug_rng = np.random.default_rng([int(seed), accelerator.process_index, 7])
+
+    out_dir = Path(output_dir) if output_dir is not None else None
+    ckpt = CheckpointManager(out_dir / "checkpoints") if out_dir is not None else None
+    log_path = out_dir / "metrics.jsonl" if out_dir is not None else None
+    step, start_epoch, skip, history, elapsed0 = 0, 0, 0, [], 0.0
+    if resume and ckpt is not None and ckpt.latest() is not None:
+        state = ckpt.load()
+        inner.student.load_state_dict(state["student"])
+        inner.method.load_state_dict(state["method"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        aug_rng.bit_generator.state = state["aug_rng"]
+        step, start_epoch, skip = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
+        history, elapsed0 = list(state["history"]), float(state["elapsed"])
+        if skip >= len(loader):
+            start_epoch, skip = start_epoch + 1, 0
+        if accelerator.is_main_process and log_path is not None:
+            _truncate_jsonl(log_path, step)
+        accelerator.print(f"[{phase}] resumed at step {step} (epoch {start_epoch}, batch {skip})")
+
+    tb = None
+    if tensorboard and accelerator.is_main_process and out_dir is not None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise KDistillError("train.tensorboard: true needs the `tensorboard` package; "
+                                "`pip install tensorboard` or set it to false.") from None
+        tb = SummaryWriter(str(out_dir / "tensorboard"))
+
+    world = accelerator.num_processes
+    t0 = time.perf_counter()
+    running: dict[str, float] = {}
+    running_steps = 0
+    bar = None
+    if progress and accelerator.is_main_process:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        bar = Progress(TextColumn(f"[bold]{phase}[/]"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False)
+        task_id = bar.add_task(phase, total=total_steps, completed=step, info="")
+        bar.start()
+
+    def do_eval(epoch: int) -> None:
+        if evaluate is None:
+            return
+        was = inner.student.training
+        inner.student.eval()
+        with torch.no_grad():
+            metrics = evaluate(inner.student)
+        inner.student.train(was)
+        history.append({"step": step, "epoch": epoch, **{k: float(v) for k, v in metrics.items()}})
+
+    def do_checkpoint(epoch: int, batch_in_epoch: int) -> None:
+        if ckpt is None:
+            return
+        if accelerator.is_main_process:
+            ckpt.save(step, {
+                "student": inner.student.state_dict(), "method": inner.method.state_dict(),
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state(),
+                "aug_rng": aug_rng.bit_generator.state, "step": step, "epoch": epoch,
+                "batch_in_epoch": batch_in_epoch, "history": history,
+                "elapsed": elapsed0 + time.perf_counter() - t0,
+            })
+        accelerator.wait_for_everyone()
+
+    step_module.train()
+    done = step >= total_steps
+    try:
+        for epoch in range(start_epoch, epochs):
+            if done:
+                break
+            loader.set_epoch(epoch)
+            it = accelerator.skip_first_batches(loader, skip) if skip else loader
+            n_in_epoch, window = skip, []
+            skip = 0
+            for batch in it:
+                window.append(batch)
+                n_in_epoch += 1
+                if len(window) < grad_accum and n_in_epoch < len(loader):
+                    continue
+                # ---- one optimizer step over the window --------------------------------------------
+                counts = [batch_count(b) for b in window]
+                n_global = torch.tensor(sum(counts), dtype=torch.float64, device=device)
+                if world > 1:
+                    n_global = accelerator.reduce(n_global, "sum")
+                n_global = max(float(n_global), 1.0)
+                step_terms: dict[str, float] = {}
+                for i, mb in enumerate(window):
+                    if augment is not None:
+                        mb = augment(mb, aug_rng)
+                    t_out = teacher_fn(mb)
+                    sync = i == len(window) - 1  # only the last micro-batch all-reduces gradients
+                    with (nullcontext() if sync else accelerator.no_sync(step_module)), accelerator.autocast():
+                        losses = step_module(mb, t_out)
+                        if not losses:
+                            raise KDistillError(f"method {type(method).__name__} returned no loss terms.")
+                        total = sum(losses.values())
+                    if not torch.isfinite(total):
+                        raise KDistillError(
+                            f"[{phase}] non-finite loss at step {step}: "
+                            + ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
+                            + ". Lower train.lr, check inputs for NaN, or set train.max_grad_norm.")
+                    accelerator.backward(total * (counts[i] * world / n_global))
+                    w = counts[i] / max(sum(counts), 1.0)
+                    for k, v in losses.items():
+                        step_terms[k] = step_terms.get(k, 0.0) + w * float(v.detach())
+                    step_terms["loss"] = step_terms.get("loss", 0.0) + w * float(total.detach())
+                if max_grad_norm is not None:
+                    step_terms["grad_norm"] = float(accelerator.clip_grad_norm_(step_module.parameters(), max_grad_norm))
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                window = []
+                step += 1
+                for k, v in step_terms.items():
+                    running[k] = running.get(k, 0.0) + v
+                running_steps += 1
+                for k, v in inner.method.pop_metrics().items():
+                    running[k] = running.get(k, 0.0) + v
+
+                # ---- log / eval / checkpoint --------------------------------------------------------
+                last = step >= total_steps
+                if running_steps and (step % max(1, log_every) == 0 or last):
+                    keys = sorted(running)
+                    vals = torch.tensor([running[k] / running_steps for k in keys], device=device)
+                    if world > 1:
+                        vals = accelerator.reduce(vals, "mean")
+                    row = {"phase": phase, "step": step, "epoch": epoch, "lr": sched.get_last_lr()[0],
+                           **{k: float(v) for k, v in zip(keys, vals.tolist())}}
+                    running, running_steps = {}, 0
+                    if accelerator.is_main_process:
+                        if log_path is not None:
+                            log_path.parent.mkdir(parents=True, exist_ok=True)
+                            with open(log_path, "a") as f:
+                                f.write(json.dumps(row) + "\n")
+                        if tb is not None:
+                            for k, v in row.items():
+                                if isinstance(v, float):
+                                    tb.add_scalar(f"{phase}/{k}", v, step)
+                        if bar is not None:
+                            bar.update(task_id, info=f"loss {row.get('loss', float('nan')):.4f}")
+                end_of_epoch = n_in_epoch >= len(loader)
+                if (eval_every and step % eval_every == 0) or (not eval_every and end_of_epoch) or last:
+                    do_eval(epoch)
+                    if tb is not None and history:
+                        for k, v in history[-1].items():
+                            if k not in ("step", "epoch"):
+                                tb.add_scalar(f"{phase}/eval_{k}", v, step)
+                if ckpt is not None and ((checkpoint_every and step % checkpoint_every == 0)
+                                         or (not checkpoint_every and end_of_epoch) or last):
+                    do_checkpoint(epoch, n_in_epoch)
+                if bar is not None:
+                    bar.update(task_id, completed=step)
+                if last:
+                    done = True
+                    break
+    finally:
+        if bar is not None:
+            bar.stop()
+        if tb is not None:
+            tb.close()
+    if evaluate is not None and (not history or history[-1]["step"] != step):
+        do_eval(epochs - 1)
+    return FitResult(student=inner.student, method=inner.method, history=history, steps=step,
+                     seconds=elapsed0 + time.perf_counter() - t0)

@@ -1,0 +1,121 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdistill.errors import KDistillError
+from kdistill.losses import (
+    cross_entropy, forward_kl, generalized_jsd, masked_mean, reverse_kl, soft_cross_entropy,
+)
+
+
+def kl(p, q):
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q) if pi > 0)
+
+
+def test_forward_kl_closed_form():
+    s = torch.log(torch.tensor([[0.5, 0.25, 0.25]]))
+    t = torch.log(torch.tensor([[0.7, 0.2, 0.1]]))
+    expected = kl([0.7, 0.2, 0.1], [0.5, 0.25, 0.25])
+    assert forward_kl(s, t).item() == pytest.approx(expected, abs=1e-6)
+    assert reverse_kl(s, t).item() == pytest.approx(kl([0.5, 0.25, 0.25], [0.7, 0.2, 0.1]), abs=1e-6)
+
+
+def test_direction_differs_and_is_asymmetric():
+    s, t = torch.tensor([[3.0, 0.0, -2.0]]), torch.tensor([[0.0, 1.0, 0.5]])
+    assert forward_kl(s, t).item() != pytest.approx(reverse_kl(s, t).item(), abs=1e-3)
+    assert forward_kl(s, t).item() == pytest.approx(reverse_kl(t, s).item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("fn", [forward_kl, reverse_kl, lambda s, t, **k: generalized_jsd(s, t, beta=0.3, **k)])
+def test_zero_at_identical_and_nonnegative(fn):
+    x = torch.randn(4, 7, 11)
+    assert fn(x, x).abs().max().item() < 1e-6
+    y = torch.randn(4, 7, 11)
+    assert (fn(x, y) >= -1e-6).all()
+    assert fn(x, y).shape == (4, 7)
+
+
+def test_temperature_scaling():
+    s, t = torch.randn(5, 9), torch.randn(5, 9)
+    for T in (0.5, 2.0, 4.0):
+        ref = F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), log_target=True, reduction="none").sum(-1)
+        assert torch.allclose(forward_kl(s, t, kd_temperature=T), ref, atol=1e-6)
+    # higher temperature -> softer distributions -> smaller divergence here
+    assert forward_kl(s, t, kd_temperature=8.0).mean() < forward_kl(s, t, kd_temperature=1.0).mean()
+    with pytest.raises(KDistillError, match="kd_temperature"):
+        forward_kl(s, t, kd_temperature=0.0)
+
+
+def test_generalized_jsd_limits():
+    s, t = torch.randn(6, 10), torch.randn(6, 10)
+    assert torch.equal(generalized_jsd(s, t, beta=0.0), forward_kl(s, t))
+    assert torch.equal(generalized_jsd(s, t, beta=1.0), reverse_kl(s, t))
+    eps = 1e-4
+    assert torch.allclose(generalized_jsd(s, t, beta=eps) / eps, forward_kl(s, t), rtol=2e-3, atol=1e-4)
+    assert torch.allclose(generalized_jsd(s, t, beta=1 - eps) / eps, reverse_kl(s, t), rtol=2e-3, atol=1e-4)
+    # symmetric at beta = 0.5 (the classic JSD, bounded by log 2)
+    j = generalized_jsd(s, t, beta=0.5)
+    assert torch.allclose(j, generalized_jsd(t, s, beta=0.5), atol=1e-6)
+    assert (j <= math.log(2) + 1e-6).all()
+    with pytest.raises(KDistillError, match="beta"):
+        generalized_jsd(s, t, beta=1.5)
+
+
+def test_neg_inf_logits_never_nan():
+    t = torch.tensor([[2.0, float("-inf"), 0.0]])
+    s = torch.tensor([[1.0, float("-inf"), 0.5]], requires_grad=True)
+    for fn in (forward_kl, reverse_kl, lambda a, b: generalized_jsd(a, b, beta=0.5)):
+        v = fn(s, t)
+        assert torch.isfinite(v).all()
+        v.sum().backward()
+        assert torch.isfinite(s.grad).all()
+        s.grad = None
+    # teacher mass where the student has none is an infinite forward KL, not NaN
+    s2 = torch.tensor([[1.0, float("-inf"), 0.5]])
+    t2 = torch.tensor([[1.0, 0.0, 0.5]])
+    assert forward_kl(s2, t2).item() == float("inf")
+
+
+def test_bf16_in_fp32_out():
+    s, t = torch.randn(3, 5).bfloat16(), torch.randn(3, 5).bfloat16()
+    for fn in (forward_kl, reverse_kl):
+        assert fn(s, t).dtype == torch.float32
+    assert soft_cross_entropy(s, torch.softmax(t.float(), -1)).dtype == torch.float32
+
+
+def test_soft_cross_entropy_and_cross_entropy():
+    s = torch.randn(4, 6)
+    y = torch.tensor([0, 5, 2, -100])
+    onehot = F.one_hot(y.clamp_min(0), 6).float()
+    ce = cross_entropy(s, y)
+    assert ce[3].item() == 0.0
+    assert torch.allclose(ce[:3], F.cross_entropy(s[:3], y[:3], reduction="none"), atol=1e-6)
+    assert torch.allclose(soft_cross_entropy(s, onehot)[:3], ce[:3], atol=1e-6)
+    # soft CE = H(q) + KL(q || p)
+    q = torch.softmax(torch.randn(4, 6), -1)
+    h = -(q * q.log()).sum(-1)
+    assert torch.allclose(soft_cross_entropy(s, q), h + forward_kl(s, q.log()), atol=1e-5)
+
+
+def test_masked_reduction_of_kl():
+    s, t = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    mask = torch.tensor([[True, False, True], [False, False, True]])
+    per = forward_kl(s, t)
+    assert masked_mean(per, mask).item() == pytest.approx(per[mask].mean().item(), abs=1e-6)
+
+
+def test_gradient_flows_to_student_only():
+    s = torch.randn(3, 4, requires_grad=True)
+    t = torch.randn(3, 4, requires_grad=True)
+    with torch.no_grad():
+        t_out = t * 1.0
+    forward_kl(s, t_out).sum().backward()
+    assert s.grad is not None and torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
+    assert t.grad is None
+
+
+def test_shape_mismatch_error_says_how_to_fix():
+    with pytest.raises(KDistillError, match="uld"):
+        forward_kl(torch.randn(2, 5), torch.randn(2, 6))

@@ -1,0 +1,123 @@
+import pytest
+import torch
+
+from kdistill.data import TensorDictDataset, make_loader
+from kdistill.errors import KDistillError
+from kdistill.methods.fitnet import FitNet
+from kdistill.methods.hinton_kd import HintonKD
+from kdistill.methods.none import NoTeacher
+from kdistill.models import build_mlp
+from kdistill.train import fit, make_accelerator
+from kdistill.train.loop import batch_count
+
+
+def data(n=100, d=12, c=4):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, d, generator=g), torch.randint(0, c, (n,), generator=g)
+
+
+def models():
+    torch.manual_seed(1)
+    teacher = build_mlp((12,), 4, width=32, depth=2)
+    torch.manual_seed(2)
+    student = build_mlp((12,), 4, width=8, depth=2)
+    return teacher, student
+
+
+def train(batch, accum, **kw):
+    x, y = data()
+    teacher, student = models()
+    method = kw.pop("method", None) or FitNet("blocks.1", "blocks.1", alpha=0.5)
+    torch.manual_seed(3)
+    res = fit(student=student, method=method, teacher=teacher, accelerator=make_accelerator(),
+              train_loader=make_loader(TensorDictDataset(inputs=x, labels=y), batch, seed=0), grad_accum=accum,
+              epochs=2, optimizer="sgd", lr=0.1, momentum=0.0, schedule="constant", progress=False, **kw)
+    return res
+
+
+def test_grad_accumulation_equals_big_batch_with_uneven_last_batch():
+    # 100 examples: batches of 15 -> windows of 2 = 30, 30, 30, 10 (the last window has 15 + ... no: 15,15 | ... | 10)
+    a = train(15, 2)
+    b = train(30, 1)
+    assert a.steps == b.steps == 8
+    for (k, va), vb in zip(a.student.state_dict().items(), b.student.state_dict().values()):
+        assert torch.allclose(va, vb, atol=1e-6), k
+    for (k, va), vb in zip(a.method.state_dict().items(), b.method.state_dict().values()):
+        assert torch.allclose(va, vb, atol=1e-6), k
+
+
+def test_naive_mean_of_means_would_differ():
+    """The uneven window makes a naive 'mean over micro-batches' differ; the comparison is not vacuous."""
+    a = train(15, 2)
+    c = train(15, 1)  # a different update rule altogether
+    assert any(not torch.allclose(x, y, atol=1e-6) for x, y in zip(a.student.state_dict().values(),
+                                                                    c.student.state_dict().values()))
+
+
+def test_batch_count_uses_mask():
+    assert batch_count({"inputs": torch.zeros(5, 3)}) == 5
+    assert batch_count({"inputs": torch.zeros(2, 3), "mask": torch.tensor([[True, False, True], [False, False, True]])}) == 3
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    full = train(16, 1, method=HintonKD(), output_dir=tmp_path / "full", checkpoint_every=3)
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_5(model):
+        if crash_at_5.calls == 5:
+            raise Crash
+        crash_at_5.calls += 1
+        return {"x": 0.0}
+
+    crash_at_5.calls = 0
+    with pytest.raises(Crash):
+        train(16, 1, method=HintonKD(), output_dir=tmp_path / "part", checkpoint_every=3, eval_every=1,
+              evaluate=crash_at_5)
+    torch.manual_seed(12345)  # the resumed process starts with different global RNG state
+    resumed = train(16, 1, method=HintonKD(), output_dir=tmp_path / "part", checkpoint_every=3, resume=True)
+    assert resumed.steps == full.steps
+    for (k, a), b in zip(full.student.state_dict().items(), resumed.student.state_dict().values()):
+        assert torch.equal(a, b), k
+    # the metrics log holds each step once
+    steps = [__import__("json").loads(ln)["step"] for ln in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))
+
+
+def test_teacher_is_frozen_and_in_eval_mode():
+    x, y = data()
+    teacher, student = models()
+    teacher.train()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    fit(student=student, method=HintonKD(), teacher=teacher, accelerator=make_accelerator(),
+        train_loader=make_loader(TensorDictDataset(inputs=x, labels=y), 16), max_steps=2, progress=False)
+    assert not teacher.training
+    assert all(not p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+
+
+def test_method_needing_teacher_without_one_fails_early():
+    x, y = data()
+    _, student = models()
+    with pytest.raises(KDistillError, match="needs a teacher"):
+        fit(student=student, method=HintonKD(), accelerator=make_accelerator(),
+            train_loader=make_loader(TensorDictDataset(inputs=x, labels=y), 16), max_steps=1, progress=False)
+
+
+def test_non_finite_loss_is_reported():
+    x, y = data()
+    x[:] = float("nan")
+    _, student = models()
+    with pytest.raises(KDistillError, match="non-finite loss"):
+        fit(student=student, method=NoTeacher(), accelerator=make_accelerator(),
+            train_loader=make_loader(TensorDictDataset(inputs=x, labels=y), 16), max_steps=1, progress=False)
+
+
+def test_metrics_log_and_tensorboard(tmp_path):
+    res = train(16, 1, method=HintonKD(), output_dir=tmp_path, log_every=2, tensorboard=True,
+                evaluate=lambda m: {"accuracy": 0.5})
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) >= 3 and "kd" in lines[0] and "lr" in lines[0]
+    assert any((tmp_path / "tensorboard").iterdir())
+    assert res.history and res.history[-1]["step"] == res.steps
