@@ -29,14 +29,14 @@ def _print_summary(report: dict[str, Any], output: Path) -> None:
         return
     rows = comparison_rows(report)
     table = Table(title=f"kdistill: {report['recipe']} (seed {report['seed']}, {report['wall_seconds']:.0f} s)")
-    for col in ("model", "test accuracy", "params", f"latency ms/{report.get('latency_batch_size', '')}",
+    for col in ("model", "test acc", "params", f"ms/batch of {report.get('latency_batch_size', '')}",
                 "compression", "speed-up", "vs baseline"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for r in rows:
         g = r["gain_vs_baseline"]
         table.add_row(r["name"], f"{r['accuracy']:.4f}", f"{r['params']:,}", f"{r['latency_ms']:.3f}",
                       f"{r['compression']:.1f}x", f"{r['speedup']:.1f}x", "" if g != g else f"{g * 100:+.1f} pts")
-    console = Console()
+    console = Console(width=max(110, Console().width))
     console.print(table)
     for v in verdicts(rows):
         console.print(f"  - {v}")

@@ -23,8 +23,9 @@ def comparison_rows(report: dict[str, Any], metric: str = "accuracy") -> list[di
     teacher = report["teacher"]
     rows = [{"name": "teacher", **teacher}]
     if report.get("baseline"):
-        rows.append({"name": "baseline (student alone)", **report["baseline"]})
-    rows.append({"name": f"{report['method']} (main)", **report["student"]})
+        rows.append({"name": "baseline", **report["baseline"]})
+    aug = (report["student"].get("augment") or {}).get("name")
+    rows.append({"name": f"student: {report['method']}" + (f" + {aug}" if aug else ""), **report["student"]})
     for name, v in report.get("variants", {}).items():
         rows.append({"name": name, **v})
     base = report.get("baseline", {}).get("metrics", {}).get(metric)

@@ -1,0 +1,102 @@
+"""Overhead of kdistill's loop for a Hinton-KD step, measured within one process.
+
+(a) student_step_ms : a plain PyTorch training step of the student (forward, cross-entropy, backward, AdamW)
+(b) teacher_forward_ms : the teacher's forward pass under no_grad on the same batch
+(c) kd_step_ms : one optimizer step of `kdistill.train.fit` with `hinton_kd` (teacher forward, student
+    forward, loss, backward, step, data loading and logging included). Measured as the difference of
+    two fit() runs of different length divided by the difference in steps, so one-off set-up cost cancels.
+overhead_ratio = c / (a + b): 1.0 means the loop adds nothing to the unavoidable work. Target <= 1.05.
+
+Models and batch size are those of the default recipe (recipes/classic/mnist1d.yaml).
+Usage: python benchmarks/overhead.py [--repeats 5] [--steps 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from kdistill.config import load_config
+from kdistill.data import TensorDictDataset, load_dataset, make_loader
+from kdistill.methods.hinton_kd import HintonKD
+from kdistill.registry import MODELS
+from kdistill.train import fit, make_accelerator
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--recipe", default="classic/mnist1d")
+    args = ap.parse_args()
+    cfg = load_config(args.recipe)
+    data = load_dataset(cfg.data.name, **cfg.data.kwargs)
+    bs = cfg.train.batch_size
+    build = lambda spec: MODELS.get(spec.name)(data.input_shape, data.num_classes, **spec.kwargs)  # noqa: E731
+    torch.manual_seed(0)
+    teacher = build(cfg.teacher.model).eval().requires_grad_(False)
+    ds = TensorDictDataset(inputs=data.x_train, labels=data.y_train)
+    acc = make_accelerator()
+
+    def plain_student_steps(n: int) -> list[float]:
+        student = build(cfg.student)
+        opt = torch.optim.AdamW(student.parameters(), lr=cfg.train.lr)
+        times, it = [], iter(make_loader(ds, bs, seed=0))
+        for _ in range(n):
+            t = time.perf_counter()
+            try:
+                b = next(it)
+            except StopIteration:
+                it = iter(make_loader(ds, bs, seed=1))
+                b = next(it)
+            loss = F.cross_entropy(student(b["inputs"]), b["labels"])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            times.append((time.perf_counter() - t) * 1e3)
+        return times
+
+    def teacher_forwards(n: int) -> list[float]:
+        times, it = [], iter(make_loader(ds, bs, seed=0))
+        for _ in range(n):
+            try:
+                b = next(it)
+            except StopIteration:
+                it = iter(make_loader(ds, bs, seed=1))
+                b = next(it)
+            t = time.perf_counter()
+            with torch.no_grad():
+                teacher(b["inputs"])
+            times.append((time.perf_counter() - t) * 1e3)
+        return times
+
+    def kd_fit(n: int) -> float:
+        student = build(cfg.student)
+        t = time.perf_counter()
+        fit(student=student, method=HintonKD(**cfg.variants["kd_plain"].method.kwargs) if "kd_plain" in cfg.variants
+            else HintonKD(), teacher=teacher, train_loader=make_loader(ds, bs, seed=0), accelerator=acc,
+            epochs=10_000, max_steps=n, progress=False, log_every=50, lr=cfg.train.lr)
+        return time.perf_counter() - t
+
+    short, long_ = 20, 20 + args.steps
+    a, b, c = [], [], []
+    for _ in range(args.repeats):  # interleaved so that machine noise hits all three alike
+        a.append(statistics.median(plain_student_steps(args.steps)))
+        b.append(statistics.median(teacher_forwards(args.steps)))
+        c.append((kd_fit(long_) - kd_fit(short)) * 1e3 / (long_ - short))
+    res = {
+        "recipe": args.recipe, "batch_size": bs, "threads": torch.get_num_threads(), "repeats": args.repeats,
+        "student_step_ms": statistics.median(a), "teacher_forward_ms": statistics.median(b),
+        "kd_step_ms": statistics.median(c),
+    }
+    res["overhead_ratio"] = res["kd_step_ms"] / (res["student_step_ms"] + res["teacher_forward_ms"])
+    print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
