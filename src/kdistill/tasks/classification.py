@@ -25,6 +25,7 @@ from ..eval.metrics import agreement, classification_metrics, model_latency_ms
 from ..eval.report import write_report
 from ..export.classifier import load_classifier, save_classifier
 from ..models.classifiers import count_params, predict_logits
+from ..methods.base import ModelOutput
 from ..registry import DATASETS, METHODS, MODELS, TASKS
 from ..train.checkpoint import load_state_dict, write_json_atomic
 from ..train.loop import fit, make_accelerator
@@ -84,6 +85,7 @@ class ClassificationConfig(StrictModel):
     train: TrainSpec = TrainSpec()
     baseline: bool = True
     variants: dict[str, VariantSpec] = {}
+    teacher_cache: bool = True  # precompute teacher logits once when inputs are fixed and only logits are used
     eval: EvalSpec = EvalSpec()
 
     @model_validator(mode="after")
@@ -135,13 +137,22 @@ def _train_phase(name: str, *, cfg: ClassificationConfig, data: ClassificationDa
     model = _build(model_spec, data)
     method = METHODS.get(method_spec.name)(**method_spec.kwargs)
     augment = build_augment(augment_spec.name, data.num_classes, **augment_spec.kwargs) if augment_spec else None
-    loader = make_loader(TensorDictDataset(inputs=data.x_train, labels=data.y_train), train.batch_size, seed=cfg.seed)
+    index = torch.arange(len(data.y_train))
+    loader = make_loader(TensorDictDataset(inputs=data.x_train, labels=data.y_train, index=index), train.batch_size,
+                         seed=cfg.seed)
+    teacher_targets = None
+    if teacher is not None and method.needs_teacher and method.cacheable and augment is None \
+            and not method.teacher_layers and cfg.teacher_cache:
+        # The inputs never change and the method reads only logits: one teacher pass over the training set
+        # replaces a teacher forward at every step (the same values, since the teacher is frozen in eval mode).
+        table = predict_logits(teacher, data.x_train)
+        teacher_targets = lambda batch: ModelOutput(logits=table.to(batch["index"].device)[batch["index"]])  # noqa: E731
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
         return classification_metrics(predict_logits(m, data.x_val), data.y_val)
 
     res = fit(student=model, method=method, teacher=teacher, train_loader=loader, accelerator=accelerator,
-              augment=augment, evaluate=evaluate, output_dir=work, resume=ctx.resume, phase=name,
+              augment=augment, teacher_targets=teacher_targets, evaluate=evaluate, output_dir=work, resume=ctx.resume, phase=name,
               progress=ctx.progress, seed=cfg.seed,
               **train.model_dump(exclude={"batch_size", "mixed_precision"}))
     if accelerator.is_main_process:

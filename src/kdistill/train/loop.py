@@ -143,6 +143,12 @@ def probe(student: nn.Module, method: Method, batch: Batch, student_forward: For
     )
 
 
+def _non_finite(phase: str, step: int, losses: dict[str, Tensor]) -> KDistillError:
+    terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
+    return KDistillError(f"[{phase}] non-finite loss at step {step}: {terms}. Lower train.lr, check the inputs "
+                         "for NaN/inf, or set train.max_grad_norm.")
+
+
 def _truncate_jsonl(path: Path, max_step: int) -> None:
     """On resume, drop log lines written after the checkpoint we restart from (they will be re-logged)."""
     if not path.is_file():
@@ -257,7 +263,8 @@ def fit(
 
     world = accelerator.num_processes
     t0 = time.perf_counter()
-    running: dict[str, float] = {}
+    running: dict[str, Any] = {}
+    check_finite = device.type == "cpu"  # a per-step check costs a host sync on accelerators
     running_steps = 0
     bar = None
     if progress and accelerator.is_main_process:
@@ -312,7 +319,7 @@ def fit(
                 if world > 1:
                     n_global = accelerator.reduce(n_global, "sum")
                 n_global = max(float(n_global), 1.0)
-                step_terms: dict[str, float] = {}
+                step_terms: dict[str, Tensor] = {}
                 for i, mb in enumerate(window):
                     if augment is not None:
                         mb = augment(mb, aug_rng)
@@ -323,18 +330,16 @@ def fit(
                         if not losses:
                             raise KDistillError(f"method {type(method).__name__} returned no loss terms.")
                         total = sum(losses.values())
-                    if not torch.isfinite(total):
-                        raise KDistillError(
-                            f"[{phase}] non-finite loss at step {step}: "
-                            + ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
-                            + ". Lower train.lr, check inputs for NaN, or set train.max_grad_norm.")
+                    if check_finite and not torch.isfinite(total):
+                        raise _non_finite(phase, step, losses)
                     accelerator.backward(total * (counts[i] * world / n_global))
+                    # Detached tensors, not floats: no host sync per step (it would stall a GPU).
                     w = counts[i] / max(sum(counts), 1.0)
                     for k, v in losses.items():
-                        step_terms[k] = step_terms.get(k, 0.0) + w * float(v.detach())
-                    step_terms["loss"] = step_terms.get("loss", 0.0) + w * float(total.detach())
+                        step_terms[k] = step_terms.get(k, 0.0) + w * v.detach().float()
+                    step_terms["loss"] = step_terms.get("loss", 0.0) + w * total.detach().float()
                 if max_grad_norm is not None:
-                    step_terms["grad_norm"] = float(accelerator.clip_grad_norm_(step_module.parameters(), max_grad_norm))
+                    step_terms["grad_norm"] = accelerator.clip_grad_norm_(step_module.parameters(), max_grad_norm).detach().float()
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
@@ -350,7 +355,10 @@ def fit(
                 last = step >= total_steps
                 if running_steps and (step % max(1, log_every) == 0 or last):
                     keys = sorted(running)
-                    vals = torch.tensor([running[k] / running_steps for k in keys], device=device)
+                    vals = torch.stack([torch.as_tensor(running[k], dtype=torch.float32, device=device) / running_steps
+                                        for k in keys])
+                    if not torch.isfinite(vals).all():  # on accelerators finiteness is checked here, not per step
+                        raise _non_finite(phase, step, {k: v for k, v in zip(keys, vals)})
                     if world > 1:
                         vals = accelerator.reduce(vals, "mean")
                     row = {"phase": phase, "step": step, "epoch": epoch, "lr": sched.get_last_lr()[0],

@@ -1,0 +1,54 @@
+import json
+
+import pytest
+import torch
+
+from kdistill import run
+from kdistill.errors import ConfigError
+from kdistill.config import load_config
+from kdistill.train.checkpoint import load_state_dict
+
+RECIPE = {
+    "name": "tiny", "task": "classification", "seed": 1,
+    "data": {"name": "wine"},
+    "teacher": {"model": {"name": "mlp", "kwargs": {"width": 32}}, "train": {"epochs": 8, "batch_size": 16, "lr": 0.01}},
+    "student": {"name": "mlp", "kwargs": {"width": 4, "depth": 1}},
+    "method": {"name": "hinton_kd", "kwargs": {"kd_temperature": 2.0}},
+    "train": {"epochs": 3, "batch_size": 16, "lr": 0.01},
+    "eval": {"latency_repeats": 2},
+}
+
+
+def test_teacher_logit_cache_gives_the_same_student(tmp_path):
+    a = run(RECIPE, output=tmp_path / "cached", progress=False, quiet=True)
+    b = run({**RECIPE, "teacher_cache": False}, output=tmp_path / "live", progress=False, quiet=True)
+    wa = load_state_dict(tmp_path / "cached" / "student" / "model.safetensors")
+    wb = load_state_dict(tmp_path / "live" / "student" / "model.safetensors")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    assert a["student"]["metrics"]["accuracy"] == pytest.approx(b["student"]["metrics"]["accuracy"], abs=0.02)
+
+
+def test_teacher_is_reused_by_fingerprint_and_retrained_when_settings_change(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDISTILL_CACHE", str(tmp_path / "cache"))
+    first = run(RECIPE, output=tmp_path / "one", progress=False, quiet=True)
+    second = run(RECIPE, output=tmp_path / "two", progress=False, quiet=True)
+    assert first["teacher"]["source"] == "trained"
+    assert second["teacher"]["source"].startswith("reused")
+    assert first["teacher"]["metrics"] == second["teacher"]["metrics"]
+    changed = run({**RECIPE, "teacher": {**RECIPE["teacher"], "train": {"epochs": 2, "batch_size": 16}}},
+                  output=tmp_path / "three", progress=False, quiet=True)
+    assert changed["teacher"]["source"] == "trained"
+
+
+def test_baseline_and_students_start_from_the_same_weights(tmp_path):
+    rep = run({**RECIPE, "train": {"epochs": 1, "batch_size": 16, "lr": 1e-9}}, output=tmp_path, progress=False,
+              quiet=True)
+    a = load_state_dict(tmp_path / "baseline" / "model.safetensors")
+    b = load_state_dict(tmp_path / "student" / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # lr ~ 0: both stay at the shared init
+    assert rep["baseline"]["params"] == rep["student"]["params"]
+
+
+def test_reserved_variant_name_is_rejected():
+    with pytest.raises(ConfigError, match="reserved"):
+        load_config({**RECIPE, "variants": {"baseline": {"method": "hinton_kd"}}})
