@@ -121,3 +121,40 @@ def test_metrics_log_and_tensorboard(tmp_path):
     assert len(lines) >= 3 and "kd" in lines[0] and "lr" in lines[0]
     assert any((tmp_path / "tensorboard").iterdir())
     assert res.history and res.history[-1]["step"] == res.steps
+
+
+def test_bf16_mixed_precision_runs_and_stays_close_to_fp32():
+    from accelerate.state import AcceleratorState
+
+    ref = train(16, 1, method=HintonKD())
+    x, y = data()
+    teacher, student = models()
+    torch.manual_seed(3)
+    acc = make_accelerator("bf16")
+    assert acc.mixed_precision == "bf16"
+    res = fit(student=student, method=HintonKD(), teacher=teacher, accelerator=acc,
+              train_loader=make_loader(TensorDictDataset(inputs=x, labels=y), 16, seed=0),
+              epochs=2, optimizer="sgd", lr=0.1, momentum=0.0, schedule="constant", progress=False)
+    make_accelerator("no")  # later tests get fp32 again
+    assert AcceleratorState().mixed_precision == "no"
+    for a, b in zip(ref.student.state_dict().values(), res.student.state_dict().values()):
+        assert b.dtype == torch.float32  # master weights stay fp32
+        assert torch.allclose(a, b, atol=0.05)
+
+
+def test_fp16_without_cuda_is_refused_with_a_fix():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(KDistillError, match="bf16"):
+        make_accelerator("fp16")
+
+
+@pytest.mark.gpu
+def test_fp16_on_cuda():
+    x, y = data()
+    teacher, student = models()
+    acc = make_accelerator("fp16")
+    res = fit(student=student, method=HintonKD(), teacher=teacher, accelerator=acc,
+              train_loader=make_loader(TensorDictDataset(inputs=x, labels=y), 16), max_steps=3, progress=False)
+    make_accelerator("no")
+    assert res.steps == 3 and next(res.student.parameters()).is_cuda

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from ..errors import KDistillError
 
@@ -75,22 +75,9 @@ def _json_default(o: Any) -> Any:
 
 
 def save_state_dict_atomic(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """``safetensors`` file written atomically (temp file + fsync + rename). Shared storage is cloned."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        clean = {k: v.detach().contiguous().clone().cpu() for k, v in tensors.items()}
-        save_file(clean, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """``safetensors`` file written atomically (serialised in memory, then :func:`write_bytes_atomic`)."""
+    clean = {k: v.detach().contiguous().clone().cpu() for k, v in tensors.items()}  # shared storage is cloned
+    write_bytes_atomic(path, save(clean, metadata=metadata))
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
