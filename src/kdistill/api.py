@@ -107,20 +107,48 @@ def export(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
     from .export.classifier import export_classifier
 
     p = Path(checkpoint)
+    from .export.sentence_transformers import export_embedding, is_st_folder
+
+    if is_st_folder(p) or is_st_folder(p / "student"):  # an embedding run: sentence-transformers folder
+        return export_embedding(p if is_st_folder(p) else p / "student", out)
+    from .export.lm import export_lm, is_lm_folder
+
+    if is_lm_folder(p) or is_lm_folder(p / "student"):  # an llm run: Hugging Face folder + tokenizer
+        return export_lm(p if is_lm_folder(p) else p / "student", out)
     if (p / "student" / "model.json").is_file():
         p = p / "student"
     return export_classifier(p, out)
 
 
+def cache(recipe: str | Path | dict, *, output: str | Path | None = None, overrides: Sequence[str] = (),
+          progress: bool = True) -> dict[str, Any]:
+    """Run an ``llm`` recipe's teacher once over its training data and store the top-k targets (sharded
+    safetensors + manifest) in ``output`` (default: the recipe's ``cache.dir``). Resumable: run it again
+    after an interruption. Train from it with ``cache.dir=<output>``."""
+    from .tasks.llm import write_cache
+
+    cfg = load_config(recipe, overrides)
+    if getattr(cfg, "task", None) != "llm":
+        raise KDistillError(f"cache: recipe task is {getattr(cfg, 'task', None)!r}; expected an 'llm' recipe "
+                            "(top-k caches are for language-model teachers).")
+    root = write_cache(cfg, Path(output) if output is not None else None, progress=progress)
+    from .teachers.cache import TopKCache
+
+    c = TopKCache(root)
+    return {"cache": str(root), "sequences": len(c), "tokens": c.tokens(), "bytes": c.bytes_on_disk(),
+            "bytes_per_token": c.bytes_on_disk() / max(1, c.tokens()), "k": c.k, "kd_temperature": c.kd_temperature}
+
+
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key_env: str | None = None,
           max_tokens_limit: int = 512, max_prompt_tokens: int = 2048, max_request_bytes: int = 1_000_000,
-          max_batch_size: int = 8) -> None:
+          max_batch_size: int = 8, threads: int | None = None) -> None:
     """Serve a local causal LM (zoo name such as ``smollm2-135m`` or a saved model folder) over an
     OpenAI-compatible HTTP API (``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``). Blocks."""
     from .teachers.serve import serve as _serve
 
     _serve(model, host=host, port=port, api_key_env=api_key_env, max_tokens_limit=max_tokens_limit,
-           max_prompt_tokens=max_prompt_tokens, max_request_bytes=max_request_bytes, max_batch_size=max_batch_size)
+           max_prompt_tokens=max_prompt_tokens, max_request_bytes=max_request_bytes, max_batch_size=max_batch_size,
+           threads=threads)
 
 
 def _doc(obj: Any) -> str:

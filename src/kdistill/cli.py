@@ -78,6 +78,21 @@ def export_cmd(
         _fail(e)
 
 
+@app.command("cache")
+def cache_cmd(
+    config: Annotated[str, typer.Argument(help="An llm recipe file or built-in name (e.g. llm/smollm2_kjv).")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value overrides")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Cache folder (default: the recipe's cache.dir).")] = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide progress.")] = False,
+) -> None:
+    """Run the teacher once and store its top-k log-probs (resumable, verified) for training without it."""
+    try:
+        typer.echo(json.dumps(api.cache(config, output=output, overrides=list(overrides or []),
+                                        progress=not no_progress), indent=2))
+    except KDistillError as e:
+        _fail(e)
+
+
 @app.command("serve")
 def serve_cmd(
     model: Annotated[str, typer.Argument(help="Zoo name (smollm2-135m) or a saved Hugging Face causal LM folder.")],
@@ -88,12 +103,13 @@ def serve_cmd(
     max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt accepted (tokens).")] = 2048,
     max_request_bytes: Annotated[int, typer.Option(help="Largest request body accepted (bytes).")] = 1_000_000,
     max_batch_size: Annotated[int, typer.Option(help="Sequences decoded together in one batch.")] = 8,
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (1 helps on a busy, shared CPU).")] = None,
 ) -> None:
     """Serve a local causal LM over an OpenAI-compatible HTTP API (for black-box distillation)."""
     try:
         api.serve(model, host=host, port=port, api_key_env=api_key_env, max_tokens_limit=max_tokens_limit,
                   max_prompt_tokens=max_prompt_tokens, max_request_bytes=max_request_bytes,
-                  max_batch_size=max_batch_size)
+                  max_batch_size=max_batch_size, threads=threads)
     except KDistillError as e:
         _fail(e)
 

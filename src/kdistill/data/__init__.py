@@ -8,5 +8,6 @@ from .classification import (
     load_dataset,
     make_loader,
 )
+from . import hard_augment  # noqa: F401,E402  (registers the "hard_augment" augmentation)
 
 __all__ = ["ClassificationData", "EpochSampler", "TensorDictDataset", "debian_files", "load_dataset", "make_loader"]

@@ -2,17 +2,31 @@
 
 from .features import hint_mse
 from .logits import (
+    TAIDSchedule,
     cross_entropy,
+    entropy,
     forward_kl,
     generalized_jsd,
     kl_from_log_probs,
     log_probs,
     reverse_kl,
+    skew_kl,
+    skew_reverse_kl,
     soft_cross_entropy,
+    taid,
+    token_selective,
+    tvd,
+    uld,
 )
 from .reduce import masked_mean, masked_sum
+from .chunked import chunked, fused_linear_loss
+from .topk import teacher_topk, topk_loss
+from .embeddings import cosine, embedding_mse, listwise_kl, margin_mse  # noqa: E402
 
 __all__ = [
     "cross_entropy", "forward_kl", "generalized_jsd", "hint_mse", "kl_from_log_probs", "log_probs",
     "masked_mean", "masked_sum", "reverse_kl", "soft_cross_entropy",
+    "TAIDSchedule", "entropy", "skew_kl", "skew_reverse_kl", "taid", "token_selective", "tvd", "uld",
+    "chunked", "fused_linear_loss", "teacher_topk", "topk_loss",
 ]
+__all__ += ["cosine", "embedding_mse", "listwise_kl", "margin_mse"]

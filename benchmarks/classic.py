@@ -1,0 +1,251 @@
+"""Benchmark of the classic-KD method zoo: every method x several seeds, mean ± std of test accuracy.
+
+Setting (MNIST-1D): a CNN teacher (width 64, depth 4) trained per seed, distilled into a small MLP
+student (width 128, depth 2); the same student trained alone is the baseline. Every method uses the
+hyper-parameters of its recipe ``recipes/classic/<method>.yaml`` (taken from the papers; nothing is tuned
+on the test split) and the same training budget. Methods that need what an MLP student does not have
+are run on the student that fits them and marked so: ``attention_transfer`` (conv feature maps) on a
+small CNN student, ``token_relation_graph`` (token sequences) between two ``transformer1d`` models.
+``gt_guided_self_distillation`` uses the seed's baseline student as its teacher (self-distillation).
+With ``--mixup both`` every method is also run on teacher-labelled mixup inputs ("consistent teaching").
+Wall time per epoch is reported relative to the baseline of the same student. ``--tabular`` adds the
+scikit-learn teacher experiment (HistGradientBoosting -> MLP on breast_cancer / wine / digits).
+
+    python benchmarks/classic.py --quick                 # a few minutes on 2 CPU cores
+    python benchmarks/classic.py --out docs/classic.json # the full run (hours on CPU)
+
+Prints one JSON document (and writes it to ``--out`` when given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import kdistill.methods  # noqa: E402,F401
+import kdistill.models  # noqa: E402,F401
+from kdistill.data.augment import build_augment  # noqa: E402
+from kdistill.data.classification import TensorDictDataset, load_dataset, make_loader  # noqa: E402
+from kdistill.eval.metrics import accuracy  # noqa: E402
+from kdistill.models.classifiers import predict_logits  # noqa: E402
+from kdistill.registry import METHODS, MODELS  # noqa: E402
+from kdistill.train.loop import fit, make_accelerator  # noqa: E402
+
+ZOO = ["hinton_kd", "dkd", "dist", "logit_standardization", "alpha_divergence", "sinkhorn_kd", "attention_transfer",
+       "rkd", "pkt", "similarity_preserving", "nd_loss", "crd", "ofa", "gt_guided_self_distillation", "ensemble",
+       "lelp", "adaptive_fusion", "token_relation_graph"]
+TEACHER = ("cnn", {"width": 64, "depth": 4})
+STUDENTS = {"mlp": ("mlp", {"width": 128, "depth": 2}), "cnn_small": ("cnn", {"width": 16, "depth": 3}),
+            "transformer1d": ("transformer1d", {"dim": 32, "depth": 2, "heads": 4, "patch_size": 4})}
+SEQ_TEACHER = ("transformer1d", {"dim": 64, "depth": 4, "heads": 4, "patch_size": 4})
+
+
+def method_kwargs(name: str) -> dict[str, Any]:
+    if name == "hinton_kd":
+        return {"kd_temperature": 4.0, "alpha": 0.9}
+    recipe = yaml.safe_load((ROOT / "recipes" / "classic" / f"{name}.yaml").read_text())
+    return dict(recipe["method"].get("kwargs", {}))
+
+
+def student_for(name: str) -> str:
+    return {"attention_transfer": "cnn_small", "token_relation_graph": "transformer1d"}.get(name, "mlp")
+
+
+def train(model_spec, method_name: str, kwargs: dict, teacher, data, *, seed: int, epochs: int, lr: float,
+          batch_size: int, mixup: bool) -> tuple[float, float, torch.nn.Module]:
+    torch.manual_seed(seed)
+    model = MODELS.get(model_spec[0])(data.input_shape, data.num_classes, **model_spec[1])
+    method = METHODS.get(method_name)(**kwargs)
+    # dataset positions travel with the batch, as in the classification runner (crd's per-example bank)
+    loader = make_loader(TensorDictDataset(inputs=data.x_train, labels=data.y_train,
+                                           index=torch.arange(len(data.y_train))), batch_size, seed=seed)
+    augment = build_augment("mixup", data.num_classes, alpha=1.0) if mixup else None
+    res = fit(student=model, method=method, teacher=teacher if method.needs_teacher else None, train_loader=loader,
+              accelerator=make_accelerator("no"), augment=augment, progress=False, seed=seed, epochs=epochs, lr=lr,
+              weight_decay=1e-4, log_every=10_000)
+    acc = accuracy(predict_logits(res.student, data.x_test), data.y_test)
+    return acc, res.seconds / epochs, res.student
+
+
+def summary(values: list[float]) -> dict[str, Any]:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "values": values}
+
+
+def run_mnist1d(args) -> dict[str, Any]:
+    data = load_dataset("mnist1d", num_samples=args.num_samples)
+    n_steps = -(-len(data.y_train) // args.batch_size) * args.epochs
+    variants = [False, True] if args.mixup == "both" else [False]
+    rows: dict[str, dict[str, list[float]]] = {}
+    teacher_acc: dict[str, list[float]] = {"cnn": [], "transformer1d": []}
+
+    def add(key: str, acc: float, sec: float) -> None:
+        r = rows.setdefault(key, {"acc": [], "sec": []})
+        r["acc"].append(acc)
+        r["sec"].append(sec)
+        if args.out is not None:  # a long run that is interrupted still leaves every finished measurement
+            partial = args.out.with_suffix(".partial.json")
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            tmp = partial.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"partial": True, "rows": rows, "teacher_test_accuracy": teacher_acc}))
+            tmp.replace(partial)
+
+    for seed in args.seeds:
+        teachers = {}
+        torch.manual_seed(1000 + seed)
+        teachers["cnn"] = train(TEACHER, "none", {}, None, data, seed=1000 + seed, epochs=args.teacher_epochs,
+                                lr=3e-3, batch_size=args.batch_size, mixup=False)[2].eval()
+        teacher_acc["cnn"].append(accuracy(predict_logits(teachers["cnn"], data.x_test), data.y_test))
+        needed_students = {student_for(m) for m in args.methods} | {"mlp"}
+        baselines = {}
+        for st in sorted(needed_students):
+            for mix in variants:
+                acc, sec, model = train(STUDENTS[st], "none", {}, None, data, seed=seed, epochs=args.epochs,
+                                        lr=args.lr, batch_size=args.batch_size, mixup=mix)
+                add(f"baseline[{st}]" + (" +mixup" if mix else ""), acc, sec)
+                if not mix:
+                    baselines[st] = model.eval()
+        if "token_relation_graph" in args.methods:
+            teachers["transformer1d"] = train(SEQ_TEACHER, "none", {}, None, data, seed=1000 + seed,
+                                              epochs=args.teacher_epochs, lr=1e-3, batch_size=args.batch_size,
+                                              mixup=False)[2].eval()
+            teacher_acc["transformer1d"].append(accuracy(predict_logits(teachers["transformer1d"], data.x_test),
+                                                         data.y_test))
+        for name in args.methods:
+            st = student_for(name)
+            kwargs = method_kwargs(name)
+            if name == "dkd":
+                kwargs["warmup_steps"] = int(0.2 * n_steps)  # the recipe's 20 % of training, at this budget
+            teacher = {"gt_guided_self_distillation": baselines["mlp"],
+                       "token_relation_graph": teachers.get("transformer1d")}.get(name, teachers["cnn"])
+            for mix in variants:
+                t0 = time.perf_counter()
+                acc, sec, _ = train(STUDENTS[st], name, kwargs, teacher, data, seed=seed, epochs=args.epochs,
+                                    lr=args.lr, batch_size=args.batch_size, mixup=mix)
+                add(f"{name}[{st}]" + (" +mixup" if mix else ""), acc, sec)
+                print(f"seed {seed} {name}[{st}]{' +mixup' if mix else ''}: acc {acc:.4f} "
+                      f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+
+    results = {}
+    for key, r in rows.items():
+        st = key[key.index("[") + 1: key.index("]")]
+        base_key = f"baseline[{st}]" + (" +mixup" if key.endswith("+mixup") else "")
+        base_sec = statistics.fmean(rows[base_key]["sec"])
+        results[key] = {"test_accuracy": summary(r["acc"]),
+                        "seconds_per_epoch": statistics.fmean(r["sec"]),
+                        "time_vs_baseline": statistics.fmean(r["sec"]) / base_sec if base_sec > 0 else float("nan")}
+    return {"teacher_test_accuracy": {k: summary(v) for k, v in teacher_acc.items() if v}, "results": results}
+
+
+def run_tabular(args) -> dict[str, Any]:
+    from kdistill.teachers.sklearn import fit_sklearn_teacher
+
+    out = {}
+    for name in ("breast_cancer", "wine", "digits"):
+        data = load_dataset(name)
+        accs: dict[str, list[float]] = {"teacher": [], "baseline": [], "distilled": [], "distilled +mixup": []}
+        for seed in args.seeds:
+            teacher = fit_sklearn_teacher("hist_gradient_boosting", data.x_train, data.y_train, data.num_classes,
+                                          seed=seed)
+            accs["teacher"].append(accuracy(teacher(data.x_test), data.y_test))
+            spec = ("mlp", {"width": 64, "depth": 2})
+            for key, method, kw, mix in (("baseline", "none", {}, False),
+                                         ("distilled", "hinton_kd", {"kd_temperature": 2.0, "alpha": 0.5}, False),
+                                         ("distilled +mixup", "hinton_kd", {"kd_temperature": 2.0, "alpha": 1.0}, True)):
+                acc, _, _ = train(spec, method, kw, teacher, data, seed=seed, epochs=args.tabular_epochs, lr=3e-3,
+                                  batch_size=32, mixup=mix)
+                accs[key].append(acc)
+        out[name] = {k: summary(v) for k, v in accs.items()}
+    return out
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The MNIST-1D results as a Markdown table (mean ± std over seeds), best first within each student."""
+    cfg, res = report["config"], report["mnist1d"]["results"]
+    lines = [f"MNIST-1D ({cfg['num_samples']} samples), seeds {cfg['seeds']}, {cfg['epochs']} student epochs, "
+             f"teacher {cfg['teacher'][0]} {cfg['teacher'][1]} ({cfg['teacher_epochs']} epochs)"
+             + (" — quick mode" if report.get("quick") else ""), ""]
+    for name, s in report["mnist1d"]["teacher_test_accuracy"].items():
+        lines.append(f"- teacher {name}: {s['mean']:.4f} ± {s['std']:.4f}")
+    lines += ["", "| method [student] | test accuracy (mean ± std) | vs baseline | time/epoch vs baseline |",
+              "|---|---|---|---|"]
+
+    def base_of(key: str) -> dict[str, Any]:
+        st = key[key.index("[") + 1: key.index("]")]
+        return res[f"baseline[{st}]" + (" +mixup" if key.endswith("+mixup") else "")]
+
+    for key in sorted(res, key=lambda k: (k[k.index("["):], -res[k]["test_accuracy"]["mean"])):
+        a, b = res[key]["test_accuracy"], base_of(key)["test_accuracy"]
+        lines.append(f"| {key} | {a['mean']:.4f} ± {a['std']:.4f} | {(a['mean'] - b['mean']) * 100:+.1f} pts | "
+                     f"{res[key]['time_vs_baseline']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="reduced run: fewer samples, epochs and seeds")
+    p.add_argument("--seeds", type=int, nargs="+", default=None)
+    p.add_argument("--methods", nargs="+", default=None, choices=ZOO)
+    p.add_argument("--mixup", choices=["none", "both"], default=None)
+    p.add_argument("--tabular", action="store_true", help="also run the scikit-learn teacher experiment")
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--markdown", type=Path, default=None, help="also write the results table as Markdown")
+    p.add_argument("--from-json", type=Path, default=None, help="only render --markdown from a saved JSON")
+    args = p.parse_args(argv)
+    if args.from_json is not None:
+        report = json.loads(args.from_json.read_text())
+        text = markdown(report)
+        if args.markdown is not None:
+            args.markdown.write_text(text)
+        print(text)
+        return report
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.quick:
+        defaults = dict(seeds=[0, 1, 2], num_samples=2000, epochs=5, teacher_epochs=8, mixup="none",
+                        tabular_epochs=20)
+    else:
+        defaults = dict(seeds=[0, 1, 2], num_samples=10000, epochs=100, teacher_epochs=30, mixup="both",
+                        tabular_epochs=200)
+    args.seeds = args.seeds or defaults["seeds"]
+    args.mixup = args.mixup or defaults["mixup"]
+    args.methods = args.methods or ZOO
+    args.num_samples, args.epochs = defaults["num_samples"], defaults["epochs"]
+    args.teacher_epochs, args.tabular_epochs = defaults["teacher_epochs"], defaults["tabular_epochs"]
+    args.batch_size, args.lr = 128, 2e-3
+    t0 = time.perf_counter()
+    report: dict[str, Any] = {
+        "benchmark": "classic", "quick": bool(args.quick),
+        "config": {"dataset": "mnist1d", "num_samples": args.num_samples, "seeds": args.seeds, "epochs": args.epochs,
+                   "teacher_epochs": args.teacher_epochs, "teacher": list(TEACHER), "students": STUDENTS,
+                   "batch_size": args.batch_size, "lr": args.lr, "mixup": args.mixup,
+                   "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "mnist1d": run_mnist1d(args),
+    }
+    if args.tabular:
+        report["tabular"] = run_tabular(args)
+    report["wall_seconds"] = time.perf_counter() - t0
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_suffix(args.out.suffix + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(args.out)
+    if args.markdown is not None:
+        args.markdown.write_text(markdown(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()

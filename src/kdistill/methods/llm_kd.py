@@ -1,0 +1,197 @@
+"""``llm_kd``: token-level distillation of a causal language model, any divergence by name.
+
+Per position ``i`` of a sequence (the prediction of token ``i + 1``), with ``mask`` the positions that count::
+
+    L = alpha * T^2 * mean_i D(p_teacher(. | x_<=i) , p_student(. | x_<=i); T)  +  (1 - alpha) * CE(student, labels)
+
+``D`` is chosen with ``loss``:
+
+=====================  ============================================================================
+``forward_kl``         KL(p_t || p_s): classic word-level KD (Hinton et al., 2015; Kim & Rush, 2016)
+``reverse_kl``         KL(p_s || p_t): mode-seeking (MiniLLM, Gu et al., 2024)
+``generalized_jsd``    JSD(beta) of GKD (Agarwal et al., 2024); ``loss_kwargs: {beta: 0.5}``
+``skew_kl``            KL(p_t || a p_t + (1-a) p_s) (DistiLLM, Ko et al., 2024); ``{skew: 0.1}``
+``skew_reverse_kl``    KL(p_s || a p_s + (1-a) p_t) (DistiLLM); ``{skew: 0.1}``
+``tvd``                total variation distance
+``taid``               KL(p_interp(t) || p_s), ``t`` from the adaptive schedule of TAID (Shing et al.,
+                       2025); ``{t_start: 0.4, t_end: 1.0, alpha: 5e-4, beta: 0.99, total_steps: N}``
+``token_selective``    only tokens where the teacher is more confident, + entropy term (TSD-KD, 2025);
+                       ``{entropy_weight: 0.1}``
+``uld``                Universal Logit Distillation (Boizard et al., 2024): cross-tokenizer, sorted probs
+=====================  ============================================================================
+
+Teacher targets come either from teacher logits ``(B, T, V)`` or, offline, from a top-k cache
+(``teacher.extra`` holds ``topk_logprobs`` / ``topk_indices`` / ``log_residual``, see
+:mod:`kdistill.teachers.cache`); then the divergence runs on the coarsened (k + 1)-category distributions
+of :mod:`kdistill.losses.topk` and the teacher is never loaded (``cacheable = True``; ``uld`` has no
+top-k form). ``chunk_size > 0`` evaluates the loss over row chunks (:func:`kdistill.losses.chunked.chunked`),
+same values and gradients with a fraction of the memory for large vocabularies.
+
+``fused = True`` goes one step further: the student forward hands over its final hidden states and LM-head
+weight (``student.extra["hidden"]``, ``student.extra["lm_head_weight"]``, optional ``"lm_head_bias"``; the
+``llm`` task's forward does this) and :func:`~kdistill.losses.chunked.fused_linear_loss` builds the student
+logits chunk by chunk, so they never exist in full (it assumes ``logits = hidden @ W^T + b``: no logit
+soft-capping or scaling). Needs ``alpha = 1`` (no CE term, which would need the full logits) and teacher logits.
+
+The ``T^2`` factor keeps the gradient scale independent of ``kd_temperature`` (as in ``hinton_kd``).
+When to use: the student shares the teacher's tokenizer (``uld`` otherwise); ``forward_kl`` is the safe
+default, ``skew_*`` / ``taid`` help when the student is much smaller than the teacher.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import KDistillError, expect, unknown_name
+from ..losses import logits as L
+from ..losses.chunked import chunked, fused_linear_loss
+from ..losses.reduce import masked_mean
+from ..losses.topk import DIVERGENCES, topk_loss
+from ..registry import METHODS
+from .base import Method, ModelOutput, label_loss, require_teacher
+
+LOSSES = {
+    "forward_kl": L.forward_kl, "reverse_kl": L.reverse_kl, "generalized_jsd": L.generalized_jsd,
+    "skew_kl": L.skew_kl, "skew_reverse_kl": L.skew_reverse_kl, "tvd": L.tvd, "taid": L.taid,
+    "token_selective": L.token_selective, "uld": L.uld,
+}
+_TAID_SCHEDULE_KEYS = ("t_start", "t_end", "alpha", "beta", "total_steps", "adaptive")
+
+
+def _check_loss_kwargs(loss: str, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split ``loss_kwargs`` into (loss keywords, TAID schedule keywords) and validate the names."""
+    fn = LOSSES[loss]
+    allowed = [n for n, p in inspect.signature(fn).parameters.items()
+               if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in ("kd_temperature", "t")]
+    if loss == "taid":
+        allowed += list(_TAID_SCHEDULE_KEYS)
+    for key in kwargs:
+        if key == "kd_temperature":
+            raise KDistillError("llm_kd loss_kwargs: kd_temperature is a method argument; set it once as "
+                                "`kd_temperature:` (it applies to every loss).")
+        if key not in allowed:
+            raise unknown_name(f"argument of loss {loss!r}", key, allowed or ["(none)"])
+    if loss != "taid":
+        return kwargs, {}
+    sched = {k: v for k, v in kwargs.items() if k in _TAID_SCHEDULE_KEYS}
+    return {k: v for k, v in kwargs.items() if k not in _TAID_SCHEDULE_KEYS}, sched
+
+
+@METHODS.register("llm_kd")
+class LLMKD(Method):
+    """Token-level LM distillation with a divergence chosen by name (see the module docstring)."""
+
+    cacheable = True
+
+    def __init__(self, loss: str = "forward_kl", kd_temperature: float = 1.0, alpha: float = 1.0,
+                 loss_kwargs: dict[str, Any] | None = None, chunk_size: int = 0, fused: bool = False) -> None:
+        super().__init__()
+        if loss not in LOSSES:
+            raise unknown_name("llm_kd loss", loss, LOSSES)
+        expect(kd_temperature > 0, "llm_kd kd_temperature", kd_temperature, "a positive number")
+        expect(0.0 <= alpha <= 1.0, "llm_kd alpha", alpha, "a number in [0, 1] (weight of the distillation term)")
+        expect(isinstance(chunk_size, int) and chunk_size >= 0, "llm_kd chunk_size", chunk_size,
+               "an integer >= 0 (0 = no chunking)")
+        if fused and (alpha < 1.0 or chunk_size < 1):
+            raise KDistillError(f"llm_kd fused=True: got alpha={alpha}, chunk_size={chunk_size}; expected alpha = 1 "
+                                "(the CE term would need the full logits) and chunk_size >= 1 (e.g. 256).")
+        self.fused = bool(fused)
+        self.loss_name, self.kd_temperature, self.alpha, self.chunk_size = loss, float(kd_temperature), float(alpha), chunk_size
+        self.loss_kwargs, sched_kwargs = _check_loss_kwargs(loss, dict(loss_kwargs or {}))
+        self.schedule: L.TAIDSchedule | None = None
+        if loss == "taid":
+            total = sched_kwargs.pop("total_steps", None)
+            self._taid_kwargs = sched_kwargs
+            self.schedule = L.TAIDSchedule(int(total) if total else 1, **sched_kwargs)
+            self._taid_total_set = bool(total)
+            # t, step, momentum, previous loss (NaN = none): a buffer, so checkpoints and resume keep it
+            self.register_buffer("taid_state", torch.tensor([self.schedule.t, 0.0, 0.0, math.nan], dtype=torch.float64))
+        # validate the loss keywords once on a tiny input: bad values fail at config time
+        probe = torch.zeros(1, 3)
+        extra = {"t": 0.5} if loss == "taid" else {}
+        LOSSES[loss](probe, probe, kd_temperature=self.kd_temperature, **self.loss_kwargs, **extra)
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """Called by the task runner with the run's number of optimizer steps (TAID's linear floor)."""
+        if self.schedule is not None and not self._taid_total_set:
+            self.schedule.total_steps = max(1, int(total_steps))
+
+    # ---------------------------------------------------------------------------------- TAID state
+    def _taid_t(self) -> float:
+        s, st = self.schedule, self.taid_state
+        s.t, s.step, s.momentum = float(st[0]), int(st[1]), float(st[2])
+        s.prev_loss = None if math.isnan(float(st[3])) else float(st[3])
+        return s.t
+
+    def _taid_update(self, value: float) -> None:
+        s = self.schedule
+        s.update(value)
+        self.taid_state.copy_(torch.tensor([s.t, float(s.step), s.momentum,
+                                            math.nan if s.prev_loss is None else s.prev_loss], dtype=torch.float64))
+
+    # ----------------------------------------------------------------------------------------- forward
+    def per_token(self, student_logits: Tensor, teacher: ModelOutput) -> Tensor:
+        kw = dict(self.loss_kwargs)
+        if self.schedule is not None:
+            kw["t"] = self._taid_t()
+        if teacher.logits is not None:
+            fn = LOSSES[self.loss_name]
+            if self.chunk_size:
+                fn = chunked(fn, self.chunk_size)
+            return fn(student_logits, teacher.logits, kd_temperature=self.kd_temperature, **kw)
+        ex = teacher.extra
+        if "topk_logprobs" not in ex or "topk_indices" not in ex:
+            raise KDistillError("llm_kd: the teacher output has neither logits nor cached top-k targets "
+                                "(extra['topk_logprobs'], extra['topk_indices']). Give a teacher or a cache.")
+        if self.loss_name not in DIVERGENCES:
+            raise KDistillError(f"llm_kd loss {self.loss_name!r} cannot run on a top-k cache; expected one of "
+                                f"{sorted(DIVERGENCES)}. Fix: train with the teacher model instead of `cache:`.")
+        cache_t = ex.get("kd_temperature")
+        if cache_t is not None and not math.isclose(float(cache_t), self.kd_temperature, rel_tol=1e-9):
+            raise KDistillError(f"llm_kd: the cache was written at kd_temperature={cache_t}, the method uses "
+                                f"{self.kd_temperature}. Fix: set the same kd_temperature or re-run `kdistill cache`.")
+        args = [student_logits, ex["topk_logprobs"], ex["topk_indices"], ex.get("log_residual")]
+        fn = topk_loss
+        if args[-1] is None:
+            args = args[:-1]
+        if self.chunk_size:
+            fn = chunked(topk_loss, self.chunk_size)
+        return fn(*args, divergence=self.loss_name, kd_temperature=self.kd_temperature, **kw)
+
+    def fused_per_token(self, student: ModelOutput, teacher: ModelOutput) -> Tensor:
+        ex = student.extra
+        if "hidden" not in ex or "lm_head_weight" not in ex:
+            raise KDistillError("llm_kd fused=True: the student output has no extra['hidden'] / extra['lm_head_weight']; "
+                                "expected the llm task's fused student forward (or set fused: false).")
+        if teacher.logits is None:
+            raise KDistillError("llm_kd fused=True needs teacher logits; with a top-k cache set fused: false "
+                                "(the top-k loss over chunks is already cheap).")
+        kw = dict(self.loss_kwargs)
+        if self.schedule is not None:
+            kw["t"] = self._taid_t()
+        return fused_linear_loss(LOSSES[self.loss_name], ex["hidden"], ex["lm_head_weight"], teacher.logits,
+                                 bias=ex.get("lm_head_bias"), chunk_size=self.chunk_size,
+                                 kd_temperature=self.kd_temperature, **kw)
+
+    def forward(self, student: ModelOutput, teacher: ModelOutput | None, batch: dict[str, Any]) -> dict[str, Tensor]:
+        teacher = require_teacher("llm_kd", teacher)
+        mask = batch.get("mask")
+        if self.fused:
+            per_token = self.fused_per_token(student, teacher)
+        else:
+            per_token = self.per_token(student.logits, teacher)
+        kd = masked_mean(per_token, mask)
+        T = self.kd_temperature
+        out = {"kd": self.alpha * T * T * kd}
+        if self.alpha < 1.0:
+            out["ce"] = (1.0 - self.alpha) * label_loss(student.logits, batch)
+        if self.schedule is not None:
+            self.log("taid_t", self.schedule.t)
+            if self.training and torch.is_grad_enabled():
+                self._taid_update(float(kd.detach()))
+        return out

@@ -1,0 +1,1 @@
+"""Student builders: layer-pruned copies, narrower encoders, static embeddings."""

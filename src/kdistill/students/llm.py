@@ -1,0 +1,134 @@
+"""Causal-LM students: a layer-subset copy of the teacher, or a fresh smaller config on its tokenizer.
+
+Both return an ordinary Hugging Face ``PreTrainedModel`` with a consistent config, so
+``save_pretrained`` / ``AutoModelForCausalLM.from_pretrained`` round-trip it and the teacher's tokenizer
+works unchanged (same vocabulary, same ids).
+
+* :func:`layer_subset_copy` keeps some decoder layers of the teacher (``keep_layers=[0, 6, 12, ...]`` or
+  ``num_layers=6`` evenly spaced, first and last included) with their weights, plus the embeddings,
+  final norm and LM head. DistilBERT-style initialisation (Sanh et al., 2019) applied to decoders.
+* :func:`smaller_config_student` builds a randomly initialised model of the same architecture with
+  fewer / narrower layers and the same vocabulary size.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import KDistillError
+
+#: where the decoder layer list lives in common Hugging Face causal LMs, and its config field
+_LAYER_PATHS = (
+    ("model.layers", "num_hidden_layers"),        # Llama, Mistral, Qwen2, Gemma, Phi-3, SmolLM
+    ("transformer.h", "n_layer"),                 # GPT-2, GPT-J, Bloom(n_layer)
+    ("gpt_neox.layers", "num_hidden_layers"),     # Pythia / GPT-NeoX
+    ("model.decoder.layers", "num_hidden_layers"),  # OPT
+)
+
+
+def _get(model: nn.Module, dotted: str) -> Any:
+    cur: Any = model
+    for part in dotted.split("."):
+        cur = getattr(cur, part, None)
+        if cur is None:
+            return None
+    return cur
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList, str]:
+    """``(path, layer list, config field)`` of a Hugging Face causal LM's decoder blocks."""
+    for path, field in _LAYER_PATHS:
+        layers = _get(model, path)
+        if isinstance(layers, nn.ModuleList):
+            return path, layers, field
+    raise KDistillError(
+        f"cannot find the decoder layers of a {type(model).__name__}; expected one of "
+        f"{', '.join(p for p, _ in _LAYER_PATHS)}. Fix: pass a Llama/Mistral/Qwen/GPT-2/NeoX-style model, or "
+        "build the student with smaller_config_student().")
+
+
+def evenly_spaced(total: int, num_layers: int) -> list[int]:
+    """``num_layers`` indices in ``[0, total)``, evenly spaced, first and last included."""
+    if not (isinstance(num_layers, int) and 1 <= num_layers <= total):
+        raise KDistillError(f"num_layers: got {num_layers!r}, expected an integer in [1, {total}] "
+                            "(the teacher's number of layers).")
+    if num_layers == 1:
+        return [0]
+    return [round(i * (total - 1) / (num_layers - 1)) for i in range(num_layers)]
+
+
+def layer_subset_copy(teacher: nn.Module, *, keep_layers: Sequence[int] | None = None,
+                      num_layers: int | None = None) -> nn.Module:
+    """A copy of ``teacher`` keeping only some decoder layers (weights copied, teacher untouched)."""
+    path, layers, field = decoder_layers(teacher)
+    total = len(layers)
+    if (keep_layers is None) == (num_layers is None):
+        raise KDistillError("layer_subset_copy: give exactly one of keep_layers (e.g. [0, 6, 12]) or num_layers "
+                            f"(evenly spaced); got keep_layers={keep_layers!r}, num_layers={num_layers!r}.")
+    keep = list(keep_layers) if keep_layers is not None else evenly_spaced(total, int(num_layers))
+    if not keep or any(not isinstance(i, int) or not 0 <= i < total for i in keep) or len(set(keep)) != len(keep):
+        raise KDistillError(f"keep_layers: got {keep!r}, expected distinct integers in [0, {total - 1}] "
+                            f"(the teacher has {total} layers).")
+    if keep != sorted(keep):
+        raise KDistillError(f"keep_layers: got {keep!r}, expected increasing order (layers run in sequence).")
+    config = copy.deepcopy(teacher.config)
+    setattr(config, field, len(keep))
+    for attr in ("layer_types",):  # per-layer settings (e.g. sliding vs full attention) follow the kept layers
+        per_layer = getattr(config, attr, None)
+        if isinstance(per_layer, list) and len(per_layer) == total:
+            setattr(config, attr, [per_layer[i] for i in keep])
+    student = type(teacher)(config)
+    src = teacher.state_dict()
+    pattern = re.compile(rf"^{re.escape(path)}\.(\d+)\.(.*)$")
+    new_index = {old: new for new, old in enumerate(keep)}
+    mapped: dict[str, torch.Tensor] = {}
+    for key, value in src.items():
+        m = pattern.match(key)
+        if m:
+            old = int(m.group(1))
+            if old in new_index:
+                mapped[f"{path}.{new_index[old]}.{m.group(2)}"] = value
+        else:
+            mapped[key] = value
+    missing, unexpected = student.load_state_dict(mapped, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise KDistillError(f"layer_subset_copy: weights did not map cleanly (missing {sorted(set(missing) - tied)[:5]}, "
+                            f"unexpected {sorted(unexpected)[:5]}); this architecture is not supported yet.")
+    if hasattr(student, "tie_weights"):
+        student.tie_weights()
+    student.to(next(teacher.parameters()).dtype)
+    student.kdistill_kept_layers = keep  # provenance, for reports
+    return student
+
+
+def smaller_config_student(teacher_or_config: Any, *, seed: int = 0, **overrides: Any) -> nn.Module:
+    """A freshly initialised causal LM of the teacher's architecture with ``overrides`` applied to its
+    config (e.g. ``num_hidden_layers=4, hidden_size=256, intermediate_size=768``); the vocabulary size is
+    kept so that the teacher's tokenizer is reused as is."""
+    from transformers import AutoModelForCausalLM, PretrainedConfig
+
+    config = teacher_or_config if isinstance(teacher_or_config, PretrainedConfig) else teacher_or_config.config
+    config = copy.deepcopy(config)
+    if "vocab_size" in overrides and overrides["vocab_size"] != config.vocab_size:
+        raise KDistillError(f"smaller_config_student: vocab_size {overrides['vocab_size']} differs from the teacher's "
+                            f"{config.vocab_size}; expected the same vocabulary so the tokenizer is shared. Remove it.")
+    for key, value in overrides.items():
+        if not hasattr(config, key):
+            from ..errors import close_matches
+            m = close_matches(key, [k for k in config.to_dict() if not k.startswith("_")])
+            hint = f" Did you mean {' or '.join(repr(x) for x in m)}?" if m else ""
+            raise KDistillError(f"smaller_config_student: {type(config).__name__} has no field {key!r}.{hint}")
+        setattr(config, key, value)
+    total = getattr(config, "num_hidden_layers", None)
+    per_layer = getattr(config, "layer_types", None)
+    if isinstance(per_layer, list) and total is not None and len(per_layer) != total:
+        config.layer_types = [per_layer[min(i, len(per_layer) - 1)] for i in range(total)]
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config)

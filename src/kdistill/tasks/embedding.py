@@ -1,0 +1,329 @@
+"""Task ``embedding``: distil a sentence encoder into a smaller or static student and measure what
+retrieval quality it keeps per unit of speed.
+
+Flow: teacher (zoo name / folder) -> pair set split into train / dev / held-out test (deterministic) ->
+student built from the teacher (layer subset, narrow + projection, or static) -> teacher embeddings of the
+training sentences computed once (the method is ``cacheable``) -> :func:`kdistill.train.loop.fit` ->
+retrieval metrics, agreement and throughput of teacher, untrained student and distilled student on the
+held-out pairs -> ``report.json`` / ``report.md`` and the student exported as a sentence-transformers
+folder (``<output>/student``), checked by reloading it in plain sentence-transformers.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import field_validator, model_validator
+
+from ..config import MethodSpec, StrictModel, TrainSpec, check_kwargs
+from ..data.classification import TensorDictDataset, make_loader
+from ..data.text import Pair, kjv_pairs, pair_texts, retrieval_split, wordnet_pairs
+from ..errors import KDistillError
+from ..eval.report import write_report
+from ..eval.retrieval import evaluate_encoder, retrieval_metrics
+from ..methods.base import ModelOutput
+from ..registry import METHODS, TASKS
+from ..students.encoders import (
+    SentenceEncoder,
+    count_params,
+    encoder_forward,
+    layer_subset,
+    load_sentence_encoder,
+    narrow_encoder,
+    tiny_corpus,
+    tiny_encoder,
+)
+from ..students.static import StaticEncoder, static_from_teacher
+from ..train.checkpoint import load_state_dict, save_state_dict_atomic, write_json_atomic
+from ..train.loop import fit, make_accelerator
+from .base import RunContext, Task
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("KDISTILL_CACHE", Path.home() / ".cache" / "kdistill"))
+
+
+def build_static(teacher: SentenceEncoder, *, corpus: list[str], dim: int | None = 256, weighting: str = "zipf",
+                 use_corpus_counts: bool = True, sif_a: float = 1e-3, projection: bool = False,
+                 projection_init: Literal["identity", "least_squares"] = "identity") -> StaticEncoder:
+    """Static student (see :mod:`kdistill.students.static`); ``projection`` adds a learned ``dim -> teacher
+    dim`` linear map that is trained and exported with the student. ``projection_init``: ``identity``
+    (zero-padded identity: PCA coordinates in the first dims) or ``least_squares`` (the affine map that best
+    sends the static sentence vectors of ``corpus`` to the teacher's embeddings of it, closed form)."""
+    if projection_init not in ("identity", "least_squares"):
+        raise KDistillError(f"static projection_init: got {projection_init!r}, expected 'identity' or 'least_squares'.")
+    student = static_from_teacher(teacher, dim=dim, weighting=weighting,
+                                  corpus=corpus if use_corpus_counts else None, sif_a=sif_a,
+                                  cache_dir=cache_root() / "token_vectors")
+    if projection:
+        x = None
+        if projection_init == "least_squares":
+            normalize, student.normalize = student.normalize, False
+            x = student.encode(corpus, batch_size=256).double()  # unnormalised mean token vectors
+            student.normalize = normalize
+        student.projection = torch.nn.Linear(student.token_dim, teacher.embedding_dim)
+        with torch.no_grad():
+            if x is not None:
+                y = teacher_embeddings_cached(teacher, list(corpus)).double()
+                sol = torch.linalg.lstsq(torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1), y).solution
+                student.projection.weight.copy_(sol[:-1].T.float())
+                student.projection.bias.copy_(sol[-1].float())
+            else:
+                student.projection.weight.zero_()
+                n = min(student.token_dim, teacher.embedding_dim)
+                student.projection.weight[:n, :n] = torch.eye(n)
+                student.projection.bias.zero_()
+    return student
+
+
+def _layer_subset(teacher: SentenceEncoder, *, corpus: list[str], layers: list[int]) -> SentenceEncoder:
+    return layer_subset(teacher, layers)
+
+
+def _narrow(teacher: SentenceEncoder, *, corpus: list[str], hidden_size: int, num_layers: int,
+            num_heads: int | None = None, intermediate_size: int | None = None, init: str = "teacher",
+            seed: int = 0) -> SentenceEncoder:
+    return narrow_encoder(teacher, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                          intermediate_size=intermediate_size, init=init, seed=seed)
+
+
+STUDENTS = {"layer_subset": _layer_subset, "narrow": _narrow, "static": build_static}
+
+
+class StudentSpec(StrictModel):
+    """``name``: ``layer_subset`` (kwargs ``layers``), ``narrow`` (``hidden_size``, ``num_layers``, ...) or
+    ``static`` (``dim``, ``weighting``, ``projection``, ...)."""
+
+    name: Literal["layer_subset", "narrow", "static"]
+    kwargs: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _check(self) -> StudentSpec:
+        check_kwargs("student", self.name, STUDENTS[self.name], self.kwargs, provided=("teacher", "corpus"))
+        return self
+
+
+class EmbeddingDataSpec(StrictModel):
+    """Pair set (``wordnet`` lemma -> gloss, ``kjv`` verse -> next verse, ``tiny`` for smoke tests), the
+    held-out test pairs, a dev subset for learning curves, and the training sentences (texts of the
+    remaining pairs, optionally capped at ``num_train``)."""
+
+    name: Literal["wordnet", "kjv", "tiny"] = "wordnet"
+    num_eval: int = 2000
+    num_dev: int = 500
+    num_train: int | None = 20000
+    max_length: int = 64
+    data_seed: int = 0
+
+    @field_validator("num_eval", "num_dev", "max_length")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"must be >= 1 (got {v})")
+        return v
+
+
+class EmbeddingEvalSpec(StrictModel):
+    batch_size: int = 64
+    threads: int | None = None
+    throughput_sentences: int = 1000
+    throughput_repeats: int = 3
+    eval_untrained: bool = True
+
+
+class ExportSpec(StrictModel):
+    sentence_transformers: bool = True
+    onnx: bool = False
+
+
+class EmbeddingConfig(StrictModel):
+    task: Literal["embedding"] = "embedding"
+    name: str = "embedding"
+    description: str = ""
+    seed: int = 0
+    teacher: str = "minilm-l6"
+    student: StudentSpec
+    data: EmbeddingDataSpec = EmbeddingDataSpec()
+    method: MethodSpec = MethodSpec(name="embedding_kd")
+    distill: bool = True
+    train: TrainSpec = TrainSpec(epochs=1, batch_size=64, lr=1e-4, warmup_steps=20)
+    eval: EmbeddingEvalSpec = EmbeddingEvalSpec()
+    export: ExportSpec = ExportSpec()
+
+    @model_validator(mode="after")
+    def _check(self) -> EmbeddingConfig:
+        if METHODS.get(self.method.name).needs_teacher is False and self.method.name != "none":
+            raise ValueError(f"method {self.method.name!r} does not use a teacher; embedding distillation needs one "
+                             "(use embedding_kd)")
+        return self
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def load_pairs(spec: EmbeddingDataSpec) -> tuple[list[str], list[Pair], list[Pair]]:
+    """``(train_sentences, dev_pairs, test_pairs)``, deterministic in the spec."""
+    if spec.name == "wordnet":
+        pairs = wordnet_pairs()
+    elif spec.name == "kjv":
+        pairs = kjv_pairs()
+    else:  # tiny: prefix -> full sentence
+        pairs = [Pair(" ".join(s.split()[: max(1, len(s.split()) // 2)]), s) for s in tiny_corpus(600, seed=11)]
+    rest, test = retrieval_split(pairs, num_eval=spec.num_eval, seed=spec.data_seed)
+    train_pairs, dev = retrieval_split(rest, num_eval=min(spec.num_dev, len(rest) // 2), seed=spec.data_seed + 1)
+    sentences = pair_texts(train_pairs)
+    if spec.num_train is not None and spec.num_train < len(sentences):
+        keep = np.random.default_rng(spec.data_seed).permutation(len(sentences))[: spec.num_train]
+        sentences = [sentences[i] for i in sorted(keep)]
+    if not sentences:
+        raise KDistillError(f"data {spec.name!r}: no training sentences left after holding out {spec.num_eval} + "
+                            f"{spec.num_dev} pairs; lower data.num_eval / data.num_dev.")
+    return sentences, dev, test
+
+
+def load_teacher(name: str) -> SentenceEncoder:
+    return tiny_encoder(num_layers=4, seed=1) if name == "tiny" else load_sentence_encoder(name)
+
+
+def teacher_embeddings_cached(teacher: SentenceEncoder, sentences: list[str], *, batch_size: int = 64) -> torch.Tensor:
+    """``teacher.encode(sentences)``, cached under ``$KDISTILL_CACHE/teacher_embeddings`` by teacher
+    fingerprint and a hash of the sentence list (the method is ``cacheable``: later runs and other students
+    of the same teacher and data skip the teacher pass). Written atomically."""
+    import hashlib
+
+    from ..students.static import teacher_fingerprint
+
+    h = hashlib.sha256("\x1f".join(sentences).encode()).hexdigest()[:16]
+    path = cache_root() / "teacher_embeddings" / f"{teacher_fingerprint(teacher)}-{h}.safetensors"
+    if path.is_file():
+        emb = load_state_dict(path)["embeddings"]
+        if emb.shape[0] == len(sentences):
+            return emb
+    emb = teacher.encode(sentences, batch_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_state_dict_atomic(path, {"embeddings": emb.contiguous()})
+    return emb
+
+
+# ------------------------------------------------------------------------------------------------- run
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _entry(model: Any, test: list[Pair], *, teacher_emb: tuple[torch.Tensor, torch.Tensor] | None,
+           spec: EmbeddingEvalSpec, throughput: list[str],
+           embeddings: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, Any]:
+    m = evaluate_encoder(model, [p.query for p in test], [p.candidate for p in test], teacher_embeddings=teacher_emb,
+                         embeddings=embeddings,
+                         batch_size=spec.batch_size, throughput_sentences=throughput, threads=spec.threads,
+                         throughput_repeats=spec.throughput_repeats)
+    sps = m.pop("sentences_per_second")
+    return {"params": count_params(model), "embedding_dim": int(model.embedding_dim), "metrics": m,
+            "sentences_per_second": sps, "latency_ms": 1000.0 * spec.batch_size / sps}
+
+
+def run_embedding(cfg: EmbeddingConfig, ctx: RunContext) -> dict[str, Any]:
+    from ..export.sentence_transformers import check_sentence_transformers, export_onnx, save_sentence_transformer
+
+    t_start = time.perf_counter()
+    ctx.output.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(ctx.output / "config.json", cfg.model_dump())
+    _seed(cfg.seed)
+    sentences, dev, test = load_pairs(cfg.data)
+    teacher = load_teacher(cfg.teacher).eval()
+
+    _seed(cfg.seed)
+    student = STUDENTS[cfg.student.name](teacher, corpus=sentences, **cfg.student.kwargs)
+    throughput = [p.candidate for p in test][: cfg.eval.throughput_sentences]
+    t_test = (teacher_embeddings_cached(teacher, [p.query for p in test], batch_size=cfg.eval.batch_size),
+              teacher_embeddings_cached(teacher, [p.candidate for p in test], batch_size=cfg.eval.batch_size))
+    report: dict[str, Any] = {
+        "recipe": cfg.name, "task": "embedding", "method": cfg.method.name if cfg.distill else "none",
+        "seed": cfg.seed,
+        "data": {"name": cfg.data.name, "train_sentences": len(sentences), "dev_pairs": len(dev),
+                 "test_pairs": len(test), "throughput_sentences": len(throughput),
+                 "batch_size": cfg.eval.batch_size, "threads": cfg.eval.threads or torch.get_num_threads()},
+        "teacher": {"model": cfg.teacher, **_entry(teacher, test, teacher_emb=None, spec=cfg.eval,
+                                                   throughput=throughput, embeddings=t_test)},
+        "variants": {},
+    }
+    if cfg.eval.eval_untrained and cfg.distill:
+        report["variants"]["untrained"] = _entry(student, test, teacher_emb=t_test, spec=cfg.eval,
+                                                 throughput=throughput)
+
+    history: list[dict[str, Any]] = []
+    train_seconds = 0.0
+    if cfg.distill:
+        work = ctx.output / "work"
+        if not ctx.resume and work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
+        t_train = teacher_embeddings_cached(teacher, sentences, batch_size=cfg.eval.batch_size)
+        enc = teacher.tokenize(sentences, max_length=cfg.data.max_length)
+        tensors = {k: v for k, v in enc.items()}
+        width = tensors["input_ids"].shape[1]
+        if width < cfg.data.max_length:  # fixed width so every batch stacks
+            tensors = {k: torch.nn.functional.pad(v, (0, cfg.data.max_length - width)) for k, v in tensors.items()}
+        loader = make_loader(TensorDictDataset(**tensors, teacher_emb=t_train), cfg.train.batch_size, seed=cfg.seed)
+        method = METHODS.get(cfg.method.name)(**cfg.method.kwargs)
+        dq, dc = [p.query for p in dev], [p.candidate for p in dev]
+
+        def evaluate(model: torch.nn.Module) -> dict[str, float]:
+            return retrieval_metrics(model.encode(dq, cfg.eval.batch_size), model.encode(dc, cfg.eval.batch_size))
+
+        accelerator = make_accelerator(cfg.train.mixed_precision)
+        res = fit(student=student, method=method, train_loader=loader, accelerator=accelerator,
+                  teacher_targets=lambda b: ModelOutput(logits=b["teacher_emb"]), student_forward=encoder_forward,
+                  evaluate=evaluate, output_dir=work, resume=ctx.resume, phase="student", progress=ctx.progress,
+                  seed=cfg.seed, **cfg.train.model_dump(exclude={"batch_size", "mixed_precision"}))
+        student, history, train_seconds = res.student, res.history, res.seconds
+    student.eval()
+    s_entry = _entry(student, test, teacher_emb=t_test, spec=cfg.eval, throughput=throughput)
+    s_entry["train_seconds"] = train_seconds
+    s_entry["student"] = cfg.student.model_dump()
+    t_r1 = report["teacher"]["metrics"]["recall_at_1"]
+    for e in [s_entry, *report["variants"].values()]:
+        e["speedup"] = e["sentences_per_second"] / report["teacher"]["sentences_per_second"]
+        e["recall_at_1_kept"] = e["metrics"]["recall_at_1"] / t_r1 if t_r1 > 0 else float("nan")
+    report["student"] = s_entry
+    report["agreement"] = {k: s_entry["metrics"][k] for k in ("spearman_vs_teacher", "cosine_to_teacher")}
+
+    if cfg.export.sentence_transformers:
+        path = save_sentence_transformer(student, ctx.output / "student",
+                                         metadata={"recipe": cfg.name, "teacher": cfg.teacher})
+        report["export"] = {"sentence_transformers": str(path),
+                            "st_max_abs_diff": check_sentence_transformers(student, path, throughput[:32])}
+        if cfg.export.onnx and isinstance(student, SentenceEncoder):
+            report["export"]["onnx"] = export_onnx(student, ctx.output / "student.onnx", sentences=throughput[:16])
+    report["wall_seconds"] = time.perf_counter() - t_start
+    write_report(report, ctx.output, curves={"student": history} if history else None, metric="recall_at_1",
+                 extra_md=_extra_md(report))
+    return report
+
+
+def _extra_md(report: dict[str, Any]) -> str:
+    s, t = report["student"], report["teacher"]
+    return "\n".join([
+        "## Retrieval trade-off (held-out pairs)", "",
+        f"- teacher: recall@1 {t['metrics']['recall_at_1']:.4f}, MRR {t['metrics']['mrr']:.4f}, "
+        f"{t['sentences_per_second']:.1f} sentences/s",
+        f"- student: recall@1 {s['metrics']['recall_at_1']:.4f} ({100 * s['recall_at_1_kept']:.1f}% of the teacher), "
+        f"MRR {s['metrics']['mrr']:.4f}, {s['sentences_per_second']:.1f} sentences/s ({s['speedup']:.1f}x)",
+        f"- agreement: Spearman {s['metrics']['spearman_vs_teacher']:.4f}, cosine to teacher "
+        f"{s['metrics']['cosine_to_teacher'] if s['metrics']['cosine_to_teacher'] is not None else 'n/a'}",
+    ])
+
+
+TASKS.register("embedding")(Task("embedding", EmbeddingConfig, run_embedding,
+                                 "sentence encoder -> layer-subset / narrow / static student, retrieval report"))

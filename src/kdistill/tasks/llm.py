@@ -1,0 +1,482 @@
+"""Task ``llm``: distil a causal language model into a smaller one on a text corpus.
+
+Flow: teacher + tokenizer (zoo name, folder or hub id; or ``tiny`` for tests) -> student (layer-subset
+copy or smaller config, same tokenizer) -> vocabulary check -> training blocks (fixed length, no padding)
+-> optional offline top-k cache (``cache: DIR`` written by ``kdistill cache``; then the teacher is never
+run on the training data) -> baseline (same student, cross-entropy only, same steps) and the distilled
+student through :func:`kdistill.train.loop.fit` -> held-out perplexity, teacher-student top-1 agreement
+and KL, a few greedy generations side by side -> ``report.json`` / ``report.md`` -> the students as
+Hugging Face folders (``save_pretrained`` + tokenizer) under ``<output>/student`` and ``<output>/baseline``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import field_validator, model_validator
+from torch import Tensor, nn
+
+from ..config import MethodSpec, StrictModel, TrainSpec
+from ..data.classification import make_loader
+from ..data.lm import cache_dataset, lm_dataset, pack_blocks, tokenize_texts
+from ..errors import KDistillError
+from ..eval.report import write_report
+from ..losses.topk import teacher_topk, topk_loss
+from ..methods.base import ModelOutput
+from ..registry import METHODS, TASKS
+from ..train.checkpoint import write_json_atomic
+from ..train.loop import fit, make_accelerator
+from .base import RunContext, Task
+
+
+class LMTeacherSpec(StrictModel):
+    """``name``: a zoo entry (``smollm2-135m``), a local folder or a hub id; ``tiny`` builds a random tiny
+    Llama and trains a BPE tokenizer on the training texts (tests, CI)."""
+
+    name: str = "smollm2-135m"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    tiny_vocab_size: int = 512
+    tiny_layers: int = 4
+    tiny_hidden_size: int = 64
+
+
+class LMStudentSpec(StrictModel):
+    """``layer_subset``: ``num_layers`` evenly spaced (or ``keep_layers``) of the teacher, weights copied;
+    ``smaller_config``: fresh model with ``config`` overrides (e.g. ``{num_hidden_layers: 4}``)."""
+
+    kind: Literal["layer_subset", "smaller_config"] = "layer_subset"
+    num_layers: int | None = 6
+    keep_layers: list[int] | None = None
+    config: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _check(self) -> LMStudentSpec:
+        if self.kind == "layer_subset" and self.keep_layers is not None:
+            self.__dict__["num_layers"] = None
+        return self
+
+
+class SequenceKDSpec(StrictModel):
+    """Sequence-level KD: the teacher completes the first ``data.prompt_tokens`` tokens of every training
+    block once (stored at ``store``, default ``<output>/teacher_generations.jsonl``, resumable) and the
+    student trains on prompt + teacher completion (loss on the completion tokens)."""
+
+    store: str | None = None
+    sampling_temperature: float = 0.0
+
+
+class LMDataSpec(StrictModel):
+    """``kjv``: the King James Bible (Debian ``bible-kjv``), held-out = the last verses (Revelation end);
+    ``texts``: the strings in ``texts`` (tests). Text is packed into ``block_length``-token blocks."""
+
+    name: Literal["kjv", "texts"] = "kjv"
+    texts: list[str] = []
+    block_length: int = 128
+    train_tokens: int = 200_000
+    eval_tokens: int = 4_096
+    eval_fraction: float = 0.05
+    prompt_tokens: int = 0
+    sequence_kd: SequenceKDSpec | None = None
+
+    @field_validator("block_length")
+    @classmethod
+    def _bl(cls, v: int) -> int:
+        if v < 4:
+            raise ValueError(f"must be >= 4 (got {v})")
+        return v
+
+
+class LMCacheSpec(StrictModel):
+    """Offline top-k teacher targets: ``kdistill cache RECIPE --output DIR`` writes them, ``dir`` uses them."""
+
+    dir: str
+    k: int = 32
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    shard_size: int = 64
+
+
+class LMEvalSpec(StrictModel):
+    batch_size: int = 8
+    agreement_k: int = 64
+    generations: int = 3
+    prompt_words: int = 8
+    max_new_tokens: int = 24
+
+
+class LLMConfig(StrictModel):
+    task: Literal["llm"] = "llm"
+    name: str = "llm"
+    description: str = ""
+    seed: int = 0
+    teacher: LMTeacherSpec = LMTeacherSpec()
+    student: LMStudentSpec = LMStudentSpec()
+    data: LMDataSpec = LMDataSpec()
+    method: MethodSpec = MethodSpec(name="llm_kd")
+    cache: LMCacheSpec | None = None
+    train: TrainSpec = TrainSpec(epochs=1, batch_size=8, lr=3e-4, log_every=10)
+    baseline: bool = True
+    eval: LMEvalSpec = LMEvalSpec()
+
+    @model_validator(mode="after")
+    def _check(self) -> LLMConfig:
+        cls = METHODS.get(self.method.name)
+        if self.cache is not None and not cls.cacheable:
+            raise ValueError(f"method {self.method.name!r} is not cacheable (its targets depend on the student); "
+                             "remove `cache:` or use llm_kd")
+        if self.method.name == "gkd" and self.data.prompt_tokens <= 0:
+            raise ValueError("method gkd needs (prompt, continuation) data: set data.prompt_tokens > 0, e.g. 32")
+        if self.data.prompt_tokens >= self.data.block_length - 1:
+            raise ValueError(f"data.prompt_tokens ({self.data.prompt_tokens}) must be < block_length - 1")
+        if self.data.sequence_kd is not None and (self.data.prompt_tokens <= 0 or self.cache is not None):
+            raise ValueError("data.sequence_kd needs data.prompt_tokens > 0 (the prompt the teacher completes) and "
+                             "no `cache:` (the cache holds the original text, not the teacher's completions)")
+        if self.data.name == "texts" and not self.data.texts:
+            raise ValueError("data.name 'texts' needs a non-empty data.texts list")
+        return self
+
+
+# ------------------------------------------------------------------------------------------ building
+
+def load_teacher(cfg: LLMConfig, train_texts: list[str]) -> tuple[nn.Module, Any]:
+    if cfg.teacher.name == "tiny":
+        from ..teachers.tiny import tiny_llama, train_tokenizer
+
+        tok = train_tokenizer(train_texts, vocab_size=cfg.teacher.tiny_vocab_size)
+        model = tiny_llama(len(tok), hidden_size=cfg.teacher.tiny_hidden_size, num_layers=cfg.teacher.tiny_layers,
+                           seed=cfg.seed, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                           eos_token_id=tok.eos_token_id)
+        return model.eval(), tok
+    from ..teachers.lm import load_causal_lm
+
+    return load_causal_lm(cfg.teacher.name, dtype=cfg.teacher.dtype)
+
+
+def build_student(cfg: LLMConfig, teacher: nn.Module) -> nn.Module:
+    from ..students.llm import layer_subset_copy, smaller_config_student
+
+    torch.manual_seed(cfg.seed)
+    if cfg.student.kind == "layer_subset":
+        return layer_subset_copy(teacher, keep_layers=cfg.student.keep_layers, num_layers=cfg.student.num_layers)
+    return smaller_config_student(teacher, seed=cfg.seed, **cfg.student.config)
+
+
+def corpus(cfg: LLMConfig) -> tuple[list[str], list[str]]:
+    """(train texts, held-out texts): the held-out part is the *end* of the corpus (never shuffled in)."""
+    if cfg.data.name == "kjv":
+        from ..data.text import kjv_verses
+
+        texts = [v[3] for v in kjv_verses()]
+    else:
+        texts = list(cfg.data.texts)
+    n_eval = max(1, int(round(len(texts) * cfg.data.eval_fraction)))
+    if n_eval >= len(texts):
+        raise KDistillError(f"data: {len(texts)} texts leave nothing to train on with eval_fraction "
+                            f"{cfg.data.eval_fraction}; expected more texts or a smaller fraction.")
+    return texts[:-n_eval], texts[-n_eval:]
+
+
+def token_blocks(cfg: LLMConfig, tok: Any, train_texts: list[str], eval_texts: list[str]) -> tuple[Tensor, Tensor]:
+    L = cfg.data.block_length
+    eos = tok.eos_token_id
+    train = pack_blocks(tokenize_texts(tok, train_texts), L, eos_id=eos,
+                        max_blocks=max(1, cfg.data.train_tokens // L))
+    held = pack_blocks(tokenize_texts(tok, eval_texts), L, eos_id=eos, max_blocks=max(1, cfg.data.eval_tokens // L))
+    return train, held
+
+
+def hf_forward(model: nn.Module, batch: dict[str, Any]) -> Tensor:
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def fused_student_output(model: nn.Module, batch: dict[str, Any]) -> ModelOutput:
+    """Final hidden states and LM head of a Hugging Face causal LM, without computing its logits."""
+    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    head = model.get_output_embeddings()
+    return ModelOutput(None, extra={"hidden": hidden, "lm_head_weight": head.weight,
+                                    "lm_head_bias": getattr(head, "bias", None)})
+
+
+def cache_identity(cfg: LLMConfig) -> dict[str, Any]:
+    return {"teacher": f"{cfg.teacher.name}/{cfg.teacher.dtype}"}
+
+
+# ---------------------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def teacher_eval_targets(teacher: nn.Module, blocks: Tensor, *, k: int, batch_size: int) -> dict[str, Any]:
+    """Teacher perplexity on held-out blocks plus its top-k log-probs (T = 1) for agreement / KL."""
+    nll, count, lps, idxs, ress = 0.0, 0, [], [], []
+    for b in range(0, len(blocks), batch_size):
+        ids = blocks[b:b + batch_size]
+        logits = teacher(input_ids=ids).logits.float()
+        lp_all = torch.log_softmax(logits[:, :-1], -1)
+        nll += float(-lp_all.gather(-1, ids[:, 1:].unsqueeze(-1)).sum())
+        count += ids[:, 1:].numel()
+        lp, idx, res = teacher_topk(logits[:, :-1], k=min(k, logits.shape[-1]))
+        lps.append(lp)
+        idxs.append(idx)
+        ress.append(res)
+    return {"perplexity": math.exp(nll / count), "loss": nll / count,
+            "topk": (torch.cat(lps), torch.cat(idxs), torch.cat(ress))}
+
+
+@torch.no_grad()
+def lm_metrics(model: nn.Module, blocks: Tensor, *, batch_size: int, teacher_targets: dict[str, Any] | None = None
+               ) -> dict[str, float]:
+    """Held-out ``perplexity`` / ``loss`` (mean next-token CE), and with teacher targets the top-1 agreement
+    and the KL(teacher || student) on the teacher's top-k coarsened distributions (a lower bound of the
+    full KL that is exact when k = V)."""
+    was = model.training
+    model.eval()
+    nll, count, agree, kl = 0.0, 0, 0.0, 0.0
+    for b in range(0, len(blocks), batch_size):
+        ids = blocks[b:b + batch_size]
+        logits = model(input_ids=ids).logits.float()[:, :-1]
+        lp = torch.log_softmax(logits, -1)
+        nll += float(-lp.gather(-1, ids[:, 1:].unsqueeze(-1)).sum())
+        count += ids[:, 1:].numel()
+        if teacher_targets is not None:
+            tlp, tidx, tres = (x[b:b + batch_size] for x in teacher_targets["topk"])
+            agree += float((logits.argmax(-1) == tidx[..., 0]).float().sum())
+            kl += float(topk_loss(logits, tlp, tidx, tres).sum())
+    model.train(was)
+    out = {"perplexity": math.exp(nll / count), "loss": nll / count}
+    if teacher_targets is not None:
+        out["top1_agreement"] = agree / count
+        out["kl_teacher_student_topk"] = kl / count
+    return out
+
+
+@torch.no_grad()
+def generate_texts(model: nn.Module, tok: Any, prompts: list[str], max_new_tokens: int) -> list[str]:
+    was = model.training
+    model.eval()
+    outs = []
+    for p in prompts:
+        ids = torch.tensor([tok(p, add_special_tokens=False)["input_ids"]])
+        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
+        outs.append(tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
+    model.train(was)
+    return outs
+
+
+def _latency_ms(model: nn.Module, ids: Tensor, repeats: int = 5) -> float:
+    from ..eval.metrics import latency_ms
+
+    was = model.training
+    model.eval()
+    try:
+        return latency_ms(lambda: model(input_ids=ids), repeats=repeats, warmup=1)
+    finally:
+        model.train(was)
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+def open_cache(cfg: LLMConfig, tok: Any, train_blocks: Tensor):
+    from ..teachers.cache import TopKCache, data_hash, tokenizer_hash
+
+    kd_t = float(cfg.method.kwargs.get("kd_temperature", 1.0))
+    expect = {"tokenizer_hash": tokenizer_hash(tok), "k": cfg.cache.k, "kd_temperature": kd_t,
+              "dtype": cfg.cache.dtype, "data_hash": data_hash(train_blocks.tolist()), **cache_identity(cfg)}
+    return TopKCache(cfg.cache.dir, expect=expect)
+
+
+def write_cache(cfg: LLMConfig, output: Path | None = None, *, progress: bool = True) -> Path:
+    """Run the teacher once over the training blocks and store its top-k targets (resumable)."""
+    from ..teachers.cache import model_fingerprint, tokenizer_hash, write_topk_cache
+
+    if cfg.cache is None and output is None:
+        raise KDistillError("cache: the recipe has no `cache:` section and no --output was given; expected one "
+                            "of them to name the cache directory.")
+    spec = cfg.cache or LMCacheSpec(dir=str(output))
+    out = Path(output) if output is not None else Path(spec.dir)
+    train_texts, eval_texts = corpus(cfg)
+    teacher, tok = load_teacher(cfg, train_texts)
+    train_blocks, _ = token_blocks(cfg, tok, train_texts, eval_texts)
+    kd_t = float(cfg.method.kwargs.get("kd_temperature", 1.0))
+
+    def teacher_fn(ids: Tensor, attn: Tensor) -> Tensor:
+        return teacher(input_ids=ids, attention_mask=attn).logits
+
+    def report(done: int, total: int) -> None:
+        if progress:
+            print(f"[cache] shard {done}/{total}", flush=True)
+
+    return write_topk_cache(out, teacher_fn, train_blocks.tolist(), k=spec.k, kd_temperature=kd_t,
+                            teacher_fingerprint=model_fingerprint(teacher), tokenizer_hash=tokenizer_hash(tok),
+                            vocab_size=int(teacher.config.vocab_size), dtype=spec.dtype, shard_size=spec.shard_size,
+                            batch_size=cfg.train.batch_size, pad_id=int(tok.pad_token_id or 0),
+                            extra=cache_identity(cfg), progress=report)
+
+
+def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    out = ctx.output
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "config.json", cfg.model_dump())
+    torch.manual_seed(cfg.seed)
+    train_texts, eval_texts = corpus(cfg)
+    teacher, tok = load_teacher(cfg, train_texts)
+    teacher.eval().requires_grad_(False)
+    train_blocks, eval_blocks = token_blocks(cfg, tok, train_texts, eval_texts)
+
+    from ..teachers.vocab import check_vocab
+
+    probe_student = build_student(cfg, teacher)
+    plan = check_vocab(teacher, probe_student, tok)
+    del probe_student
+
+    accelerator = make_accelerator(cfg.train.mixed_precision)
+    cache = open_cache(cfg, tok, train_blocks) if cfg.cache is not None else None
+    sequences_info = None
+    if cache is not None:
+        dataset = cache_dataset(cache)
+    elif cfg.data.sequence_kd is not None:
+        from ..teachers.cache import model_fingerprint, tokenizer_hash
+        from ..teachers.generations import generate_store
+
+        P, spec = cfg.data.prompt_tokens, cfg.data.sequence_kd
+        store = Path(spec.store) if spec.store else out / "teacher_generations.jsonl"
+        records = generate_store(store, teacher, train_blocks[:, :P].tolist(),
+                                 max_new_tokens=cfg.data.block_length - P,
+                                 sampling_temperature=spec.sampling_temperature, seed=cfg.seed,
+                                 teacher_fingerprint=model_fingerprint(teacher), tokenizer_hash=tokenizer_hash(tok),
+                                 pad_id=tok.pad_token_id)
+        seq_blocks = torch.tensor([r["prompt_ids"] + r["completion_ids"] for r in records], dtype=torch.long)
+        dataset = lm_dataset(seq_blocks, prompt_length=P)
+        sequences_info = {"store": str(store), "sequences": len(records)}
+    else:
+        dataset = lm_dataset(train_blocks, prompt_length=cfg.data.prompt_tokens)
+    loader = make_loader(dataset, cfg.train.batch_size, seed=cfg.seed)
+    # the baseline always learns next-token CE on the original text blocks (every position counts)
+    plain = cache is None and cfg.data.sequence_kd is None and cfg.data.prompt_tokens == 0
+    base_loader = loader if plain else make_loader(lm_dataset(train_blocks), cfg.train.batch_size, seed=cfg.seed)
+    steps_per_epoch = math.ceil(len(loader) / cfg.train.grad_accum)
+    total_steps = cfg.train.epochs * steps_per_epoch
+    if cfg.train.max_steps is not None:
+        total_steps = min(total_steps, cfg.train.max_steps)
+
+    def teacher_forward(model: nn.Module, batch: dict[str, Any]) -> ModelOutput:
+        logits = hf_forward(model, batch)
+        return ModelOutput(logits if plan.is_identity else plan.align_teacher(logits))
+
+    fused = bool(cfg.method.kwargs.get("fused", False)) and cfg.method.name == "llm_kd"
+    if fused and not plan.is_identity:
+        raise KDistillError("llm_kd fused: true needs identical teacher/student vocabularies (no padded rows); "
+                            "set fused: false.")
+
+    def student_forward(model: nn.Module, batch: dict[str, Any]) -> Tensor | ModelOutput:
+        if fused and model.training:  # hidden states + LM head: the loss builds the logits chunk by chunk
+            return fused_student_output(model, batch)
+        logits = hf_forward(model, batch)
+        return logits if plan.is_identity else plan.align_student(logits)
+
+    def targets(batch: dict[str, Any]) -> ModelOutput:
+        return ModelOutput(None, extra={"topk_logprobs": batch["topk_logprobs"], "topk_indices": batch["topk_indices"],
+                                        "log_residual": batch["log_residual"], "kd_temperature": cache.kd_temperature})
+
+    def evaluate(m: nn.Module) -> dict[str, float]:
+        return lm_metrics(m, eval_blocks, batch_size=cfg.eval.batch_size)
+
+    def phase(name: str, method_spec: MethodSpec) -> tuple[nn.Module, list[dict], float, int]:
+        pdir, work = out / name, out / "work" / name
+        if not ctx.resume and work.exists():
+            shutil.rmtree(work)
+        student = build_student(cfg, teacher)   # the same initial weights for baseline and student
+        method = METHODS.get(method_spec.name)(**method_spec.kwargs)
+        if hasattr(method, "set_total_steps"):
+            method.set_total_steps(total_steps * cfg.train.grad_accum)
+        augment = None
+        if method_spec.name == "gkd":
+            pad = int(tok.pad_token_id) if tok.pad_token_id is not None else None
+
+            def augment(batch: dict[str, Any], rng: Any) -> dict[str, Any]:
+                return method.prepare_batch(student, batch, pad_id=pad, eos_id=tok.eos_token_id)
+
+        uses_teacher = method.needs_teacher
+        res = fit(student=student, method=method, train_loader=base_loader if name == "baseline" else loader,
+                  accelerator=accelerator,
+                  teacher=teacher if uses_teacher and cache is None else None,
+                  teacher_targets=targets if uses_teacher and cache is not None else None,
+                  student_forward=student_forward, teacher_forward=teacher_forward, augment=augment,
+                  evaluate=evaluate, output_dir=work, resume=ctx.resume, phase=name, progress=ctx.progress,
+                  seed=cfg.seed, **cfg.train.model_dump(exclude={"batch_size", "mixed_precision"}))
+        if accelerator.is_main_process:
+            res.student.save_pretrained(pdir)   # a plain Hugging Face folder: weights + config + tokenizer
+            tok.save_pretrained(pdir)
+            write_json_atomic(pdir / "kdistill.json", {"phase": name, "method": method_spec.model_dump(),
+                                                       "teacher": cfg.teacher.name, "steps": res.steps,
+                                                       "seconds": res.seconds})
+        return res.student, res.history, res.seconds, res.steps
+
+    phases: dict[str, tuple[nn.Module, list[dict], float, int]] = {}
+    if cfg.baseline:
+        phases["baseline"] = phase("baseline", MethodSpec(name="none"))
+    phases["student"] = phase("student", cfg.method)
+
+    # ---- held-out evaluation -----------------------------------------------------------------------
+    tt = teacher_eval_targets(teacher, eval_blocks, k=cfg.eval.agreement_k, batch_size=cfg.eval.batch_size)
+    lat_ids = eval_blocks[:1]
+
+    def entry(model: nn.Module, secs: float, steps: int) -> dict[str, Any]:
+        m = lm_metrics(model, eval_blocks, batch_size=cfg.eval.batch_size, teacher_targets=tt)
+        agreement = {k: m.pop(k) for k in ("top1_agreement", "kl_teacher_student_topk")}
+        return {"params": _params(model), "metrics": m, "agreement": agreement, "train_seconds": secs,
+                "steps": steps, "latency_ms": _latency_ms(model, lat_ids)}
+
+    teacher_entry = {"params": _params(teacher), "metrics": {"perplexity": tt["perplexity"], "loss": tt["loss"]},
+                     "latency_ms": _latency_ms(teacher, lat_ids), "model": cfg.teacher.name}
+    student_entry = entry(*[phases["student"][i] for i in (0, 2, 3)])
+    report: dict[str, Any] = {
+        "recipe": cfg.name, "task": "llm", "method": cfg.method.name, "seed": cfg.seed,
+        "data": {"name": cfg.data.name, "train_tokens": int(train_blocks.numel()),
+                 "eval_tokens": int(eval_blocks.numel()), "block_length": cfg.data.block_length,
+                 "cache": cfg.cache.dir if cfg.cache else None, "sequence_kd": sequences_info},
+        "teacher": teacher_entry, "student": student_entry, "agreement": student_entry["agreement"], "variants": {},
+        "vocab": {"tokenizer_size": plan.tokenizer_size, "student_rows": plan.student_rows,
+                  "teacher_rows": plan.teacher_rows},
+    }
+    if cfg.baseline:
+        report["baseline"] = entry(*[phases["baseline"][i] for i in (0, 2, 3)])
+
+    # ---- a few generations side by side ------------------------------------------------------------
+    prompts = [" ".join(t.split()[: cfg.eval.prompt_words]) for t in eval_texts[: cfg.eval.generations]]
+    gens: dict[str, list[str]] = {"teacher": generate_texts(teacher, tok, prompts, cfg.eval.max_new_tokens)}
+    for name in phases:
+        gens[name] = generate_texts(phases[name][0], tok, prompts, cfg.eval.max_new_tokens)
+    report["generations"] = [{"prompt": p, **{k: v[i] for k, v in gens.items()}} for i, p in enumerate(prompts)]
+    report["wall_seconds"] = time.perf_counter() - t_start
+
+    md = ["## Held-out language modelling", "", "| model | perplexity | top-1 agreement | KL(t‖s), top-k | params |",
+          "|---|---:|---:|---:|---:|",
+          f"| teacher | {tt['perplexity']:.3f} | | | {teacher_entry['params']:,} |"]
+    for name in (["baseline"] if cfg.baseline else []) + ["student"]:
+        e = report[name]
+        md.append(f"| {name} | {e['metrics']['perplexity']:.3f} | {e['agreement']['top1_agreement']:.4f} | "
+                  f"{e['agreement']['kl_teacher_student_topk']:.4f} | {e['params']:,} |")
+    md += ["", "## Generations (greedy)", ""]
+    for g in report["generations"]:
+        md.append(f"**prompt:** {g['prompt']}")
+        for k in gens:
+            md.append(f"- *{k}*: {g[k]!r}")
+        md.append("")
+    curves = {n: phases[n][1] for n in phases}
+    if accelerator.is_main_process:
+        write_report(report, out, curves=curves, metric="perplexity", extra_md="\n".join(md))
+    return report
+
+
+TASKS.register("llm")(Task("llm", LLMConfig, run_llm,
+                           "causal LM teacher -> smaller causal LM (token-level / top-k cached / on-policy KD)"))

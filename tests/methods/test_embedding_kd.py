@@ -1,0 +1,119 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdistill.config import load_config
+from kdistill.data.classification import TensorDictDataset, make_loader
+from kdistill.errors import ConfigError, KDistillError
+from kdistill.losses.embeddings import cosine, listwise_kl, similarity
+from kdistill.methods.base import ModelOutput, SetupInfo
+from kdistill.methods.embedding_kd import EmbeddingKD
+from kdistill.registry import METHODS
+from kdistill.students.encoders import encoder_forward, narrow_encoder, tiny_corpus, tiny_encoder
+from kdistill.students.static import static_from_teacher
+from kdistill.train.loop import fit, make_accelerator
+
+
+def _out(x):
+    return ModelOutput(logits=x)
+
+
+def test_registered_and_cacheable():
+    assert METHODS.get("embedding_kd") is EmbeddingKD and EmbeddingKD.cacheable
+
+
+def test_zero_when_student_equals_teacher():
+    t = F.normalize(torch.randn(8, 16), dim=-1)
+    m = EmbeddingKD(mse_weight=1, cosine_weight=1, listwise_weight=1, margin_weight=1, rkd_distance_weight=1,
+                    rkd_angle_weight=1)
+    m.setup(SetupInfo({}, {}, student_logits=(8, 16), teacher_logits=(8, 16)))
+    losses = m(_out(t.clone()), _out(t), {})
+    assert set(losses) == {"mse", "cosine", "listwise", "margin", "rkd_distance", "rkd_angle"}
+    for k, v in losses.items():
+        assert abs(float(v)) < 1e-5, k
+
+
+def test_terms_are_weighted_means_of_the_pure_losses():
+    s, t = torch.randn(6, 8), torch.randn(6, 8)
+    m = EmbeddingKD(mse_weight=0, cosine_weight=2.0, listwise_weight=3.0, kd_temperature=0.5)
+    losses = m(_out(s), _out(t), {})
+    assert torch.allclose(losses["cosine"], 2.0 * cosine(s, t).mean())
+    eye = torch.eye(6, dtype=torch.bool)
+    s_sim, t_sim = similarity(s, s)[~eye].view(6, 5), similarity(t, t)[~eye].view(6, 5)
+    assert torch.allclose(losses["listwise"], 3.0 * listwise_kl(s_sim, t_sim, kd_temperature=0.5).mean())
+
+
+def test_mask_excludes_examples():
+    s, t = torch.randn(5, 4), torch.randn(5, 4)
+    mask = torch.tensor([True, True, False, True, False])
+    m = EmbeddingKD(cosine_weight=1.0, mse_weight=1.0)
+    losses = m(_out(s), _out(t), {"mask": mask})
+    assert torch.allclose(losses["cosine"], cosine(s[mask], t[mask]).mean())
+
+
+def test_projector_only_when_widths_differ_and_pointwise_terms_on():
+    m = EmbeddingKD(mse_weight=1.0)
+    m.setup(SetupInfo({}, {}, student_logits=(4, 8), teacher_logits=(4, 16)))
+    assert isinstance(m.projector, torch.nn.Linear) and m.projector.weight.shape == (16, 8)
+    r = EmbeddingKD(mse_weight=0.0, listwise_weight=1.0)
+    r.setup(SetupInfo({}, {}, student_logits=(4, 8), teacher_logits=(4, 16)))
+    assert r.projector is None
+    losses = r(_out(torch.randn(4, 8)), _out(torch.randn(4, 16)), {})  # relational terms work across widths
+    assert torch.isfinite(losses["listwise"])
+
+
+def test_margin_term_uses_teacher_top_neighbour():
+    t = F.normalize(torch.randn(6, 8), dim=-1)
+    s = F.normalize(t + 0.3 * torch.randn(6, 8), dim=-1)
+    m = EmbeddingKD(mse_weight=0, margin_weight=1.0)
+    v = m(_out(s), _out(t), {})["margin"]
+    assert v > 0
+    shifted = m(_out(t), _out(t), {})["margin"]
+    assert float(shifted) < 1e-6
+
+
+@pytest.mark.parametrize("kwargs", [{"mse_weight": -1.0}, {"mse_weight": 0.0}, {"kd_temperature": 0.0}])
+def test_bad_arguments(kwargs):
+    with pytest.raises(KDistillError):
+        EmbeddingKD(**kwargs)
+
+
+def _run(student, teacher, method, steps=3):
+    sents = tiny_corpus(48, seed=4)
+    enc = teacher.tokenize(sents, max_length=32)
+    enc = {k: F.pad(v, (0, 32 - v.shape[1])) for k, v in enc.items()}
+    targets = teacher.encode(sents)
+    loader = make_loader(TensorDictDataset(**enc, teacher_emb=targets), 16, seed=0)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    res = fit(student=student, method=method, train_loader=loader, accelerator=make_accelerator(),
+              teacher_targets=lambda b: ModelOutput(logits=b["teacher_emb"]), student_forward=encoder_forward,
+              max_steps=steps, epochs=1, progress=False, log_every=1, lr=1e-2)
+    return res, before
+
+
+def test_three_step_fit_narrow_student_and_method_projector():
+    teacher = tiny_encoder(num_layers=2, seed=0)
+    student = narrow_encoder(teacher, hidden_size=16, num_layers=1, num_heads=1)
+    student.projection = None  # force the method's projector (student width 16, teacher 32)
+    method = EmbeddingKD(mse_weight=1.0, cosine_weight=1.0, listwise_weight=0.1)
+    res, before = _run(student, teacher, method)
+    assert res.steps == 3 and all(torch.isfinite(torch.tensor(h["loss"])) for h in res.history if "loss" in h)
+    after = res.student.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert res.method.projector is not None and res.method.projector.weight.abs().sum() > 0
+    p0 = torch.nn.Linear(16, 32, bias=False)
+    assert not torch.equal(res.method.projector.weight, p0.weight)
+
+
+def test_six_step_fit_static_student_updates_its_table():
+    teacher = tiny_encoder(num_layers=2, seed=0)
+    student = static_from_teacher(teacher, dim=16, weighting="zipf", batch_size=64)
+    student.projection = torch.nn.Linear(16, 32)
+    method = EmbeddingKD(mse_weight=0.0, cosine_weight=1.0)
+    res, before = _run(student, teacher, method, steps=6)
+    assert not torch.equal(before["embedding.weight"], res.student.state_dict()["embedding.weight"])
+
+
+def test_config_rejects_typo_with_close_match():
+    with pytest.raises(ConfigError, match="listwise_weight"):
+        load_config("embedding/minilm_to_2layer", ["method.kwargs.listwise_weigth=0.1"])

@@ -1,0 +1,202 @@
+"""llm_kd: every loss by name with kd_temperature, T^2 / alpha weighting, top-k cache path, chunking,
+TAID schedule state, config validation, and 3 training steps on tiny Llamas (teacher and cache)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kdistill.config import MethodSpec
+from kdistill.data.lm import cache_dataset, lm_dataset, pack_blocks
+from kdistill.data.classification import make_loader
+from kdistill.errors import KDistillError, UnknownNameError
+from kdistill.losses import logits as L
+from kdistill.losses.reduce import masked_mean
+from kdistill.losses.topk import teacher_topk
+from kdistill.methods.base import ModelOutput
+from kdistill.methods.llm_kd import LLMKD, LOSSES
+from kdistill.students.llm import layer_subset_copy
+from kdistill.teachers.cache import TopKCache, model_fingerprint, write_topk_cache
+from kdistill.teachers.tiny import tiny_llama
+from kdistill.train import fit, make_accelerator
+
+KW = {"generalized_jsd": {"beta": 0.3}, "skew_kl": {"skew": 0.2}, "skew_reverse_kl": {"skew": 0.2},
+      "taid": {"t_start": 0.5}, "token_selective": {"entropy_weight": 0.05}}
+
+
+def _batch(B=2, T=5, V=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s, t = torch.randn(B, T, V, generator=g), torch.randn(B, T, V, generator=g)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, -1] = -100
+    return s, t, {"labels": labels, "mask": labels != -100}
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_every_loss_by_name_with_temperature_and_t2(loss):
+    s, t, batch = _batch()
+    m = LLMKD(loss=loss, kd_temperature=2.0, loss_kwargs=KW.get(loss, {})).eval()
+    out = m(ModelOutput(s), ModelOutput(t), batch)
+    kw = {k: v for k, v in KW.get(loss, {}).items() if k != "t_start"}
+    if loss == "taid":
+        kw["t"] = 0.5
+    want = 4.0 * masked_mean(LOSSES[loss](s, t, kd_temperature=2.0, **kw), batch["mask"])
+    assert torch.allclose(out["kd"], want, atol=1e-6)
+    assert set(out) == {"kd"}
+
+
+def test_alpha_mixes_label_ce():
+    s, t, batch = _batch()
+    out = LLMKD(alpha=0.25, kd_temperature=1.0)(ModelOutput(s), ModelOutput(t), batch)
+    ce = masked_mean(L.cross_entropy(s, batch["labels"]), batch["mask"])
+    assert torch.allclose(out["ce"], 0.75 * ce) and torch.allclose(
+        out["kd"], 0.25 * masked_mean(L.forward_kl(s, t), batch["mask"]))
+
+
+@pytest.mark.parametrize("loss", ["forward_kl", "reverse_kl", "skew_kl", "tvd"])
+def test_cached_topk_at_full_k_equals_logits_and_chunking_is_exact(loss):
+    s, t, batch = _batch(V=16)
+    lp, idx, res = teacher_topk(t, k=16, kd_temperature=2.0)
+    m = LLMKD(loss=loss, kd_temperature=2.0)
+    full = m(ModelOutput(s), ModelOutput(t), batch)["kd"]
+    cached = m(ModelOutput(s), ModelOutput(None, extra={"topk_logprobs": lp.half().float(), "topk_indices": idx,
+                                                          "log_residual": res, "kd_temperature": 2.0}), batch)["kd"]
+    assert torch.allclose(full, cached, atol=2e-3)
+    s1, s2 = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    LLMKD(loss=loss, kd_temperature=2.0)(ModelOutput(s1), ModelOutput(t), batch)["kd"].backward()
+    LLMKD(loss=loss, kd_temperature=2.0, chunk_size=3)(ModelOutput(s2), ModelOutput(t), batch)["kd"].backward()
+    assert torch.allclose(s1.grad, s2.grad, atol=1e-7)
+
+
+def test_cache_mismatches_refused():
+    s, t, batch = _batch()
+    lp, idx, res = teacher_topk(t, k=4, kd_temperature=1.0)
+    extra = {"topk_logprobs": lp, "topk_indices": idx, "log_residual": res, "kd_temperature": 1.0}
+    with pytest.raises(KDistillError, match="kd_temperature=1.0"):
+        LLMKD(kd_temperature=2.0)(ModelOutput(s), ModelOutput(None, extra=extra), batch)
+    with pytest.raises(KDistillError, match="uld"):
+        LLMKD(loss="uld")(ModelOutput(s), ModelOutput(None, extra=extra), batch)
+    with pytest.raises(KDistillError, match="neither logits"):
+        LLMKD()(ModelOutput(s), ModelOutput(None), batch)
+
+
+def test_bad_arguments_fail_at_config_time():
+    with pytest.raises(UnknownNameError, match="skew_kl"):
+        LLMKD(loss="skew_kll")
+    with pytest.raises(UnknownNameError, match="skew"):
+        LLMKD(loss="skew_kl", loss_kwargs={"skw": 0.1})
+    with pytest.raises(KDistillError, match="method argument"):
+        LLMKD(loss_kwargs={"kd_temperature": 2.0})
+    with pytest.raises(KDistillError, match=r"\[0, 1\)"):
+        LLMKD(loss="skew_kl", loss_kwargs={"skew": 1.5})
+    with pytest.raises(ValueError, match="Did you mean 'loss'"):
+        MethodSpec(name="llm_kd", kwargs={"los": "tvd"})
+    MethodSpec(name="llm_kd", kwargs={"loss": "taid", "kd_temperature": 2.0, "loss_kwargs": {"total_steps": 10}})
+
+
+def test_taid_schedule_advances_and_is_checkpointed():
+    s, t, batch = _batch()
+    m = LLMKD(loss="taid", loss_kwargs={"total_steps": 10, "t_start": 0.4})
+    m.train()
+    ts = []
+    for _ in range(3):
+        x = s.clone().requires_grad_(True)
+        m(ModelOutput(x), ModelOutput(t), batch)["kd"].backward()
+        ts.append(m.pop_metrics()["taid_t"])
+    assert ts[0] == pytest.approx(0.4) and ts[1] > ts[0] and ts[2] > ts[1]
+    state = m.state_dict()
+    m2 = LLMKD(loss="taid", loss_kwargs={"total_steps": 10, "t_start": 0.4})
+    m2.load_state_dict(state)
+    m.eval(), m2.eval()
+    a = m(ModelOutput(s), ModelOutput(t), batch)["kd"]
+    b = m2(ModelOutput(s), ModelOutput(t), batch)["kd"]
+    assert torch.equal(a, b)
+    # after 3 updates t is at least the linear floor t_start + (t_end - t_start) * 3 / total_steps
+    assert m.pop_metrics()["taid_t"] >= 0.4 + 0.6 * 3 / 10 - 1e-9
+    assert m2.pop_metrics()["taid_t"] >= 0.4 + 0.6 * 3 / 10 - 1e-9
+
+
+# ------------------------------------------------------------------------------- 3 steps on tiny Llamas
+
+V = 64
+
+
+def _models():
+    teacher = tiny_llama(V, num_layers=4, seed=0)
+    student = layer_subset_copy(teacher, num_layers=2)
+    return teacher, student
+
+
+def _forward(model, batch):
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def _blocks(n=12, L=16):
+    g = torch.Generator().manual_seed(0)
+    return pack_blocks([torch.randint(3, V, (40,), generator=g).tolist() for _ in range(n)], L, eos_id=2)
+
+
+def test_three_steps_with_teacher_model():
+    teacher, student = _models()
+    t0 = {k: v.clone() for k, v in teacher.state_dict().items()}
+    s0 = {k: v.clone() for k, v in student.state_dict().items()}
+    loader = make_loader(lm_dataset(_blocks()), 4, seed=0)
+    res = fit(student=student, method=LLMKD(loss="skew_kl", kd_temperature=2.0, alpha=0.5), teacher=teacher,
+              train_loader=loader, accelerator=make_accelerator(), student_forward=_forward, teacher_forward=_forward,
+              max_steps=3, epochs=1, progress=False, log_every=1, lr=1e-2)
+    assert res.steps == 3
+    assert all(math.isfinite(h) for h in [res.seconds])
+    assert any(not torch.equal(v, student.state_dict()[k]) for k, v in s0.items())
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in t0.items())
+
+
+def test_three_steps_from_topk_cache_without_teacher(tmp_path):
+    teacher, student = _models()
+    blocks = _blocks()
+    root = write_topk_cache(tmp_path / "cache", lambda i, a: _forward(teacher, {"input_ids": i, "attention_mask": a}),
+                            blocks.tolist(), k=8, kd_temperature=2.0, teacher_fingerprint=model_fingerprint(teacher),
+                            tokenizer_hash="t", vocab_size=V, shard_size=5)
+    cache = TopKCache(root, expect={"k": 8, "kd_temperature": 2.0})
+    loader = make_loader(cache_dataset(cache), 4, seed=0)
+
+    def targets(batch):
+        return ModelOutput(None, extra={"topk_logprobs": batch["topk_logprobs"], "topk_indices": batch["topk_indices"],
+                                        "log_residual": batch["log_residual"], "kd_temperature": cache.kd_temperature})
+
+    s0 = {k: v.clone() for k, v in student.state_dict().items()}
+    res = fit(student=student, method=LLMKD(loss="forward_kl", kd_temperature=2.0, chunk_size=16),
+              teacher_targets=targets, train_loader=loader, accelerator=make_accelerator(), student_forward=_forward,
+              max_steps=3, epochs=1, progress=False, log_every=1, lr=1e-2, output_dir=tmp_path / "run")
+    assert res.steps == 3
+    assert any(not torch.equal(v, student.state_dict()[k]) for k, v in s0.items())
+    rows = [__import__("json").loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["kd"]) for r in rows)
+
+
+def test_fused_student_equals_full_logits_in_loss_and_gradients():
+    from kdistill.tasks.llm import fused_student_output
+
+    teacher, student = _models()
+    blocks = _blocks(n=4)
+    batch = {"input_ids": blocks[:3], "attention_mask": torch.ones_like(blocks[:3])}
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[:, :-1] = batch["input_ids"][:, 1:]
+    batch.update(labels=labels, mask=labels != -100)
+    with torch.no_grad():
+        t_out = ModelOutput(_forward(teacher, batch))
+    student.train()
+    full = LLMKD(loss="skew_kl", kd_temperature=2.0)(ModelOutput(_forward(student, batch)), t_out, batch)["kd"]
+    full.backward()
+    g_full = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    student.zero_grad()
+    fused = LLMKD(loss="skew_kl", kd_temperature=2.0, fused=True, chunk_size=7)(
+        fused_student_output(student, batch), t_out, batch)["kd"]
+    fused.backward()
+    assert torch.allclose(full, fused, atol=1e-5)
+    for n, p in student.named_parameters():
+        if n in g_full:
+            assert torch.allclose(p.grad, g_full[n], atol=1e-5, rtol=1e-4), n
+    with pytest.raises(KDistillError, match="alpha = 1"):
+        LLMKD(fused=True, alpha=0.5, chunk_size=8)

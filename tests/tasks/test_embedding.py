@@ -1,0 +1,75 @@
+import json
+
+import pytest
+
+from kdistill.config import load_config
+from kdistill.errors import ConfigError
+from kdistill.export.sentence_transformers import load_student
+from kdistill.tasks.embedding import EmbeddingDataSpec, load_pairs
+
+TINY = {
+    "task": "embedding", "name": "tiny_embedding", "teacher": "tiny",
+    "student": {"name": "layer_subset", "kwargs": {"layers": [0, 3]}},
+    "data": {"name": "tiny", "num_eval": 60, "num_dev": 30, "num_train": 200, "max_length": 24},
+    "method": {"name": "embedding_kd", "kwargs": {"cosine_weight": 1.0, "listwise_weight": 0.1}},
+    "train": {"epochs": 1, "max_steps": 4, "batch_size": 32, "lr": 1e-4, "log_every": 1},
+    "eval": {"throughput_sentences": 32, "throughput_repeats": 1, "batch_size": 32},
+}
+
+
+def test_embedding_recipes_validate():
+    for name in ("embedding/minilm_to_2layer", "embedding/minilm_to_static"):
+        cfg = load_config(name)
+        assert cfg.task == "embedding" and cfg.teacher == "minilm-l6" and cfg.data.num_eval == 2000
+
+
+def test_bad_student_kwargs_fail_at_load_time():
+    bad = {**TINY, "student": {"name": "layer_subset", "kwargs": {"layer": [0]}}}
+    with pytest.raises(ConfigError, match="layers"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="corpus"):
+        load_config({**TINY, "student": {"name": "static", "kwargs": {"corpus": ["x"]}}})
+
+
+def test_split_is_held_out_from_training():
+    sentences, dev, test = load_pairs(EmbeddingDataSpec(name="tiny", num_eval=60, num_dev=30, num_train=None))
+    held = {p.query.lower() for p in test + dev} | {p.candidate.lower() for p in test + dev}
+    assert not held & {s.lower() for s in sentences}
+    assert len(test) == 60 and len(dev) == 30
+
+
+def test_tiny_run_writes_report_and_loadable_student(tmp_path):
+    from kdistill.api import run
+
+    report = run(TINY, output=tmp_path, progress=False, quiet=True)
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert on_disk["task"] == "embedding" and on_disk["method"] == "embedding_kd"
+    for who in ("teacher", "student"):
+        m = on_disk[who]["metrics"]
+        assert 0.0 <= m["recall_at_1"] <= m["recall_at_10"] <= 1.0 and 0.0 < m["mrr"] <= 1.0
+        assert on_disk[who]["sentences_per_second"] > 0 and on_disk[who]["params"] > 0
+    assert report["student"]["params"] < report["teacher"]["params"]
+    assert -1.0 <= report["agreement"]["spearman_vs_teacher"] <= 1.0
+    assert "untrained" in report["variants"] and report["export"]["st_max_abs_diff"] < 1e-5
+    assert (tmp_path / "report.md").is_file()
+    student = load_student(tmp_path / "student")
+    assert student.encode(["light"]).shape == (1, 32)
+
+
+def test_static_least_squares_projection_moves_student_towards_teacher():
+    import torch
+
+    from kdistill.students.encoders import tiny_corpus, tiny_encoder
+    from kdistill.tasks.embedding import build_static
+
+    teacher = tiny_encoder(num_layers=2, seed=0)
+    corpus = tiny_corpus(200, seed=1)
+    held = tiny_corpus(40, seed=2)
+    target = teacher.encode(held)
+    cos = {}
+    for init in ("identity", "least_squares"):
+        s = build_static(teacher, corpus=corpus, dim=8, projection=True, projection_init=init)
+        cos[init] = float((s.encode(held) * target).sum(1).mean())
+    assert cos["least_squares"] > cos["identity"] + 0.1
+    with pytest.raises(Exception, match="projection_init"):
+        build_static(teacher, corpus=corpus, dim=8, projection=True, projection_init="pca")

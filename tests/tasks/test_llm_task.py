@@ -1,0 +1,102 @@
+"""The llm task end to end on the CI recipe (tiny random Llama teacher, tokenizer trained on Genesis 1):
+teacher-logit KD with baseline and export, top-k cache write + train-from-cache + refusal, and on-policy GKD."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from kdistill import api
+from kdistill.config import load_config
+from kdistill.errors import ConfigError, KDistillError
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+def test_tiny_recipe_runs_and_exports(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    r = api.run("llm/tiny", output=tmp_path / "run", progress=False, quiet=True)
+    assert r["task"] == "llm" and r["method"] == "llm_kd"
+    for name in ("teacher", "student", "baseline"):
+        assert math.isfinite(r[name]["metrics"]["perplexity"]) and r[name]["params"] > 0
+    assert r["student"]["params"] < r["teacher"]["params"] and r["student"]["steps"] == 3
+    assert 0.0 <= r["agreement"]["top1_agreement"] <= 1.0 and r["agreement"]["kl_teacher_student_topk"] >= 0
+    assert len(r["generations"]) == 2 and {"teacher", "student", "baseline"} <= set(r["generations"][0])
+    saved = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert saved["student"]["metrics"] == r["student"]["metrics"]
+    assert "Generations" in (tmp_path / "run" / "report.md").read_text()
+    # plain Hugging Face loading of the exported student, no kdistill needed
+    res = api.export(tmp_path / "run", tmp_path / "export")
+    assert res["format"] == "huggingface" and res["max_abs_logit_diff"] <= 1e-5
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "export")
+    ids = torch.tensor([tok("And God said")["input_ids"]])
+    assert model(input_ids=ids).logits.shape[-1] == len(tok)
+    assert not any("method" in k for k in model.state_dict())
+
+
+def test_cache_then_train_without_teacher_and_refuse_mismatch(tmp_path):
+    cache_dir = tmp_path / "cache"
+    info = api.cache("llm/tiny", output=cache_dir, progress=False)
+    assert info["k"] == 32 and info["kd_temperature"] == 2.0 and info["bytes_per_token"] > 0
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["teacher"] == "tiny/float32"
+    r = api.run("llm/tiny", output=tmp_path / "run", progress=False, quiet=True,
+                overrides=[f"cache.dir={cache_dir}", "baseline=false"])
+    assert r["data"]["cache"] == str(cache_dir) and math.isfinite(r["student"]["metrics"]["perplexity"])
+    # a run at another temperature must not silently use these targets
+    with pytest.raises(KDistillError, match="kd_temperature: cache has 2.0, run expects 1.0"):
+        api.run("llm/tiny", output=tmp_path / "run2", progress=False, quiet=True,
+                overrides=[f"cache.dir={cache_dir}", "baseline=false", "method.kwargs.kd_temperature=1.0"])
+    with pytest.raises(KDistillError, match="kdistill cache"):
+        api.run("llm/tiny", output=tmp_path / "run3", progress=False, quiet=True,
+                overrides=[f"cache.dir={tmp_path / 'missing'}", "baseline=false"])
+
+
+def test_gkd_on_policy_end_to_end(tmp_path):
+    r = api.run("llm/tiny", output=tmp_path / "run", progress=False, quiet=True,
+                overrides=["method={name: gkd, kwargs: {lmbda: 1.0, beta: 0.5, kd_temperature: 1.0, "
+                           "sampling_temperature: 1.2}}", "data.prompt_tokens=8", "baseline=false"])
+    assert r["method"] == "gkd" and r["student"]["steps"] == 3
+    rows = [json.loads(x) for x in (tmp_path / "run" / "work" / "student" / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["on_policy"] == 1.0 for row in rows) and all(math.isfinite(row["gkd"]) for row in rows)
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="prompt_tokens"):
+        load_config("llm/tiny", ["method={name: gkd}"])
+    with pytest.raises(ConfigError, match="not cacheable"):
+        load_config("llm/tiny", ["method={name: gkd}", "data.prompt_tokens=4", "cache.dir=/tmp/x"])
+    with pytest.raises(ConfigError, match="Did you mean"):
+        load_config("llm/tiny", ["student.num_layer=3"])
+
+
+def test_sequence_level_kd_trains_on_stored_teacher_generations(tmp_path):
+    r = api.run("llm/tiny", output=tmp_path / "run", progress=False, quiet=True,
+                overrides=["data.prompt_tokens=8", "data.sequence_kd={sampling_temperature: 0.0}",
+                           "method={name: none}", "baseline=false"])
+    info = r["data"]["sequence_kd"]
+    store = tmp_path / "run" / "teacher_generations.jsonl"
+    assert info["store"] == str(store) and info["sequences"] == 1024 // 32
+    recs = [json.loads(x) for x in store.read_text().splitlines()]
+    assert len(recs) == info["sequences"] and all(len(x["prompt_ids"]) == 8 and len(x["completion_ids"]) == 24
+                                                  for x in recs)
+    assert math.isfinite(r["student"]["metrics"]["perplexity"])
+    with pytest.raises(ConfigError, match="sequence_kd"):
+        load_config("llm/tiny", ["data.sequence_kd={sampling_temperature: 0.0}"])
+
+
+def test_fused_llm_kd_runs_in_the_task(tmp_path):
+    r = api.run("llm/tiny", output=tmp_path / "run", progress=False, quiet=True,
+                overrides=["method.kwargs.fused=true", "baseline=false"])
+    rows = [json.loads(x) for x in (tmp_path / "run" / "work" / "student" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(math.isfinite(row["kd"]) for row in rows)
+    assert math.isfinite(r["student"]["metrics"]["perplexity"])
