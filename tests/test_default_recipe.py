@@ -16,7 +16,7 @@ def test_default_recipe_distilled_student_beats_baseline(tmp_path):
     base = rep["baseline"]["metrics"]["accuracy"]
     main = rep["student"]["metrics"]["accuracy"]
     assert teacher > 0.9, f"teacher accuracy {teacher}"
-    # consistent teaching must show a real gain, not noise (measured: about +17 points)
+    # consistent teaching must show a real gain, not noise (measured: +13.2 points at seed 0)
     assert main > base + 0.05, f"distilled {main} vs baseline {base}"
     assert rep["teacher"]["params"] > rep["student"]["params"]
     assert rep["teacher"]["latency_ms"] > rep["student"]["latency_ms"]

@@ -61,6 +61,9 @@ def capture(model: nn.Module, names: Iterable[str], *, detach: bool = False) -> 
     With ``detach=True`` (used for the teacher) the stored tensors are detached.
     """
     names = list(names)
+    if not names:  # the common case (logit-only methods): no module walk on the hot path
+        yield {}
+        return
     modules = resolve_modules(model, names)
     store: dict[str, Tensor] = {}
     handles: list[torch.utils.hooks.RemovableHandle] = []

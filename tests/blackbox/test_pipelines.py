@@ -278,3 +278,27 @@ def test_label_result_target_kinds():
     assert keep == [0, 2] and np.allclose(q, [[1, 0, 0], [0, 0, 1]])
     with pytest.raises(Exception, match="expected one of"):
         r.targets(3, "mixed")
+
+
+def test_other_pipelines_end_to_end_against_tiny_llama_server(serve):
+    """rationales, generate_and_filter and performance_guided against the real `kdistill serve` (random tiny
+    Llama): its answers are mostly unusable, and every pipeline must finish, count them and lose none."""
+    h = serve()
+    data = synthetic(n_per_class=4)
+    t = APITeacher(h.base_url, "tiny-llama")
+    rat = rationales(data, t, student_kwargs={"steps": 3, "hidden_size": 32, "vocab_size": 300, "batch_size": 8},
+                     label_only_baseline=False)
+    c = rat["counts"]
+    assert c["texts"] == len(data.train_texts) and c["failed_requests"] == 0
+    assert c["kept"] + c["malformed_label"] <= c["texts"]
+    gen = generate_and_filter(data, t, per_class=2, student_kwargs={"epochs": 3})
+    c = gen["counts"]
+    assert c["requested"] == 6 and c["failed_requests"] == 0
+    assert c["kept"] + c["rejected_by_critic"] == c["generated"]
+    init = [data.train_texts[i] for i in range(3)]
+    targets = np.eye(3, dtype=np.float32)[[data.train_labels[i] for i in range(3)]]
+    pg = performance_guided(data, t, init_texts=init, init_targets=targets, rounds=1, patience=1,
+                            student_kwargs={"epochs": 3})
+    r = pg["rounds"]
+    assert pg["counts"]["failed_requests"] == 0 and r[0]["train_size"] == 3
+    assert len(r) >= 2 and r[1]["train_size"] == 3 + r[0]["added"] and pg["counts"]["accepted"] == r[0]["added"]

@@ -20,7 +20,6 @@ from .. import __version__
 from ..config import AugmentSpec, MethodSpec, NamedSpec, StrictModel, TrainSpec, check_kwargs
 from ..data.augment import build_augment
 from ..data.classification import ClassificationData, TensorDictDataset, load_dataset, make_loader
-from ..errors import KDistillError
 from ..eval.metrics import agreement, classification_metrics, model_latency_ms
 from ..eval.report import write_report
 from ..export.classifier import load_classifier, save_classifier
@@ -137,6 +136,8 @@ def _train_phase(name: str, *, cfg: ClassificationConfig, data: ClassificationDa
     model = _build(model_spec, data)
     method = METHODS.get(method_spec.name)(**method_spec.kwargs)
     augment = build_augment(augment_spec.name, data.num_classes, **augment_spec.kwargs) if augment_spec else None
+    if augment is not None and hasattr(augment, "bind") and teacher is not None:
+        augment.bind(student=model, teacher=teacher)  # model-aware augmentations (hard_augment) score candidates
     index = torch.arange(len(data.y_train))
     loader = make_loader(TensorDictDataset(inputs=data.x_train, labels=data.y_train, index=index), train.batch_size,
                          seed=cfg.seed)
@@ -208,12 +209,28 @@ def run_classification(cfg: ClassificationConfig, ctx: RunContext) -> dict[str, 
     teacher, teacher_hist, teacher_secs, teacher_source = _get_teacher(cfg, data, accelerator, ctx)
     teacher.eval()
 
+    trained = train_students(cfg, data, teacher, accelerator, ctx)
+    teacher_entry = {"params": count_params(teacher), "model": cfg.teacher.model.model_dump(),
+                     "source": teacher_source, "train_seconds": teacher_secs}
+    report, curves = build_report(cfg, data, "classification", teacher, teacher_entry, trained, t_start)
+    curves = {"teacher": teacher_hist, **curves}
+    if accelerator.is_main_process:
+        write_report(report, ctx.output, curves=curves)
+    return report
+
+
+Trained = dict[str, tuple[torch.nn.Module, list[dict], float]]
+
+
+def train_students(cfg: Any, data: ClassificationData, teacher: torch.nn.Module, accelerator: Any,
+                   ctx: RunContext) -> Trained:
+    """Train the baseline (if asked), the main student and every variant: same data, seed and budget."""
     phases: list[tuple[str, MethodSpec, AugmentSpec | None]] = []
     if cfg.baseline:
         phases.append(("baseline", MethodSpec(name="none"), None))
     phases.append(("student", cfg.method, cfg.augment))
     phases += [(n, v.method, v.augment) for n, v in cfg.variants.items()]
-    trained: dict[str, tuple[torch.nn.Module, list[dict], float]] = {}
+    trained: Trained = {}
     for name, mspec, aspec in phases:
         needs_teacher = METHODS.get(mspec.name).needs_teacher
         trained[name] = _train_phase(name, cfg=cfg, data=data, model_spec=cfg.student, train=cfg.train,
@@ -221,8 +238,14 @@ def run_classification(cfg: ClassificationConfig, ctx: RunContext) -> dict[str, 
                                      teacher=teacher if needs_teacher else None, accelerator=accelerator, ctx=ctx,
                                      extra_meta={"method": mspec.model_dump(),
                                                  "augment": aspec.model_dump() if aspec else None})
+    return trained
 
-    # ---- evaluation on the test split (never used for any choice above) ----------------------------
+
+def build_report(cfg: Any, data: ClassificationData, task: str, teacher: torch.nn.Module,
+                 teacher_entry: dict[str, Any], trained: Trained, t_start: float
+                 ) -> tuple[dict[str, Any], dict[str, list[dict]]]:
+    """Evaluate teacher and students on the test split (never used for any choice) and assemble the report
+    in DESIGN.md's schema, plus the students' learning curves."""
     t_logits = predict_logits(teacher, data.x_test)
     lat_x = data.x_test[: cfg.eval.latency_batch_size]
     student_model = trained["student"][0]
@@ -232,14 +255,13 @@ def run_classification(cfg: ClassificationConfig, ctx: RunContext) -> dict[str, 
         return {"params": count_params(model), "metrics": classification_metrics(logits, data.y_test),
                 "train_seconds": secs, "agreement": agreement(logits, t_logits)}
 
-    teacher_entry = {"params": count_params(teacher), "metrics": classification_metrics(t_logits, data.y_test),
-                     "latency_ms": model_latency_ms(teacher, lat_x, cfg.eval.latency_repeats),
-                     "model": cfg.teacher.model.model_dump(), "source": teacher_source, "train_seconds": teacher_secs}
+    teacher_entry = {**teacher_entry, "metrics": classification_metrics(t_logits, data.y_test),
+                     "latency_ms": model_latency_ms(teacher, lat_x, cfg.eval.latency_repeats)}
     student_entry = {**entry(student_model, trained["student"][2]),
                      "latency_ms": model_latency_ms(student_model, lat_x, cfg.eval.latency_repeats),
                      "model": cfg.student.model_dump(), "augment": cfg.augment.model_dump() if cfg.augment else None}
     report: dict[str, Any] = {
-        "recipe": cfg.name, "task": "classification", "method": cfg.method.name, "seed": cfg.seed,
+        "recipe": cfg.name, "task": task, "method": cfg.method.name, "seed": cfg.seed,
         "data": data.summary(), "teacher": teacher_entry, "student": student_entry,
         "agreement": student_entry["agreement"], "variants": {},
     }
@@ -250,12 +272,9 @@ def run_classification(cfg: ClassificationConfig, ctx: RunContext) -> dict[str, 
                                     "augment": v.augment.model_dump() if v.augment else None}
     report["latency_batch_size"] = int(lat_x.shape[0])
     report["wall_seconds"] = time.perf_counter() - t_start
-    curves = {"teacher": teacher_hist}
-    curves.update({("student: " + cfg.method.name + (f" + {cfg.augment.name}" if cfg.augment else "")
-                    if n == "student" else n): trained[n][1] for n in trained})
-    if accelerator.is_main_process:
-        write_report(report, ctx.output, curves=curves)
-    return report
+    curves = {("student: " + cfg.method.name + (f" + {cfg.augment.name}" if cfg.augment else "")
+               if n == "student" else n): trained[n][1] for n in trained}
+    return report, curves
 
 
 TASKS.register("classification")(Task("classification", ClassificationConfig, run_classification,

@@ -14,20 +14,17 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-import torch
 from pydantic import field_validator, model_validator
 
 from ..config import AugmentSpec, MethodSpec, StrictModel, TrainSpec
 from ..data.classification import load_dataset
-from ..eval.metrics import agreement, classification_metrics, model_latency_ms
 from ..eval.report import write_report
-from ..models.classifiers import count_params, predict_logits
 from ..registry import METHODS, TASKS
 from ..teachers.sklearn import _estimators, estimator_size, fit_sklearn_teacher
 from ..train.checkpoint import write_json_atomic
 from ..train.loop import make_accelerator
 from .base import RunContext, Task
-from .classification import DataSpec, EvalSpec, ModelSpec, VariantSpec, _train_phase, seed_everything
+from .classification import DataSpec, EvalSpec, ModelSpec, VariantSpec, build_report, seed_everything, train_students
 
 
 class SklearnTeacherSpec(StrictModel):
@@ -97,50 +94,10 @@ def run_tabular(cfg: TabularConfig, ctx: RunContext) -> dict[str, Any]:
                                   min_prob=cfg.teacher.min_prob, **cfg.teacher.kwargs)
     teacher_secs = time.perf_counter() - t0
 
-    phases: list[tuple[str, MethodSpec, AugmentSpec | None]] = []
-    if cfg.baseline:
-        phases.append(("baseline", MethodSpec(name="none"), None))
-    phases.append(("student", cfg.method, cfg.augment))
-    phases += [(n, v.method, v.augment) for n, v in cfg.variants.items()]
-    trained: dict[str, tuple[torch.nn.Module, list[dict], float]] = {}
-    for name, mspec, aspec in phases:
-        needs_teacher = METHODS.get(mspec.name).needs_teacher
-        trained[name] = _train_phase(name, cfg=cfg, data=data, model_spec=cfg.student, train=cfg.train,
-                                     method_spec=mspec, augment_spec=aspec,
-                                     teacher=teacher if needs_teacher else None, accelerator=accelerator, ctx=ctx,
-                                     extra_meta={"method": mspec.model_dump(),
-                                                 "augment": aspec.model_dump() if aspec else None})
-
-    t_logits = teacher(data.x_test)
-    lat_x = data.x_test[: cfg.eval.latency_batch_size]
-    student_model = trained["student"][0]
-
-    def entry(model: torch.nn.Module, secs: float) -> dict[str, Any]:
-        logits = predict_logits(model, data.x_test)
-        return {"params": count_params(model), "metrics": classification_metrics(logits, data.y_test),
-                "train_seconds": secs, "agreement": agreement(logits, t_logits)}
-
+    trained = train_students(cfg, data, teacher, accelerator, ctx)
     teacher_entry = {"params": estimator_size(teacher.estimator), "params_kind": "tree nodes or coefficients",
-                     "metrics": classification_metrics(t_logits, data.y_test),
-                     "latency_ms": model_latency_ms(teacher, lat_x, cfg.eval.latency_repeats),
                      "model": cfg.teacher.model_dump(), "source": "fitted", "train_seconds": teacher_secs}
-    student_entry = {**entry(student_model, trained["student"][2]),
-                     "latency_ms": model_latency_ms(student_model, lat_x, cfg.eval.latency_repeats),
-                     "model": cfg.student.model_dump(), "augment": cfg.augment.model_dump() if cfg.augment else None}
-    report: dict[str, Any] = {
-        "recipe": cfg.name, "task": "tabular", "method": cfg.method.name, "seed": cfg.seed,
-        "data": data.summary(), "teacher": teacher_entry, "student": student_entry,
-        "agreement": student_entry["agreement"], "variants": {},
-    }
-    if cfg.baseline:
-        report["baseline"] = entry(*[trained["baseline"][i] for i in (0, 2)])
-    for name, v in cfg.variants.items():
-        report["variants"][name] = {**entry(trained[name][0], trained[name][2]), "method": v.method.model_dump(),
-                                    "augment": v.augment.model_dump() if v.augment else None}
-    report["latency_batch_size"] = int(lat_x.shape[0])
-    report["wall_seconds"] = time.perf_counter() - t_start
-    curves = {("student: " + cfg.method.name + (f" + {cfg.augment.name}" if cfg.augment else "")
-               if n == "student" else n): trained[n][1] for n in trained}
+    report, curves = build_report(cfg, data, "tabular", teacher, teacher_entry, trained, t_start)
     if accelerator.is_main_process:
         write_report(report, ctx.output, curves=curves)
     return report

@@ -36,12 +36,28 @@ Batch = dict[str, Any]
 Forward = Callable[[nn.Module, Batch], "Tensor | ModelOutput"]
 
 
+def _cache_accelerate_probes() -> None:
+    """Accelerate asks ``importlib`` whether the optional ``lomo_optim`` package exists inside every
+    ``backward`` and ``optimizer.step`` (uncached: ~0.1 ms of file-system probes per call, a visible share
+    of a small model's step). The answer cannot change within a process, so it is computed once."""
+    import functools
+
+    import accelerate.accelerator as acc_mod
+    import accelerate.optimizer as opt_mod
+
+    for mod in (acc_mod, opt_mod):
+        fn = getattr(mod, "is_lomo_available", None)
+        if fn is not None and not hasattr(fn, "cache_info"):
+            mod.is_lomo_available = functools.cache(fn)
+
+
 def make_accelerator(mixed_precision: str = "no", *, find_unused_parameters: bool = False):
     """An ``accelerate.Accelerator``. Accelerate keeps process-wide state; when a later run in the same
     process asks for another precision, that state is reset (never the process group)."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.state import AcceleratorState, GradientState
 
+    _cache_accelerate_probes()
     expect(mixed_precision in ("no", "bf16", "fp16"), "mixed_precision", mixed_precision, "'no', 'bf16' or 'fp16'")
     if mixed_precision == "fp16" and not torch.cuda.is_available():
         raise KDistillError("mixed_precision: got 'fp16' on a machine without CUDA; expected 'bf16' or 'no' on CPU.")
@@ -215,7 +231,7 @@ def fit(
     student.to(device)
     probe_batch = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in next(iter(train_loader)).items()}
     info = probe(student, method, probe_batch, student_forward, teacher_fn, len(train_loader.dataset),
-                 train_loader=train_loader, teacher_targets_fn=teacher_fn, **(setup_extra or {}))
+                 train_loader=train_loader, teacher_targets_fn=teacher_fn, device=device, **(setup_extra or {}))
     method.setup(info)
     method.to(device)
 
@@ -265,6 +281,8 @@ def fit(
     t0 = time.perf_counter()
     running: dict[str, Any] = {}
     check_finite = device.type == "cpu"  # a per-step check costs a host sync on accelerators
+    # fp32: no autocast context at all (entering Accelerate's costs a few microseconds per call)
+    autocast = accelerator.autocast if accelerator.mixed_precision != "no" else nullcontext
     running_steps = 0
     bar = None
     if progress and accelerator.is_main_process:
@@ -315,29 +333,30 @@ def fit(
                     continue
                 # ---- one optimizer step over the window --------------------------------------------
                 counts = [batch_count(b) for b in window]
-                n_global = torch.tensor(sum(counts), dtype=torch.float64, device=device)
+                n_global = float(sum(counts))
                 if world > 1:
-                    n_global = accelerator.reduce(n_global, "sum")
-                n_global = max(float(n_global), 1.0)
+                    n_global = float(accelerator.reduce(torch.tensor(n_global, dtype=torch.float64, device=device), "sum"))
+                n_global = max(n_global, 1.0)
                 step_terms: dict[str, Tensor] = {}
                 for i, mb in enumerate(window):
                     if augment is not None:
                         mb = augment(mb, aug_rng)
                     t_out = teacher_fn(mb)
                     sync = i == len(window) - 1  # only the last micro-batch all-reduces gradients
-                    with (nullcontext() if sync else accelerator.no_sync(step_module)), accelerator.autocast():
+                    with (nullcontext() if sync else accelerator.no_sync(step_module)), autocast():
                         losses = step_module(mb, t_out)
                         if not losses:
                             raise KDistillError(f"method {type(method).__name__} returned no loss terms.")
                         total = sum(losses.values())
                     if check_finite and not torch.isfinite(total):
                         raise _non_finite(phase, step, losses)
-                    accelerator.backward(total * (counts[i] * world / n_global))
+                    scale = counts[i] * world / n_global
+                    accelerator.backward(total if scale == 1.0 else total * scale)
                     # Detached tensors, not floats: no host sync per step (it would stall a GPU).
                     w = counts[i] / max(sum(counts), 1.0)
-                    for k, v in losses.items():
-                        step_terms[k] = step_terms.get(k, 0.0) + w * v.detach().float()
-                    step_terms["loss"] = step_terms.get("loss", 0.0) + w * total.detach().float()
+                    for k, v in (*losses.items(), ("loss", total)):
+                        v = v.detach() if w == 1.0 else w * v.detach()
+                        step_terms[k] = step_terms[k] + v if k in step_terms else v
                 if max_grad_norm is not None:
                     step_terms["grad_norm"] = accelerator.clip_grad_norm_(step_module.parameters(), max_grad_norm).detach().float()
                 opt.step()
@@ -346,7 +365,7 @@ def fit(
                 window = []
                 step += 1
                 for k, v in step_terms.items():
-                    running[k] = running.get(k, 0.0) + v
+                    running[k] = running[k] + v if k in running else v
                 running_steps += 1
                 for k, v in inner.method.pop_metrics().items():
                     running[k] = running.get(k, 0.0) + v
