@@ -49,17 +49,24 @@ def main() -> None:
     ds = TensorDictDataset(inputs=data.x_train, labels=data.y_train)
     acc = make_accelerator()
 
+    def batches(n: int):
+        """n batches of the training loader, starting a new epoch whenever one runs out."""
+        epoch, it = 0, iter(make_loader(ds, bs, seed=0))
+        for _ in range(n):
+            try:
+                yield next(it)
+            except StopIteration:
+                epoch += 1
+                it = iter(make_loader(ds, bs, seed=epoch))
+                yield next(it)
+
     def plain_student_steps(n: int) -> list[float]:
         student = build(cfg.student)
         opt = torch.optim.AdamW(student.parameters(), lr=cfg.train.lr)
-        times, it = [], iter(make_loader(ds, bs, seed=0))
+        times, src = [], batches(n)
         for _ in range(n):
             t = time.perf_counter()
-            try:
-                b = next(it)
-            except StopIteration:
-                it = iter(make_loader(ds, bs, seed=1))
-                b = next(it)
+            b = next(src)
             loss = F.cross_entropy(student(b["inputs"]), b["labels"])
             loss.backward()
             opt.step()
@@ -68,13 +75,8 @@ def main() -> None:
         return times
 
     def teacher_forwards(n: int) -> list[float]:
-        times, it = [], iter(make_loader(ds, bs, seed=0))
-        for _ in range(n):
-            try:
-                b = next(it)
-            except StopIteration:
-                it = iter(make_loader(ds, bs, seed=1))
-                b = next(it)
+        times = []
+        for b in batches(n):
             t = time.perf_counter()
             with torch.no_grad():
                 teacher(b["inputs"])
@@ -87,14 +89,10 @@ def main() -> None:
         opt = torch.optim.AdamW(student.parameters(), lr=cfg.train.lr)
         kw = cfg.variants["kd_plain"].method.kwargs if "kd_plain" in cfg.variants else {}
         T, alpha = kw.get("kd_temperature", 4.0), kw.get("alpha", 0.9)
-        times, it = [], iter(make_loader(ds, bs, seed=0))
+        times, src = [], batches(n)
         for _ in range(n):
             t = time.perf_counter()
-            try:
-                b = next(it)
-            except StopIteration:
-                it = iter(make_loader(ds, bs, seed=1))
-                b = next(it)
+            b = next(src)
             with torch.no_grad():
                 t_logits = teacher(b["inputs"])
             s_logits = student(b["inputs"])

@@ -22,3 +22,37 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# ---- a tiny random Llama served by `kdistill serve` over loopback (teachers/ and blackbox/ tests)
+
+_TINY_LABELS = ["animal", "plant", "food"]
+_TINY_TEXTS = [
+    "dog: a domesticated animal that barks", "oak: a tree that is a plant with acorns",
+    "bread: a food made from flour and water", "cat: a small animal kept as a pet",
+    "fern: a green plant without flowers", "cheese: a food made from milk",
+] * 10 + _TINY_LABELS
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory):
+    from kdistill.teachers.tiny import save_tiny_lm
+
+    return save_tiny_lm(tmp_path_factory.mktemp("tiny") / "tiny-llama", _TINY_TEXTS, vocab_size=300)
+
+
+@pytest.fixture
+def serve(tiny_lm_dir):
+    """serve(**create_app kwargs) -> running ServerHandle on 127.0.0.1:<free port>; stopped at teardown."""
+    from kdistill.teachers.tiny import serve_tiny
+
+    handles = []
+
+    def start(**kw):
+        h = serve_tiny(tiny_lm_dir, **kw)
+        handles.append(h)
+        return h
+
+    yield start
+    for h in handles:
+        h.stop()

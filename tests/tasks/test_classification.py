@@ -52,3 +52,10 @@ def test_baseline_and_students_start_from_the_same_weights(tmp_path):
 def test_reserved_variant_name_is_rejected():
     with pytest.raises(ConfigError, match="reserved"):
         load_config({**RECIPE, "variants": {"baseline": {"method": "hinton_kd"}}})
+
+
+def test_hard_augment_is_bound_by_the_runner(tmp_path):
+    rep = run({**RECIPE, "augment": {"name": "hard_augment", "kwargs": {"num_candidates": 2}}, "baseline": False,
+               "train": {"epochs": 1, "batch_size": 16, "lr": 0.01}}, output=tmp_path, progress=False, quiet=True)
+    assert rep["student"]["augment"]["name"] == "hard_augment"
+    assert 0 <= rep["student"]["metrics"]["accuracy"] <= 1

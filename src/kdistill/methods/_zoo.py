@@ -83,3 +83,27 @@ def teacher_pass(extra: dict[str, Any], layer: str, method: str):
                 keep = keep & batch["mask"].cpu()
             yield feats[keep], labels[keep], (out.logits[keep.to(out.logits.device)].float().cpu()
                                               if out.logits is not None else None)
+
+
+def kd_and_ce_terms(student: Any, teacher: Any, batch: dict[str, Any], *, kd_weight: float, kd_temperature: float,
+                    ce_weight: float, mask: Tensor | None) -> dict[str, Tensor]:
+    """The optional Hinton-KD (``T^2``-scaled) and label cross-entropy terms that feature methods add."""
+    from ..losses.logits import forward_kl
+    from ..losses.reduce import masked_mean
+    from .base import label_loss
+
+    out: dict[str, Tensor] = {}
+    if kd_weight > 0:
+        t = kd_temperature
+        out["kd"] = kd_weight * t * t * masked_mean(forward_kl(student.logits, teacher.logits, kd_temperature=t), mask)
+    if ce_weight > 0:
+        out["ce"] = ce_weight * label_loss(student.logits, batch)
+    return out
+
+
+def flat_size(shape: tuple[int, ...]) -> int:
+    """Number of features per example of a ``(B, ...)`` shape."""
+    n = 1
+    for d in shape[1:]:
+        n *= int(d)
+    return n

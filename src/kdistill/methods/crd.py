@@ -31,12 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..losses.logits import forward_kl
-from ..losses.reduce import masked_mean
 from ..losses.relations import contrastive_nce
 from ..registry import METHODS
-from ._zoo import feature, non_negative, positive, row_mask, select_rows
-from .base import Method, ModelOutput, SetupInfo, label_loss, require_teacher
+from ._zoo import feature, flat_size, kd_and_ce_terms, non_negative, positive, row_mask, select_rows
+from .base import Method, ModelOutput, SetupInfo, require_teacher
 
 
 class _Bank(nn.Module):
@@ -106,8 +104,8 @@ class CRD(Method):
         self.teacher_head: nn.Module | None = None
 
     def setup(self, info: SetupInfo) -> None:
-        s_dim = _flat(info.student_features[self.student_layers[0]])
-        t_dim = _flat(info.teacher_features[self.teacher_layers[0]])
+        s_dim = flat_size(info.student_features[self.student_layers[0]])
+        t_dim = flat_size(info.teacher_features[self.teacher_layers[0]])
         self.student_head = nn.Linear(s_dim, self.embed_dim)
         self.teacher_head = nn.Linear(t_dim, self.embed_dim)
         size = self.bank_size if info.num_train is None else min(self.bank_size, int(info.num_train))
@@ -156,17 +154,6 @@ class CRD(Method):
                 self.teacher_bank.push(zt)
                 self.student_bank.push(zs)
         out = {"crd": self.crd_weight * loss}
-        if self.kd_weight > 0:
-            tt = self.kd_temperature
-            out["kd"] = self.kd_weight * tt * tt * masked_mean(
-                forward_kl(student.logits, teacher.logits, kd_temperature=tt), mask)
-        if self.ce_weight > 0:
-            out["ce"] = self.ce_weight * label_loss(student.logits, batch)
+        out.update(kd_and_ce_terms(student, teacher, batch, kd_weight=self.kd_weight,
+                                   kd_temperature=self.kd_temperature, ce_weight=self.ce_weight, mask=mask))
         return out
-
-
-def _flat(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape[1:]:
-        n *= int(d)
-    return n

@@ -26,12 +26,12 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import KDistillError
-from ..losses.logits import forward_kl
 from ..losses.reduce import masked_mean
 from ..losses.relations import nd_loss
 from ..registry import METHODS
-from ._zoo import feature, labels_of, non_negative, positive, row_mask, teacher_pass
-from .base import Method, ModelOutput, SetupInfo, label_loss, require_teacher
+from ._zoo import (feature, flat_size, kd_and_ce_terms, labels_of, non_negative, positive, row_mask,
+                   teacher_pass)
+from .base import Method, ModelOutput, SetupInfo, require_teacher
 
 
 @METHODS.register("nd_loss")
@@ -54,7 +54,7 @@ class NDLoss(Method):
     def setup(self, info: SetupInfo) -> None:
         s_shape = info.student_features[self.student_layers[0]]
         t_shape = info.teacher_features[self.teacher_layers[0]]
-        s_dim, t_dim = _flat(s_shape), _flat(t_shape)
+        s_dim, t_dim = flat_size(s_shape), flat_size(t_shape)
         num_classes = info.num_classes or (info.teacher_logits[-1] if info.teacher_logits else None)
         if num_classes is None:
             raise KDistillError("nd_loss setup: got neither num_classes nor teacher_logits; expected one of them "
@@ -98,17 +98,6 @@ class NDLoss(Method):
             self.class_count.index_add_(0, labels[keep], torch.ones_like(labels[keep], dtype=torch.float64))
         nd = nd_loss(s, t, self.class_means().to(s.device), labels)
         out = {"nd": self.nd_weight * masked_mean(nd, mask)}
-        if self.kd_weight > 0:
-            tt = self.kd_temperature
-            out["kd"] = self.kd_weight * tt * tt * masked_mean(
-                forward_kl(student.logits, teacher.logits, kd_temperature=tt), mask)
-        if self.ce_weight > 0:
-            out["ce"] = self.ce_weight * label_loss(student.logits, batch)
+        out.update(kd_and_ce_terms(student, teacher, batch, kd_weight=self.kd_weight,
+                                   kd_temperature=self.kd_temperature, ce_weight=self.ce_weight, mask=mask))
         return out
-
-
-def _flat(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape[1:]:
-        n *= int(d)
-    return n
