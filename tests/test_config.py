@@ -68,3 +68,10 @@ def test_missing_recipe_file_and_builtin_names():
         load_config("does/not/exist.yaml")
     assert load_config("classic/mnist1d").name == "mnist1d_default"
     assert load_config().name == "mnist1d_default"  # the built-in default
+
+
+def test_errors_never_echo_a_secret():
+    secret = "sk-abcdef1234567890abcdef"
+    with pytest.raises(ConfigError) as e:
+        load_config("blackbox/wordnet_supersense", [f"teacher.api_key_env={secret}"])
+    assert secret not in str(e.value) and "redacted" in str(e.value) and "api_key_env" in str(e.value)

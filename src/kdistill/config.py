@@ -153,8 +153,19 @@ def _format_validation_error(err: ValidationError, model: type[BaseModel], sourc
             lines.append(f"- {loc}: required field is missing.")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"- {loc}: {msg} (got {got!r}).")
+            shown = _redact(str(e["loc"][-1]) if e["loc"] else "", got)
+            lines.append(f"- {loc}: {msg} (got {shown}).")
     return ConfigError("\n".join(lines))
+
+
+_SECRET_WORDS = ("key", "token", "secret", "password")
+
+
+def _redact(field: str, value: Any) -> str:
+    """Never echo what may be a credential: values of key/token/secret fields are shown as their length."""
+    if any(w in field.lower() for w in _SECRET_WORDS) and isinstance(value, str) and value:
+        return f"<redacted, {len(value)} characters>"
+    return repr(value)
 
 
 def _fields_at(model: type[BaseModel], loc: Sequence[Any]) -> list[str]:
