@@ -30,6 +30,7 @@ from ..teachers.api import APITeacher
 from ..teachers.tiny import build_tiny_lm
 from .data import TextData
 from .label import parse_label
+from ..models.classifiers import count_params
 
 RATIONALE_INSTRUCTION = ("Classify the text into exactly one of these categories: {labels}.\n"
                          "Text: {text}\n"
@@ -137,7 +138,7 @@ class RationaleStudent:
         return float((self.predict(texts) == np.asarray(labels)).mean()) if len(texts) else float("nan")
 
     def num_params(self) -> int:
-        return sum(p.numel() for p in self.model.parameters()) if self.model is not None else 0
+        return count_params(self.model) if self.model is not None else 0
 
 
 def rationales(data: TextData, teacher: APITeacher, *, max_tokens: int = 48, temperature: float = 0.0,

@@ -21,6 +21,7 @@ from ..methods.base import ModelOutput
 from ..methods.hinton_kd import HintonKD
 from ..models.classifiers import MLP
 from ..train.loop import fit, make_accelerator
+from ..models.classifiers import count_params
 
 
 def one_hot(labels: Sequence[int], num_classes: int) -> np.ndarray:
@@ -93,4 +94,4 @@ class TextStudent:
         return float((self.predict(texts) == np.asarray(labels)).mean())
 
     def num_params(self) -> int:
-        return 0 if self.model is None else sum(p.numel() for p in self.model.parameters())
+        return 0 if self.model is None else count_params(self.model)

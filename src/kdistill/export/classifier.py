@@ -16,6 +16,7 @@ from torch import nn
 from ..errors import KDistillError
 from ..registry import MODELS
 from ..train.checkpoint import load_state_dict, save_state_dict_atomic, write_json_atomic
+from ..models.classifiers import count_params
 
 FORMAT = "kdistill-classifier/1"
 
@@ -27,7 +28,7 @@ def save_classifier(directory: str | Path, model: nn.Module, *, model_name: str,
     save_state_dict_atomic(d / "model.safetensors", model.state_dict(), metadata={"format": FORMAT})
     write_json_atomic(d / "model.json", {
         "format": FORMAT, "model": model_name, "kwargs": model_kwargs, "input_shape": list(input_shape),
-        "num_classes": int(num_classes), "params": sum(p.numel() for p in model.parameters()), **(extra or {}),
+        "num_classes": int(num_classes), "params": count_params(model), **(extra or {}),
     })
     return d
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import KDistillError
+from ..models.classifiers import count_params
 
 
 def is_lm_folder(path: str | Path) -> bool:
@@ -46,5 +47,5 @@ def export_lm(source: str | Path, out: str | Path, *, probe_text: str = "In the 
     diff = float((model(input_ids=ids).logits - again(input_ids=ids2).logits).abs().max())
     if diff > 1e-5:
         raise KDistillError(f"export: reloaded model differs from the source (max |logit diff| {diff:.3g}).")
-    return {"source": str(src), "out": str(dst), "format": "huggingface", "params": sum(p.numel() for p in again.parameters()),
+    return {"source": str(src), "out": str(dst), "format": "huggingface", "params": count_params(again),
             "max_abs_logit_diff": diff}

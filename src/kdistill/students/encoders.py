@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import KDistillError, expect
+from ..models.classifiers import count_params  # noqa: F401  (re-exported)
 
 POOLING_MODES = ("mean", "cls")
 
@@ -354,5 +355,3 @@ def tiny_encoder(*, hidden_size: int = 32, num_layers: int = 4, num_heads: int =
                            max_seq_length=max_seq_length).eval()
 
 
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

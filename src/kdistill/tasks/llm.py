@@ -33,6 +33,7 @@ from ..registry import METHODS, TASKS
 from ..train.checkpoint import write_json_atomic
 from ..train.loop import fit, make_accelerator
 from .base import RunContext, Task
+from ..models.classifiers import count_params
 
 
 class LMTeacherSpec(StrictModel):
@@ -279,7 +280,7 @@ def _latency_ms(model: nn.Module, ids: Tensor, repeats: int = 5) -> float:
 
 
 def _params(model: nn.Module) -> int:
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return count_params(model)  # parameters() already yields tied weights (embeddings / LM head) once
 
 
 # ------------------------------------------------------------------------------------------------ run
