@@ -78,6 +78,28 @@ def train(model_spec, method_name: str, kwargs: dict, teacher, data, *, seed: in
     return acc, res.seconds / epochs, res.student
 
 
+def load_partial(path: Path, seeds: list[int], rerun: set[str]) -> tuple[dict, dict]:
+    """Measurements of an interrupted run (its ``.partial.json``), minus the methods named in ``rerun``.
+
+    Rows written before per-seed bookkeeping existed hold their seeds in run order (``seeds[:n]``).
+    """
+    try:
+        saved = json.loads(Path(path).read_text())
+        rows = saved["rows"]
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"--resume {path}: cannot read a partial benchmark file ({e}); expected the "
+                         "<out>.partial.json that an interrupted run leaves.") from e
+    kept = {}
+    for key, r in rows.items():
+        if key[: key.index("[")] in rerun:
+            continue
+        r.setdefault("seeds", seeds[: len(r["acc"])])
+        kept[key] = r
+    teacher_acc = {"cnn": [], "transformer1d": []}
+    teacher_acc.update(saved.get("teacher_test_accuracy", {}))
+    return kept, teacher_acc
+
+
 def summary(values: list[float]) -> dict[str, Any]:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "values": values}
@@ -89,11 +111,19 @@ def run_mnist1d(args) -> dict[str, Any]:
     variants = [False, True] if args.mixup == "both" else [False]
     rows: dict[str, dict[str, list[float]]] = {}
     teacher_acc: dict[str, list[float]] = {"cnn": [], "transformer1d": []}
+    if args.resume is not None:
+        rows, teacher_acc = load_partial(args.resume, args.seeds, set(args.rerun or ()))
+        print(f"resuming from {args.resume}: {sum(len(r['seeds']) for r in rows.values())} measurements kept",
+              file=sys.stderr, flush=True)
 
-    def add(key: str, acc: float, sec: float) -> None:
-        r = rows.setdefault(key, {"acc": [], "sec": []})
+    def done(key: str, seed: int) -> bool:
+        return seed in rows.get(key, {}).get("seeds", [])
+
+    def add(key: str, acc: float, sec: float, seed: int) -> None:
+        r = rows.setdefault(key, {"acc": [], "sec": [], "seeds": []})
         r["acc"].append(acc)
         r["sec"].append(sec)
+        r["seeds"].append(seed)
         if args.out is not None:  # a long run that is interrupted still leaves every finished measurement
             partial = args.out.with_suffix(".partial.json")
             partial.parent.mkdir(parents=True, exist_ok=True)
@@ -106,22 +136,31 @@ def run_mnist1d(args) -> dict[str, Any]:
         torch.manual_seed(1000 + seed)
         teachers["cnn"] = train(TEACHER, "none", {}, None, data, seed=1000 + seed, epochs=args.teacher_epochs,
                                 lr=3e-3, batch_size=args.batch_size, mixup=False)[2].eval()
-        teacher_acc["cnn"].append(accuracy(predict_logits(teachers["cnn"], data.x_test), data.y_test))
+        if len(teacher_acc["cnn"]) <= args.seeds.index(seed):
+            teacher_acc["cnn"].append(accuracy(predict_logits(teachers["cnn"], data.x_test), data.y_test))
         needed_students = {student_for(m) for m in args.methods} | {"mlp"}
         baselines = {}
         for st in sorted(needed_students):
             for mix in variants:
+                key = f"baseline[{st}]" + (" +mixup" if mix else "")
+                # the plain mlp baseline is gt_guided_self_distillation's teacher: retrained (same seed, same
+                # weights) when a resumed run already has its measurement
+                if done(key, seed) and (mix or st != "mlp" or "gt_guided_self_distillation" not in args.methods):
+                    continue
                 acc, sec, model = train(STUDENTS[st], "none", {}, None, data, seed=seed, epochs=args.epochs,
                                         lr=args.lr, batch_size=args.batch_size, mixup=mix)
-                add(f"baseline[{st}]" + (" +mixup" if mix else ""), acc, sec)
+                if not done(key, seed):
+                    add(key, acc, sec, seed)
                 if not mix:
                     baselines[st] = model.eval()
-        if "token_relation_graph" in args.methods:
+        if "token_relation_graph" in args.methods and not all(
+                done("token_relation_graph[transformer1d]" + sfx, seed) for sfx in [" +mixup" if m else "" for m in variants]):
             teachers["transformer1d"] = train(SEQ_TEACHER, "none", {}, None, data, seed=1000 + seed,
                                               epochs=args.teacher_epochs, lr=1e-3, batch_size=args.batch_size,
                                               mixup=False)[2].eval()
-            teacher_acc["transformer1d"].append(accuracy(predict_logits(teachers["transformer1d"], data.x_test),
-                                                         data.y_test))
+            if len(teacher_acc["transformer1d"]) <= args.seeds.index(seed):
+                teacher_acc["transformer1d"].append(
+                    accuracy(predict_logits(teachers["transformer1d"], data.x_test), data.y_test))
         for name in args.methods:
             st = student_for(name)
             kwargs = method_kwargs(name)
@@ -130,10 +169,12 @@ def run_mnist1d(args) -> dict[str, Any]:
             teacher = {"gt_guided_self_distillation": baselines["mlp"],
                        "token_relation_graph": teachers.get("transformer1d")}.get(name, teachers["cnn"])
             for mix in variants:
+                if done(f"{name}[{st}]" + (" +mixup" if mix else ""), seed):
+                    continue
                 t0 = time.perf_counter()
                 acc, sec, _ = train(STUDENTS[st], name, kwargs, teacher, data, seed=seed, epochs=args.epochs,
                                     lr=args.lr, batch_size=args.batch_size, mixup=mix)
-                add(f"{name}[{st}]" + (" +mixup" if mix else ""), acc, sec)
+                add(f"{name}[{st}]" + (" +mixup" if mix else ""), acc, sec, seed)
                 print(f"seed {seed} {name}[{st}]{' +mixup' if mix else ''}: acc {acc:.4f} "
                       f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
 
@@ -200,6 +241,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--mixup", choices=["none", "both"], default=None)
     p.add_argument("--tabular", action="store_true", help="also run the scikit-learn teacher experiment")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--resume", type=Path, default=None,
+                   help="keep the measurements of an interrupted run's <out>.partial.json and run only the rest")
+    p.add_argument("--rerun", nargs="+", default=None, help="with --resume: methods to measure again (code changed)")
     p.add_argument("--markdown", type=Path, default=None, help="also write the results table as Markdown")
     p.add_argument("--from-json", type=Path, default=None, help="only render --markdown from a saved JSON")
     args = p.parse_args(argv)

@@ -54,7 +54,7 @@ def test_neg_inf_logits_stay_finite_for_alpha_in_0_1():
 
 def test_method_adaptive_max_and_validation():
     s, t = torch.randn(4, 3), torch.randn(4, 3)
-    m = AlphaDivergenceKD(alpha=1.0, alpha_negative=-1.0, ce_weight=0.0)
+    m = AlphaDivergenceKD(alpha=1.0, alpha_negative=-1.0, ce_weight=0.0, importance_clip=None)
     out = m(ModelOutput(s), ModelOutput(t), {"labels": torch.zeros(4, dtype=torch.long)})
     expected = torch.maximum(alpha_divergence(s, t, alpha=1.0), alpha_divergence(s, t, alpha=-1.0)).mean()
     assert out["kd"].item() == pytest.approx(expected.item(), rel=1e-5)
@@ -67,3 +67,44 @@ def test_gradients_and_three_step_fit(zoo):
     zoo["assert_grads"](losses, s, t)
     res, t, before = zoo["fit3"](AlphaDivergenceKD(alpha=1.0, alpha_negative=-1.0))
     zoo["assert_fit_ok"](res, t, before)
+
+
+def test_importance_clip_inactive_matches_exact_value_and_gradient():
+    torch.manual_seed(0)
+    s, t = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
+    for a in (-1.0, 0.5, 2.0):
+        s1 = s.clone().requires_grad_(True)
+        exact = alpha_divergence(s1, t, alpha=a, kd_temperature=2.0)
+        exact.sum().backward()
+        s2 = s.clone().requires_grad_(True)
+        clipped = alpha_divergence(s2, t, alpha=a, kd_temperature=2.0, importance_clip=1e12)
+        clipped.sum().backward()
+        torch.testing.assert_close(clipped, exact, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(s2.grad.double(), s1.grad.double(), rtol=1e-4, atol=1e-6)
+
+
+def test_importance_clip_bounds_the_gradient_of_negative_alpha():
+    # a confident teacher that gives class 2 almost no mass; the student puts mass there
+    t = torch.tensor([[12.0, 0.0, -12.0]])
+    s = torch.tensor([[0.0, 0.0, 0.0]], requires_grad=True)
+    alpha_divergence(s, t, alpha=-1.0).sum().backward()
+    wild = s.grad.abs().max().item()
+    s.grad = None
+    alpha_divergence(s, t, alpha=-1.0, importance_clip=5.0).sum().backward()
+    tame = s.grad.abs().max().item()
+    assert wild > 1e8 and tame < 5.0
+    # the clipped gradient still points the student away from the class the teacher rules out
+    assert s.grad[0, 2] > 0
+    # clipped value: sum_c q_c (min(w_c, 5) - 1) / (a (a - 1)) with w = q / p_t for alpha = -1
+    q = torch.full((3,), 1 / 3.0)
+    p = torch.softmax(t[0], -1)
+    expected = (q * ((q / p).clamp(max=5.0) - 1)).sum() / 2.0
+    got = alpha_divergence(s.detach(), t, alpha=-1.0, importance_clip=5.0)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_importance_clip_validation():
+    with pytest.raises(KDistillError, match="importance_clip"):
+        alpha_divergence(torch.randn(2, 3), torch.randn(2, 3), alpha=-1.0, importance_clip=0.0)
+    with pytest.raises(KDistillError, match="importance_clip"):
+        AlphaDivergenceKD(importance_clip=-1.0)

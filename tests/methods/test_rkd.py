@@ -62,3 +62,32 @@ def test_gradients_and_three_step_fit(zoo):
     zoo["assert_grads"](losses, s, t)
     res, t, before = zoo["fit3"](RKD())
     zoo["assert_fit_ok"](res, t, before)
+
+
+def test_angle_matches_explicit_difference_vectors():
+    """The Gram / law-of-cosines form equals the definition on unit difference vectors (value and gradient),
+    including a duplicated point (zero difference vector: no direction, contributes cos 0, no NaN)."""
+    import torch.nn.functional as F
+
+    from kdistill.losses.relations import rkd_angle
+
+    def explicit(s, t):
+        def angles(x):
+            e = F.normalize(x.unsqueeze(0) - x.unsqueeze(1), p=2, dim=2)
+            return torch.bmm(e, e.transpose(1, 2))
+        return F.smooth_l1_loss(angles(s), angles(t), reduction="none").mean((0, 2))
+
+    torch.manual_seed(0)
+    s = torch.randn(9, 7, dtype=torch.float64)
+    s[3] = s[5]
+    t = torch.randn(9, 300, dtype=torch.float64) * 4 + 2
+    a = s.clone().requires_grad_(True)
+    b = s.clone().requires_grad_(True)
+    got, want = rkd_angle(a, t), explicit(b, t)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    got.sum().backward()
+    want.sum().backward()
+    assert torch.isfinite(a.grad).all()
+    keep = torch.ones(9, dtype=torch.bool)
+    keep[[3, 5]] = False  # F.normalize's eps gives the duplicate pair an arbitrary direction gradient
+    torch.testing.assert_close(a.grad[keep].double(), b.grad[keep], atol=1e-5, rtol=1e-4)

@@ -131,7 +131,12 @@ def standardized_kl(student_logits: Tensor, teacher_logits: Tensor, *, kd_temper
 
 
 def alpha_divergence(
-    student_logits: Tensor, teacher_logits: Tensor, *, alpha: float = 0.5, kd_temperature: float = 1.0
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    alpha: float = 0.5,
+    kd_temperature: float = 1.0,
+    importance_clip: float | None = None,
 ) -> Tensor:
     """Amari alpha-divergence ``D_alpha(p_t || p_s)``, shape ``logits.shape[:-1]``.
 
@@ -140,16 +145,31 @@ def alpha_divergence(
     ``alpha in {0, 1}``). ``alpha -> 1`` gives forward KL(p_t || p_s) and ``alpha -> 0`` reverse KL; both end
     points are returned exactly. AlphaNet (Wang et al., 2021, "AlphaNet: Improved Training of Supernets
     with Alpha-Divergence") and TODM (2023) use it for in-place supernet distillation.
+
+    ``importance_clip``: for ``alpha`` outside ``{0, 1}`` the gradient with respect to the student logits is
+    ``-(1 / alpha) sum_c p_s,c w_c grad log p_s,c`` with the importance weight ``w = (p_t / p_s)^alpha``. For
+    ``alpha < 0`` that weight is ``(p_s / p_t)^|alpha|``, unbounded wherever a confident teacher gives a class
+    almost no mass, and a few such rows dominate (or wreck) training. AlphaNet's remedy, used here when
+    ``importance_clip`` is set: clip ``w`` at that ceiling in both the value
+    (``sum_c p_s,c (min(w_c, clip) - 1) / (alpha (alpha - 1))``, equal to ``D_alpha`` while no weight is clipped)
+    and the gradient. The clipped form passes no gradient to the teacher logits (the teacher is frozen).
     """
     _check_pair(student_logits, teacher_logits, "alpha_divergence")
     if not math.isfinite(alpha):
         raise KDistillError(f"alpha_divergence alpha: got {alpha!r}, expected a finite number.")
+    if importance_clip is not None and not importance_clip > 0:
+        raise KDistillError(
+            f"alpha_divergence importance_clip: got {importance_clip!r}, expected a positive number or None "
+            "(no clipping)."
+        )
     lt = log_probs(teacher_logits, kd_temperature)
     ls = log_probs(student_logits, kd_temperature)
     if alpha == 1.0:
         return kl_from_log_probs(lt, ls)
     if alpha == 0.0:
         return kl_from_log_probs(ls, lt)
+    if importance_clip is not None:
+        return _clipped_alpha_divergence(ls, lt.detach(), alpha, float(importance_clip))
     # float64 from the logits on: the fp32 rounding of log p (~1e-7) would be divided by alpha (alpha - 1)
     lt64 = F.log_softmax(teacher_logits.double() / kd_temperature, dim=-1)
     ls64 = F.log_softmax(student_logits.double() / kd_temperature, dim=-1)
@@ -158,6 +178,21 @@ def alpha_divergence(
     mix = torch.where(torch.isnan(mix), torch.full_like(mix, float("-inf")), mix)
     s = torch.expm1(torch.logsumexp(mix, dim=-1))
     return (s / (alpha * (alpha - 1.0))).float()
+
+
+def _clipped_alpha_divergence(ls: Tensor, lt: Tensor, alpha: float, clip: float) -> Tensor:
+    """Value and gradient of ``D_alpha`` with the importance weight ``(p_t / p_s)^alpha`` clipped at ``clip``."""
+    ls_d = ls.detach()
+    log_w = alpha * (lt - ls_d)
+    # 0 * inf (a class both distributions exclude) carries no weight
+    log_w = torch.where(torch.isnan(log_w), torch.full_like(log_w, float("-inf")), log_w)
+    w = log_w.clamp(max=math.log(clip)).exp()
+    q = ls_d.exp()
+    value = (q * (w - 1.0)).sum(-1) / (alpha * (alpha - 1.0))
+    # surrogate whose gradient is -(1/alpha) sum_c q_c w_c grad log q_c (sum_c q_c grad log q_c = 0)
+    coef = torch.nan_to_num(q * w, nan=0.0, posinf=0.0)
+    surrogate = -(coef * torch.nan_to_num(ls, neginf=0.0)).sum(-1) / alpha
+    return value + (surrogate - surrogate.detach())
 
 
 # ---------------------------------------------------------------------------------------------- Sinkhorn

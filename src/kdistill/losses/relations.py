@@ -103,8 +103,19 @@ def rkd_angle(student_features: Tensor, teacher_features: Tensor) -> Tensor:
     t = teacher_features.float().flatten(1)
 
     def angles(x: Tensor) -> Tensor:
-        e = F.normalize(x.unsqueeze(0) - x.unsqueeze(1), p=2, dim=2)  # e[j, i] = unit(x_i - x_j)
-        return torch.bmm(e, e.transpose(1, 2))  # [j, i, k] = cos of the angle at j
+        # [j, i, k] = cos of the angle at j between x_i - x_j and x_k - x_j, by the law of cosines from squared
+        # pairwise distances: (B, B, B) work instead of materialising the (B, B, D) difference vectors (D is
+        # often thousands for flattened feature maps). Distances in float64 (centred Gram) against cancellation.
+        x = x.double()
+        x = x - x.mean(0, keepdim=True)
+        g = x @ x.T
+        diag = g.diagonal()
+        sq = (diag.unsqueeze(0) + diag.unsqueeze(1) - 2 * g).clamp_min(0.0)  # |x_i - x_j|^2
+        # 1 / |x_i - x_j|, 0 on the diagonal (a zero vector has no direction; no NaN gradient through sqrt(0))
+        inv = torch.where(sq > 1e-24, sq.clamp_min(1e-24).rsqrt(), torch.zeros_like(sq)).float()
+        sq = sq.float()
+        dots = 0.5 * (sq.unsqueeze(2) + sq.unsqueeze(1) - sq.unsqueeze(0))  # [j, i, k] = <x_i - x_j, x_k - x_j>
+        return dots * inv.unsqueeze(2) * inv.unsqueeze(1)
 
     huber = F.smooth_l1_loss(angles(s), angles(t), reduction="none")  # (B, B, B), indexed [j, i, k]
     return huber.mean((0, 2))  # anchor row i

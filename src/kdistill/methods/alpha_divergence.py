@@ -10,9 +10,12 @@ Deploy Many Efficient Supernet-Based RNN-T Compression For On-device ASR Models"
 ``alpha -> 1`` is forward KL (mean-seeking, what ``hinton_kd`` uses), ``alpha -> 0`` reverse KL
 (mode-seeking); alpha > 1 penalises a student that under-estimates the teacher more, alpha < 0 one that
 over-estimates. With ``alpha_negative`` set, the per-example loss is AlphaNet's
-``max(D_alpha_negative, D_alpha)``, which guards against both failure modes at once (AlphaNet also clips
-the importance ratio p_t / p_s; that clipping is not implemented here). When to use: students that are
-much smaller than the teacher (supernet sub-networks), where forward KL over-spreads the student.
+``max(D_alpha_negative, D_alpha)``, which guards against both failure modes at once. As in AlphaNet, the
+importance weight ``(p_t / p_s)^alpha`` is clipped at ``importance_clip`` (default 5; ``None`` turns it
+off): for alpha < 0 it is unbounded wherever a confident teacher gives a class almost no mass, and
+without the clip the adaptive loss collapsed an MLP student on MNIST-1D to 23% test accuracy (teacher
+98%). When to use: students that are much smaller than the teacher (supernet sub-networks), where
+forward KL over-spreads the student.
 """
 
 from __future__ import annotations
@@ -37,9 +40,13 @@ class AlphaDivergenceKD(Method):
     cacheable = True
 
     def __init__(self, alpha: float = 1.0, alpha_negative: float | None = None, kd_temperature: float = 1.0,
-                 kd_weight: float = 1.0, ce_weight: float = 1.0) -> None:
+                 kd_weight: float = 1.0, ce_weight: float = 1.0,
+                 importance_clip: float | None = 5.0) -> None:
         super().__init__()
         positive("alpha_divergence", kd_temperature=kd_temperature)
+        if importance_clip is not None:
+            positive("alpha_divergence", importance_clip=importance_clip)
+        self.importance_clip = None if importance_clip is None else float(importance_clip)
         non_negative("alpha_divergence", kd_weight=kd_weight, ce_weight=ce_weight)
         if alpha_negative is not None:
             expect(alpha_negative < alpha, "alpha_divergence alpha_negative", alpha_negative,
@@ -51,9 +58,12 @@ class AlphaDivergenceKD(Method):
     def forward(self, student: ModelOutput, teacher: ModelOutput | None, batch: dict[str, Any]) -> dict[str, Tensor]:
         teacher = require_teacher("alpha_divergence", teacher)
         t = self.kd_temperature
-        div = alpha_divergence(student.logits, teacher.logits, alpha=self.alpha, kd_temperature=t)
+        clip = self.importance_clip
+        div = alpha_divergence(student.logits, teacher.logits, alpha=self.alpha, kd_temperature=t,
+                               importance_clip=clip)
         if self.alpha_negative is not None:
-            neg = alpha_divergence(student.logits, teacher.logits, alpha=self.alpha_negative, kd_temperature=t)
+            neg = alpha_divergence(student.logits, teacher.logits, alpha=self.alpha_negative, kd_temperature=t,
+                                   importance_clip=clip)
             div = torch.maximum(div, neg)
         out = {"kd": self.kd_weight * t * t * masked_mean(div, row_mask(batch))}
         if self.ce_weight > 0:
