@@ -1,7 +1,11 @@
 """Benchmark of the classic-KD method zoo: every method x several seeds, mean ± std of test accuracy.
 
-Setting (MNIST-1D): a CNN teacher (width 64, depth 4) trained per seed, distilled into a small MLP
-student (width 128, depth 2); the same student trained alone is the baseline. Every method uses the
+Settings (``--setting``): ``mnist1d_mlp`` (default) — MNIST-1D, a CNN teacher (width 64, depth 4) trained
+per seed, distilled into a small MLP student (width 128, depth 2), 100 epochs; ``mnist1d_cnn`` — the same
+teacher into a small CNN (width 16, depth 3), 30 epochs; ``fashion_cnn`` — Fashion-MNIST (4,000 of the training
+images; the full 10,000-image test set), a CNN teacher (width 32, depth 4, 15 epochs) into a small CNN
+(width 16, depth 3), 10 epochs, lr 3e-3. In every setting
+the same student trained alone is the baseline. Every method uses the
 hyper-parameters of its recipe ``recipes/classic/<method>.yaml`` (taken from the papers; nothing is tuned
 on the test split) and the same training budget. Methods that need what an MLP student does not have
 are run on the student that fits them and marked so: ``attention_transfer`` (conv feature maps) on a
@@ -13,6 +17,7 @@ scikit-learn teacher experiment (HistGradientBoosting -> MLP on breast_cancer / 
 
     python benchmarks/classic.py --quick                 # a few minutes on 2 CPU cores
     python benchmarks/classic.py --out docs/classic.json # the full run (hours on CPU)
+    python benchmarks/classic.py --setting fashion_cnn --out docs/classic_fashion.json
 
 Prints one JSON document (and writes it to ``--out`` when given).
 """
@@ -51,6 +56,22 @@ STUDENTS = {"mlp": ("mlp", {"width": 128, "depth": 2}), "cnn_small": ("cnn", {"w
 SEQ_TEACHER = ("transformer1d", {"dim": 64, "depth": 4, "heads": 4, "patch_size": 4})
 
 
+# Benchmark settings. ``student`` is the default student; ``student_for`` overrides it per method (a method
+# that needs what the default student lacks); ``skip`` lists methods that have no meaning in the setting.
+SETTINGS: dict[str, dict[str, Any]] = {
+    "mnist1d_mlp": {"dataset": ("mnist1d", {"num_samples": 10000}), "teacher": TEACHER, "teacher_lr": 3e-3,
+                    "student": "mlp", "student_for": {"attention_transfer": "cnn_small",
+                                                      "token_relation_graph": "transformer1d"},
+                    "skip": [], "epochs": 100, "teacher_epochs": 30, "lr": 2e-3},
+    "mnist1d_cnn": {"dataset": ("mnist1d", {"num_samples": 10000}), "teacher": TEACHER, "teacher_lr": 3e-3,
+                    "student": "cnn_small", "student_for": {}, "skip": ["token_relation_graph"],
+                    "epochs": 30, "teacher_epochs": 30, "lr": 2e-3},
+    "fashion_cnn": {"dataset": ("fashion_mnist", {"num_train": 4000}), "teacher": ("cnn", {"width": 32, "depth": 4}),
+                    "teacher_lr": 3e-3, "student": "cnn_small", "student_for": {}, "skip": ["token_relation_graph"],
+                    "epochs": 10, "teacher_epochs": 15, "lr": 3e-3},
+}
+
+
 def method_kwargs(name: str) -> dict[str, Any]:
     if name == "hinton_kd":
         return {"kd_temperature": 4.0, "alpha": 0.9}
@@ -58,8 +79,9 @@ def method_kwargs(name: str) -> dict[str, Any]:
     return dict(recipe["method"].get("kwargs", {}))
 
 
-def student_for(name: str) -> str:
-    return {"attention_transfer": "cnn_small", "token_relation_graph": "transformer1d"}.get(name, "mlp")
+def student_for(name: str, setting: str = "mnist1d_mlp") -> str:
+    cfg = SETTINGS[setting]
+    return cfg["student_for"].get(name, cfg["student"])
 
 
 def train(model_spec, method_name: str, kwargs: dict, teacher, data, *, seed: int, epochs: int, lr: float,
@@ -105,8 +127,10 @@ def summary(values: list[float]) -> dict[str, Any]:
             "values": values}
 
 
-def run_mnist1d(args) -> dict[str, Any]:
-    data = load_dataset("mnist1d", num_samples=args.num_samples)
+def run_setting(args) -> dict[str, Any]:
+    setting = SETTINGS[args.setting]
+    data = load_dataset(setting["dataset"][0], **setting["dataset"][1])
+    teacher_spec, default_student = setting["teacher"], setting["student"]
     n_steps = -(-len(data.y_train) // args.batch_size) * args.epochs
     variants = [False, True] if args.mixup == "both" else [False]
     rows: dict[str, dict[str, list[float]]] = {}
@@ -134,18 +158,19 @@ def run_mnist1d(args) -> dict[str, Any]:
     for seed in args.seeds:
         teachers = {}
         torch.manual_seed(1000 + seed)
-        teachers["cnn"] = train(TEACHER, "none", {}, None, data, seed=1000 + seed, epochs=args.teacher_epochs,
-                                lr=3e-3, batch_size=args.batch_size, mixup=False)[2].eval()
+        teachers["cnn"] = train(teacher_spec, "none", {}, None, data, seed=1000 + seed, epochs=args.teacher_epochs,
+                                lr=setting["teacher_lr"], batch_size=args.batch_size, mixup=False)[2].eval()
         if len(teacher_acc["cnn"]) <= args.seeds.index(seed):
             teacher_acc["cnn"].append(accuracy(predict_logits(teachers["cnn"], data.x_test), data.y_test))
-        needed_students = {student_for(m) for m in args.methods} | {"mlp"}
+        needed_students = {student_for(m, args.setting) for m in args.methods} | {default_student}
         baselines = {}
         for st in sorted(needed_students):
             for mix in variants:
                 key = f"baseline[{st}]" + (" +mixup" if mix else "")
                 # the plain mlp baseline is gt_guided_self_distillation's teacher: retrained (same seed, same
                 # weights) when a resumed run already has its measurement
-                if done(key, seed) and (mix or st != "mlp" or "gt_guided_self_distillation" not in args.methods):
+                if done(key, seed) and (mix or st != default_student
+                                        or "gt_guided_self_distillation" not in args.methods):
                     continue
                 acc, sec, model = train(STUDENTS[st], "none", {}, None, data, seed=seed, epochs=args.epochs,
                                         lr=args.lr, batch_size=args.batch_size, mixup=mix)
@@ -162,11 +187,11 @@ def run_mnist1d(args) -> dict[str, Any]:
                 teacher_acc["transformer1d"].append(
                     accuracy(predict_logits(teachers["transformer1d"], data.x_test), data.y_test))
         for name in args.methods:
-            st = student_for(name)
+            st = student_for(name, args.setting)
             kwargs = method_kwargs(name)
             if name == "dkd":
                 kwargs["warmup_steps"] = int(0.2 * n_steps)  # the recipe's 20 % of training, at this budget
-            teacher = {"gt_guided_self_distillation": baselines["mlp"],
+            teacher = {"gt_guided_self_distillation": baselines[default_student],
                        "token_relation_graph": teachers.get("transformer1d")}.get(name, teachers["cnn"])
             for mix in variants:
                 if done(f"{name}[{st}]" + (" +mixup" if mix else ""), seed):
@@ -213,14 +238,14 @@ def run_tabular(args) -> dict[str, Any]:
 
 def markdown(report: dict[str, Any]) -> str:
     """The MNIST-1D results as a Markdown table (mean ± std over seeds), best first within each student."""
-    cfg, res = report["config"], report["mnist1d"]["results"]
-    lines = [f"MNIST-1D ({cfg['num_samples']} samples), seeds {cfg['seeds']}, {cfg['epochs']} student epochs, "
-             f"teacher {cfg['teacher'][0]} {cfg['teacher'][1]} ({cfg['teacher_epochs']} epochs)"
-             + (" — quick mode" if report.get("quick") else ""), ""]
-    for name, s in report["mnist1d"]["teacher_test_accuracy"].items():
+    cfg, res = report["config"], report["results"]["results"]
+    lines = [f"{report['setting']}: {cfg['dataset'][0]} {cfg['dataset'][1]}, seeds {cfg['seeds']}, "
+             f"{cfg['epochs']} student epochs, teacher {cfg['teacher'][0]} {cfg['teacher'][1]} "
+             f"({cfg['teacher_epochs']} epochs)" + (" — quick mode" if report.get("quick") else ""), ""]
+    for name, s in report["results"]["teacher_test_accuracy"].items():
         lines.append(f"- teacher {name}: {s['mean']:.4f} ± {s['std']:.4f}")
-    lines += ["", "| method [student] | test accuracy (mean ± std) | vs baseline | time/epoch vs baseline |",
-              "|---|---|---|---|"]
+    lines += ["", "| method [student] | seeds | test accuracy (mean ± std) | vs baseline | time/epoch vs baseline |",
+              "|---|---:|---|---:|---:|"]
 
     def base_of(key: str) -> dict[str, Any]:
         st = key[key.index("[") + 1: key.index("]")]
@@ -228,14 +253,18 @@ def markdown(report: dict[str, Any]) -> str:
 
     for key in sorted(res, key=lambda k: (k[k.index("["):], -res[k]["test_accuracy"]["mean"])):
         a, b = res[key]["test_accuracy"], base_of(key)["test_accuracy"]
-        lines.append(f"| {key} | {a['mean']:.4f} ± {a['std']:.4f} | {(a['mean'] - b['mean']) * 100:+.1f} pts | "
+        lines.append(f"| {key} | {len(a['values'])} | {a['mean']:.4f} ± {a['std']:.4f} | "
+                     f"{(a['mean'] - b['mean']) * 100:+.1f} pts | "
                      f"{res[key]['time_vs_baseline']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="reduced run: fewer samples, epochs and seeds")
+    p.add_argument("--setting", choices=sorted(SETTINGS), default="mnist1d_mlp",
+                   help="data, teacher and student: MNIST-1D -> MLP (and the methods' own students), "
+                        "MNIST-1D -> small CNN, Fashion-MNIST -> tiny CNN")
+    p.add_argument("--quick", action="store_true", help="reduced run: less data, fewer epochs, plain only")
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument("--methods", nargs="+", default=None, choices=ZOO)
     p.add_argument("--mixup", choices=["none", "both"], default=None)
@@ -255,26 +284,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(text)
         return report
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    if args.quick:
-        defaults = dict(seeds=[0, 1, 2], num_samples=2000, epochs=5, teacher_epochs=8, mixup="none",
-                        tabular_epochs=20)
-    else:
-        defaults = dict(seeds=[0, 1, 2], num_samples=10000, epochs=100, teacher_epochs=30, mixup="both",
-                        tabular_epochs=200)
-    args.seeds = args.seeds or defaults["seeds"]
-    args.mixup = args.mixup or defaults["mixup"]
-    args.methods = args.methods or ZOO
-    args.num_samples, args.epochs = defaults["num_samples"], defaults["epochs"]
-    args.teacher_epochs, args.tabular_epochs = defaults["teacher_epochs"], defaults["tabular_epochs"]
-    args.batch_size, args.lr = 128, 2e-3
+    setting = SETTINGS[args.setting]
+    args.seeds = args.seeds or [0, 1, 2]
+    args.methods = [m for m in (args.methods or ZOO) if m not in setting["skip"]]
+    args.epochs, args.teacher_epochs, args.lr = setting["epochs"], setting["teacher_epochs"], setting["lr"]
+    args.batch_size, args.tabular_epochs = 128, 200
+    args.mixup = args.mixup or ("none" if args.quick else "both")
+    if args.quick:  # a few minutes: less data, fewer epochs, plain only
+        size_key = "num_samples" if setting["dataset"][0] == "mnist1d" else "num_train"
+        setting = {**setting, "dataset": (setting["dataset"][0], {**setting["dataset"][1], size_key: 2000})}
+        SETTINGS[args.setting] = setting
+        args.epochs, args.teacher_epochs, args.tabular_epochs = 5, 8, 20
     t0 = time.perf_counter()
     report: dict[str, Any] = {
-        "benchmark": "classic", "quick": bool(args.quick),
-        "config": {"dataset": "mnist1d", "num_samples": args.num_samples, "seeds": args.seeds, "epochs": args.epochs,
-                   "teacher_epochs": args.teacher_epochs, "teacher": list(TEACHER), "students": STUDENTS,
-                   "batch_size": args.batch_size, "lr": args.lr, "mixup": args.mixup,
-                   "torch": torch.__version__, "threads": torch.get_num_threads()},
-        "mnist1d": run_mnist1d(args),
+        "benchmark": "classic", "quick": bool(args.quick), "setting": args.setting,
+        "config": {"dataset": setting["dataset"], "seeds": args.seeds, "epochs": args.epochs,
+                   "teacher_epochs": args.teacher_epochs, "teacher": list(setting["teacher"]),
+                   "student": setting["student"], "students": STUDENTS, "batch_size": args.batch_size,
+                   "lr": args.lr, "mixup": args.mixup, "torch": torch.__version__,
+                   "threads": torch.get_num_threads()},
+        "results": run_setting(args),
     }
     if args.tabular:
         report["tabular"] = run_tabular(args)

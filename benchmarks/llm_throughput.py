@@ -17,8 +17,15 @@ Prints one JSON object::
 The pair is a Llama-style teacher (hidden 256, 6 layers, vocabulary 8192) and a smaller student (hidden
 128, 2 layers, same vocabulary), batch 8 x 128 tokens. The four measurements are interleaved round by
 round (so slow drifts of a shared CPU hit all of them alike) and the median over rounds is reported.
-The ``--peers`` comparison with TRL's ``GKDTrainer`` asked for in issue 4 is not implemented yet (TRL is
-not installed here, and an unverified code path is worse than none).
+
+``--peers`` adds ``trl_step_ms``: one optimizer step of TRL's ``GKDTrainer`` (``trl.experimental.gkd``;
+``pip install trl``, an optional benchmark dependency) on the same pair, batch and tokens, with
+``lmbda = 0`` (no student generation: the same off-policy setting as ``kd_step``), ``beta = 0``, AdamW,
+no gradient accumulation, dropout off. Each round runs ``trainer.train()`` for one step after the round's
+kdistill measurements, and a ``TrainerCallback`` times the step from ``on_step_begin`` to ``on_step_end``
+(forward, loss, backward, optimizer and scheduler step; data collation happens before ``on_step_begin``
+and is not counted). ``trl_ratio = trl_step / (student_step + teacher_forward)`` is the same limit as
+``overhead_ratio``.
 """
 
 from __future__ import annotations
@@ -40,7 +47,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--length", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--peers", action="store_true", help="also time TRL's GKDTrainer (needs `pip install trl`)")
     args = ap.parse_args()
+    trl_step = make_trl_step(args) if args.peers else None
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -104,20 +113,82 @@ def main() -> None:
     for fn in fns.values():  # warm-up
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
+    if trl_step is not None:
+        trl_step(teacher, student, batch)  # warm-up
+        times["trl_step_ms"] = []
     for _ in range(args.rounds):
         for k, fn in fns.items():
             t = time.perf_counter()
             fn()
             times[k].append((time.perf_counter() - t) * 1e3)
+        if trl_step is not None:
+            times["trl_step_ms"].append(trl_step(teacher, student, batch))
     med = {k: statistics.median(v) for k, v in times.items()}
     out = {k: round(v, 2) for k, v in med.items()}
     out["overhead_ratio"] = round(med["kd_step_ms"] / (med["student_step_ms"] + med["teacher_forward_ms"]), 4)
     out["cached_ratio"] = round(med["cached_step_ms"] / med["student_step_ms"], 4)
+    if trl_step is not None:
+        import trl
+
+        out["trl_ratio"] = round(med["trl_step_ms"] / (med["student_step_ms"] + med["teacher_forward_ms"]), 4)
+        out["trl_version"] = trl.__version__
     out.update({"tokens_per_step": args.batch * args.length, "vocab": V, "rounds": args.rounds,
                 "teacher_params": sum(p.numel() for p in teacher.parameters()),
                 "student_params": sum(p.numel() for p in student.parameters()),
                 "threads": torch.get_num_threads()})
     print(json.dumps(out))
+
+
+def make_trl_step(args):
+    """A function ``(teacher, student, batch) -> ms`` that runs one GKDTrainer step on ``batch``."""
+    try:
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
+    except ImportError as e:
+        raise SystemExit(f"--peers needs TRL's GKDTrainer ({e}); install it with `pip install trl`.") from e
+    import tempfile
+
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+    from kdistill.teachers.tiny import train_tokenizer
+
+    # GKDTrainer only reads the tokenizer's pad id (for generation, unused at lmbda = 0)
+    tokenizer = train_tokenizer(["in the beginning was the word"] * 4, vocab_size=300)
+    out_dir = tempfile.mkdtemp(prefix="kdistill_trl_")
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.ms: list[float] = []
+            self.t0 = 0.0
+
+        def on_step_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            self.ms.append((time.perf_counter() - self.t0) * 1e3)
+
+    state: dict = {}
+
+    def step(teacher, student, batch) -> float:
+        if "trainer" not in state:
+            n = batch["input_ids"].shape[0]
+            rows = Dataset.from_dict({"row": list(range(n))})
+            fixed = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                     "labels": batch["input_ids"].clone()}  # GKDTrainer shifts labels itself
+            cfg = GKDConfig(output_dir=out_dir, per_device_train_batch_size=n, gradient_accumulation_steps=1,
+                            max_steps=1, lmbda=0.0, beta=0.0, temperature=2.0, learning_rate=1e-5,
+                            lr_scheduler_type="constant", logging_steps=10_000, save_strategy="no", report_to=[],
+                            use_cpu=True, bf16=False, fp16=False, disable_dropout=True, dataloader_num_workers=0, disable_tqdm=True,
+                            max_length=batch["input_ids"].shape[1])
+            timer = StepTimer()
+            state["timer"] = timer
+            state["trainer"] = GKDTrainer(model=student, teacher_model=teacher, args=cfg, train_dataset=rows,
+                                          data_collator=lambda _rows: dict(fixed), processing_class=tokenizer,
+                                          callbacks=[timer])
+        state["trainer"].train()
+        return state["timer"].ms[-1]
+
+    return step
 
 
 if __name__ == "__main__":
