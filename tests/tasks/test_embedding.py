@@ -73,3 +73,22 @@ def test_static_least_squares_projection_moves_student_towards_teacher():
     assert cos["least_squares"] > cos["identity"] + 0.1
     with pytest.raises(Exception, match="projection_init"):
         build_static(teacher, corpus=corpus, dim=8, projection=True, projection_init="pca")
+
+
+def test_quantize_stage_reports_pq_retrieval_and_saves_codebooks(tmp_path):
+    from kdistill.api import run
+    from kdistill.train.checkpoint import load_state_dict
+
+    cfg = {**TINY, "quantize": {"num_subspaces": 8, "num_centroids": 16, "kmeans_iters": 5, "epochs": 2,
+                                "batch_size": 64}, "export": {"sentence_transformers": False}}
+    report = run(cfg, output=tmp_path, progress=False, quiet=True)
+    q = report["quantization"]
+    assert q["bytes_per_vector"] == 8 and q["dense_bytes_per_vector"] == 4 * 32 and q["compression"] == 16.0
+    for key in ("dense", "kmeans", "distill_vq"):
+        assert 0.0 <= q[key]["recall_at_1"] <= q[key]["recall_at_10"] <= 1.0
+    assert q["kmeans"]["reconstruction_mse"] > 0 and q["distill_vq_training"]["steps"] == 2 * 4  # 200 / 64
+    assert q["dense"]["recall_at_1"] == pytest.approx(report["student"]["metrics"]["recall_at_1"])
+    assert load_state_dict(tmp_path / "pq.safetensors")["codebooks"].shape == (8, 16, 4)
+    assert "Product quantisation" in (tmp_path / "report.md").read_text()
+    with pytest.raises(ConfigError, match="num_subspace"):
+        load_config({**TINY, "quantize": {"num_subspace": 8}})

@@ -143,6 +143,21 @@ class ExportSpec(StrictModel):
     onnx: bool = False
 
 
+class QuantizeSpec(StrictModel):
+    """Optional product quantisation of the student's embeddings (``modules/quantization.py``): k-means
+    codebooks, then (``distill: true``) Distill-VQ training of the codebooks against the teacher's in-batch
+    scores. The report compares dense, k-means-PQ and Distill-VQ retrieval at ``bytes_per_vector``."""
+
+    num_subspaces: int = 32
+    num_centroids: int = 256
+    kmeans_iters: int = 25
+    distill: bool = True
+    epochs: int = 3
+    batch_size: int = 256
+    lr: float = 1e-3
+    kd_temperature: float = 0.05
+
+
 class EmbeddingConfig(StrictModel):
     task: Literal["embedding"] = "embedding"
     name: str = "embedding"
@@ -156,6 +171,7 @@ class EmbeddingConfig(StrictModel):
     train: TrainSpec = TrainSpec(epochs=1, batch_size=64, lr=1e-4, warmup_steps=20)
     eval: EmbeddingEvalSpec = EmbeddingEvalSpec()
     export: ExportSpec = ExportSpec()
+    quantize: QuantizeSpec | None = None
 
     @model_validator(mode="after")
     def _check(self) -> EmbeddingConfig:
@@ -299,6 +315,9 @@ def run_embedding(cfg: EmbeddingConfig, ctx: RunContext) -> dict[str, Any]:
     report["student"] = s_entry
     report["agreement"] = {k: s_entry["metrics"][k] for k in ("spearman_vs_teacher", "cosine_to_teacher")}
 
+    if cfg.quantize is not None:
+        report["quantization"] = quantize_student(cfg, student, teacher, sentences, test, t_r1, ctx.output)
+
     if cfg.export.sentence_transformers:
         path = save_sentence_transformer(student, ctx.output / "student",
                                          metadata={"recipe": cfg.name, "teacher": cfg.teacher})
@@ -312,6 +331,40 @@ def run_embedding(cfg: EmbeddingConfig, ctx: RunContext) -> dict[str, Any]:
     return report
 
 
+def quantize_student(cfg: EmbeddingConfig, student: Any, teacher: SentenceEncoder, sentences: list[str],
+                     test: list[Pair], teacher_r1: float, output: Path) -> dict[str, Any]:
+    """Product-quantise the student's candidate embeddings: k-means codebooks, then Distill-VQ; retrieval with
+    dense queries against decoded candidates. Codebooks saved to ``<output>/pq.safetensors``."""
+    from ..modules.quantization import ProductQuantizer, train_distill_vq
+
+    q = cfg.quantize
+    bs = cfg.eval.batch_size
+    with torch.no_grad():
+        s_train = student.encode(sentences, bs)
+        s_q, s_c = student.encode([p.query for p in test], bs), student.encode([p.candidate for p in test], bs)
+    t_train = teacher_embeddings_cached(teacher, sentences, batch_size=bs)
+    pq = ProductQuantizer(s_train.shape[1], q.num_subspaces, q.num_centroids).init_kmeans(
+        s_train, iters=q.kmeans_iters, seed=cfg.seed)
+
+    def scored() -> dict[str, Any]:
+        m = retrieval_metrics(s_q, pq(s_c).detach())
+        m["recall_at_1_kept"] = m["recall_at_1"] / teacher_r1 if teacher_r1 > 0 else float("nan")
+        m["reconstruction_mse"] = pq.reconstruction_error(s_c)
+        return m
+
+    dense = retrieval_metrics(s_q, s_c)
+    dense["recall_at_1_kept"] = dense["recall_at_1"] / teacher_r1 if teacher_r1 > 0 else float("nan")
+    out: dict[str, Any] = {"num_subspaces": pq.m, "num_centroids": pq.k, "bytes_per_vector": pq.bytes_per_vector,
+                           "dense_bytes_per_vector": 4 * pq.dim,
+                           "compression": 4 * pq.dim / pq.bytes_per_vector, "dense": dense, "kmeans": scored()}
+    if q.distill:
+        out["distill_vq_training"] = train_distill_vq(pq, s_train, t_train, epochs=q.epochs, batch_size=q.batch_size,
+                                                      lr=q.lr, kd_temperature=q.kd_temperature, seed=cfg.seed)
+        out["distill_vq"] = scored()
+    save_state_dict_atomic(output / "pq.safetensors", {"codebooks": pq.codebooks.detach().contiguous()})
+    return out
+
+
 def _extra_md(report: dict[str, Any]) -> str:
     s, t = report["student"], report["teacher"]
     return "\n".join([
@@ -322,7 +375,23 @@ def _extra_md(report: dict[str, Any]) -> str:
         f"MRR {s['metrics']['mrr']:.4f}, {s['sentences_per_second']:.1f} sentences/s ({s['speedup']:.1f}x)",
         f"- agreement: Spearman {s['metrics']['spearman_vs_teacher']:.4f}, cosine to teacher "
         f"{s['metrics']['cosine_to_teacher'] if s['metrics']['cosine_to_teacher'] is not None else 'n/a'}",
+        *_quantization_md(report.get("quantization")),
     ])
+
+
+def _quantization_md(q: dict[str, Any] | None) -> list[str]:
+    if not q:
+        return []
+    lines = ["", f"## Product quantisation ({q['num_subspaces']} x {q['num_centroids']} centroids: "
+             f"{q['bytes_per_vector']} bytes per vector instead of {q['dense_bytes_per_vector']}, "
+             f"{q['compression']:.0f}x)", "",
+             "| candidates | recall@1 | MRR | kept of teacher's recall@1 |", "|---|---:|---:|---:|"]
+    for key, label in (("dense", "dense student"), ("kmeans", "PQ, k-means codebooks"),
+                       ("distill_vq", "PQ, Distill-VQ codebooks")):
+        if key in q:
+            m = q[key]
+            lines.append(f"| {label} | {m['recall_at_1']:.4f} | {m['mrr']:.4f} | {100 * m['recall_at_1_kept']:.1f}% |")
+    return lines
 
 
 TASKS.register("embedding")(Task("embedding", EmbeddingConfig, run_embedding,

@@ -1,0 +1,152 @@
+"""Product quantisation of embeddings, with codebooks learned by distillation (Distill-VQ).
+
+Product quantisation (Jégou, Douze & Schmid, 2011, "Product Quantization for Nearest Neighbor Search")
+splits a ``D``-dimensional vector into ``M`` sub-vectors and stores, per sub-vector, the id of its
+nearest centroid in a per-subspace codebook of ``K`` entries: ``M`` bytes per vector for ``K <= 256``
+instead of ``4 D``. Retrieval then scores a dense query against decoded candidates (asymmetric distance).
+
+The usual codebooks minimise reconstruction error (k-means per subspace). Distill-VQ (Xiao, Liu, Shao,
+Lian, Xie et al., 2022, "Distill-VQ: Learning Retrieval Oriented Vector Quantization By Distilling
+Knowledge from Dense Embeddings", SIGIR) instead trains them so that the scores of queries against
+*quantised* candidates reproduce the teacher's ranking: a list-wise KL between the teacher's softmax over
+candidate scores and the one computed with quantised candidates. Assignments are hard (nearest centroid,
+recomputed every step); the gradient reaches the selected centroids through the decoded vectors.
+
+Here the data are unlabelled sentences: each batch scores every sentence (dense student embedding, the
+query side) against every other sentence of the batch (quantised student embedding, the candidate side),
+with the teacher's in-batch cosine scores as targets and the trivial self-pair masked out.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import KDistillError, expect
+
+
+class ProductQuantizer(nn.Module):
+    """``M`` codebooks of ``K`` centroids over ``D / M``-dimensional subspaces (``codebooks``: ``(M, K, D/M)``).
+
+    ``assign(x) -> codes (N, M)``, ``decode(codes) -> (N, D)``, ``forward(x) = decode(assign(x))`` with the
+    gradient flowing to the codebooks (not to ``x``). ``bytes_per_vector`` is the storage of one code.
+    """
+
+    def __init__(self, dim: int, num_subspaces: int = 32, num_centroids: int = 256) -> None:
+        super().__init__()
+        expect(int(num_subspaces) >= 1 and int(dim) % int(num_subspaces) == 0, "quantize num_subspaces",
+               num_subspaces, f"a divisor of the embedding width {dim}",
+               f"Divisors of {dim} near your value: {_divisors_near(int(dim), int(num_subspaces))}.")
+        expect(2 <= int(num_centroids) <= 65536, "quantize num_centroids", num_centroids,
+               "an integer in [2, 65536] (256 = one byte per subspace)")
+        self.dim, self.m, self.k = int(dim), int(num_subspaces), int(num_centroids)
+        self.sub = self.dim // self.m
+        self.codebooks = nn.Parameter(torch.zeros(self.m, self.k, self.sub))
+
+    @property
+    def bytes_per_vector(self) -> int:
+        return self.m * math.ceil(math.log2(self.k) / 8)
+
+    def _split(self, x: Tensor) -> Tensor:
+        if x.dim() != 2 or x.shape[1] != self.dim:
+            raise KDistillError(f"ProductQuantizer: got embeddings of shape {tuple(x.shape)}, expected (N, {self.dim}).")
+        return x.float().reshape(len(x), self.m, self.sub).transpose(0, 1)  # (M, N, sub)
+
+    @torch.no_grad()
+    def assign(self, x: Tensor, *, chunk: int = 4096) -> Tensor:
+        """``(N, M)`` nearest-centroid ids per subspace (squared L2)."""
+        parts = self._split(x)
+        cb = self.codebooks.detach()
+        cb_sq = cb.pow(2).sum(-1).unsqueeze(1)  # (M, 1, K)
+        codes = torch.empty(len(x), self.m, dtype=torch.long, device=x.device)
+        for s in range(0, len(x), chunk):
+            p = parts[:, s:s + chunk]  # (M, n, sub)
+            d = cb_sq - 2 * torch.bmm(p, cb.transpose(1, 2))  # |c|^2 - 2 <p, c>; |p|^2 is constant per row
+            codes[s:s + chunk] = d.argmin(-1).T
+        return codes
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """``(N, D)`` vectors from ``(N, M)`` codes (differentiable with respect to the codebooks)."""
+        if codes.dim() != 2 or codes.shape[1] != self.m:
+            raise KDistillError(f"ProductQuantizer.decode: got codes of shape {tuple(codes.shape)}, expected (N, {self.m}).")
+        rows = torch.arange(self.m, device=codes.device)
+        return self.codebooks[rows, codes].reshape(len(codes), self.dim)  # (N, M, sub) -> (N, D)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode(self.assign(x))
+
+    @torch.no_grad()
+    def init_kmeans(self, x: Tensor, *, iters: int = 25, seed: int = 0) -> ProductQuantizer:
+        """Lloyd's k-means in every subspace at once (initial centroids: ``K`` distinct random rows)."""
+        expect(len(x) >= self.k, "quantize num_centroids", self.k,
+               f"at most the number of training vectors ({len(x)})", "Lower num_centroids or give more data.")
+        parts = self._split(x)
+        g = torch.Generator().manual_seed(seed)
+        cb = parts[:, torch.randperm(len(x), generator=g)[: self.k]].clone()  # (M, K, sub)
+        self.codebooks.data.copy_(cb)
+        for _ in range(iters):
+            codes = self.assign(x)  # (N, M)
+            for j in range(self.m):
+                sums = torch.zeros(self.k, self.sub).index_add_(0, codes[:, j], parts[j])
+                counts = torch.bincount(codes[:, j], minlength=self.k).unsqueeze(1).float()
+                # an empty cluster keeps its centroid
+                self.codebooks.data[j] = torch.where(counts > 0, sums / counts.clamp_min(1), self.codebooks.data[j])
+        return self
+
+    @torch.no_grad()
+    def reconstruction_error(self, x: Tensor) -> float:
+        """Mean squared error per vector of ``decode(assign(x))``."""
+        return float((self(x) - x.float()).pow(2).sum(1).mean())
+
+
+def _divisors_near(n: int, m: int) -> list[int]:
+    divs = [d for d in range(1, n + 1) if n % d == 0]
+    return sorted(divs, key=lambda d: abs(d - m))[:4]
+
+
+def distill_vq_loss(pq: ProductQuantizer, student_emb: Tensor, teacher_emb: Tensor, *,
+                    kd_temperature: float = 0.05) -> Tensor:
+    """Distill-VQ's list-wise loss on one batch, ``(B,)``: KL between the teacher's softmax over in-batch cosine
+    scores and the softmax of the dense student queries against the *quantised* student candidates (the
+    self-pair masked). Gradients reach the codebooks only."""
+    from ..losses.embeddings import listwise_kl, similarity
+
+    if student_emb.shape[0] != teacher_emb.shape[0]:
+        raise KDistillError(f"distill_vq_loss: {student_emb.shape[0]} student and {teacher_emb.shape[0]} teacher "
+                            "embeddings; expected the same sentences on both sides.")
+    q = student_emb.detach().float()
+    s_scores = similarity(q, pq(q), kind="cos")
+    t_scores = similarity(teacher_emb.float(), teacher_emb.float(), kind="cos")
+    off_diag = ~torch.eye(len(q), dtype=torch.bool, device=q.device)
+    return listwise_kl(s_scores, t_scores, kd_temperature=kd_temperature, candidate_mask=off_diag)
+
+
+def train_distill_vq(pq: ProductQuantizer, student_emb: Tensor, teacher_emb: Tensor, *, epochs: int = 3,
+                     batch_size: int = 256, lr: float = 1e-3, kd_temperature: float = 0.05,
+                     seed: int = 0) -> dict[str, Any]:
+    """Train the codebooks of ``pq`` (initialise them first, e.g. ``init_kmeans``) with ``distill_vq_loss`` and
+    Adam; returns ``{"steps", "seconds", "loss_first_epoch", "loss_last_epoch"}``."""
+    expect(batch_size >= 2, "quantize batch_size", batch_size, "an integer >= 2 (in-batch candidates)")
+    expect(epochs >= 1, "quantize epochs", epochs, "an integer >= 1")
+    opt = torch.optim.Adam(pq.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    n, steps, t0 = len(student_emb), 0, time.perf_counter()
+    epoch_loss: list[float] = []
+    for _ in range(epochs):
+        perm, total, count = torch.randperm(n, generator=g), 0.0, 0
+        for s in range(0, n - 1, batch_size):
+            idx = perm[s:s + batch_size]
+            if len(idx) < 2:
+                continue
+            loss = distill_vq_loss(pq, student_emb[idx], teacher_emb[idx], kd_temperature=kd_temperature).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total, count, steps = total + float(loss.detach()) * len(idx), count + len(idx), steps + 1
+        epoch_loss.append(total / max(1, count))
+    return {"steps": steps, "seconds": time.perf_counter() - t0, "loss_first_epoch": epoch_loss[0],
+            "loss_last_epoch": epoch_loss[-1]}
