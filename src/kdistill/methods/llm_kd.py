@@ -82,6 +82,20 @@ def _check_loss_kwargs(loss: str, kwargs: dict[str, Any]) -> tuple[dict[str, Any
     return {k: v for k, v in kwargs.items() if k not in _TAID_SCHEDULE_KEYS}, sched
 
 
+def _mean_over_ranks(value: Tensor) -> float:
+    """The mean of a scalar over all processes (one all-reduce), or the value itself outside a process group.
+
+    TAID's schedule adapts ``t`` to the loss. Each rank sees only its own micro-batch, so with local losses
+    the ranks' ``t`` would drift apart; averaging first gives every rank the same update and the same ``t``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        v = value.detach().float().reshape(1).clone()
+        dist.all_reduce(v)
+        return float(v) / dist.get_world_size()
+    return float(value)
+
+
 @METHODS.register("llm_kd")
 class LLMKD(Method):
     """Token-level LM distillation with a divergence chosen by name (see the module docstring)."""
@@ -193,5 +207,5 @@ class LLMKD(Method):
         if self.schedule is not None:
             self.log("taid_t", self.schedule.t)
             if self.training and torch.is_grad_enabled():
-                self._taid_update(float(kd.detach()))
+                self._taid_update(_mean_over_ranks(kd.detach()))
         return out
