@@ -15,7 +15,9 @@ Students, side by side in one run:
 
 Every model is evaluated in this process with the same code: recall@1/@10 and MRR on the test pairs, and
 encoding throughput on 1,000 test glosses with the same batch size and thread count (best of 3 passes,
-models measured in interleaved rounds to spread machine noise evenly). Prints one JSON object.
+models measured in interleaved rounds to spread machine noise evenly). The kdistill recipes' product
+quantisation stage (32 bytes per vector; k-means and Distill-VQ codebooks) is reported under
+``quantization`` for the two kdistill students. Prints one JSON object.
 
     python benchmarks/embedding.py                    # full: 20k training sentences, 1 epoch
     python benchmarks/embedding.py --num-train 4000   # quicker
@@ -95,6 +97,19 @@ def train_st_mse(init_path: Path, out_path: Path, sentences: list[str], targets:
     return seconds
 
 
+def pq_summary(report: dict) -> dict:
+    """The recipe's product-quantisation stage (if any): bytes per vector, recall@1 and the fraction of the
+    teacher's recall@1 kept with k-means and with Distill-VQ codebooks (dense queries, quantised candidates)."""
+    q = report.get("quantization")
+    if not q:
+        return {}
+    out = {"bytes_per_vector": q["bytes_per_vector"], "dense_bytes_per_vector": q["dense_bytes_per_vector"]}
+    for key in ("kmeans", "distill_vq"):
+        if key in q:
+            out[f"pq_{key}"] = {k: q[key][k] for k in ("recall_at_1", "mrr", "recall_at_1_kept")}
+    return {"quantization": out}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output", default="runs/bench_embedding")
@@ -131,7 +146,8 @@ def main() -> None:
     models["kdistill_2layer"] = load_student(out / "kd_2layer" / "student")
     recipe_2l = api.load_config("embedding/minilm_to_2layer", common)
     extra["kdistill_2layer"] = {"train_seconds": rep["student"]["train_seconds"],
-                                "st_export_max_abs_diff": rep["export"]["st_max_abs_diff"]}
+                                "st_export_max_abs_diff": rep["export"]["st_max_abs_diff"],
+                                **pq_summary(rep)}
 
     # ---- sentence-transformers MSELoss, same student, data, targets and budget ---------------------
     if "st_mse_2layer" not in args.skip:
@@ -150,7 +166,8 @@ def main() -> None:
                   progress=False, quiet=True)
     models["kdistill_static"] = load_student(out / "kd_static" / "student")
     extra["kdistill_static"] = {"train_seconds": rep["student"]["train_seconds"],
-                                "st_export_max_abs_diff": rep["export"]["st_max_abs_diff"]}
+                                "st_export_max_abs_diff": rep["export"]["st_max_abs_diff"],
+                                **pq_summary(rep)}
     static_kwargs = api.load_config("embedding/minilm_to_static", common).student.kwargs
     models["kdistill_static_untrained"] = build_static(teacher, corpus=sentences, **static_kwargs)
 
