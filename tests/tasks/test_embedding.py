@@ -92,3 +92,27 @@ def test_quantize_stage_reports_pq_retrieval_and_saves_codebooks(tmp_path):
     assert "Product quantisation" in (tmp_path / "report.md").read_text()
     with pytest.raises(ConfigError, match="num_subspace"):
         load_config({**TINY, "quantize": {"num_subspace": 8}})
+
+
+def test_pairs_mode_keeps_training_pairs_together_and_trains(tmp_path):
+    from kdistill.api import run
+    from kdistill.data.text import Pair
+
+    spec = EmbeddingDataSpec(name="tiny", num_eval=60, num_dev=30, num_train=100, pairs=True)
+    sentences, dev, test = load_pairs(spec)
+    assert len(sentences) == 100
+    _, dev_plain, test_plain = load_pairs(EmbeddingDataSpec(name="tiny", num_eval=60, num_dev=30, num_train=100))
+    assert test == test_plain and dev == dev_plain  # same held-out split either way
+    from kdistill.students.encoders import tiny_corpus
+
+    # the interleaving is (query, its own candidate)
+
+    all_pairs = {Pair(" ".join(s.split()[: max(1, len(s.split()) // 2)]), s) for s in tiny_corpus(600, seed=11)}
+    assert all(Pair(q, c) in all_pairs for q, c in zip(sentences[0::2], sentences[1::2]))
+    cfg = {**TINY, "data": {**TINY["data"], "pairs": True, "num_train": 128},
+           "method": {"name": "embedding_kd", "kwargs": {"cosine_weight": 1.0, "margin_weight": 1.0,
+                                                         "listwise_weight": 0.1}},
+           "train": {**TINY["train"], "batch_size": 16}, "export": {"sentence_transformers": False}}
+    report = run(cfg, output=tmp_path, progress=False, quiet=True)
+    assert report["data"]["train_sentences"] == 128
+    assert 0.0 <= report["student"]["metrics"]["recall_at_1"] <= 1.0

@@ -113,7 +113,13 @@ class StudentSpec(StrictModel):
 class EmbeddingDataSpec(StrictModel):
     """Pair set (``wordnet`` lemma -> gloss, ``kjv`` verse -> next verse, ``tiny`` for smoke tests), the
     held-out test pairs, a dev subset for learning curves, and the training sentences (texts of the
-    remaining pairs, optionally capped at ``num_train``)."""
+    remaining pairs, optionally capped at ``num_train``).
+
+    ``pairs: true`` keeps the training pairs together: every training row is a (query, candidate) pair
+    (``num_train // 2`` pairs), so a batch of B rows gives the method 2B embedding rows in which every
+    query meets its own candidate - the in-batch list-wise / margin terms then see the teacher's scores
+    of true partners next to the other pairs' texts (in-batch negatives), as ranking losses expect.
+    The default (``false``) is unsupervised: single sentences, shuffled."""
 
     name: Literal["wordnet", "kjv", "tiny"] = "wordnet"
     num_eval: int = 2000
@@ -121,6 +127,7 @@ class EmbeddingDataSpec(StrictModel):
     num_train: int | None = 20000
     max_length: int = 64
     data_seed: int = 0
+    pairs: bool = False
 
     @field_validator("num_eval", "num_dev", "max_length")
     @classmethod
@@ -194,6 +201,15 @@ def load_pairs(spec: EmbeddingDataSpec) -> tuple[list[str], list[Pair], list[Pai
         pairs = [Pair(" ".join(s.split()[: max(1, len(s.split()) // 2)]), s) for s in tiny_corpus(600, seed=11)]
     rest, test = retrieval_split(pairs, num_eval=spec.num_eval, seed=spec.data_seed)
     train_pairs, dev = retrieval_split(rest, num_eval=min(spec.num_dev, len(rest) // 2), seed=spec.data_seed + 1)
+    if spec.pairs:  # [q1, c1, q2, c2, ...]: whole pairs, num_train // 2 of them
+        if spec.num_train is not None and spec.num_train // 2 < len(train_pairs):
+            keep = np.random.default_rng(spec.data_seed).permutation(len(train_pairs))[: spec.num_train // 2]
+            train_pairs = [train_pairs[i] for i in sorted(keep)]
+        sentences = [t for p in train_pairs for t in (p.query, p.candidate)]
+        if not sentences:
+            raise KDistillError(f"data {spec.name!r}: no training pairs left after holding out {spec.num_eval} + "
+                                f"{spec.num_dev} pairs; lower data.num_eval / data.num_dev.")
+        return sentences, dev, test
     sentences = pair_texts(train_pairs)
     if spec.num_train is not None and spec.num_train < len(sentences):
         keep = np.random.default_rng(spec.data_seed).permutation(len(sentences))[: spec.num_train]
@@ -291,6 +307,16 @@ def run_embedding(cfg: EmbeddingConfig, ctx: RunContext) -> dict[str, Any]:
         width = tensors["input_ids"].shape[1]
         if width < cfg.data.max_length:  # fixed width so every batch stacks
             tensors = {k: torch.nn.functional.pad(v, (0, cfg.data.max_length - width)) for k, v in tensors.items()}
+        student_forward, targets = encoder_forward, (lambda b: ModelOutput(logits=b["teacher_emb"]))
+        if cfg.data.pairs:  # one row = (query, candidate): (P, 2, ...) tensors, flattened back to 2B rows per batch
+            tensors = {k: v.view(-1, 2, *v.shape[1:]) for k, v in tensors.items()}
+            t_train = t_train.view(-1, 2, t_train.shape[-1])
+
+            def student_forward(model: torch.nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
+                return encoder_forward(model, {k: v.flatten(0, 1) for k, v in b.items() if k in tensors})
+
+            def targets(b: dict[str, torch.Tensor]) -> ModelOutput:
+                return ModelOutput(logits=b["teacher_emb"].flatten(0, 1))
         loader = make_loader(TensorDictDataset(**tensors, teacher_emb=t_train), cfg.train.batch_size, seed=cfg.seed)
         method = METHODS.get(cfg.method.name)(**cfg.method.kwargs)
         dq, dc = [p.query for p in dev], [p.candidate for p in dev]
@@ -300,7 +326,7 @@ def run_embedding(cfg: EmbeddingConfig, ctx: RunContext) -> dict[str, Any]:
 
         accelerator = make_accelerator(cfg.train.mixed_precision)
         res = fit(student=student, method=method, train_loader=loader, accelerator=accelerator,
-                  teacher_targets=lambda b: ModelOutput(logits=b["teacher_emb"]), student_forward=encoder_forward,
+                  teacher_targets=targets, student_forward=student_forward,
                   evaluate=evaluate, output_dir=work, resume=ctx.resume, phase="student", progress=ctx.progress,
                   seed=cfg.seed, **cfg.train.model_dump(exclude={"batch_size", "mixed_precision"}))
         student, history, train_seconds = res.student, res.history, res.seconds
