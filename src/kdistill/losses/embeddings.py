@@ -29,6 +29,7 @@ from torch import Tensor
 
 from ..errors import KDistillError
 from .logits import forward_kl
+from .relations import triplet_cosines
 
 Similarity = Literal["cos", "dot"]
 
@@ -167,17 +168,10 @@ def rkd_distance(student_emb: Tensor, teacher_emb: Tensor, *, mask: Tensor | Non
     return per_pair.sum(1) / valid.sum(1).clamp_min(1)
 
 
-def _angles(x: Tensor) -> Tensor:
-    """(B, B, B) with [j, i, k] = cos of the angle at x_j between x_i - x_j and x_k - x_j."""
-    diff = x[None, :, :] - x[:, None, :]  # [j, i] = x_i - x_j
-    unit = F.normalize(diff, p=2, dim=-1)
-    return unit @ unit.transpose(1, 2)
-
-
 def rkd_angle(student_emb: Tensor, teacher_emb: Tensor, *, mask: Tensor | None = None) -> Tensor:
     """RKD angle term (Park et al., 2019): Huber loss between the cosines of the angles that every triplet
     ``(i, j, k)`` forms at ``j``, student vs teacher. ``(B, Ds), (B, Dt) -> (B,)`` (row ``j`` averages over
-    its triplets with distinct ``i, k != j``). Memory grows as ``B^2 D + B^3``: keep ``B`` modest (<= 128).
+    its triplets with distinct ``i, k != j``). Memory grows as ``B^3``: keep ``B`` modest (<= 256).
     """
     _check_2d(student_emb, "rkd_angle", "student_emb")
     _check_2d(teacher_emb, "rkd_angle", "teacher_emb")
@@ -187,8 +181,8 @@ def rkd_angle(student_emb: Tensor, teacher_emb: Tensor, *, mask: Tensor | None =
     pair = _pair_mask(mask, b, student_emb.device)  # [j, i]: i != j, both count
     valid = pair[:, :, None] & pair[:, None, :]  # [j, i, k]
     valid = valid & ~torch.eye(b, dtype=torch.bool, device=student_emb.device)[None]  # i != k
-    a_s = _angles(student_emb.float())
-    a_t = _angles(teacher_emb.float())
+    a_s = triplet_cosines(student_emb.float())
+    a_t = triplet_cosines(teacher_emb.float())
     per = F.smooth_l1_loss(a_s, a_t, reduction="none")
     per = torch.where(valid, per, per.new_zeros(()))
     return per.flatten(1).sum(1) / valid.flatten(1).sum(1).clamp_min(1)

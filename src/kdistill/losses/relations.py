@@ -93,6 +93,26 @@ def rkd_distance(student_features: Tensor, teacher_features: Tensor) -> Tensor:
     return (huber * off).sum(1) / (n - 1)
 
 
+def triplet_cosines(x: Tensor) -> Tensor:
+    """``(B, D) -> (B, B, B)``: ``[j, i, k]`` = cos of the angle at ``x_j`` between ``x_i - x_j`` and ``x_k - x_j``
+    (0 where a difference vector is zero).
+
+    By the law of cosines from squared pairwise distances: ``(B, B, B)`` work instead of materialising the
+    ``(B, B, D)`` difference vectors (``D`` is often thousands for flattened feature maps). Distances in
+    float64 from a centred Gram matrix, against cancellation.
+    """
+    x = x.double()
+    x = x - x.mean(0, keepdim=True)
+    g = x @ x.T
+    diag = g.diagonal()
+    sq = (diag.unsqueeze(0) + diag.unsqueeze(1) - 2 * g).clamp_min(0.0)  # |x_i - x_j|^2
+    # 1 / |x_i - x_j|, 0 on the diagonal (a zero vector has no direction; no NaN gradient through sqrt(0))
+    inv = torch.where(sq > 1e-24, sq.clamp_min(1e-24).rsqrt(), torch.zeros_like(sq)).float()
+    sq = sq.float()
+    dots = 0.5 * (sq.unsqueeze(2) + sq.unsqueeze(1) - sq.unsqueeze(0))  # [j, i, k] = <x_i - x_j, x_k - x_j>
+    return dots * inv.unsqueeze(2) * inv.unsqueeze(1)
+
+
 def rkd_angle(student_features: Tensor, teacher_features: Tensor) -> Tensor:
     """RKD angle-wise loss per anchor row, shape ``(B,)``: Huber between the cosines of the angles
     ``<(e_i - e_j), (e_k - e_j)>`` (unit vectors) formed by every triplet, in student vs teacher space.
@@ -102,22 +122,7 @@ def rkd_angle(student_features: Tensor, teacher_features: Tensor) -> Tensor:
     s = student_features.float().flatten(1)
     t = teacher_features.float().flatten(1)
 
-    def angles(x: Tensor) -> Tensor:
-        # [j, i, k] = cos of the angle at j between x_i - x_j and x_k - x_j, by the law of cosines from squared
-        # pairwise distances: (B, B, B) work instead of materialising the (B, B, D) difference vectors (D is
-        # often thousands for flattened feature maps). Distances in float64 (centred Gram) against cancellation.
-        x = x.double()
-        x = x - x.mean(0, keepdim=True)
-        g = x @ x.T
-        diag = g.diagonal()
-        sq = (diag.unsqueeze(0) + diag.unsqueeze(1) - 2 * g).clamp_min(0.0)  # |x_i - x_j|^2
-        # 1 / |x_i - x_j|, 0 on the diagonal (a zero vector has no direction; no NaN gradient through sqrt(0))
-        inv = torch.where(sq > 1e-24, sq.clamp_min(1e-24).rsqrt(), torch.zeros_like(sq)).float()
-        sq = sq.float()
-        dots = 0.5 * (sq.unsqueeze(2) + sq.unsqueeze(1) - sq.unsqueeze(0))  # [j, i, k] = <x_i - x_j, x_k - x_j>
-        return dots * inv.unsqueeze(2) * inv.unsqueeze(1)
-
-    huber = F.smooth_l1_loss(angles(s), angles(t), reduction="none")  # (B, B, B), indexed [j, i, k]
+    huber = F.smooth_l1_loss(triplet_cosines(s), triplet_cosines(t), reduction="none")  # (B, B, B), indexed [j, i, k]
     return huber.mean((0, 2))  # anchor row i
 
 
