@@ -100,25 +100,40 @@ def train(model_spec, method_name: str, kwargs: dict, teacher, data, *, seed: in
     return acc, res.seconds / epochs, res.student
 
 
-def load_partial(path: Path, seeds: list[int], rerun: set[str]) -> tuple[dict, dict]:
-    """Measurements of an interrupted run (its ``.partial.json``), minus the methods named in ``rerun``.
+def load_partial(paths: list[Path], seeds: list[int], rerun: set[str]) -> tuple[dict, dict]:
+    """Measurements of interrupted runs (their ``.partial.json``; several files, e.g. one per seed run in
+    parallel, are merged), minus the methods named in ``rerun``. A (row, seed) measured twice keeps the first.
 
     Rows written before per-seed bookkeeping existed hold their seeds in run order (``seeds[:n]``).
     """
-    try:
-        saved = json.loads(Path(path).read_text())
-        rows = saved["rows"]
-    except (OSError, ValueError, KeyError) as e:
-        raise SystemExit(f"--resume {path}: cannot read a partial benchmark file ({e}); expected the "
-                         "<out>.partial.json that an interrupted run leaves.") from e
-    kept = {}
-    for key, r in rows.items():
-        if key[: key.index("[")] in rerun:
-            continue
-        r.setdefault("seeds", seeds[: len(r["acc"])])
-        kept[key] = r
-    teacher_acc = {"cnn": [], "transformer1d": []}
-    teacher_acc.update(saved.get("teacher_test_accuracy", {}))
+    kept: dict[str, dict[str, list]] = {}
+    teacher_acc: dict[str, dict[int, float]] = {"cnn": {}, "transformer1d": {}}
+    for path in paths:
+        try:
+            saved = json.loads(Path(path).read_text())
+            rows = saved["rows"]
+        except (OSError, ValueError, KeyError) as e:
+            raise SystemExit(f"--resume {path}: cannot read a partial benchmark file ({e}); expected the "
+                             "<out>.partial.json that an interrupted run leaves.") from e
+        file_seeds = saved.get("seeds", seeds)
+        for key, r in rows.items():
+            if key[: key.index("[")] in rerun:
+                continue
+            r_seeds = r.get("seeds", file_seeds[: len(r["acc"])])
+            dst = kept.setdefault(key, {"acc": [], "sec": [], "seeds": []})
+            for a, t, sd in zip(r["acc"], r["sec"], r_seeds):
+                if sd not in dst["seeds"]:
+                    dst["acc"].append(a)
+                    dst["sec"].append(t)
+                    dst["seeds"].append(sd)
+        for name, values in saved.get("teacher_test_accuracy", {}).items():
+            t_seeds = saved.get("teacher_seeds", {}).get(name, file_seeds[: len(values)])
+            for sd, v in zip(t_seeds, values):
+                teacher_acc.setdefault(name, {}).setdefault(sd, v)
+    for r in kept.values():  # seed order, so mean/std do not depend on which file came first
+        order = sorted(range(len(r["seeds"])), key=lambda i: r["seeds"][i])
+        for k in ("acc", "sec", "seeds"):
+            r[k] = [r[k][i] for i in order]
     return kept, teacher_acc
 
 
@@ -134,7 +149,7 @@ def run_setting(args) -> dict[str, Any]:
     n_steps = -(-len(data.y_train) // args.batch_size) * args.epochs
     variants = [False, True] if args.mixup == "both" else [False]
     rows: dict[str, dict[str, list[float]]] = {}
-    teacher_acc: dict[str, list[float]] = {"cnn": [], "transformer1d": []}
+    teacher_acc: dict[str, dict[int, float]] = {"cnn": {}, "transformer1d": {}}  # name -> seed -> accuracy
     if args.resume is not None:
         rows, teacher_acc = load_partial(args.resume, args.seeds, set(args.rerun or ()))
         print(f"resuming from {args.resume}: {sum(len(r['seeds']) for r in rows.values())} measurements kept",
@@ -152,16 +167,24 @@ def run_setting(args) -> dict[str, Any]:
             partial = args.out.with_suffix(".partial.json")
             partial.parent.mkdir(parents=True, exist_ok=True)
             tmp = partial.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"partial": True, "rows": rows, "teacher_test_accuracy": teacher_acc}))
+            tmp.write_text(json.dumps({
+                "partial": True, "seeds": args.seeds, "rows": rows,
+                "teacher_test_accuracy": {n: [v[k] for k in sorted(v)] for n, v in teacher_acc.items()},
+                "teacher_seeds": {n: sorted(v) for n, v in teacher_acc.items()}}))
             tmp.replace(partial)
 
+    sfx = [" +mixup" if m else "" for m in variants]
     for seed in args.seeds:
+        wanted = [f"baseline[{st}]{x}" for st in {student_for(m, args.setting) for m in args.methods}
+                  | {default_student} for x in sfx]
+        wanted += [f"{m}[{student_for(m, args.setting)}]{x}" for m in args.methods for x in sfx]
+        if all(done(k, seed) for k in wanted):  # a resumed run that already has this seed: no teacher needed
+            continue
         teachers = {}
         torch.manual_seed(1000 + seed)
         teachers["cnn"] = train(teacher_spec, "none", {}, None, data, seed=1000 + seed, epochs=args.teacher_epochs,
                                 lr=setting["teacher_lr"], batch_size=args.batch_size, mixup=False)[2].eval()
-        if len(teacher_acc["cnn"]) <= args.seeds.index(seed):
-            teacher_acc["cnn"].append(accuracy(predict_logits(teachers["cnn"], data.x_test), data.y_test))
+        teacher_acc["cnn"].setdefault(seed, accuracy(predict_logits(teachers["cnn"], data.x_test), data.y_test))
         needed_students = {student_for(m, args.setting) for m in args.methods} | {default_student}
         baselines = {}
         for st in sorted(needed_students):
@@ -183,9 +206,8 @@ def run_setting(args) -> dict[str, Any]:
             teachers["transformer1d"] = train(SEQ_TEACHER, "none", {}, None, data, seed=1000 + seed,
                                               epochs=args.teacher_epochs, lr=1e-3, batch_size=args.batch_size,
                                               mixup=False)[2].eval()
-            if len(teacher_acc["transformer1d"]) <= args.seeds.index(seed):
-                teacher_acc["transformer1d"].append(
-                    accuracy(predict_logits(teachers["transformer1d"], data.x_test), data.y_test))
+            teacher_acc["transformer1d"].setdefault(
+                seed, accuracy(predict_logits(teachers["transformer1d"], data.x_test), data.y_test))
         for name in args.methods:
             st = student_for(name, args.setting)
             kwargs = method_kwargs(name)
@@ -208,10 +230,11 @@ def run_setting(args) -> dict[str, Any]:
         st = key[key.index("[") + 1: key.index("]")]
         base_key = f"baseline[{st}]" + (" +mixup" if key.endswith("+mixup") else "")
         base_sec = statistics.fmean(rows[base_key]["sec"])
-        results[key] = {"test_accuracy": summary(r["acc"]),
+        results[key] = {"test_accuracy": summary(r["acc"]), "seeds": r.get("seeds"),
                         "seconds_per_epoch": statistics.fmean(r["sec"]),
                         "time_vs_baseline": statistics.fmean(r["sec"]) / base_sec if base_sec > 0 else float("nan")}
-    return {"teacher_test_accuracy": {k: summary(v) for k, v in teacher_acc.items() if v}, "results": results}
+    return {"teacher_test_accuracy": {k: summary([v[sd] for sd in sorted(v)]) for k, v in teacher_acc.items() if v},
+            "results": results}
 
 
 def run_tabular(args) -> dict[str, Any]:
@@ -270,8 +293,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--mixup", choices=["none", "both"], default=None)
     p.add_argument("--tabular", action="store_true", help="also run the scikit-learn teacher experiment")
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--resume", type=Path, default=None,
-                   help="keep the measurements of an interrupted run's <out>.partial.json and run only the rest")
+    p.add_argument("--resume", type=Path, nargs="+", default=None,
+                   help="keep the measurements of interrupted runs' <out>.partial.json files (merged) and run only "
+                        "the rest")
     p.add_argument("--rerun", nargs="+", default=None, help="with --resume: methods to measure again (code changed)")
     p.add_argument("--markdown", type=Path, default=None, help="also write the results table as Markdown")
     p.add_argument("--from-json", type=Path, default=None, help="only render --markdown from a saved JSON")
