@@ -49,3 +49,18 @@ def test_metrics():
     a = agreement(logits, logits)
     assert a["top1_agreement"] == 1.0 and abs(a["kl_teacher_student"]) < 1e-6
     assert latency_ms(lambda: sum(range(100)), repeats=3, warmup=1) > 0
+
+
+def test_perplexity_is_lower_is_better_and_reported_relatively():
+    r = fake_report()
+    r["task"] = "llm"
+    r["teacher"]["metrics"] = {"perplexity": 61.6}
+    r["student"]["metrics"] = {"perplexity": 260.3}
+    r["baseline"]["metrics"] = {"perplexity": 280.3}
+    r["variants"] = {"worse": {"metrics": {"perplexity": 290.0}}}
+    rows = {x["name"]: x for x in comparison_rows(r, "perplexity")}
+    assert abs(rows["student: hinton_kd + mixup"]["gain_vs_baseline"] - 20.0) < 1e-9  # positive = better
+    assert rows["worse"]["gain_vs_baseline"] < 0
+    v = verdicts(list(rows.values()), "perplexity")
+    assert any("7.1% lower than the baseline's 280.3000" in s for s in v)
+    assert any(s.startswith("worse: no real gain") for s in v)

@@ -17,9 +17,14 @@ def _fmt(v: Any, nd: int = 4) -> str:
     return str(v)
 
 
+# metrics where lower is better: the gain over the baseline is the reduction, the verdict a relative change
+LOWER_IS_BETTER = frozenset({"perplexity", "loss", "mse", "kl"})
+
+
 def comparison_rows(report: dict[str, Any], metric: str = "accuracy") -> list[dict[str, Any]]:
     """One row per model: teacher, baseline, the main student and each variant, with compression and
-    speed-up relative to the teacher and the gain over the baseline."""
+    speed-up relative to the teacher and the gain over the baseline (``baseline - m`` for metrics in
+    ``LOWER_IS_BETTER``, so a positive gain is always an improvement)."""
     teacher = report["teacher"]
     rows = [{"name": "teacher", **teacher}]
     if report.get("baseline"):
@@ -29,6 +34,7 @@ def comparison_rows(report: dict[str, Any], metric: str = "accuracy") -> list[di
     for name, v in report.get("variants", {}).items():
         rows.append({"name": name, **v})
     base = report.get("baseline", {}).get("metrics", {}).get(metric)
+    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
     out = []
     for r in rows:
         m = r.get("metrics", {}).get(metric, float("nan"))
@@ -38,14 +44,16 @@ def comparison_rows(report: dict[str, Any], metric: str = "accuracy") -> list[di
             "name": r["name"], metric: m, "params": params, "latency_ms": lat,
             "compression": teacher["params"] / params if params else float("nan"),
             "speedup": teacher["latency_ms"] / lat if lat else float("nan"),
-            "gain_vs_baseline": (m - base) if base is not None and r["name"] not in ("teacher",) and
+            "gain_vs_baseline": sign * (m - base) if base is not None and r["name"] not in ("teacher",) and
             not r["name"].startswith("baseline") else float("nan"),
+            "baseline_value": base,
         })
     return out
 
 
 def markdown_table(rows: list[dict[str, Any]], metric: str = "accuracy") -> str:
-    head = f"| model | {metric} | params | latency ms/batch | compression x | speed-up x | gain vs baseline |"
+    gain_col = "reduction vs baseline" if metric in LOWER_IS_BETTER else "gain vs baseline"
+    head = f"| model | {metric} | params | latency ms/batch | compression x | speed-up x | {gain_col} |"
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         gain = r["gain_vs_baseline"]
@@ -63,7 +71,16 @@ def verdicts(rows: list[dict[str, Any]], metric: str = "accuracy", tol: float = 
         g = r["gain_vs_baseline"]
         if isinstance(g, float) and math.isnan(g):
             continue
-        if g > tol:
+        if metric in LOWER_IS_BETTER:  # relative change: perplexities are not fractions
+            base = r["baseline_value"]
+            rel = g / base if base else float("nan")
+            if rel > tol:
+                out.append(f"{r['name']}: {metric} {r[metric]:.4f}, {100 * rel:.1f}% lower than the baseline's "
+                           f"{base:.4f}.")
+            else:
+                out.append(f"{r['name']}: no real gain over the baseline ({metric} {r[metric]:.4f} vs "
+                           f"{base:.4f}, {100 * rel:+.1f}% lower).")
+        elif g > tol:
             out.append(f"{r['name']}: {metric} {r[metric]:.4f}, {g * 100:+.1f} points over the baseline.")
         else:
             out.append(f"{r['name']}: no real gain over the baseline ({g * 100:+.1f} points).")
