@@ -259,8 +259,42 @@ def run_tabular(args) -> dict[str, Any]:
     return out
 
 
+def summary_markdown(reports: list[dict[str, Any]]) -> str:
+    """One row per method, two columns per setting (plain, + teacher-labelled mixup): the change in mean test
+    accuracy against the *plain* baseline of the same student (the student as a user would train it), in
+    points; ``*`` where the change exceeds twice the larger standard deviation of the two (n >= 2 seeds); the
+    student is named where a method ran on another one than the setting's."""
+    heads, cols = [], []
+    for rep in reports:
+        for variant in ("", " +mixup"):
+            heads.append(f"{rep['setting']}{variant or ' plain'}")
+            cols.append((rep["results"]["results"], variant, rep["config"]["student"]))
+    methods = [m for m in ZOO if any(k.startswith(m + "[") for rep in reports for k in rep["results"]["results"])]
+    lines = ["| method | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(heads)]
+    base_line = ["baseline (student alone), accuracy"]
+    for res, variant, student in cols:
+        b = res.get(f"baseline[{student}]{variant}", {}).get("test_accuracy")
+        base_line.append(f"{b['mean']:.4f}" if b else "")
+    lines.append("| " + " | ".join(base_line) + " |")
+    for m in methods:
+        cells = [f"`{m}`"]
+        for res, variant, student in cols:
+            key = next((k for k in res if k.startswith(m + "[") and
+                        (k.endswith(" +mixup") if variant else not k.endswith("+mixup"))), None)
+            if key is None:
+                cells.append("—")
+                continue
+            st = key[key.index("[") + 1: key.index("]")]
+            a, b = res[key]["test_accuracy"], res[f"baseline[{st}]"]["test_accuracy"]
+            d = (a["mean"] - b["mean"]) * 100
+            sure = len(a["values"]) > 1 and abs(d) > 200 * max(a["std"], b["std"])
+            cells.append(f"{d:+.1f}{'*' if sure else ''}" + ("" if st == student else f" ({st})"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(report: dict[str, Any]) -> str:
-    """The MNIST-1D results as a Markdown table (mean ± std over seeds), best first within each student."""
+    """One setting's results as a Markdown table (mean ± std over seeds), best first within each student."""
     cfg, res = report["config"], report["results"]["results"]
     lines = [f"{report['setting']}: {cfg['dataset'][0]} {cfg['dataset'][1]}, seeds {cfg['seeds']}, "
              f"{cfg['epochs']} student epochs, teacher {cfg['teacher'][0]} {cfg['teacher'][1]} "
@@ -298,15 +332,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "the rest")
     p.add_argument("--rerun", nargs="+", default=None, help="with --resume: methods to measure again (code changed)")
     p.add_argument("--markdown", type=Path, default=None, help="also write the results table as Markdown")
-    p.add_argument("--from-json", type=Path, default=None, help="only render --markdown from a saved JSON")
+    p.add_argument("--from-json", type=Path, nargs="+", default=None,
+                   help="only render --markdown from saved JSON files (several: per-setting tables + a summary)")
     args = p.parse_args(argv)
     if args.from_json is not None:
-        report = json.loads(args.from_json.read_text())
-        text = markdown(report)
+        reports = [json.loads(Path(f).read_text()) for f in args.from_json]
+        text = "\n".join(markdown(r) for r in reports)
+        if len(reports) > 1:
+            text = summary_markdown(reports) + "\n" + text
         if args.markdown is not None:
             args.markdown.write_text(text)
         print(text)
-        return report
+        return {"reports": reports}
     torch.set_num_threads(max(1, torch.get_num_threads()))
     setting = SETTINGS[args.setting]
     args.seeds = args.seeds or [0, 1, 2]
