@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from kdistill.errors import KDistillError
-from kdistill.modules.quantization import ProductQuantizer, distill_vq_loss, train_distill_vq
+from kdistill.modules.quantization import (
+    ProductQuantizer,
+    _batches,
+    distill_vq_loss,
+    teacher_neighbours,
+    train_distill_vq,
+)
 
 
 def test_assign_is_the_nearest_centroid_per_subspace_and_decode_inverts_it():
@@ -91,3 +97,23 @@ def test_training_learns_ranking_codebooks_better_than_kmeans():
     assert stats["steps"] == 20 * 4 and stats["loss_last_epoch"] < stats["loss_first_epoch"]
     assert after < 0.75 * before
     assert after < distill_vq_loss(kmeans, student, teacher).mean().item()
+
+
+def test_neighbour_batches_hold_each_anchor_with_its_teacher_neighbours():
+    torch.manual_seed(0)
+    t = torch.randn(50, 6)
+    nb = teacher_neighbours(t, 3, chunk=16)
+    tn = torch.nn.functional.normalize(t, dim=1)
+    sim = tn @ tn.T
+    sim.fill_diagonal_(float("-inf"))
+    assert torch.equal(nb, sim.topk(3, dim=1).indices) and not (nb == torch.arange(50)[:, None]).any()
+    seen = torch.zeros(50, dtype=torch.bool)
+    for idx in _batches(50, 16, nb, torch.Generator().manual_seed(0)):
+        assert len(idx) <= 16 and len(torch.unique(idx)) == len(idx)
+        members = set(idx.tolist())
+        anchors = [i for i in members if set(nb[i].tolist()) <= members]
+        assert anchors  # every batch holds at least one anchor with all its neighbours
+        seen[idx] = True
+    assert seen.all()  # every sentence is an anchor once per epoch
+    with pytest.raises(KDistillError, match="neighbours"):
+        train_distill_vq(ProductQuantizer(6, 2, 4), t, t, batch_size=8, neighbours=8)

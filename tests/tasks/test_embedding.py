@@ -80,7 +80,7 @@ def test_quantize_stage_reports_pq_retrieval_and_saves_codebooks(tmp_path):
     from kdistill.train.checkpoint import load_state_dict
 
     cfg = {**TINY, "quantize": {"num_subspaces": 8, "num_centroids": 16, "kmeans_iters": 5, "epochs": 2,
-                                "batch_size": 64}, "export": {"sentence_transformers": False}}
+                                "batch_size": 64, "neighbours": 0}, "export": {"sentence_transformers": False}}
     report = run(cfg, output=tmp_path, progress=False, quiet=True)
     q = report["quantization"]
     assert q["bytes_per_vector"] == 8 and q["dense_bytes_per_vector"] == 4 * 32 and q["compression"] == 16.0

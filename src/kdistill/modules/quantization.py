@@ -125,21 +125,53 @@ def distill_vq_loss(pq: ProductQuantizer, student_emb: Tensor, teacher_emb: Tens
     return listwise_kl(s_scores, t_scores, kd_temperature=kd_temperature, candidate_mask=off_diag)
 
 
+def teacher_neighbours(teacher_emb: Tensor, k: int, *, chunk: int = 2048) -> Tensor:
+    """``(N, k)`` indices of each row's ``k`` nearest other rows by the teacher's cosine similarity."""
+    t = torch.nn.functional.normalize(teacher_emb.float(), dim=1)
+    out = torch.empty(len(t), k, dtype=torch.long)
+    for s in range(0, len(t), chunk):
+        sim = t[s:s + chunk] @ t.T
+        sim[torch.arange(sim.shape[0]), torch.arange(s, s + sim.shape[0])] = float("-inf")  # not itself
+        out[s:s + chunk] = sim.topk(k, dim=1).indices
+    return out
+
+
+def _batches(n: int, batch_size: int, neighbours: Tensor | None, g: torch.Generator):
+    """Index batches for one epoch: a shuffled partition, or (with ``neighbours``) anchors in shuffled order,
+    each followed by its teacher neighbours (duplicates dropped) until the batch is full."""
+    perm = torch.randperm(n, generator=g)
+    if neighbours is None:
+        for s in range(0, n - 1, batch_size):
+            yield perm[s:s + batch_size]
+        return
+    per = 1 + neighbours.shape[1]
+    anchors = max(1, batch_size // per)
+    for s in range(0, n, anchors):
+        a = perm[s:s + anchors]
+        yield torch.unique(torch.cat([a.unsqueeze(1), neighbours[a]], dim=1).flatten())
+
+
 def train_distill_vq(pq: ProductQuantizer, student_emb: Tensor, teacher_emb: Tensor, *, epochs: int = 3,
-                     batch_size: int = 256, lr: float = 1e-3, kd_temperature: float = 0.05,
+                     batch_size: int = 256, lr: float = 1e-3, kd_temperature: float = 0.05, neighbours: int = 0,
                      seed: int = 0) -> dict[str, Any]:
     """Train the codebooks of ``pq`` (initialise them first, e.g. ``init_kmeans``) with ``distill_vq_loss`` and
-    Adam; returns ``{"steps", "seconds", "loss_first_epoch", "loss_last_epoch"}``."""
+    Adam; returns ``{"steps", "seconds", "loss_first_epoch", "loss_last_epoch"}``.
+
+    ``neighbours = k > 0`` builds each batch from anchors and their ``k`` nearest sentences by the teacher, so
+    the candidates the loss ranks include the hard ones a real query has to tell apart (Distill-VQ ranks
+    each query's top teacher-retrieved candidates); ``0`` uses random in-batch candidates only."""
     expect(batch_size >= 2, "quantize batch_size", batch_size, "an integer >= 2 (in-batch candidates)")
     expect(epochs >= 1, "quantize epochs", epochs, "an integer >= 1")
+    expect(0 <= neighbours < min(batch_size, len(student_emb)), "quantize neighbours", neighbours,
+           f"an integer in [0, {min(batch_size, len(student_emb)) - 1}] (below batch_size and the data size)")
+    nb = teacher_neighbours(teacher_emb, neighbours) if neighbours else None
     opt = torch.optim.Adam(pq.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
     n, steps, t0 = len(student_emb), 0, time.perf_counter()
     epoch_loss: list[float] = []
     for _ in range(epochs):
-        perm, total, count = torch.randperm(n, generator=g), 0.0, 0
-        for s in range(0, n - 1, batch_size):
-            idx = perm[s:s + batch_size]
+        total, count = 0.0, 0
+        for idx in _batches(n, batch_size, nb, g):
             if len(idx) < 2:
                 continue
             loss = distill_vq_loss(pq, student_emb[idx], teacher_emb[idx], kd_temperature=kd_temperature).mean()
