@@ -19,7 +19,7 @@ models measured in interleaved rounds to spread machine noise evenly). The kdist
 quantisation stage (32 bytes per vector; k-means and Distill-VQ codebooks) is reported under
 ``quantization`` for the two kdistill students. Prints one JSON object.
 
-    python benchmarks/embedding.py                    # full: 20k training sentences, 1 epoch
+    python benchmarks/embedding.py                    # full: 20k training texts, the recipes' epochs
     python benchmarks/embedding.py --num-train 4000   # quicker
 """
 
@@ -42,7 +42,7 @@ from kdistill import api  # noqa: E402
 from kdistill.eval.retrieval import retrieval_metrics, sentences_per_second  # noqa: E402
 from kdistill.export.sentence_transformers import load_student, save_sentence_transformer  # noqa: E402
 from kdistill.students.encoders import count_params, layer_subset, load_sentence_encoder  # noqa: E402
-from kdistill.tasks.embedding import EmbeddingDataSpec, build_static, load_pairs, teacher_embeddings_cached  # noqa: E402
+from kdistill.tasks.embedding import build_static, load_pairs, teacher_embeddings_cached  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -115,8 +115,8 @@ def main() -> None:
     ap.add_argument("--output", default="runs/bench_embedding")
     ap.add_argument("--num-train", type=int, default=20000)
     ap.add_argument("--num-eval", type=int, default=2000)
-    ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--batch-size", type=int, default=64, help="training batch size")
+    ap.add_argument("--epochs", type=int, default=None, help="training epochs (default: each recipe's)")
+    ap.add_argument("--batch-size", type=int, default=None, help="training batch size (default: each recipe's)")
     ap.add_argument("--eval-batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--throughput-sentences", type=int, default=1000)
@@ -127,11 +127,14 @@ def main() -> None:
     t_start = time.perf_counter()
     torch.set_num_threads(args.threads)
 
-    common = [f"data.num_train={args.num_train}", f"data.num_eval={args.num_eval}", f"train.epochs={args.epochs}",
-              f"train.batch_size={args.batch_size}", "eval.eval_untrained=false", "eval.throughput_sentences=64",
-              "eval.throughput_repeats=1", "export.onnx=false"]
-    spec = EmbeddingDataSpec(name="wordnet", num_eval=args.num_eval, num_train=args.num_train)
-    sentences, _, test = load_pairs(spec)
+    common = [f"data.num_train={args.num_train}", f"data.num_eval={args.num_eval}", "eval.eval_untrained=false",
+              "eval.throughput_sentences=64", "eval.throughput_repeats=1", "export.onnx=false"]
+    common += [f"train.epochs={args.epochs}"] if args.epochs is not None else []
+    common += [f"train.batch_size={args.batch_size}"] if args.batch_size is not None else []
+    recipe_2l = api.load_config("embedding/minilm_to_2layer", common)
+    # the 2-layer recipe's own training texts (pairs kept together or not), so the sentence-transformers
+    # student below trains on exactly the same texts
+    sentences, _, test = load_pairs(recipe_2l.data)
     queries, cands = [p.query for p in test], [p.candidate for p in test]
     log(f"{len(sentences)} training sentences, {len(test)} test pairs")
 
@@ -144,7 +147,6 @@ def main() -> None:
     log("kdistill: minilm_to_2layer")
     rep = api.run("embedding/minilm_to_2layer", output=out / "kd_2layer", overrides=common, progress=False, quiet=True)
     models["kdistill_2layer"] = load_student(out / "kd_2layer" / "student")
-    recipe_2l = api.load_config("embedding/minilm_to_2layer", common)
     extra["kdistill_2layer"] = {"train_seconds": rep["student"]["train_seconds"],
                                 "st_export_max_abs_diff": rep["export"]["st_max_abs_diff"],
                                 **pq_summary(rep)}
@@ -155,7 +157,9 @@ def main() -> None:
         init = save_sentence_transformer(layer_subset(teacher, [0, 5]), out / "st_mse_init")
         targets = teacher_embeddings_cached(teacher, sentences, batch_size=args.eval_batch_size)  # cache hit
         tr = recipe_2l.train
-        secs = train_st_mse(init, out / "st_mse", sentences, targets, epochs=tr.epochs, batch_size=tr.batch_size,
+        # same texts per step as kdistill's batches (a pairs-mode row holds two texts): same steps, same data
+        per_step = tr.batch_size * (2 if recipe_2l.data.pairs else 1)
+        secs = train_st_mse(init, out / "st_mse", sentences, targets, epochs=tr.epochs, batch_size=per_step,
                             lr=tr.lr, warmup_steps=tr.warmup_steps, weight_decay=tr.weight_decay, seed=0)
         models["st_mse_2layer"] = load_sentence_encoder(out / "st_mse")
         extra["st_mse_2layer"] = {"train_seconds": secs}
@@ -168,8 +172,9 @@ def main() -> None:
     extra["kdistill_static"] = {"train_seconds": rep["student"]["train_seconds"],
                                 "st_export_max_abs_diff": rep["export"]["st_max_abs_diff"],
                                 **pq_summary(rep)}
-    static_kwargs = api.load_config("embedding/minilm_to_static", common).student.kwargs
-    models["kdistill_static_untrained"] = build_static(teacher, corpus=sentences, **static_kwargs)
+    recipe_static = api.load_config("embedding/minilm_to_static", common)
+    models["kdistill_static_untrained"] = build_static(teacher, corpus=load_pairs(recipe_static.data)[0],
+                                                       **recipe_static.student.kwargs)
 
     # ---- model2vec -------------------------------------------------------------------------------------
     if "model2vec" not in args.skip:
@@ -213,7 +218,8 @@ def main() -> None:
     summary = {
         "benchmark": "embedding", "teacher": "all-MiniLM-L6-v2 (minilm-l6)",
         "test_set": f"WordNet lemma -> gloss, {len(test)} held-out pairs", "train_sentences": len(sentences),
-        "epochs": args.epochs, "train_batch_size": args.batch_size, "eval_batch_size": args.eval_batch_size,
+        "epochs": recipe_2l.train.epochs, "train_batch_size": recipe_2l.train.batch_size,
+        "pairs": recipe_2l.data.pairs, "eval_batch_size": args.eval_batch_size,
         "threads": args.threads, "throughput_sentences": len(tp_sents), "models": results,
         "targets": {
             "2layer_keeps_98pct_recall_at_1": results["kdistill_2layer"]["recall_at_1_kept"] >= 0.98,
