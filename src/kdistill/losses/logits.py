@@ -54,10 +54,46 @@ def kl_from_log_probs(log_p: Tensor, log_q: Tensor) -> Tensor:
     return (p * diff).sum(-1)
 
 
+class _ForwardKL(torch.autograd.Function):
+    """KL(p_t || p_s) with analytic gradients: ``dKL/dz_s = (p_s - p_t) / T`` and
+    ``dKL/dz_t = p_t ((log p_t - log p_s) - KL) / T``. Saves two (..., V) tensors instead of autograd's
+    chain of log-softmax / exp / where / mul intermediates: fewer passes over the vocabulary."""
+
+    @staticmethod
+    def forward(ctx, student_logits: Tensor, teacher_logits: Tensor, t: float) -> Tensor:  # type: ignore[override]
+        zs, zt = student_logits.float(), teacher_logits.float()
+        ls = F.log_softmax(zs / t if t != 1.0 else zs, dim=-1)
+        lt = F.log_softmax(zt / t if t != 1.0 else zt, dim=-1)
+        p = lt.exp()
+        diff = lt - ls
+        kl = (p * diff).sum(-1)
+        if not torch.isfinite(kl).all():  # 0 * (-inf) where the teacher excludes a class: 0 log 0 = 0
+            diff = torch.where(p > 0, diff, torch.zeros_like(diff))
+            kl = (p * diff).sum(-1)
+        ctx.t = t
+        ctx.dtypes = (student_logits.dtype, teacher_logits.dtype)
+        ctx.save_for_backward(ls, p, diff, kl) if ctx.needs_input_grad[1] else ctx.save_for_backward(ls, p)
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        saved = ctx.saved_tensors
+        ls, p = saved[0], saved[1]
+        g = grad.unsqueeze(-1) / ctx.t
+        gs = gt = None
+        if ctx.needs_input_grad[0]:
+            gs = ((ls.exp() - p) * g).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:
+            diff, kl = saved[2], saved[3]
+            gt = (p * (diff - kl.unsqueeze(-1)) * g).to(ctx.dtypes[1])
+        return gs, gt, None
+
+
 def forward_kl(student_logits: Tensor, teacher_logits: Tensor, *, kd_temperature: float = 1.0) -> Tensor:
     """KL(p_teacher || p_student) at temperature T. Shape ``(...,)``. Hinton et al., 2015."""
     _check_pair(student_logits, teacher_logits, "forward_kl")
-    return kl_from_log_probs(log_probs(teacher_logits, kd_temperature), log_probs(student_logits, kd_temperature))
+    _check_temperature(kd_temperature)
+    return _ForwardKL.apply(student_logits, teacher_logits, float(kd_temperature))
 
 
 def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, *, kd_temperature: float = 1.0) -> Tensor:
