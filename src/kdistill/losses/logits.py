@@ -72,7 +72,10 @@ class _ForwardKL(torch.autograd.Function):
             kl = (p * diff).sum(-1)
         ctx.t = t
         ctx.dtypes = (student_logits.dtype, teacher_logits.dtype)
-        ctx.save_for_backward(ls, p, diff, kl) if ctx.needs_input_grad[1] else ctx.save_for_backward(ls, p)
+        if ctx.needs_input_grad[1]:  # the teacher's gradient also needs log p_t - log p_s and the KL
+            ctx.save_for_backward(ls, p, diff, kl)
+        else:
+            ctx.save_for_backward(ls, p)
         return kl
 
     @staticmethod
