@@ -49,12 +49,14 @@ def test_temperature_scaling():
 
 
 def test_generalized_jsd_limits():
-    s, t = torch.randn(6, 10), torch.randn(6, 10)
+    g = torch.Generator().manual_seed(0)  # fixed inputs: the limits below hold to fp32 rounding, not exactly
+    s, t = torch.randn(6, 10, generator=g), torch.randn(6, 10, generator=g)
     assert torch.equal(generalized_jsd(s, t, beta=0.0), forward_kl(s, t))
     assert torch.equal(generalized_jsd(s, t, beta=1.0), reverse_kl(s, t))
     eps = 1e-4
-    assert torch.allclose(generalized_jsd(s, t, beta=eps) / eps, forward_kl(s, t), rtol=2e-3, atol=1e-4)
-    assert torch.allclose(generalized_jsd(s, t, beta=1 - eps) / eps, reverse_kl(s, t), rtol=2e-3, atol=1e-4)
+    # fp32 cancellation in JSD(eps) / eps reaches ~0.6% relative over random draws (300 seeds measured)
+    assert torch.allclose(generalized_jsd(s, t, beta=eps) / eps, forward_kl(s, t), rtol=1e-2, atol=1e-4)
+    assert torch.allclose(generalized_jsd(s, t, beta=1 - eps) / eps, reverse_kl(s, t), rtol=1e-2, atol=1e-4)
     # symmetric at beta = 0.5 (the classic JSD, bounded by log 2)
     j = generalized_jsd(s, t, beta=0.5)
     assert torch.allclose(j, generalized_jsd(t, s, beta=0.5), atol=1e-6)
@@ -119,3 +121,24 @@ def test_gradient_flows_to_student_only():
 def test_shape_mismatch_error_says_how_to_fix():
     with pytest.raises(KDistillError, match="uld"):
         forward_kl(torch.randn(2, 5), torch.randn(2, 6))
+
+
+def test_forward_kl_analytic_gradients_match_autograd_for_student_and_teacher():
+    """forward_kl is an autograd Function with hand-written gradients: both must equal autograd's on the
+    definition, also where the teacher excludes a class (-inf logit)."""
+    from kdistill.losses.logits import forward_kl, kl_from_log_probs, log_probs
+
+    torch.manual_seed(0)
+    for teacher_excludes in (False, True):
+        s = torch.randn(3, 4, 6, requires_grad=True)
+        t = torch.randn(3, 4, 6)
+        if teacher_excludes:
+            t[0, 0, 2] = float("-inf")
+        t.requires_grad_(True)
+        w = torch.randn(3, 4)
+        (forward_kl(s, t, kd_temperature=2.0) * w).sum().backward()
+        s2, t2 = s.detach().clone().requires_grad_(True), t.detach().clone().requires_grad_(True)
+        (kl_from_log_probs(log_probs(t2, 2.0), log_probs(s2, 2.0)) * w).sum().backward()
+        torch.testing.assert_close(s.grad, s2.grad, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(t.grad, t2.grad, atol=1e-6, rtol=1e-5)
+        assert torch.isfinite(s.grad).all() and torch.isfinite(t.grad).all()
