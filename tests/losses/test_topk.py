@@ -117,3 +117,45 @@ def test_errors():
         topk_loss(s[:, :3], lp, idx, lres)
     with pytest.raises(KDistillError, match=r"\[1, 24\]"):
         teacher_topk(t, k=0)
+
+
+def _student_coarse_reference(student_logits, idx, kd_temperature):
+    """The plain-autograd definition: log-softmax, gather, exact log-sum-exp of the rest."""
+    import math
+
+    from kdistill.losses.logits import log_probs
+    from kdistill.losses.topk import safe_logsumexp
+
+    ls = log_probs(student_logits, kd_temperature)
+    rest = safe_logsumexp(ls.scatter(-1, idx, -math.inf))
+    return torch.cat([ls.gather(-1, idx), rest.unsqueeze(-1)], -1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_student_coarse_analytic_gradient_matches_autograd(temperature):
+    from kdistill.losses.topk import student_coarse
+
+    torch.manual_seed(0)
+    z = torch.randn(3, 5, 40) * 3
+    z[0, 0, 7] = float("-inf")  # an excluded id, picked or not
+    z[1, 2, :] = -1e4
+    z[1, 2, 3] = 5.0  # almost all mass on one id: the rest mass is tiny but exact
+    idx = torch.randn(3, 5, 40).topk(6, dim=-1).indices
+    idx[0, 0, 0] = 7
+    idx[1, 2, 0] = 3
+    w = torch.randn(3, 5, 7)
+    a = z.clone().requires_grad_(True)
+    b = z.clone().requires_grad_(True)
+    got, want = student_coarse(a, idx, kd_temperature=temperature), _student_coarse_reference(b, idx, temperature)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    (torch.nan_to_num(got, neginf=0.0) * w).sum().backward()
+    (torch.nan_to_num(want, neginf=0.0) * w).sum().backward()
+    assert torch.isfinite(a.grad).all()
+    torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4)
+    # every id picked: no rest mass, log p(rest) = -inf, gradient still finite
+    full = torch.arange(40).expand(3, 5, 40)
+    c = z.clone().requires_grad_(True)
+    out = student_coarse(c, full, kd_temperature=temperature)
+    assert torch.isneginf(out[..., -1]).all()
+    out[..., :-1].nan_to_num(neginf=0.0).sum().backward()
+    assert torch.isfinite(c.grad).all()

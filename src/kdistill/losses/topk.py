@@ -103,10 +103,66 @@ def student_coarse(student_logits: Tensor, topk_indices: Tensor, *, kd_temperatu
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= V):
         raise KDistillError(f"topk_indices: got values in [{int(idx.min())}, {int(idx.max())}], expected [0, {V - 1}] "
                             "(the student's vocabulary). The cache was made with a different vocabulary.")
-    ls = L.log_probs(student_logits, kd_temperature)
-    picked = ls.gather(-1, idx)
-    rest = safe_logsumexp(ls.scatter(-1, idx, -math.inf))
-    return torch.cat([picked, rest.unsqueeze(-1)], -1)
+    L._check_temperature(kd_temperature)
+    return _StudentCoarse.apply(student_logits, idx, float(kd_temperature))
+
+
+class _StudentCoarse(torch.autograd.Function):
+    """``[log p_s at idx..., log p_s(rest)]`` in few passes over the vocabulary, with the analytic gradient.
+
+    Forward: one max, one exp, two sums (the second after zeroing the k picked entries in place, so the rest
+    mass is summed exactly, never as ``1 - sum(picked)``). Backward, with ``G = sum(g_picked) + g_rest``:
+    ``dz_v = (g_rest [v not picked] / P_rest - G) p_v + g_picked_j [v = idx_j]``, all divided by T.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, idx: Tensor, t: float) -> Tensor:  # type: ignore[override]
+        z = logits.float()
+        if t != 1.0:
+            z = z / t
+        m = z.amax(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # an all -inf row stays finite here
+        e = torch.exp(z - m)  # (..., V), ours to modify
+        total = e.sum(-1, keepdim=True)
+        picked = (z.gather(-1, idx) - m) - L._safe_log(total)  # log p at the picked ids
+        e.scatter_(-1, idx, 0.0)
+        rest_mass = e.sum(-1, keepdim=True)  # exact sum over the ids not picked
+        rest = L._safe_log(rest_mass) - L._safe_log(total)
+        # rows whose rest mass underflows in linear space (a very confident student): redo the rest in log
+        # space with its own shift, so log p(rest) stays finite as in an exact log-sum-exp; there the p_v of the
+        # ids not picked are below float range and drop out of the gradient's second term
+        shifted = torch.zeros_like(rest_mass, dtype=torch.bool)
+        under = (rest_mass == 0).squeeze(-1)
+        if under.any():
+            zr = z[under].scatter(-1, idx[under], -math.inf)
+            m_r = zr.amax(-1, keepdim=True)
+            ok = torch.isfinite(m_r)
+            e_r = torch.exp(zr - torch.where(ok, m_r, torch.zeros_like(m_r)))
+            mass_r = e_r.sum(-1, keepdim=True)
+            rest_r = torch.where(ok, m_r - m[under] + L._safe_log(mass_r) - L._safe_log(total[under]),
+                                 torch.full_like(m_r, -math.inf))
+            e[under] = torch.where(ok, e_r, torch.zeros_like(e_r))
+            rest_mass[under] = torch.where(ok, mass_r, torch.zeros_like(mass_r))
+            rest[under] = rest_r
+            shifted[under] = ok
+        ctx.t, ctx.dtype = t, logits.dtype
+        ctx.save_for_backward(e, total, rest_mass, picked, idx, shifted)
+        return torch.cat([picked, rest], -1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        e, total, rest_mass, picked, idx, shifted = ctx.saved_tensors
+        g_picked, g_rest = grad[..., :-1], grad[..., -1:]
+        g_all = g_picked.sum(-1, keepdim=True) + g_rest
+        safe_total = torch.where(total > 0, total, torch.ones_like(total))
+        safe_rest = torch.where(rest_mass > 0, rest_mass, torch.ones_like(rest_mass))
+        coef = (torch.where(rest_mass > 0, g_rest / safe_rest, torch.zeros_like(g_rest))
+                - torch.where(shifted, torch.zeros_like(g_all), g_all / safe_total))
+        dz = e * coef  # the ids not picked (their e is untouched; picked ids are 0 here)
+        dz.scatter_(-1, idx, g_picked - g_all * picked.exp())
+        if ctx.t != 1.0:
+            dz = dz / ctx.t
+        return dz.to(ctx.dtype), None, None
 
 
 def topk_loss(student_logits: Tensor, topk_logprobs: Tensor, topk_indices: Tensor, log_residual: Tensor | None = None,
