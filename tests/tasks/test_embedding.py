@@ -116,3 +116,19 @@ def test_pairs_mode_keeps_training_pairs_together_and_trains(tmp_path):
     report = run(cfg, output=tmp_path, progress=False, quiet=True)
     assert report["data"]["train_sentences"] == 128
     assert 0.0 <= report["student"]["metrics"]["recall_at_1"] <= 1.0
+
+
+def test_bad_quantize_settings_fail_at_load_time():
+    for bad, word in (({"neighbours": 300}, "neighbours"), ({"num_centroids": 1}, "num_centroids"),
+                      ({"lr": 0.0}, "lr")):
+        with pytest.raises(ConfigError, match=word):
+            load_config({**TINY, "quantize": bad})
+
+
+def test_quantize_width_mismatch_fails_before_training(tmp_path):
+    from kdistill.api import run
+    from kdistill.errors import KDistillError
+
+    with pytest.raises(KDistillError, match="divisor of the embedding width 32"):
+        run({**TINY, "quantize": {"num_subspaces": 5}}, output=tmp_path, progress=False, quiet=True)
+    assert not (tmp_path / "work").exists()  # nothing was trained

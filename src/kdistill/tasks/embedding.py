@@ -169,6 +169,24 @@ class QuantizeSpec(StrictModel):
     kd_temperature: float = 0.05
     neighbours: int = 7
 
+    @model_validator(mode="after")
+    def _check(self) -> QuantizeSpec:
+        # checked at config load, not after a long training run (the width check needs the student: see
+        # run_embedding, right after the student is built)
+        for name in ("num_subspaces", "kmeans_iters", "epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"quantize.{name} must be >= 1 (got {getattr(self, name)})")
+        if not 2 <= self.num_centroids <= 65536:
+            raise ValueError(f"quantize.num_centroids must be in [2, 65536] (got {self.num_centroids}; 256 = one "
+                             "byte per subspace)")
+        if self.lr <= 0 or self.kd_temperature <= 0:
+            raise ValueError(f"quantize.lr and quantize.kd_temperature must be > 0 (got {self.lr}, "
+                             f"{self.kd_temperature})")
+        if not 0 <= self.neighbours < self.batch_size:
+            raise ValueError(f"quantize.neighbours must be in [0, batch_size - 1] = [0, {self.batch_size - 1}] "
+                             f"(got {self.neighbours}); batches hold anchors plus their neighbours")
+        return self
+
 
 class EmbeddingConfig(StrictModel):
     task: Literal["embedding"] = "embedding"
@@ -282,6 +300,10 @@ def run_embedding(cfg: EmbeddingConfig, ctx: RunContext) -> dict[str, Any]:
 
     _seed(cfg.seed)
     student = STUDENTS[cfg.student.name](teacher, corpus=sentences, **cfg.student.kwargs)
+    if cfg.quantize is not None:  # a width the subspaces do not divide fails now, not after training
+        from ..modules.quantization import ProductQuantizer
+
+        ProductQuantizer(int(student.embedding_dim), cfg.quantize.num_subspaces, cfg.quantize.num_centroids)
     throughput = [p.candidate for p in test][: cfg.eval.throughput_sentences]
     t_test = (teacher_embeddings_cached(teacher, [p.query for p in test], batch_size=cfg.eval.batch_size),
               teacher_embeddings_cached(teacher, [p.candidate for p in test], batch_size=cfg.eval.batch_size))
