@@ -16,7 +16,8 @@ Prints one JSON object::
 
 The pair is a Llama-style teacher (hidden 256, 6 layers, vocabulary 8192) and a smaller student (hidden
 128, 2 layers, same vocabulary), batch 8 x 128 tokens. The four measurements are interleaved round by
-round (so slow drifts of a shared CPU hit all of them alike) and the median over rounds is reported.
+round, in a new random order each round (so slow drifts of a shared CPU, and whatever one measurement leaves
+behind for the next, hit all of them alike), and the median over rounds is reported.
 
 ``--peers`` adds ``trl_step_ms``: one optimizer step of TRL's ``GKDTrainer`` (``trl.experimental.gkd``;
 ``pip install trl``, an optional benchmark dependency) on the same pair, batch and tokens, with
@@ -26,6 +27,11 @@ kdistill measurements, and a ``TrainerCallback`` times the step from ``on_step_b
 (forward, loss, backward, optimizer and scheduler step; data collation happens before ``on_step_begin``
 and is not counted). ``trl_ratio = trl_step / (student_step + teacher_forward)`` is the same limit as
 ``overhead_ratio``.
+
+Ratios: each ratio is computed within each round (all terms measured within about a second of each other)
+and the median over rounds is reported; ``*_of_medians`` gives the ratio of the per-measurement medians. A
+shared CPU switches between faster and slower phases during a run; the per-round ratio compares terms
+measured in the same phase, the ratio of medians can mix phases.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import time
 
@@ -116,21 +123,40 @@ def main() -> None:
     if trl_step is not None:
         trl_step(teacher, student, batch)  # warm-up
         times["trl_step_ms"] = []
+    order_rng = random.Random(0)
     for _ in range(args.rounds):
-        for k, fn in fns.items():
+        # a fresh random order each round: whatever one measurement leaves behind (allocator state, caches,
+        # TRL's trainer bookkeeping) precedes every other measurement equally often
+        names = list(fns) + (["trl_step_ms"] if trl_step is not None else [])
+        order_rng.shuffle(names)
+        for k in names:
+            if k == "trl_step_ms":
+                times[k].append(trl_step(teacher, student, batch))
+                continue
             t = time.perf_counter()
-            fn()
+            fns[k]()
             times[k].append((time.perf_counter() - t) * 1e3)
-        if trl_step is not None:
-            times["trl_step_ms"].append(trl_step(teacher, student, batch))
+    if os.environ.get("KDISTILL_BENCH_DEBUG"):
+        print(json.dumps({k: [round(x, 1) for x in v] for k, v in times.items()}))
     med = {k: statistics.median(v) for k, v in times.items()}
     out = {k: round(v, 2) for k, v in med.items()}
-    out["overhead_ratio"] = round(med["kd_step_ms"] / (med["student_step_ms"] + med["teacher_forward_ms"]), 4)
-    out["cached_ratio"] = round(med["cached_step_ms"] / med["student_step_ms"], 4)
+
+    def ratios(num: str, den: tuple[str, ...]) -> tuple[float, float]:
+        """(ratio of the medians, median of the per-round ratios)."""
+        per_round = [times[num][r] / sum(times[d][r] for d in den) for r in range(args.rounds)]
+        return med[num] / sum(med[d] for d in den), statistics.median(per_round)
+
+    pairs = {"overhead_ratio": ("kd_step_ms", ("student_step_ms", "teacher_forward_ms")),
+             "cached_ratio": ("cached_step_ms", ("student_step_ms",))}
+    if trl_step is not None:
+        pairs["trl_ratio"] = ("trl_step_ms", ("student_step_ms", "teacher_forward_ms"))
+    for name, (num, den) in pairs.items():
+        of_medians, paired = ratios(num, den)
+        out[name] = round(paired, 4)
+        out[name + "_of_medians"] = round(of_medians, 4)
     if trl_step is not None:
         import trl
 
-        out["trl_ratio"] = round(med["trl_step_ms"] / (med["student_step_ms"] + med["teacher_forward_ms"]), 4)
         out["trl_version"] = trl.__version__
     out.update({"tokens_per_step": args.batch * args.length, "vocab": V, "rounds": args.rounds,
                 "teacher_params": sum(p.numel() for p in teacher.parameters()),

@@ -131,9 +131,16 @@ def _student_coarse_reference(student_logits, idx, kd_temperature):
     return torch.cat([ls.gather(-1, idx), rest.unsqueeze(-1)], -1)
 
 
+@pytest.mark.parametrize("block_rows", [0, 2])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_student_coarse_analytic_gradient_matches_autograd(temperature):
+def test_student_coarse_analytic_gradient_matches_autograd(temperature, block_rows, monkeypatch):
+    """block_rows = 2: the forward runs over 2-row blocks (8 blocks, the last one partial), with the excluded
+    id and the underflowing row in different blocks; 0: one block."""
+    import kdistill.losses.logits as Lmod
     from kdistill.losses.topk import student_coarse
+
+    if block_rows:
+        monkeypatch.setattr(Lmod, "_BLOCK_ELEMENTS", block_rows * 40)
 
     torch.manual_seed(0)
     z = torch.randn(3, 5, 40) * 3

@@ -54,40 +54,90 @@ def kl_from_log_probs(log_p: Tensor, log_q: Tensor) -> Tensor:
     return (p * diff).sum(-1)
 
 
+#: elements per row block of the blocked vocabulary losses on CPU: 2**18 fp32 values = 1 MB, so one block
+#: of each operand (student, teacher, log-probs, gradient) stays in cache between passes. On 1024 x 8192
+#: logits, 16-64 rows per block measured alike (~30 ms forward + backward), 1024 rows ~3x slower.
+_BLOCK_ELEMENTS = 1 << 18
+
+
+def _block_rows(x: Tensor) -> int:
+    """Rows per block for the blocked vocabulary losses: ~:data:`_BLOCK_ELEMENTS` values on CPU, where the
+    passes of a block then hit cache instead of memory; all rows at once on accelerators, where many small
+    kernel launches would cost more than they save."""
+    n, V = x.shape[0], max(x.shape[-1], 1)
+    if x.device.type != "cpu":
+        return max(n, 1)
+    return max(1, _BLOCK_ELEMENTS // V)
+
+
 class _ForwardKL(torch.autograd.Function):
     """KL(p_t || p_s) with analytic gradients: ``dKL/dz_s = (p_s - p_t) / T`` and
-    ``dKL/dz_t = p_t ((log p_t - log p_s) - KL) / T``. Saves two (..., V) tensors instead of autograd's
-    chain of log-softmax / exp / where / mul intermediates: fewer passes over the vocabulary."""
+    ``dKL/dz_t = p_t ((log p_t - log p_s) - KL) / T``.
+
+    Student-only gradient (the usual case, the teacher is frozen): the rows are processed in blocks of
+    about :data:`_BLOCK_ELEMENTS` values. Each block's log-softmaxes, KL and gradient ``p_s - p_t`` are
+    computed while the block is still in cache, and only that gradient (one tensor of the student's shape
+    and dtype) is saved; backward is one multiply by the incoming per-row gradient. On 1024 x 8192 logits
+    this is ~3x faster than the unblocked passes over DRAM and faster than a cross-entropy's forward +
+    backward (``benchmarks/llm_throughput.py``). When the teacher also needs a gradient the whole-tensor
+    path saves ``log p_s``, ``p_t``, ``log p_t - log p_s`` and the KL instead."""
 
     @staticmethod
     def forward(ctx, student_logits: Tensor, teacher_logits: Tensor, t: float) -> Tensor:  # type: ignore[override]
+        ctx.t = t
+        ctx.dtypes = (student_logits.dtype, teacher_logits.dtype)
+        ctx.blocked = not ctx.needs_input_grad[1]
+        if ctx.blocked:
+            V = student_logits.shape[-1]
+            zs = student_logits.reshape(-1, V)
+            zt = teacher_logits.reshape(-1, V)
+            n = zs.shape[0]
+            rows = _block_rows(zs)
+            kl = torch.empty(n, dtype=torch.float32, device=zs.device)
+            keep_grad = ctx.needs_input_grad[0]
+            grad = torch.empty(zs.shape, dtype=student_logits.dtype, device=zs.device) if keep_grad else None
+            for i in range(0, n, rows):
+                s = zs[i:i + rows].float()
+                u = zt[i:i + rows].float()
+                if t != 1.0:
+                    s = s / t
+                    u = u / t
+                ls = torch.log_softmax(s, -1)
+                lt = torch.log_softmax(u, -1)
+                p = lt.exp()
+                diff = lt - ls
+                part = (p * diff).sum(-1)
+                if not torch.isfinite(part).all():  # 0 * (-inf) where the teacher excludes a class: 0 log 0 = 0
+                    part = (p * torch.where(p > 0, diff, torch.zeros_like(diff))).sum(-1)
+                kl[i:i + rows] = part
+                if keep_grad:
+                    grad[i:i + rows] = ls.exp_().sub_(p)
+            if keep_grad:
+                ctx.save_for_backward(grad)
+            return kl.reshape(student_logits.shape[:-1])
         zs, zt = student_logits.float(), teacher_logits.float()
         ls = F.log_softmax(zs / t if t != 1.0 else zs, dim=-1)
         lt = F.log_softmax(zt / t if t != 1.0 else zt, dim=-1)
         p = lt.exp()
         diff = lt - ls
         kl = (p * diff).sum(-1)
-        if not torch.isfinite(kl).all():  # 0 * (-inf) where the teacher excludes a class: 0 log 0 = 0
+        if not torch.isfinite(kl).all():
             diff = torch.where(p > 0, diff, torch.zeros_like(diff))
             kl = (p * diff).sum(-1)
-        ctx.t = t
-        ctx.dtypes = (student_logits.dtype, teacher_logits.dtype)
-        if ctx.needs_input_grad[1]:  # the teacher's gradient also needs log p_t - log p_s and the KL
-            ctx.save_for_backward(ls, p, diff, kl)
-        else:
-            ctx.save_for_backward(ls, p)
+        ctx.save_for_backward(ls, p, diff, kl)
         return kl
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        saved = ctx.saved_tensors
-        ls, p = saved[0], saved[1]
         g = grad.unsqueeze(-1) / ctx.t
+        if ctx.blocked:
+            (ds,) = ctx.saved_tensors
+            return (ds.reshape(g.shape[:-1] + ds.shape[-1:]) * g).to(ctx.dtypes[0]), None, None
+        ls, p, diff, kl = ctx.saved_tensors
         gs = gt = None
         if ctx.needs_input_grad[0]:
             gs = ((ls.exp() - p) * g).to(ctx.dtypes[0])
         if ctx.needs_input_grad[1]:
-            diff, kl = saved[2], saved[3]
             gt = (p * (diff - kl.unsqueeze(-1)) * g).to(ctx.dtypes[1])
         return gs, gt, None
 

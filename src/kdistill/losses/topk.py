@@ -107,6 +107,43 @@ def student_coarse(student_logits: Tensor, topk_indices: Tensor, *, kd_temperatu
     return _StudentCoarse.apply(student_logits, idx, float(kd_temperature))
 
 
+def _coarse_block(logits: Tensor, idx: Tensor, t: float, e: Tensor, total: Tensor, rest_mass: Tensor,
+                  out: Tensor, shifted: Tensor) -> None:
+    """One row block of :class:`_StudentCoarse`'s forward, written into the given output views: ``e`` the
+    shifted exponentials with the picked ids zeroed, ``total`` / ``rest_mass`` their sums before / after
+    zeroing, ``out`` the k picked log-probs and the rest's, ``shifted`` the rows whose rest was redone in log
+    space."""
+    z = logits.float()
+    if t != 1.0:
+        z = z / t
+    m = z.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # an all -inf row stays finite here
+    torch.sub(z, m, out=e)
+    e.exp_()
+    total.copy_(e.sum(-1, keepdim=True))
+    out[:, :-1] = (z.gather(-1, idx) - m) - L._safe_log(total)  # log p at the picked ids
+    e.scatter_(-1, idx, 0.0)
+    rest_mass.copy_(e.sum(-1, keepdim=True))  # exact sum over the ids not picked
+    rest = L._safe_log(rest_mass) - L._safe_log(total)
+    # rows whose rest mass underflows in linear space (a very confident student): redo the rest in log space
+    # with its own shift, so log p(rest) stays finite as in an exact log-sum-exp; there the p_v of the ids not
+    # picked are below float range and drop out of the gradient's second term
+    under = (rest_mass == 0).squeeze(-1)
+    if under.any():
+        zr = z[under].scatter(-1, idx[under], -math.inf)
+        m_r = zr.amax(-1, keepdim=True)
+        ok = torch.isfinite(m_r)
+        e_r = torch.exp(zr - torch.where(ok, m_r, torch.zeros_like(m_r)))
+        mass_r = e_r.sum(-1, keepdim=True)
+        rest_r = torch.where(ok, m_r - m[under] + L._safe_log(mass_r) - L._safe_log(total[under]),
+                             torch.full_like(m_r, -math.inf))
+        e[under] = torch.where(ok, e_r, torch.zeros_like(e_r))
+        rest_mass[under] = torch.where(ok, mass_r, torch.zeros_like(mass_r))
+        rest[under] = rest_r
+        shifted[under] = ok
+    out[:, -1:] = rest
+
+
 class _StudentCoarse(torch.autograd.Function):
     """``[log p_s at idx..., log p_s(rest)]`` in few passes over the vocabulary, with the analytic gradient.
 
@@ -117,37 +154,25 @@ class _StudentCoarse(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, idx: Tensor, t: float) -> Tensor:  # type: ignore[override]
-        z = logits.float()
-        if t != 1.0:
-            z = z / t
-        m = z.amax(-1, keepdim=True)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # an all -inf row stays finite here
-        e = torch.exp(z - m)  # (..., V), ours to modify
-        total = e.sum(-1, keepdim=True)
-        picked = (z.gather(-1, idx) - m) - L._safe_log(total)  # log p at the picked ids
-        e.scatter_(-1, idx, 0.0)
-        rest_mass = e.sum(-1, keepdim=True)  # exact sum over the ids not picked
-        rest = L._safe_log(rest_mass) - L._safe_log(total)
-        # rows whose rest mass underflows in linear space (a very confident student): redo the rest in log
-        # space with its own shift, so log p(rest) stays finite as in an exact log-sum-exp; there the p_v of the
-        # ids not picked are below float range and drop out of the gradient's second term
-        shifted = torch.zeros_like(rest_mass, dtype=torch.bool)
-        under = (rest_mass == 0).squeeze(-1)
-        if under.any():
-            zr = z[under].scatter(-1, idx[under], -math.inf)
-            m_r = zr.amax(-1, keepdim=True)
-            ok = torch.isfinite(m_r)
-            e_r = torch.exp(zr - torch.where(ok, m_r, torch.zeros_like(m_r)))
-            mass_r = e_r.sum(-1, keepdim=True)
-            rest_r = torch.where(ok, m_r - m[under] + L._safe_log(mass_r) - L._safe_log(total[under]),
-                                 torch.full_like(m_r, -math.inf))
-            e[under] = torch.where(ok, e_r, torch.zeros_like(e_r))
-            rest_mass[under] = torch.where(ok, mass_r, torch.zeros_like(mass_r))
-            rest[under] = rest_r
-            shifted[under] = ok
+        V, k = logits.shape[-1], idx.shape[-1]
+        lead = logits.shape[:-1]
+        zf, idf = logits.reshape(-1, V), idx.reshape(-1, k)
+        n = zf.shape[0]
+        dev = logits.device
+        e = torch.empty((n, V), dtype=torch.float32, device=dev)
+        total = torch.empty((n, 1), dtype=torch.float32, device=dev)
+        rest_mass = torch.empty((n, 1), dtype=torch.float32, device=dev)
+        out = torch.empty((n, k + 1), dtype=torch.float32, device=dev)
+        shifted = torch.zeros((n, 1), dtype=torch.bool, device=dev)
+        # row blocks of ~1 MB (as in forward_kl): the max, exp and both sums of a block run while it is in cache
+        rows = L._block_rows(zf)
+        for i in range(0, n, rows):
+            j = slice(i, i + rows)
+            _coarse_block(zf[j], idf[j], t, e[j], total[j], rest_mass[j], out[j], shifted[j])
         ctx.t, ctx.dtype = t, logits.dtype
-        ctx.save_for_backward(e, total, rest_mass, picked, idx, shifted)
-        return torch.cat([picked, rest], -1)
+        ctx.save_for_backward(e.reshape(*lead, V), total.reshape(*lead, 1), rest_mass.reshape(*lead, 1),
+                              out[:, :k].reshape(*lead, k), idx, shifted.reshape(*lead, 1))
+        return out.reshape(*lead, k + 1)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
