@@ -62,6 +62,31 @@ def test_layer_subset_of_all_layers_reproduces_teacher(teacher):
     assert not torch.allclose(other.encode(SENTENCES), teacher.encode(SENTENCES), atol=1e-3)
 
 
+def test_layer_subset_freeze_embeddings_keeps_the_token_table_through_training(teacher):
+    """freeze_embeddings: the optimiser of the training loop never sees the token table, so after steps that
+    move every layer the table still equals the teacher's (the unfrozen student's table moves)."""
+    from kdistill.train.optim import build_optimizer
+
+    word = "embeddings.word_embeddings.weight"
+    moved = {}
+    for freeze in (False, True):
+        student = layer_subset(teacher, [0, 3], freeze_embeddings=freeze)
+        assert student.backbone.get_input_embeddings().weight.requires_grad is (not freeze)
+        opt = build_optimizer(student.parameters(), lr=1e-2)
+        before = {k: v.clone() for k, v in student.backbone.state_dict().items()}
+        target = teacher.encode(SENTENCES).flip(0)
+        for _ in range(3):
+            loss = (student(**student.tokenize(SENTENCES)) - target).pow(2).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        after = student.backbone.state_dict()
+        moved[freeze] = not torch.equal(after[word], before[word])
+        assert not torch.equal(after["encoder.layer.0.attention.self.query.weight"],
+                               before["encoder.layer.0.attention.self.query.weight"])
+    assert moved == {False: True, True: False}
+
+
 @pytest.mark.parametrize("layers", [[0, 4], [], [1, 1]])
 def test_layer_subset_rejects_bad_layers(teacher, layers):
     with pytest.raises(KDistillError, match="layer_subset layers"):

@@ -80,13 +80,16 @@ def test_quantize_stage_reports_pq_retrieval_and_saves_codebooks(tmp_path):
     from kdistill.train.checkpoint import load_state_dict
 
     cfg = {**TINY, "quantize": {"num_subspaces": 8, "num_centroids": 16, "kmeans_iters": 5, "epochs": 2,
-                                "batch_size": 64, "neighbours": 0}, "export": {"sentence_transformers": False}}
+                                "batch_size": 64, "neighbours": 0, "max_train": 100},
+           "export": {"sentence_transformers": False}}
     report = run(cfg, output=tmp_path, progress=False, quiet=True)
     q = report["quantization"]
     assert q["bytes_per_vector"] == 8 and q["dense_bytes_per_vector"] == 4 * 32 and q["compression"] == 16.0
     for key in ("dense", "kmeans", "distill_vq"):
         assert 0.0 <= q[key]["recall_at_1"] <= q[key]["recall_at_10"] <= 1.0
-    assert q["kmeans"]["reconstruction_mse"] > 0 and q["distill_vq_training"]["steps"] == 2 * 4  # 200 / 64
+    # codebooks fitted on a 100-text subset of the 200 training texts: 2 epochs x ceil(100 / 64) steps
+    assert q["train_texts"] == 100 and report["data"]["train_sentences"] == 200
+    assert q["kmeans"]["reconstruction_mse"] > 0 and q["distill_vq_training"]["steps"] == 2 * 2
     assert q["dense"]["recall_at_1"] == pytest.approx(report["student"]["metrics"]["recall_at_1"])
     assert load_state_dict(tmp_path / "pq.safetensors")["codebooks"].shape == (8, 16, 4)
     assert "Product quantisation" in (tmp_path / "report.md").read_text()
@@ -120,7 +123,7 @@ def test_pairs_mode_keeps_training_pairs_together_and_trains(tmp_path):
 
 def test_bad_quantize_settings_fail_at_load_time():
     for bad, word in (({"neighbours": 300}, "neighbours"), ({"num_centroids": 1}, "num_centroids"),
-                      ({"lr": 0.0}, "lr")):
+                      ({"lr": 0.0}, "lr"), ({"max_train": 100}, "max_train")):
         with pytest.raises(ConfigError, match=word):
             load_config({**TINY, "quantize": bad})
 

@@ -224,9 +224,14 @@ def _layer_list(backbone: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
                         "BERT-like encoders (encoder.layer) and models with one list of blocks.")
 
 
-def layer_subset(teacher: SentenceEncoder, layers: Sequence[int]) -> SentenceEncoder:
+def layer_subset(teacher: SentenceEncoder, layers: Sequence[int], *, freeze_embeddings: bool = False) -> SentenceEncoder:
     """A student that keeps the teacher's embeddings and the given layers (in that order), same pooling,
-    projection and normalisation. The teacher is not modified."""
+    projection and normalisation. The teacher is not modified.
+
+    ``freeze_embeddings``: keep the token-embedding table fixed at the teacher's values during training
+    (``requires_grad = False``; the optimiser skips it). Tokens that never occur in the training texts then
+    stay in the same input space as the ones that do, instead of keeping stale rows that the trained layers
+    no longer match."""
     n = int(teacher.backbone.config.num_hidden_layers)
     layers = [int(i) for i in layers]
     expect(len(layers) >= 1 and all(-n <= i < n for i in layers), "layer_subset layers", layers,
@@ -245,6 +250,8 @@ def layer_subset(teacher: SentenceEncoder, layers: Sequence[int]) -> SentenceEnc
                               max_seq_length=teacher.max_seq_length)
     if teacher.projection is not None:
         student.projection = copy.deepcopy(teacher.projection)
+    if freeze_embeddings:
+        backbone.get_input_embeddings().weight.requires_grad_(False)
     return student
 
 

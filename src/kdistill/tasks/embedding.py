@@ -83,8 +83,9 @@ def build_static(teacher: SentenceEncoder, *, corpus: list[str], dim: int | None
     return student
 
 
-def _layer_subset(teacher: SentenceEncoder, *, corpus: list[str], layers: list[int]) -> SentenceEncoder:
-    return layer_subset(teacher, layers)
+def _layer_subset(teacher: SentenceEncoder, *, corpus: list[str], layers: list[int],
+                  freeze_embeddings: bool = False) -> SentenceEncoder:
+    return layer_subset(teacher, layers, freeze_embeddings=freeze_embeddings)
 
 
 def _narrow(teacher: SentenceEncoder, *, corpus: list[str], hidden_size: int, num_layers: int,
@@ -157,7 +158,9 @@ class QuantizeSpec(StrictModel):
     compares dense, k-means-PQ and Distill-VQ retrieval at ``bytes_per_vector``. Defaults from a sweep on the
     WordNet set (docs/embedding.md): Adam moves every centroid by about ``lr`` per step whatever its gradient,
     so ``lr`` must stay small (1e-3 degraded recall, 3e-3 destroyed it); random in-batch candidates alone
-    (``neighbours: 0``) did worse than k-means."""
+    (``neighbours: 0``) did worse than k-means. ``max_train``: the codebooks are fitted on at most this many
+    training texts (a seeded random subset; ``null`` = all). k-means, the teacher-neighbour search and the
+    student encoding all grow with it, and 256 centroids per subspace need far fewer than 200k vectors."""
 
     num_subspaces: int = 32
     num_centroids: int = 256
@@ -168,11 +171,15 @@ class QuantizeSpec(StrictModel):
     lr: float = 1e-4
     kd_temperature: float = 0.05
     neighbours: int = 7
+    max_train: int | None = 50000
 
     @model_validator(mode="after")
     def _check(self) -> QuantizeSpec:
         # checked at config load, not after a long training run (the width check needs the student: see
         # run_embedding, right after the student is built)
+        if self.max_train is not None and self.max_train < self.num_centroids:
+            raise ValueError(f"quantize.max_train must be >= num_centroids = {self.num_centroids} (got "
+                             f"{self.max_train}; k-means needs at least one vector per centroid), or null for all")
         for name in ("num_subspaces", "kmeans_iters", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"quantize.{name} must be >= 1 (got {getattr(self, name)})")
@@ -392,6 +399,9 @@ def quantize_student(cfg: EmbeddingConfig, student: Any, teacher: SentenceEncode
 
     q = cfg.quantize
     bs = cfg.eval.batch_size
+    if q.max_train is not None and len(sentences) > q.max_train:
+        keep = np.random.default_rng(cfg.seed).permutation(len(sentences))[: q.max_train]
+        sentences = [sentences[i] for i in sorted(keep)]
     with torch.no_grad():
         s_train = student.encode(sentences, bs)
         s_q, s_c = student.encode([p.query for p in test], bs), student.encode([p.candidate for p in test], bs)
@@ -409,7 +419,8 @@ def quantize_student(cfg: EmbeddingConfig, student: Any, teacher: SentenceEncode
     dense["recall_at_1_kept"] = dense["recall_at_1"] / teacher_r1 if teacher_r1 > 0 else float("nan")
     out: dict[str, Any] = {"num_subspaces": pq.m, "num_centroids": pq.k, "bytes_per_vector": pq.bytes_per_vector,
                            "dense_bytes_per_vector": 4 * pq.dim,
-                           "compression": 4 * pq.dim / pq.bytes_per_vector, "dense": dense, "kmeans": scored()}
+                           "compression": 4 * pq.dim / pq.bytes_per_vector, "train_texts": len(sentences),
+                           "dense": dense, "kmeans": scored()}
     if q.distill:
         out["distill_vq_training"] = train_distill_vq(pq, s_train, t_train, epochs=q.epochs, batch_size=q.batch_size,
                                                       lr=q.lr, kd_temperature=q.kd_temperature,
