@@ -2,7 +2,9 @@
 
 Teacher: all-MiniLM-L6-v2 (zoo ``minilm-l6``). Test set: 2,000 held-out WordNet lemma -> gloss pairs
 (query = lemma, its partner = its gloss among all 2,000 glosses); training data: the texts of the other
-pairs (no lemma or gloss of the test set), ``--num-train`` sentences, one shared budget.
+pairs (no lemma or gloss of the test set): each recipe's own ``data.num_train`` / epochs / batch (or
+``--num-train`` / ``--epochs`` / ``--batch-size`` for both), and the sentence-transformers student gets exactly the
+2-layer recipe's texts, steps and schedule.
 
 Students, side by side in one run:
   kdistill_2layer_untrained  layers 0 and 5 of the teacher, no training
@@ -19,8 +21,8 @@ models measured in interleaved rounds to spread machine noise evenly). The kdist
 quantisation stage (32 bytes per vector; k-means and Distill-VQ codebooks) is reported under
 ``quantization`` for the two kdistill students. Prints one JSON object.
 
-    python benchmarks/embedding.py                    # full: 20k training texts, the recipes' epochs
-    python benchmarks/embedding.py --num-train 4000   # quicker
+    python benchmarks/embedding.py                    # full: the recipes' own data, epochs and batch sizes
+    python benchmarks/embedding.py --num-train 4000 --skip model2vec   # quicker
 """
 
 from __future__ import annotations
@@ -113,7 +115,8 @@ def pq_summary(report: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output", default="runs/bench_embedding")
-    ap.add_argument("--num-train", type=int, default=20000)
+    ap.add_argument("--num-train", type=int, default=None,
+                    help="training texts for both recipes (default: each recipe's own data.num_train)")
     ap.add_argument("--num-eval", type=int, default=2000)
     ap.add_argument("--epochs", type=int, default=None, help="training epochs (default: each recipe's)")
     ap.add_argument("--batch-size", type=int, default=None, help="training batch size (default: each recipe's)")
@@ -127,8 +130,9 @@ def main() -> None:
     t_start = time.perf_counter()
     torch.set_num_threads(args.threads)
 
-    common = [f"data.num_train={args.num_train}", f"data.num_eval={args.num_eval}", "eval.eval_untrained=false",
+    common = [f"data.num_eval={args.num_eval}", "eval.eval_untrained=false",
               "eval.throughput_sentences=64", "eval.throughput_repeats=1", "export.onnx=false"]
+    common += [f"data.num_train={args.num_train}"] if args.num_train is not None else []
     common += [f"train.epochs={args.epochs}"] if args.epochs is not None else []
     common += [f"train.batch_size={args.batch_size}"] if args.batch_size is not None else []
     recipe_2l = api.load_config("embedding/minilm_to_2layer", common)
