@@ -70,6 +70,21 @@ def _block_rows(x: Tensor) -> int:
     return max(1, _BLOCK_ELEMENTS // V)
 
 
+def _kl_parts(student_logits: Tensor, teacher_logits: Tensor, t: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(log p_s, p_t, log p_t - log p_s, KL(p_t || p_s))`` in fp32 at temperature ``t``; the difference is 0
+    where ``p_t = 0`` whenever that is needed for a finite KL (0 log 0 = 0 for a teacher-excluded class)."""
+    zs, zt = student_logits.float(), teacher_logits.float()
+    ls = F.log_softmax(zs / t if t != 1.0 else zs, dim=-1)
+    lt = F.log_softmax(zt / t if t != 1.0 else zt, dim=-1)
+    p = lt.exp()
+    diff = lt - ls
+    kl = (p * diff).sum(-1)
+    if not torch.isfinite(kl).all():
+        diff = torch.where(p > 0, diff, torch.zeros_like(diff))
+        kl = (p * diff).sum(-1)
+    return ls, p, diff, kl
+
+
 class _ForwardKL(torch.autograd.Function):
     """KL(p_t || p_s) with analytic gradients: ``dKL/dz_s = (p_s - p_t) / T`` and
     ``dKL/dz_t = p_t ((log p_t - log p_s) - KL) / T``.
@@ -97,33 +112,13 @@ class _ForwardKL(torch.autograd.Function):
             keep_grad = ctx.needs_input_grad[0]
             grad = torch.empty(zs.shape, dtype=student_logits.dtype, device=zs.device) if keep_grad else None
             for i in range(0, n, rows):
-                s = zs[i:i + rows].float()
-                u = zt[i:i + rows].float()
-                if t != 1.0:
-                    s = s / t
-                    u = u / t
-                ls = torch.log_softmax(s, -1)
-                lt = torch.log_softmax(u, -1)
-                p = lt.exp()
-                diff = lt - ls
-                part = (p * diff).sum(-1)
-                if not torch.isfinite(part).all():  # 0 * (-inf) where the teacher excludes a class: 0 log 0 = 0
-                    part = (p * torch.where(p > 0, diff, torch.zeros_like(diff))).sum(-1)
-                kl[i:i + rows] = part
+                ls, p, _, kl[i:i + rows] = _kl_parts(zs[i:i + rows], zt[i:i + rows], t)
                 if keep_grad:
                     grad[i:i + rows] = ls.exp_().sub_(p)
             if keep_grad:
                 ctx.save_for_backward(grad)
             return kl.reshape(student_logits.shape[:-1])
-        zs, zt = student_logits.float(), teacher_logits.float()
-        ls = F.log_softmax(zs / t if t != 1.0 else zs, dim=-1)
-        lt = F.log_softmax(zt / t if t != 1.0 else zt, dim=-1)
-        p = lt.exp()
-        diff = lt - ls
-        kl = (p * diff).sum(-1)
-        if not torch.isfinite(kl).all():
-            diff = torch.where(p > 0, diff, torch.zeros_like(diff))
-            kl = (p * diff).sum(-1)
+        ls, p, diff, kl = _kl_parts(student_logits, teacher_logits, t)
         ctx.save_for_backward(ls, p, diff, kl)
         return kl
 
