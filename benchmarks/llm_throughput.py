@@ -41,6 +41,7 @@ import json
 import os
 import random
 import statistics
+import sys
 import time
 
 import torch
@@ -54,6 +55,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--length", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--show-rounds", action="store_true", help="also print every round's times (to stderr)")
     ap.add_argument("--peers", action="store_true", help="also time TRL's GKDTrainer (needs `pip install trl`)")
     args = ap.parse_args()
     trl_step = make_trl_step(args) if args.peers else None
@@ -136,8 +138,8 @@ def main() -> None:
             t = time.perf_counter()
             fns[k]()
             times[k].append((time.perf_counter() - t) * 1e3)
-    if os.environ.get("KDISTILL_BENCH_DEBUG"):
-        print(json.dumps({k: [round(x, 1) for x in v] for k, v in times.items()}))
+    if args.show_rounds:  # on stderr: stdout stays one JSON object
+        print(json.dumps({k: [round(x, 1) for x in v] for k, v in times.items()}), file=sys.stderr)
     med = {k: statistics.median(v) for k, v in times.items()}
     out = {k: round(v, 2) for k, v in med.items()}
 

@@ -399,13 +399,18 @@ def quantize_student(cfg: EmbeddingConfig, student: Any, teacher: SentenceEncode
 
     q = cfg.quantize
     bs = cfg.eval.batch_size
+    keep = list(range(len(sentences)))
     if q.max_train is not None and len(sentences) > q.max_train:
-        keep = np.random.default_rng(cfg.seed).permutation(len(sentences))[: q.max_train]
-        sentences = [sentences[i] for i in sorted(keep)]
+        keep = sorted(np.random.default_rng(cfg.seed).permutation(len(sentences))[: q.max_train].tolist())
+    if cfg.distill:  # training cached the teacher's embeddings of every training text: take the subset's rows
+        t_train = teacher_embeddings_cached(teacher, sentences, batch_size=bs)[keep]
+        sentences = [sentences[i] for i in keep]
+    else:
+        sentences = [sentences[i] for i in keep]
+        t_train = teacher_embeddings_cached(teacher, sentences, batch_size=bs)
     with torch.no_grad():
         s_train = student.encode(sentences, bs)
         s_q, s_c = student.encode([p.query for p in test], bs), student.encode([p.candidate for p in test], bs)
-    t_train = teacher_embeddings_cached(teacher, sentences, batch_size=bs)
     pq = ProductQuantizer(s_train.shape[1], q.num_subspaces, q.num_centroids).init_kmeans(
         s_train, iters=q.kmeans_iters, seed=cfg.seed)
 
