@@ -64,3 +64,46 @@ def test_mixup_targets_are_consistent_mixtures():
     # same rng state -> same augmentation (so resumed runs draw the same mixes)
     again = Mixup(alpha=1.0, num_classes=3)({"inputs": x, "labels": y}, np.random.default_rng(0))
     assert torch.equal(again["inputs"], out["inputs"])
+
+
+def test_neighbour_group_sampler_is_a_permutation_of_neighbourhoods():
+    import torch
+
+    from kdistill.data import NeighbourGroupSampler
+    from kdistill.modules.quantization import teacher_neighbours
+
+    # 10 tight clusters of 6 points each, far apart: a group of 3 must stay inside one cluster
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(10, 8, generator=g) * 10
+    x = (centres.repeat_interleave(6, 0) + 0.01 * torch.randn(60, 8, generator=g))
+    cluster = torch.arange(60) // 6
+    s = NeighbourGroupSampler(teacher_neighbours(x, 5), group=3, seed=1)
+    order = list(s)
+    assert sorted(order) == list(range(60)) and len(s) == 60  # every row exactly once
+    groups = [order[i:i + 3] for i in range(0, 60, 3)]
+    same = sum(len(set(cluster[grp].tolist())) == 1 for grp in groups)
+    assert same >= 15  # most groups are one neighbourhood (random triples would almost never be)
+    # deterministic per (seed, epoch) and different across epochs
+    assert list(NeighbourGroupSampler(teacher_neighbours(x, 5), group=3, seed=1)) == order
+    s.set_epoch(1)
+    assert list(s) != order and sorted(s) == list(range(60))
+    # group 1 is the plain epoch shuffle
+    from kdistill.data import EpochSampler
+
+    assert list(NeighbourGroupSampler(teacher_neighbours(x, 5), group=1, seed=1)) == list(EpochSampler(60, 1))
+
+
+def test_neighbour_group_sampler_rejects_bad_input():
+    import pytest
+    import torch
+
+    from kdistill.data import NeighbourGroupSampler, TensorDictDataset, make_loader
+    from kdistill.errors import KDistillError
+
+    with pytest.raises(KDistillError, match="neighbour group"):
+        NeighbourGroupSampler(torch.zeros(4, 2, dtype=torch.long), group=0, seed=0)
+    with pytest.raises(KDistillError, match="neighbours"):
+        NeighbourGroupSampler(torch.zeros(4, dtype=torch.long), group=2, seed=0)
+    with pytest.raises(KDistillError, match="dataset size 5"):
+        make_loader(TensorDictDataset(x=torch.zeros(5)), 2,
+                    sampler=NeighbourGroupSampler(torch.zeros(4, 1, dtype=torch.long), group=2, seed=0))

@@ -32,3 +32,19 @@ def test_wordnet_and_kjv_load():
     verses = kjv_sentences()
     assert len(verses) == 31_102 and verses[0].startswith("In the beginning God created")
     assert len(kjv_sentences(100, seed=1)) == 100
+
+
+@pytest.mark.resources
+def test_wordnet_synonym_gloss_pairs_use_the_other_lemmas():
+    from kdistill.data.text import wordnet_synonym_gloss_pairs
+
+    syn = wordnet_synonym_gloss_pairs(pos=("noun",))
+    by_gloss = {}
+    for p in wordnet_pairs(pos=("noun",)):
+        by_gloss.setdefault(p.candidate, set()).add(p.query)
+    assert len(syn) > 10_000
+    # every synonym pair's definition is a synset's definition, and its lemma is not that synset's first lemma
+    assert all(p.candidate in by_gloss for p in syn[:2000])
+    assert sum(p.query in by_gloss[p.candidate] for p in syn[:2000]) < 20  # (only lemmas repeated in a synset)
+    car = [p.query for p in syn if p.candidate.startswith("a motor vehicle with four wheels")]
+    assert {"auto", "automobile"} <= set(car)

@@ -38,6 +38,20 @@ def test_split_is_held_out_from_training():
     assert len(test) == 60 and len(dev) == 30
 
 
+@pytest.mark.resources
+def test_synonym_queries_add_training_pairs_but_keep_the_held_out_split():
+    base = EmbeddingDataSpec(name="wordnet", num_train=None, pairs=True)
+    sentences, dev, test = load_pairs(base)
+    more, dev2, test2 = load_pairs(base.model_copy(update={"synonym_queries": True}))
+    assert test2 == test and dev2 == dev
+    assert len(more) > len(sentences) + 150_000 and more[: len(sentences)] == sentences
+    held_q = {p.query.lower() for p in test + dev}
+    held_c = {p.candidate.lower() for p in test + dev}
+    assert not any(q.lower() in held_q for q in more[0::2]) and not any(c.lower() in held_c for c in more[1::2])
+    with pytest.raises(Exception, match="synonym_queries needs data.name 'wordnet'"):
+        load_pairs(EmbeddingDataSpec(name="tiny", num_eval=60, num_dev=30, synonym_queries=True))
+
+
 def test_tiny_run_writes_report_and_loadable_student(tmp_path):
     from kdistill.api import run
 
@@ -119,6 +133,34 @@ def test_pairs_mode_keeps_training_pairs_together_and_trains(tmp_path):
     report = run(cfg, output=tmp_path, progress=False, quiet=True)
     assert report["data"]["train_sentences"] == 128
     assert 0.0 <= report["student"]["metrics"]["recall_at_1"] <= 1.0
+
+
+def test_neighbour_batches_group_teacher_neighbours_and_train(tmp_path, monkeypatch):
+    import torch
+
+    from kdistill.api import run
+    from kdistill.data import NeighbourGroupSampler
+    from kdistill.tasks import embedding as emb
+
+    seen = {}
+
+    def spy(neighbours, group, seed):
+        seen["shape"], seen["group"] = tuple(neighbours.shape), group
+        return NeighbourGroupSampler(neighbours, group, seed)
+
+    monkeypatch.setattr(emb, "NeighbourGroupSampler", spy)
+    cfg = {**TINY, "data": {**TINY["data"], "pairs": True, "num_train": 128, "neighbour_group": 4,
+                            "neighbour_pool": 6},
+           "train": {**TINY["train"], "batch_size": 16}, "export": {"sentence_transformers": False}}
+    report = run(cfg, output=tmp_path, progress=False, quiet=True)
+    assert seen == {"shape": (64, 6), "group": 4}  # one row per pair, pool of 6 neighbours
+    assert 0.0 <= report["student"]["metrics"]["recall_at_1"] <= 1.0
+    # pairs are keyed by the sum of their two unit vectors: a pair's nearest row is the one with the same vectors
+    t = torch.randn(5, 2, 8)
+    t[3] = t[1] * 2.0
+    assert emb._row_neighbours(t, 2)[1, 0] == 3
+    with pytest.raises(ConfigError, match="neighbour_group"):
+        load_config({**TINY, "data": {**TINY["data"], "neighbour_group": 0}})
 
 
 def test_bad_quantize_settings_fail_at_load_time():

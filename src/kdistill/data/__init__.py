@@ -3,6 +3,7 @@
 from .classification import (
     ClassificationData,
     EpochSampler,
+    NeighbourGroupSampler,
     TensorDictDataset,
     debian_files,
     load_dataset,
@@ -10,4 +11,4 @@ from .classification import (
 )
 from . import hard_augment  # noqa: F401,E402  (registers the "hard_augment" augmentation)
 
-__all__ = ["ClassificationData", "EpochSampler", "TensorDictDataset", "debian_files", "load_dataset", "make_loader"]
+__all__ = ["ClassificationData", "EpochSampler", "NeighbourGroupSampler", "TensorDictDataset", "debian_files", "load_dataset", "make_loader"]

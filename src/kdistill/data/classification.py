@@ -209,9 +209,51 @@ class EpochSampler(Sampler[int]):
         return self.n
 
 
+class NeighbourGroupSampler(EpochSampler):
+    """An epoch order in which consecutive runs of ``group`` rows are neighbours: rows are visited as anchors
+    in a ``(seed, epoch)`` permutation, and each anchor not yet drawn is followed by up to ``group - 1`` of its
+    ``neighbours`` (``(N, k)`` indices, nearest first) not yet drawn. Every row appears exactly once per
+    epoch, so a loader cutting this order into batches of ``B`` rows gives batches made of ``B / group``
+    neighbourhoods (plus partial groups late in the epoch, when neighbours run out) instead of ``B``
+    unrelated rows: in-batch ranking losses then see hard negatives (near ties), not only easy ones."""
+
+    def __init__(self, neighbours: Tensor, group: int, seed: int) -> None:
+        expect(neighbours.dim() == 2 and len(neighbours) >= 1, "neighbours", tuple(neighbours.shape),
+               "an (N, k) tensor of row indices")
+        expect(int(group) >= 1, "neighbour group", group, "an integer >= 1 (1 = plain shuffling)")
+        super().__init__(len(neighbours), seed, True)
+        self.neighbours, self.group = neighbours.long().cpu(), int(group)
+
+    def __iter__(self):
+        if self.group == 1:
+            return super().__iter__()
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        nb = self.neighbours.tolist()
+        used = bytearray(self.n)
+        order: list[int] = []
+        for a in perm:
+            if used[a]:
+                continue
+            used[a] = 1
+            order.append(a)
+            taken = 1
+            for j in nb[a]:
+                if taken >= self.group:
+                    break
+                if not used[j]:
+                    used[j] = 1
+                    order.append(j)
+                    taken += 1
+        return iter(order)
+
+
 def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, *, seed: int = 0, shuffle: bool = True,
-                drop_last: bool = False) -> DataLoader:
-    """A DataLoader over a :class:`TensorDictDataset` with a deterministic epoch sampler."""
+                drop_last: bool = False, sampler: Sampler[int] | None = None) -> DataLoader:
+    """A DataLoader over a :class:`TensorDictDataset` with a deterministic epoch sampler (``sampler`` replaces
+    the default :class:`EpochSampler`; it must cover the dataset and have ``set_epoch``)."""
     expect(batch_size >= 1, "batch_size", batch_size, "an integer >= 1")
-    return DataLoader(dataset, batch_size=batch_size, sampler=EpochSampler(len(dataset), seed, shuffle),
+    if sampler is not None:
+        expect(len(sampler) == len(dataset), "sampler length", len(sampler), f"the dataset size {len(dataset)}")
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler or EpochSampler(len(dataset), seed, shuffle),
                       collate_fn=_identity, drop_last=drop_last)

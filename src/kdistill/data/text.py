@@ -58,10 +58,25 @@ def wordnet_pairs(*, pos: tuple[str, ...] = WORDNET_POS, examples: bool = False)
         expect(p in WORDNET_POS, "wordnet part of speech", p, f"one of {WORDNET_POS}")
     out = []
     for lemma, _, gloss, p in _wordnet_rows(tuple(pos)):
-        if not examples:
-            gloss = re.split(r'[;:]\s*"', gloss, maxsplit=1)[0].strip().rstrip(";:").strip()
+        gloss = gloss if examples else _definition(gloss)
         if gloss:
             out.append(Pair(lemma, gloss, p))
+    return out
+
+
+def _definition(gloss: str) -> str:
+    """A WordNet gloss without its quoted usage examples."""
+    return re.split(r'[;:]\s*"', gloss, maxsplit=1)[0].strip().rstrip(";:").strip()
+
+
+def wordnet_synonym_gloss_pairs(*, pos: tuple[str, ...] = WORDNET_POS, examples: bool = False) -> list[Pair]:
+    """``Pair(lemma, gloss)`` for every lemma of a synset *after the first* (the first is
+    :func:`wordnet_pairs`' query): the same lemma -> definition task with the synonyms as queries."""
+    out = []
+    for _, lemmas, gloss, p in _wordnet_rows(tuple(pos)):
+        gloss = gloss if examples else _definition(gloss)
+        if gloss:
+            out.extend(Pair(lemma, gloss, p) for lemma in lemmas[1:])
     return out
 
 

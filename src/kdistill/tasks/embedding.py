@@ -23,8 +23,8 @@ import torch
 from pydantic import field_validator, model_validator
 
 from ..config import MethodSpec, StrictModel, TrainSpec, check_kwargs
-from ..data.classification import TensorDictDataset, make_loader
-from ..data.text import Pair, kjv_pairs, pair_texts, retrieval_split, wordnet_pairs
+from ..data.classification import NeighbourGroupSampler, TensorDictDataset, make_loader
+from ..data.text import Pair, kjv_pairs, pair_texts, retrieval_split, wordnet_pairs, wordnet_synonym_gloss_pairs
 from ..errors import KDistillError
 from ..eval.report import write_report
 from ..eval.retrieval import evaluate_encoder, retrieval_metrics
@@ -120,7 +120,19 @@ class EmbeddingDataSpec(StrictModel):
     (``num_train // 2`` pairs), so a batch of B rows gives the method 2B embedding rows in which every
     query meets its own candidate - the in-batch list-wise / margin terms then see the teacher's scores
     of true partners next to the other pairs' texts (in-batch negatives), as ranking losses expect.
-    The default (``false``) is unsupervised: single sentences, shuffled."""
+    The default (``false``) is unsupervised: single sentences, shuffled.
+
+    ``synonym_queries: true`` (``wordnet`` only) adds a pair ``(lemma, definition)`` for every *other* lemma
+    of each training synset (:func:`~kdistill.data.text.wordnet_synonym_gloss_pairs`; 85,793 more pairs), so
+    the student sees many more short query texts; pairs whose lemma or definition is a test or dev text are
+    left out, so the held-out split is unchanged. ``num_train`` then samples from the larger pool.
+
+    ``neighbour_group: g > 1`` builds every batch from neighbourhoods of ``g`` training rows by the teacher
+    (rows = pairs with ``pairs: true``, keyed by the sum of the teacher's unit vectors of query and
+    candidate; else sentences): each anchor, in a shuffled order, is followed by up to ``g - 1`` of its
+    ``neighbour_pool`` nearest rows not yet drawn this epoch (:class:`~kdistill.data.NeighbourGroupSampler`),
+    so the in-batch list-wise / margin terms rank near ties, where a small student loses top-1 retrieval.
+    Every row is still seen once per epoch."""
 
     name: Literal["wordnet", "kjv", "tiny"] = "wordnet"
     num_eval: int = 2000
@@ -129,6 +141,16 @@ class EmbeddingDataSpec(StrictModel):
     max_length: int = 64
     data_seed: int = 0
     pairs: bool = False
+    synonym_queries: bool = False
+    neighbour_group: int = 1
+    neighbour_pool: int = 16
+
+    @field_validator("neighbour_group", "neighbour_pool")
+    @classmethod
+    def _at_least_one(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"must be >= 1 (got {v}; neighbour_group 1 = plain shuffled batches)")
+        return v
 
     @field_validator("num_eval", "num_dev", "max_length")
     @classmethod
@@ -231,6 +253,14 @@ def load_pairs(spec: EmbeddingDataSpec) -> tuple[list[str], list[Pair], list[Pai
         pairs = [Pair(" ".join(s.split()[: max(1, len(s.split()) // 2)]), s) for s in tiny_corpus(600, seed=11)]
     rest, test = retrieval_split(pairs, num_eval=spec.num_eval, seed=spec.data_seed)
     train_pairs, dev = retrieval_split(rest, num_eval=min(spec.num_dev, len(rest) // 2), seed=spec.data_seed + 1)
+    if spec.synonym_queries:
+        if spec.name != "wordnet":
+            raise KDistillError(f"data.synonym_queries needs data.name 'wordnet' (got {spec.name!r}): only WordNet "
+                                "synsets have synonym lemmas. Set synonym_queries: false.")
+        held_q = {p.query.lower() for p in (*test, *dev)}
+        held_c = {p.candidate.lower() for p in (*test, *dev)}
+        train_pairs = train_pairs + [p for p in wordnet_synonym_gloss_pairs()
+                                     if p.query.lower() not in held_q and p.candidate.lower() not in held_c]
     if spec.pairs:  # [q1, c1, q2, c2, ...]: whole pairs, num_train // 2 of them
         if spec.num_train is not None and spec.num_train // 2 < len(train_pairs):
             keep = np.random.default_rng(spec.data_seed).permutation(len(train_pairs))[: spec.num_train // 2]
@@ -272,6 +302,16 @@ def teacher_embeddings_cached(teacher: SentenceEncoder, sentences: list[str], *,
     path.parent.mkdir(parents=True, exist_ok=True)
     save_state_dict_atomic(path, {"embeddings": emb.contiguous()})
     return emb
+
+
+def _row_neighbours(t_train: torch.Tensor, k: int) -> torch.Tensor:
+    """``(N, k)`` nearest training rows by the teacher: rows of ``(N, D)`` sentence embeddings, or of
+    ``(N, 2, D)`` pairs keyed by the sum of the two unit vectors."""
+    from ..modules.quantization import teacher_neighbours
+
+    t = torch.nn.functional.normalize(t_train.float(), dim=-1)
+    key = t.sum(1) if t.dim() == 3 else t
+    return teacher_neighbours(key, min(k, len(key) - 1)) if len(key) > 1 else torch.zeros(1, 0, dtype=torch.long)
 
 
 # ------------------------------------------------------------------------------------------------- run
@@ -351,7 +391,12 @@ def run_embedding(cfg: EmbeddingConfig, ctx: RunContext) -> dict[str, Any]:
 
             def targets(b: dict[str, torch.Tensor]) -> ModelOutput:
                 return ModelOutput(logits=b["teacher_emb"].flatten(0, 1))
-        loader = make_loader(TensorDictDataset(**tensors, teacher_emb=t_train), cfg.train.batch_size, seed=cfg.seed)
+        sampler = None
+        if cfg.data.neighbour_group > 1:
+            sampler = NeighbourGroupSampler(_row_neighbours(t_train, cfg.data.neighbour_pool),
+                                            cfg.data.neighbour_group, cfg.seed)
+        loader = make_loader(TensorDictDataset(**tensors, teacher_emb=t_train), cfg.train.batch_size, seed=cfg.seed,
+                             sampler=sampler)
         method = METHODS.get(cfg.method.name)(**cfg.method.kwargs)
         dq, dc = [p.query for p in dev], [p.candidate for p in dev]
 
