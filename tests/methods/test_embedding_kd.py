@@ -25,10 +25,10 @@ def test_registered_and_cacheable():
 def test_zero_when_student_equals_teacher():
     t = F.normalize(torch.randn(8, 16), dim=-1)
     m = EmbeddingKD(mse_weight=1, cosine_weight=1, listwise_weight=1, margin_weight=1, rkd_distance_weight=1,
-                    rkd_angle_weight=1)
+                    rkd_angle_weight=1, cross_weight=1)
     m.setup(SetupInfo({}, {}, student_logits=(8, 16), teacher_logits=(8, 16)))
     losses = m(_out(t.clone()), _out(t), {})
-    assert set(losses) == {"mse", "cosine", "listwise", "margin", "rkd_distance", "rkd_angle"}
+    assert set(losses) == {"mse", "cosine", "listwise", "margin", "rkd_distance", "rkd_angle", "cross"}
     for k, v in losses.items():
         assert abs(float(v)) < 1e-5, k
 
@@ -41,6 +41,28 @@ def test_terms_are_weighted_means_of_the_pure_losses():
     eye = torch.eye(6, dtype=torch.bool)
     s_sim, t_sim = similarity(s, s)[~eye].view(6, 5), similarity(t, t)[~eye].view(6, 5)
     assert torch.allclose(losses["listwise"], 3.0 * listwise_kl(s_sim, t_sim, kd_temperature=0.5).mean())
+
+
+def test_cross_term_ranks_teacher_vectors_with_student_vectors():
+    s, t = torch.randn(6, 8), torch.randn(6, 8)
+    m = EmbeddingKD(mse_weight=0, cross_weight=2.0, kd_temperature=0.5)
+    eye = torch.eye(6, dtype=torch.bool)
+    x_sim, t_sim = similarity(s, t)[~eye].view(6, 5), similarity(t, t)[~eye].view(6, 5)
+    assert torch.allclose(m(_out(s), _out(t), {})["cross"], 2.0 * listwise_kl(x_sim, t_sim, kd_temperature=0.5).mean())
+    # invariant to the student's scale per row (cosine) and zero for any s_i along t_i, unlike the list-wise term
+    assert float(m(_out(3.0 * t), _out(t), {})["cross"]) < 1e-6
+    # the gradient reaches the student only, and a step along it lowers the term
+    s.requires_grad_(True)
+    v = m(_out(s), _out(t), {})["cross"]
+    v.backward()
+    with torch.no_grad():
+        assert float(m(_out(s - 0.05 * s.grad / s.grad.norm()), _out(t), {})["cross"]) < float(v)
+    # across widths it goes through the learned projector (created for it even without a point-wise term)
+    w = EmbeddingKD(mse_weight=0, cross_weight=1.0)
+    w.setup(SetupInfo({}, {}, student_logits=(6, 4), teacher_logits=(6, 8)))
+    assert w.projector is not None and torch.isfinite(w(_out(torch.randn(6, 4)), _out(t), {})["cross"])
+    with pytest.raises(KDistillError, match="cross_weight"):
+        EmbeddingKD(cross_weight=-1.0)
 
 
 def test_mask_excludes_examples():

@@ -7,11 +7,14 @@ The student's and the teacher's outputs are sentence embeddings ``s, t`` of shap
     L = w_mse    * mean_i ||P s_i - t_i||^2 / D                       (embedding_mse)
       + w_cos    * mean_i (1 - cos(P s_i, t_i))                       (cosine)
       + w_list   * mean_i KL(softmax(T_i / tau) || softmax(S_i / tau))  (listwise_kl)
+      + w_cross  * mean_i KL(softmax(T_i / tau) || softmax(X_i / tau))  (listwise_kl, X_ij = cos(P s_i, t_j):
+                                                                       the student's vector ranks the
+                                                                       teacher's other in-batch vectors)
       + w_margin * mean_i mean_k ((S_ip - S_ik) - (T_ip - T_ik))^2    (margin_mse; p = teacher's top in-batch
                                                                        neighbour of i, k = the others)
       + w_dist   * RKD distance + w_angle * RKD angle                 (rkd_distance / rkd_angle)
 
-``P`` is a learned linear projector, created only when the widths differ and a point-wise term is on; it
+``P`` is a learned linear projector, created only when the widths differ and a point-wise or cross term is on; it
 lives on the method, so it is trained but never exported (give the student its own projection - e.g.
 ``narrow_encoder`` - when its vectors must live in the teacher's space). The relational terms compare
 similarities, so they work across widths without ``P``.
@@ -54,11 +57,11 @@ class EmbeddingKD(Method):
 
     def __init__(self, mse_weight: float = 1.0, cosine_weight: float = 0.0, listwise_weight: float = 0.0,
                  margin_weight: float = 0.0, rkd_distance_weight: float = 0.0, rkd_angle_weight: float = 0.0,
-                 kd_temperature: float = 0.05) -> None:
+                 kd_temperature: float = 0.05, cross_weight: float = 0.0) -> None:
         super().__init__()
         weights = {"mse_weight": mse_weight, "cosine_weight": cosine_weight, "listwise_weight": listwise_weight,
                    "margin_weight": margin_weight, "rkd_distance_weight": rkd_distance_weight,
-                   "rkd_angle_weight": rkd_angle_weight}
+                   "rkd_angle_weight": rkd_angle_weight, "cross_weight": cross_weight}
         for k, v in weights.items():
             expect(v >= 0, f"embedding_kd {k}", v, "a number >= 0")
         expect(sum(weights.values()) > 0, "embedding_kd weights", weights, "at least one positive weight")
@@ -67,12 +70,12 @@ class EmbeddingKD(Method):
         self.mse_weight, self.cosine_weight = float(mse_weight), float(cosine_weight)
         self.listwise_weight, self.margin_weight = float(listwise_weight), float(margin_weight)
         self.rkd_distance_weight, self.rkd_angle_weight = float(rkd_distance_weight), float(rkd_angle_weight)
-        self.kd_temperature = float(kd_temperature)
+        self.kd_temperature, self.cross_weight = float(kd_temperature), float(cross_weight)
         self.projector: nn.Module | None = None
 
     @property
-    def _pointwise(self) -> bool:
-        return self.mse_weight > 0 or self.cosine_weight > 0
+    def _pointwise(self) -> bool:  # terms that compare student vectors with teacher vectors directly
+        return self.mse_weight > 0 or self.cosine_weight > 0 or self.cross_weight > 0
 
     def setup(self, info: SetupInfo) -> None:
         s, t = info.student_logits, info.teacher_logits
@@ -86,13 +89,17 @@ class EmbeddingKD(Method):
         s, t = student.logits, teacher.logits.float().detach()
         mask = batch.get("mask")
         out: dict[str, Tensor] = {}
+        b = s.shape[0]
         if self._pointwise:
             ps = self.projector(s.float()) if self.projector is not None else s
+            if self.cross_weight > 0 and b >= 3:
+                kl = listwise_kl(_off_diagonal(similarity(ps, t)), _off_diagonal(similarity(t, t)),
+                                 kd_temperature=self.kd_temperature)
+                out["cross"] = self.cross_weight * masked_mean(kl, mask)
             if self.mse_weight > 0:
                 out["mse"] = self.mse_weight * masked_mean(embedding_mse(ps, t), mask)
             if self.cosine_weight > 0:
                 out["cosine"] = self.cosine_weight * masked_mean(cosine(ps, t), mask)
-        b = s.shape[0]
         if (self.listwise_weight > 0 or self.margin_weight > 0) and b >= 3:
             s_sim, t_sim = _off_diagonal(similarity(s, s)), _off_diagonal(similarity(t, t))
             if self.listwise_weight > 0:
