@@ -90,18 +90,19 @@ class EmbeddingKD(Method):
         mask = batch.get("mask")
         out: dict[str, Tensor] = {}
         b = s.shape[0]
+        ranking = b >= 3 and (self.listwise_weight > 0 or self.margin_weight > 0 or self.cross_weight > 0)
+        t_sim = _off_diagonal(similarity(t, t)) if ranking else None  # the teacher's in-batch scores, once
         if self._pointwise:
             ps = self.projector(s.float()) if self.projector is not None else s
-            if self.cross_weight > 0 and b >= 3:
-                kl = listwise_kl(_off_diagonal(similarity(ps, t)), _off_diagonal(similarity(t, t)),
-                                 kd_temperature=self.kd_temperature)
+            if self.cross_weight > 0 and t_sim is not None:
+                kl = listwise_kl(_off_diagonal(similarity(ps, t)), t_sim, kd_temperature=self.kd_temperature)
                 out["cross"] = self.cross_weight * masked_mean(kl, mask)
             if self.mse_weight > 0:
                 out["mse"] = self.mse_weight * masked_mean(embedding_mse(ps, t), mask)
             if self.cosine_weight > 0:
                 out["cosine"] = self.cosine_weight * masked_mean(cosine(ps, t), mask)
-        if (self.listwise_weight > 0 or self.margin_weight > 0) and b >= 3:
-            s_sim, t_sim = _off_diagonal(similarity(s, s)), _off_diagonal(similarity(t, t))
+        if (self.listwise_weight > 0 or self.margin_weight > 0) and t_sim is not None:
+            s_sim = _off_diagonal(similarity(s, s))
             if self.listwise_weight > 0:
                 kl = listwise_kl(s_sim, t_sim, kd_temperature=self.kd_temperature)
                 out["listwise"] = self.listwise_weight * masked_mean(kl, mask)
