@@ -152,6 +152,13 @@ class EmbeddingDataSpec(StrictModel):
             raise ValueError(f"must be >= 1 (got {v}; neighbour_group 1 = plain shuffled batches)")
         return v
 
+    @model_validator(mode="after")
+    def _synonyms_need_wordnet(self) -> EmbeddingDataSpec:
+        if self.synonym_queries and self.name != "wordnet":
+            raise ValueError(f"data.synonym_queries needs data.name 'wordnet' (got {self.name!r}): only WordNet "
+                             "synsets have synonym lemmas. Set synonym_queries: false.")
+        return self
+
     @field_validator("num_eval", "num_dev", "max_length")
     @classmethod
     def _positive(cls, v: int) -> int:
@@ -253,10 +260,7 @@ def load_pairs(spec: EmbeddingDataSpec) -> tuple[list[str], list[Pair], list[Pai
         pairs = [Pair(" ".join(s.split()[: max(1, len(s.split()) // 2)]), s) for s in tiny_corpus(600, seed=11)]
     rest, test = retrieval_split(pairs, num_eval=spec.num_eval, seed=spec.data_seed)
     train_pairs, dev = retrieval_split(rest, num_eval=min(spec.num_dev, len(rest) // 2), seed=spec.data_seed + 1)
-    if spec.synonym_queries:
-        if spec.name != "wordnet":
-            raise KDistillError(f"data.synonym_queries needs data.name 'wordnet' (got {spec.name!r}): only WordNet "
-                                "synsets have synonym lemmas. Set synonym_queries: false.")
+    if spec.synonym_queries:  # wordnet only (checked by the spec)
         held_q = {p.query.lower() for p in (*test, *dev)}
         held_c = {p.candidate.lower() for p in (*test, *dev)}
         train_pairs = train_pairs + [p for p in wordnet_synonym_gloss_pairs()
