@@ -13,6 +13,7 @@ from kdistill.losses.embeddings import (
     rkd_angle,
     rkd_distance,
     similarity,
+    token_cosine,
 )
 from kdistill.losses.reduce import masked_mean
 
@@ -219,3 +220,36 @@ def test_in_batch_listwise_matches_teacher_ranking_after_descent():
         opt.zero_grad(); loss.backward(); opt.step()  # noqa: E702
     assert loss.item() < 0.1 * first
     assert torch.equal(similarity(sq, sc).argmax(1), t_scores.argmax(1))
+
+
+def test_token_cosine_closed_form_padding_and_zero():
+    s = torch.tensor([[[1.0, 0.0], [1.0, 1.0], [5.0, 5.0]],
+                      [[-1.0, 0.0], [0.0, 2.0], [0.0, 0.0]]])
+    t = torch.tensor([[[0.0, 1.0], [2.0, 2.0], [1.0, -1.0]],
+                      [[3.0, 0.0], [0.0, 1.0], [9.0, 9.0]]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    # row 0: tokens (1 - 0) and (1 - 1), the third is padding; row 1: (1 - (-1)), (1 - 1), (1 - 0) [zero vector]
+    assert torch.allclose(token_cosine(s, t, mask), torch.tensor([0.5, 1.0]), atol=1e-6)
+    assert torch.allclose(token_cosine(3.0 * t, t, mask.bool()), torch.zeros(2), atol=1e-6)
+    # padding never counts: changing the student's padded token changes nothing
+    s2 = s.clone()
+    s2[0, 2] = torch.tensor([-7.0, 3.0])
+    assert torch.equal(token_cosine(s2, t, mask), token_cosine(s, t, mask))
+    assert torch.equal(token_cosine(s, t, torch.zeros(2, 3)), torch.zeros(2))  # no real token: 0, not NaN
+
+
+def test_token_cosine_gradient_direction_and_shape_errors():
+    t = torch.randn(2, 4, 8)
+    s = torch.randn(2, 4, 8, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    v = token_cosine(s, t, mask).sum()
+    v.backward()
+    assert torch.equal(s.grad[0, 3], torch.zeros(8)) and torch.equal(s.grad[1, 2:], torch.zeros(2, 8))
+    with torch.no_grad():
+        assert float(token_cosine(s - 0.1 * s.grad, t, mask).sum()) < float(v)
+    with pytest.raises(KDistillError, match="project"):
+        token_cosine(torch.zeros(2, 4, 8), torch.zeros(2, 4, 6), mask)
+    with pytest.raises(KDistillError, match=r"\(B, T, D\)"):
+        token_cosine(torch.zeros(2, 8), torch.zeros(2, 8), mask)
+    with pytest.raises(KDistillError, match="attention_mask"):
+        token_cosine(torch.zeros(2, 4, 8), torch.zeros(2, 4, 8), torch.ones(2, 3))

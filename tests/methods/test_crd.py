@@ -7,7 +7,8 @@ from kdistill.errors import KDistillError
 
 from kdistill.losses.relations import contrastive_nce
 from kdistill.methods.base import ModelOutput, SetupInfo
-from kdistill.methods.crd import CRD, _Bank
+from kdistill.methods.crd import CRD
+from kdistill.modules.banks import FifoQueue
 
 
 def test_nce_hand_value_and_direction():
@@ -22,7 +23,7 @@ def test_nce_hand_value_and_direction():
 
 
 def test_bank_is_fifo_and_bounded():
-    b = _Bank(3, 1)
+    b = FifoQueue(3, 1)
     b.push(torch.tensor([[1.0], [2.0]]))
     assert b.get().flatten().tolist() == [1.0, 2.0]
     b.push(torch.tensor([[3.0], [4.0]]))

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from kdistill.config import load_config
 from kdistill.data.classification import TensorDictDataset, make_loader
 from kdistill.errors import ConfigError, KDistillError
-from kdistill.losses.embeddings import cosine, listwise_kl, similarity
+from kdistill.losses.embeddings import cosine, listwise_kl, similarity, token_cosine
 from kdistill.methods.base import ModelOutput, SetupInfo
 from kdistill.methods.embedding_kd import EmbeddingKD
 from kdistill.registry import METHODS
@@ -139,3 +139,71 @@ def test_six_step_fit_static_student_updates_its_table():
 def test_config_rejects_typo_with_close_match():
     with pytest.raises(ConfigError, match="listwise_weight"):
         load_config("embedding/minilm_to_2layer", ["method.kwargs.listwise_weigth=0.1"])
+
+
+def _tok(emb, tokens, mask=None):
+    return ModelOutput(logits=emb, features={"tokens": tokens},
+                       extra={} if mask is None else {"attention_mask": mask})
+
+
+def test_token_term_weighted_mean_of_token_cosine_and_needs_token_states():
+    s, t = torch.randn(4, 8), torch.randn(4, 8)
+    st, tt = torch.randn(4, 5, 8), torch.randn(4, 5, 8)
+    am = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0]]).bool()
+    m = EmbeddingKD(mse_weight=0, cosine_weight=1.0, token_weight=0.5)
+    assert m.uses_token_states and not EmbeddingKD(cosine_weight=1.0).uses_token_states
+    losses = m(_tok(s, st, am), _tok(t, tt), {})
+    assert torch.allclose(losses["tokens"], 0.5 * token_cosine(st, tt, am).mean())
+    assert float(m(_tok(t, 2.0 * tt, am), _tok(t, tt), {})["tokens"]) < 1e-6
+    mask = torch.tensor([True, False, True, True])
+    assert torch.allclose(m(_tok(s, st, am), _tok(t, tt), {"mask": mask})["tokens"],
+                          0.5 * token_cosine(st, tt, am)[mask].mean())
+    with pytest.raises(KDistillError, match=r"attention_mask.*token_weight: 0|token_weight: 0"):
+        m(_tok(s, st), _tok(t, tt), {})
+    with pytest.raises(KDistillError, match=r"teacher.features\['tokens'\]"):
+        m(_tok(s, st, am), _out(t), {})
+
+
+def test_token_projector_only_when_hidden_widths_differ():
+    m = EmbeddingKD(mse_weight=0, listwise_weight=1.0, token_weight=1.0)
+    m.setup(SetupInfo({"tokens": (4, 5, 16)}, {"tokens": (4, 5, 32)}, student_logits=(4, 8), teacher_logits=(4, 8)))
+    assert m.token_projector is not None and m.token_projector.weight.shape == (32, 16) and m.projector is None
+    out = m(_tok(torch.randn(4, 8), torch.randn(4, 5, 16), torch.ones(4, 5).bool()), _tok(torch.randn(4, 8),
+                                                                                         torch.randn(4, 5, 32)), {})
+    assert torch.isfinite(out["tokens"])
+    same = EmbeddingKD(cosine_weight=1.0, token_weight=1.0)
+    same.setup(SetupInfo({"tokens": (4, 5, 32)}, {"tokens": (4, 5, 32)}, student_logits=(4, 8), teacher_logits=(4, 8)))
+    assert same.token_projector is None
+
+
+def test_cross_queue_adds_past_teacher_vectors_as_candidates():
+    torch.manual_seed(0)
+    m = EmbeddingKD(mse_weight=0, cross_weight=2.0, kd_temperature=0.5, cross_queue=5)
+    m.setup(SetupInfo({}, {}, student_logits=(4, 8), teacher_logits=(4, 8)))
+    assert m.queue is not None and m.queue.items.shape == (5, 8)
+    s0, t0 = torch.randn(4, 8), torch.randn(4, 8)
+    eye = torch.eye(4, dtype=torch.bool)
+    first = m(_out(s0), _out(t0), {"mask": torch.tensor([True, True, False, True])})["cross"]
+    # empty queue: the in-batch cross term; the three unmasked teacher rows are enqueued, the masked one is not
+    x, tt = similarity(s0, t0)[~eye].view(4, 3), similarity(t0, t0)[~eye].view(4, 3)
+    kl0 = listwise_kl(x, tt, kd_temperature=0.5)
+    assert torch.allclose(first, 2.0 * kl0[[0, 1, 3]].mean())
+    assert int(m.queue.filled) == 3 and torch.equal(m.queue.get(), t0[[0, 1, 3]])
+    s1, t1 = torch.randn(4, 8), torch.randn(4, 8)
+    second = m(_out(s1), _out(t1), {})["cross"]
+    bank = t0[[0, 1, 3]]
+    x = torch.cat([similarity(s1, t1)[~eye].view(4, 3), similarity(s1, bank)], 1)
+    tt = torch.cat([similarity(t1, t1)[~eye].view(4, 3), similarity(t1, bank)], 1)
+    assert torch.allclose(second, 2.0 * listwise_kl(x, tt, kd_temperature=0.5).mean())
+    # FIFO of the last 5 teacher rows; carried by state_dict (so checkpoints resume with the same queue)
+    # slots 3, 4, 0, 1 took t1's four rows: t0's oldest two rows were overwritten
+    assert torch.equal(m.queue.get(), torch.stack([t1[2], t1[3], t0[3], t1[0], t1[1]])) and int(m.queue.ptr) == 2
+    assert "queue.items" in m.state_dict()
+    # eval mode reads the queue but never writes it; the student equal to the teacher still gives zero
+    m.eval()
+    before = m.queue.items.clone()
+    assert float(m(_out(t1.clone()), _out(t1), {})["cross"]) < 1e-6
+    assert torch.equal(m.queue.items, before)
+    for bad in ({"cross_queue": -1, "cross_weight": 1.0}, {"cross_queue": 16, "cosine_weight": 1.0}):
+        with pytest.raises(KDistillError, match="cross_queue"):
+            EmbeddingKD(**bad)

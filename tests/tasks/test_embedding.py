@@ -177,3 +177,39 @@ def test_quantize_width_mismatch_fails_before_training(tmp_path):
     with pytest.raises(KDistillError, match="divisor of the embedding width 32"):
         run({**TINY, "quantize": {"num_subspaces": 5}}, output=tmp_path, progress=False, quiet=True)
     assert not (tmp_path / "work").exists()  # nothing was trained
+
+
+def test_token_term_runs_teacher_live_and_trains_both_layouts(tmp_path, monkeypatch):
+    from kdistill.api import run
+    from kdistill.tasks import embedding as emb
+
+    calls = {"n": 0, "shapes": []}
+    real = emb.token_forward
+
+    def spy(model, batch):
+        out = real(model, batch)
+        calls["n"] += 1
+        calls["shapes"].append(tuple(out.features["tokens"].shape))
+        return out
+
+    monkeypatch.setattr(emb, "token_forward", spy)
+    kwargs = {"cosine_weight": 1.0, "listwise_weight": 0.1, "token_weight": 1.0}
+    for pairs in (False, True):
+        calls.update(n=0, shapes=[])
+        cfg = {**TINY, "data": {**TINY["data"], "pairs": pairs, "num_train": 64},
+               "method": {"name": "embedding_kd", "kwargs": kwargs},
+               "train": {**TINY["train"], "batch_size": 8}, "export": {"sentence_transformers": False}}
+        report = run(cfg, output=tmp_path / str(pairs), progress=False, quiet=True)
+        # probe (student + teacher) and 4 steps (student + teacher each): student and teacher see the same tokens
+        assert calls["n"] == 10 and calls["shapes"][0] == calls["shapes"][1]
+        assert calls["shapes"][0][0] == (16 if pairs else 8)  # a batch of 8 pairs is 16 texts
+        log = [json.loads(x) for x in (tmp_path / str(pairs) / "work" / "metrics.jsonl").read_text().splitlines()]
+        tok = [h["tokens"] for h in log if "tokens" in h]
+        assert len(tok) == 4 and all(0.0 < v < 2.0 for v in tok)
+        assert 0.0 <= report["student"]["metrics"]["recall_at_1"] <= 1.0
+
+
+def test_token_term_needs_a_transformer_student():
+    with pytest.raises(ConfigError, match="token_weight"):
+        load_config({**TINY, "student": {"name": "static", "kwargs": {"dim": 16}},
+                     "method": {"name": "embedding_kd", "kwargs": {"cosine_weight": 1.0, "token_weight": 1.0}}})

@@ -21,7 +21,7 @@ from .logits import (
 from .reduce import masked_mean, masked_sum
 from .chunked import chunked, fused_linear_loss
 from .topk import teacher_topk, topk_loss
-from .embeddings import cosine, embedding_mse, listwise_kl, margin_mse  # noqa: E402
+from .embeddings import cosine, embedding_mse, listwise_kl, margin_mse, token_cosine  # noqa: E402
 
 __all__ = [
     "cross_entropy", "forward_kl", "generalized_jsd", "hint_mse", "kl_from_log_probs", "log_probs",
@@ -29,4 +29,4 @@ __all__ = [
     "TAIDSchedule", "entropy", "skew_kl", "skew_reverse_kl", "taid", "token_selective", "tvd", "uld",
     "chunked", "fused_linear_loss", "teacher_topk", "topk_loss",
 ]
-__all__ += ["cosine", "embedding_mse", "listwise_kl", "margin_mse"]
+__all__ += ["cosine", "embedding_mse", "listwise_kl", "margin_mse", "token_cosine"]

@@ -14,6 +14,9 @@ candidates); margin scores ``(B, 1 + K)`` with the positive in column 0 and ``K`
   Distillation").
 * :func:`listwise_kl` - KL between the teacher's and the student's softmax over a list of candidate
   scores (in-batch negatives), at temperature ``kd_temperature``.
+* :func:`token_cosine` - ``1 - cos`` between the student's and the teacher's *token* states (last hidden layer),
+  averaged over real tokens: hidden-state distillation as in TinyBERT (Jiao et al., 2020, "TinyBERT:
+  Distilling BERT for Natural Language Understanding"), with a cosine so the scale of the states is free.
 * :func:`rkd_distance` / :func:`rkd_angle` - relational terms of Park et al., 2019, "Relational Knowledge
   Distillation": match normalised pairwise distances and triplet angles, so the student's embedding
   space may be rotated, scaled or of another width than the teacher's.
@@ -61,6 +64,25 @@ def cosine(student_emb: Tensor, teacher_emb: Tensor, *, eps: float = 1e-8) -> Te
     """``1 - cos(s, t)`` per example, in ``[0, 2]``: ``(B, D), (B, D) -> (B,)``. Scale-invariant."""
     _check_same(student_emb, teacher_emb, "cosine", _PROJECT_HINT)
     return 1.0 - F.cosine_similarity(student_emb.float(), teacher_emb.float(), dim=-1, eps=eps)
+
+
+def token_cosine(student_tokens: Tensor, teacher_tokens: Tensor, attention_mask: Tensor, *,
+                 eps: float = 1e-8) -> Tensor:
+    """Mean over real tokens of ``1 - cos(s_bt, t_bt)`` per example: ``(B, T, D), (B, T, D), (B, T) -> (B,)``.
+
+    ``attention_mask`` (bool or 0/1) marks the real tokens; padding never counts, and a row without real tokens
+    gives 0. Both models must see the same tokens (same tokenizer, same padding)."""
+    _check_same(student_tokens, teacher_tokens, "token_cosine", _PROJECT_HINT)
+    if student_tokens.dim() != 3:
+        raise KDistillError(f"token_cosine: token states have shape {tuple(student_tokens.shape)}; expected "
+                            "(B, T, D).")
+    if tuple(attention_mask.shape) != tuple(student_tokens.shape[:2]):
+        raise KDistillError(f"token_cosine: attention_mask has shape {tuple(attention_mask.shape)}; expected "
+                            f"{tuple(student_tokens.shape[:2])} (B, T), the token states' first two dimensions.")
+    per_token = 1.0 - F.cosine_similarity(student_tokens.float(), teacher_tokens.float(), dim=-1, eps=eps)
+    m = attention_mask.bool()
+    per_token = torch.where(m, per_token, per_token.new_zeros(()))
+    return per_token.sum(1) / m.sum(1).clamp_min(1)
 
 
 def similarity(queries: Tensor, candidates: Tensor, *, kind: Similarity = "cos") -> Tensor:

@@ -32,31 +32,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..losses.relations import contrastive_nce
+from ..modules.banks import FifoQueue
 from ..registry import METHODS
 from ._zoo import feature, flat_size, kd_and_ce_terms, non_negative, positive, row_mask, select_rows
 from .base import Method, ModelOutput, SetupInfo, require_teacher
-
-
-class _Bank(nn.Module):
-    """FIFO queue of the last ``size`` embeddings (buffers, so checkpoints carry it)."""
-
-    def __init__(self, size: int, dim: int) -> None:
-        super().__init__()
-        self.register_buffer("items", torch.zeros(size, dim))
-        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
-        self.register_buffer("filled", torch.zeros((), dtype=torch.long))
-
-    def get(self) -> Tensor:
-        return self.items[: int(self.filled)]
-
-    @torch.no_grad()
-    def push(self, x: Tensor) -> None:
-        size = self.items.shape[0]
-        x = x.detach()[-size:]
-        idx = (int(self.ptr) + torch.arange(len(x), device=x.device)) % size
-        self.items[idx] = x.to(self.items.dtype)
-        self.ptr.fill_((int(self.ptr) + len(x)) % size)
-        self.filled.fill_(min(int(self.filled) + len(x), size))
 
 
 class _IndexBank(nn.Module):
@@ -109,8 +88,8 @@ class CRD(Method):
         self.student_head = nn.Linear(s_dim, self.embed_dim)
         self.teacher_head = nn.Linear(t_dim, self.embed_dim)
         size = self.bank_size if info.num_train is None else min(self.bank_size, int(info.num_train))
-        self.student_bank = _Bank(size, self.embed_dim)
-        self.teacher_bank = _Bank(size, self.embed_dim)
+        self.student_bank = FifoQueue(size, self.embed_dim)
+        self.teacher_bank = FifoQueue(size, self.embed_dim)
         if self.memory != "fifo" and info.num_train:
             self.student_index_bank = _IndexBank(int(info.num_train), self.embed_dim)
             self.teacher_index_bank = _IndexBank(int(info.num_train), self.embed_dim)

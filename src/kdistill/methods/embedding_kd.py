@@ -9,10 +9,14 @@ The student's and the teacher's outputs are sentence embeddings ``s, t`` of shap
       + w_list   * mean_i KL(softmax(T_i / tau) || softmax(S_i / tau))  (listwise_kl)
       + w_cross  * mean_i KL(softmax(T_i / tau) || softmax(X_i / tau))  (listwise_kl, X_ij = cos(P s_i, t_j):
                                                                        the student's vector ranks the
-                                                                       teacher's other in-batch vectors)
+                                                                       teacher's other in-batch vectors and,
+                                                                       with cross_queue = K, the teacher's
+                                                                       vectors of the last K training texts)
       + w_margin * mean_i mean_k ((S_ip - S_ik) - (T_ip - T_ik))^2    (margin_mse; p = teacher's top in-batch
                                                                        neighbour of i, k = the others)
       + w_dist   * RKD distance + w_angle * RKD angle                 (rkd_distance / rkd_angle)
+      + w_token  * mean_i mean_{real tokens k} (1 - cos(Q h_ik, g_ik))  (token_cosine: the student's last hidden
+                                                                       states h vs the teacher's g)
 
 ``P`` is a learned linear projector, created only when the widths differ and a point-wise or cross term is on; it
 lives on the method, so it is trained but never exported (give the student its own projection - e.g.
@@ -25,7 +29,16 @@ single term when the student can match the teacher's space; the list-wise KL (in
 cf. "RocketQAv2", Ren et al., 2021) and Margin-MSE (Hofstätter et al., 2020, "Improving Efficient
 Neural Ranking Models with Cross-Architecture Knowledge Distillation") transfer the *ranking* only -
 useful for narrow or static students; RKD (Park et al., 2019, "Relational Knowledge Distillation")
-matches the geometry. Teacher embeddings can be precomputed (``cacheable``).
+matches the geometry. ``cross_queue`` keeps the teacher's vectors of the last ``K`` training texts in a FIFO
+queue (a MoCo-style memory; the teacher is frozen, so they never go stale) as extra candidates of the cross term:
+each student vector must then reproduce the teacher's similarity distribution over thousands of texts instead of
+a batch (cross-batch negatives, Qu et al., 2021, "RocketQA"). The queue costs one ``(B, K)`` score matrix per
+step and is saved in checkpoints. The token term is hidden-state distillation (Jiao et al., 2020, "TinyBERT: Distilling
+BERT for Natural Language Understanding"): every token's output state, not only their mean, follows the
+teacher's - a denser signal for short texts. It needs token states on both sides: ``student.features["tokens"]``
+and ``teacher.features["tokens"]`` ``(B, T, H)`` with ``student.extra["attention_mask"]`` ``(B, T)`` (the
+``embedding`` task provides them when ``token_weight > 0``, running the teacher live); ``Q`` is a learned
+projector when the hidden widths differ. Teacher embeddings alone can be precomputed (``cacheable``).
 """
 
 from __future__ import annotations
@@ -35,9 +48,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import expect
-from ..losses.embeddings import cosine, embedding_mse, listwise_kl, margin_mse, rkd_angle, rkd_distance, similarity
+from ..errors import KDistillError, expect
+from ..losses.embeddings import (cosine, embedding_mse, listwise_kl, margin_mse, rkd_angle, rkd_distance,
+                                similarity, token_cosine)
 from ..losses.reduce import masked_mean
+from ..modules.banks import FifoQueue
 from ..registry import METHODS
 from .base import Method, ModelOutput, SetupInfo, require_teacher
 
@@ -57,11 +72,12 @@ class EmbeddingKD(Method):
 
     def __init__(self, mse_weight: float = 1.0, cosine_weight: float = 0.0, listwise_weight: float = 0.0,
                  margin_weight: float = 0.0, rkd_distance_weight: float = 0.0, rkd_angle_weight: float = 0.0,
-                 kd_temperature: float = 0.05, cross_weight: float = 0.0) -> None:
+                 kd_temperature: float = 0.05, cross_weight: float = 0.0, token_weight: float = 0.0,
+                 cross_queue: int = 0) -> None:
         super().__init__()
         weights = {"mse_weight": mse_weight, "cosine_weight": cosine_weight, "listwise_weight": listwise_weight,
                    "margin_weight": margin_weight, "rkd_distance_weight": rkd_distance_weight,
-                   "rkd_angle_weight": rkd_angle_weight, "cross_weight": cross_weight}
+                   "rkd_angle_weight": rkd_angle_weight, "cross_weight": cross_weight, "token_weight": token_weight}
         for k, v in weights.items():
             expect(v >= 0, f"embedding_kd {k}", v, "a number >= 0")
         expect(sum(weights.values()) > 0, "embedding_kd weights", weights, "at least one positive weight")
@@ -71,7 +87,20 @@ class EmbeddingKD(Method):
         self.listwise_weight, self.margin_weight = float(listwise_weight), float(margin_weight)
         self.rkd_distance_weight, self.rkd_angle_weight = float(rkd_distance_weight), float(rkd_angle_weight)
         self.kd_temperature, self.cross_weight = float(kd_temperature), float(cross_weight)
+        self.token_weight = float(token_weight)
+        expect(isinstance(cross_queue, int) and cross_queue >= 0, "embedding_kd cross_queue", cross_queue,
+               "an integer >= 0 (0 = in-batch candidates only; e.g. 4096)")
+        expect(cross_queue == 0 or cross_weight > 0, "embedding_kd cross_queue", cross_queue,
+               "0 unless cross_weight > 0 (the queue only feeds the cross term)")
+        self.cross_queue = int(cross_queue)
+        self.queue: FifoQueue | None = None
         self.projector: nn.Module | None = None
+        self.token_projector: nn.Module | None = None
+
+    @property
+    def uses_token_states(self) -> bool:
+        """True when the forward needs token states (``features["tokens"]``) from the student and the teacher."""
+        return self.token_weight > 0
 
     @property
     def _pointwise(self) -> bool:  # terms that compare student vectors with teacher vectors directly
@@ -83,6 +112,11 @@ class EmbeddingKD(Method):
             return
         if self._pointwise and s[-1] != t[-1]:
             self.projector = nn.Linear(s[-1], t[-1], bias=False)
+        if self.cross_queue > 0:
+            self.queue = FifoQueue(self.cross_queue, t[-1])
+        st, tt = info.student_features.get("tokens"), info.teacher_features.get("tokens")
+        if self.uses_token_states and st is not None and tt is not None and st[-1] != tt[-1]:
+            self.token_projector = nn.Linear(st[-1], tt[-1], bias=False)
 
     def forward(self, student: ModelOutput, teacher: ModelOutput | None, batch: dict[str, Any]) -> dict[str, Tensor]:
         teacher = require_teacher("embedding_kd", teacher)
@@ -95,7 +129,10 @@ class EmbeddingKD(Method):
         if self._pointwise:
             ps = self.projector(s.float()) if self.projector is not None else s
             if self.cross_weight > 0 and t_sim is not None:
-                kl = listwise_kl(_off_diagonal(similarity(ps, t)), t_sim, kd_temperature=self.kd_temperature)
+                x_sim, target = _off_diagonal(similarity(ps, t)), t_sim
+                if self.cross_queue > 0:
+                    x_sim, target = self._with_queue(ps, t, x_sim, target, mask)
+                kl = listwise_kl(x_sim, target, kd_temperature=self.kd_temperature)
                 out["cross"] = self.cross_weight * masked_mean(kl, mask)
             if self.mse_weight > 0:
                 out["mse"] = self.mse_weight * masked_mean(embedding_mse(ps, t), mask)
@@ -114,9 +151,38 @@ class EmbeddingKD(Method):
             out["rkd_distance"] = self.rkd_distance_weight * masked_mean(rkd_distance(s, t, mask=mask), mask)
         if self.rkd_angle_weight > 0 and b >= 3:
             out["rkd_angle"] = self.rkd_angle_weight * masked_mean(rkd_angle(s, t, mask=mask), mask)
+        if self.uses_token_states:
+            out["tokens"] = self.token_weight * masked_mean(self._token_term(student, teacher), mask)
         if not out:  # a batch too small for the chosen relational terms
             out["mse"] = s.float().sum() * 0.0
         if s.shape == t.shape:
             with torch.no_grad():
                 self.log("student_teacher_cos", (1 - cosine(s, t)).mean())
         return out
+
+    def _token_term(self, student: ModelOutput, teacher: ModelOutput) -> Tensor:
+        st, tt = student.features.get("tokens"), teacher.features.get("tokens")
+        am = student.extra.get("attention_mask")
+        if st is None or tt is None or am is None:
+            missing = [n for n, v in (("student.features['tokens']", st), ("teacher.features['tokens']", tt),
+                                      ("student.extra['attention_mask']", am)) if v is None]
+            raise KDistillError(f"embedding_kd token_weight={self.token_weight}: the forward got no {', '.join(missing)}; "
+                                "expected (B, T, H) token states from both models and the (B, T) attention mask. "
+                                "The embedding task provides them for transformer students (layer_subset, narrow); "
+                                "elsewhere return them in ModelOutput, or set token_weight: 0.")
+        if self.token_projector is not None:
+            st = self.token_projector(st.float())
+        return token_cosine(st, tt.float().detach(), am)
+
+    def _with_queue(self, ps: Tensor, t: Tensor, x_sim: Tensor, t_sim: Tensor,
+                    mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Append the queued teacher vectors as candidates, then (training only) enqueue this batch's."""
+        if self.queue is None:  # forward without setup (direct use): size the queue from the teacher's width
+            self.queue = FifoQueue(self.cross_queue, t.shape[-1]).to(t.device)
+        bank = self.queue.get()
+        if len(bank):
+            x_sim = torch.cat([x_sim, similarity(ps, bank)], dim=1)
+            t_sim = torch.cat([t_sim, similarity(t, bank)], dim=1)
+        if self.training:
+            self.queue.push(t if mask is None else t[mask.bool()])
+        return x_sim, t_sim

@@ -244,6 +244,9 @@ class EmbeddingConfig(StrictModel):
         if METHODS.get(self.method.name).needs_teacher is False and self.method.name != "none":
             raise ValueError(f"method {self.method.name!r} does not use a teacher; embedding distillation needs one "
                              "(use embedding_kd)")
+        if self.student.name == "static" and float(self.method.kwargs.get("token_weight", 0) or 0) > 0:
+            raise ValueError("method.kwargs.token_weight > 0 needs a transformer student with token states (got "
+                             "student 'static', which has none): use layer_subset or narrow, or set token_weight: 0.")
         return self
 
 
@@ -318,6 +321,43 @@ def _row_neighbours(t_train: torch.Tensor, k: int) -> torch.Tensor:
     return teacher_neighbours(key, min(k, len(key) - 1)) if len(key) > 1 else torch.zeros(1, 0, dtype=torch.long)
 
 
+def token_forward(model: SentenceEncoder, batch: dict[str, torch.Tensor]) -> ModelOutput:
+    """Like :func:`~kdistill.students.encoders.encoder_forward` (padding columns trimmed), but also returns the
+    last hidden states: ``ModelOutput(logits=(B, D) embeddings, features={"tokens": (B, T, H)},
+    extra={"attention_mask": (B, T) bool})`` - what ``embedding_kd``'s token term reads."""
+    mask = batch["attention_mask"]
+    length = max(int(mask.sum(1).max()), 1)
+    kwargs = {k: batch[k][:, :length] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+    tokens = model.backbone(**kwargs).last_hidden_state
+    return ModelOutput(logits=model.head(tokens, kwargs["attention_mask"]), features={"tokens": tokens},
+                       extra={"attention_mask": kwargs["attention_mask"].bool()})
+
+
+def _training_forwards(method: Any, teacher: SentenceEncoder, keys: list[str], *, pairs: bool) -> tuple[Any, Any]:
+    """``(student_forward, teacher_targets)`` for the loop. Rows of pairs ``(P, 2, ...)`` are flattened to ``2P``
+    texts. The teacher's sentence embeddings come from the cache in the batch; with a method that reads token
+    states (``uses_token_states``) the student also returns its last hidden states and the teacher runs live
+    (no gradients) for its own."""
+
+    def texts(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: (b[k].flatten(0, 1) if pairs else b[k]) for k in keys}
+
+    def cached(b: dict[str, torch.Tensor]) -> torch.Tensor:
+        return b["teacher_emb"].flatten(0, 1) if pairs else b["teacher_emb"]
+
+    if not getattr(method, "uses_token_states", False):
+        return (lambda model, b: encoder_forward(model, texts(b))), (lambda b: ModelOutput(logits=cached(b)))
+
+    def targets(b: dict[str, torch.Tensor]) -> ModelOutput:
+        rows = texts(b)
+        teacher.to(rows["input_ids"].device)
+        with torch.no_grad():
+            out = token_forward(teacher, rows)
+        return ModelOutput(logits=cached(b), features={"tokens": out.features["tokens"]})
+
+    return (lambda model, b: token_forward(model, texts(b))), targets
+
+
 # ------------------------------------------------------------------------------------------------- run
 
 
@@ -385,23 +425,17 @@ def run_embedding(cfg: EmbeddingConfig, ctx: RunContext) -> dict[str, Any]:
         width = tensors["input_ids"].shape[1]
         if width < cfg.data.max_length:  # fixed width so every batch stacks
             tensors = {k: torch.nn.functional.pad(v, (0, cfg.data.max_length - width)) for k, v in tensors.items()}
-        student_forward, targets = encoder_forward, (lambda b: ModelOutput(logits=b["teacher_emb"]))
         if cfg.data.pairs:  # one row = (query, candidate): (P, 2, ...) tensors, flattened back to 2B rows per batch
             tensors = {k: v.view(-1, 2, *v.shape[1:]) for k, v in tensors.items()}
             t_train = t_train.view(-1, 2, t_train.shape[-1])
-
-            def student_forward(model: torch.nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
-                return encoder_forward(model, {k: v.flatten(0, 1) for k, v in b.items() if k in tensors})
-
-            def targets(b: dict[str, torch.Tensor]) -> ModelOutput:
-                return ModelOutput(logits=b["teacher_emb"].flatten(0, 1))
+        method = METHODS.get(cfg.method.name)(**cfg.method.kwargs)
+        student_forward, targets = _training_forwards(method, teacher, list(tensors), pairs=cfg.data.pairs)
         sampler = None
         if cfg.data.neighbour_group > 1:
             sampler = NeighbourGroupSampler(_row_neighbours(t_train, cfg.data.neighbour_pool),
                                             cfg.data.neighbour_group, cfg.seed)
         loader = make_loader(TensorDictDataset(**tensors, teacher_emb=t_train), cfg.train.batch_size, seed=cfg.seed,
                              sampler=sampler)
-        method = METHODS.get(cfg.method.name)(**cfg.method.kwargs)
         dq, dc = [p.query for p in dev], [p.candidate for p in dev]
 
         def evaluate(model: torch.nn.Module) -> dict[str, float]:
@@ -413,6 +447,7 @@ def run_embedding(cfg: EmbeddingConfig, ctx: RunContext) -> dict[str, Any]:
                   evaluate=evaluate, output_dir=work, resume=ctx.resume, phase="student", progress=ctx.progress,
                   seed=cfg.seed, **cfg.train.model_dump(exclude={"batch_size", "mixed_precision"}))
         student, history, train_seconds = res.student, res.history, res.seconds
+        teacher.cpu()  # a live teacher (token term) may have moved to the accelerator; encode() works on CPU
     student.eval()
     s_entry = _entry(student, test, teacher_emb=t_test, spec=cfg.eval, throughput=throughput)
     s_entry["train_seconds"] = train_seconds

@@ -149,7 +149,7 @@ def probe(student: nn.Module, method: Method, batch: Batch, student_forward: For
     student.train(was)
     t = teacher_fn(batch)
     return SetupInfo(
-        student_features={k: tuple(v.shape) for k, v in feats.items()},
+        student_features={k: tuple(v.shape) for k, v in {**s.features, **feats}.items()},  # returned + hooked
         teacher_features={k: tuple(v.shape) for k, v in (t.features.items() if t else [])},
         num_classes=int(s.logits.shape[-1]) if s.logits is not None else None,
         num_train=num_train,
