@@ -124,14 +124,16 @@ def _encode_sorted(model: nn.Module, sentences: Sequence[str], batch_size: int, 
     return result
 
 
+def trim_padding(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The model inputs of a right-padded token batch, cut to its longest real sequence (fixed-width batches
+    from the loader would otherwise run every padding column)."""
+    length = max(int(batch["attention_mask"].sum(1).max()), 1)
+    return {k: batch[k][:, :length] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+
+
 def encoder_forward(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """The loop's ``student_forward`` for every encoder here: trims padding columns, returns ``(B, D)``."""
-    mask = batch["attention_mask"]
-    length = max(int(mask.sum(1).max()), 1)
-    kwargs = {"input_ids": batch["input_ids"][:, :length], "attention_mask": mask[:, :length]}
-    if "token_type_ids" in batch:
-        kwargs["token_type_ids"] = batch["token_type_ids"][:, :length]
-    return model(**kwargs)
+    return model(**trim_padding(batch))
 
 
 # ------------------------------------------------------------------------------------------------ loading

@@ -39,6 +39,7 @@ from ..students.encoders import (
     narrow_encoder,
     tiny_corpus,
     tiny_encoder,
+    trim_padding,
 )
 from ..students.static import StaticEncoder, static_from_teacher
 from ..train.checkpoint import load_state_dict, save_state_dict_atomic, write_json_atomic
@@ -325,9 +326,7 @@ def token_forward(model: SentenceEncoder, batch: dict[str, torch.Tensor]) -> Mod
     """Like :func:`~kdistill.students.encoders.encoder_forward` (padding columns trimmed), but also returns the
     last hidden states: ``ModelOutput(logits=(B, D) embeddings, features={"tokens": (B, T, H)},
     extra={"attention_mask": (B, T) bool})`` - what ``embedding_kd``'s token term reads."""
-    mask = batch["attention_mask"]
-    length = max(int(mask.sum(1).max()), 1)
-    kwargs = {k: batch[k][:, :length] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+    kwargs = trim_padding(batch)
     tokens = model.backbone(**kwargs).last_hidden_state
     return ModelOutput(logits=model.head(tokens, kwargs["attention_mask"]), features={"tokens": tokens},
                        extra={"attention_mask": kwargs["attention_mask"].bool()})
