@@ -207,3 +207,38 @@ def test_cross_queue_adds_past_teacher_vectors_as_candidates():
     for bad in ({"cross_queue": -1, "cross_weight": 1.0}, {"cross_queue": 16, "cosine_weight": 1.0}):
         with pytest.raises(KDistillError, match="cross_queue"):
             EmbeddingKD(**bad)
+
+
+def test_cross_queue_resume_equals_uninterrupted(tmp_path):
+    teacher = tiny_encoder(num_layers=2, seed=0)
+    sents = tiny_corpus(96, seed=4)
+    enc = {k: F.pad(v, (0, 32 - v.shape[1])) for k, v in teacher.tokenize(sents, max_length=32).items()}
+    loader_data = TensorDictDataset(**enc, teacher_emb=teacher.encode(sents))
+
+    class Crash(Exception):
+        pass
+
+    def train(out, **kw):
+        student = narrow_encoder(teacher, hidden_size=32, num_layers=1, num_heads=2)
+        return fit(student=student, method=EmbeddingKD(mse_weight=0, cosine_weight=1.0, cross_weight=1.0,
+                                                       cross_queue=20),
+                   train_loader=make_loader(loader_data, 16, seed=0), accelerator=make_accelerator(),
+                   teacher_targets=lambda b: ModelOutput(logits=b["teacher_emb"]), student_forward=encoder_forward,
+                   epochs=1, progress=False, lr=1e-2, output_dir=out, checkpoint_every=3, **kw)
+
+    full = train(tmp_path / "full")
+
+    def crash_at_5(model):
+        crash_at_5.calls += 1
+        if crash_at_5.calls == 5:
+            raise Crash
+        return {"x": 0.0}
+
+    crash_at_5.calls = 0
+    with pytest.raises(Crash):
+        train(tmp_path / "part", eval_every=1, evaluate=crash_at_5)
+    torch.manual_seed(999)
+    resumed = train(tmp_path / "part", resume=True)
+    assert int(full.method.queue.filled) == 20 and torch.equal(full.method.queue.items, resumed.method.queue.items)
+    for (k, a), b in zip(full.student.state_dict().items(), resumed.student.state_dict().values()):
+        assert torch.equal(a, b), k

@@ -147,3 +147,16 @@ def test_minilm_teacher_matches_sentence_transformers_and_two_layer_student():
     assert 15_000_000 < count_params(student) < 16_000_000
     cos = (student.encode(text) * teacher.encode(text)).sum(1)
     assert (cos > 0.3).all()  # the untrained 2-layer copy already points roughly the teacher's way
+
+
+def test_narrow_encoder_wider_than_teacher_copies_the_overlap():
+    teacher = tiny_encoder(num_layers=2, seed=0)
+    t_int = teacher.backbone.config.intermediate_size
+    # default: the teacher's feed-forward ratio
+    half = narrow_encoder(teacher, hidden_size=16, num_layers=1, num_heads=1)
+    assert half.backbone.config.intermediate_size == t_int // 2
+    wide = narrow_encoder(teacher, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=2 * t_int)
+    w = wide.backbone.encoder.layer[0].intermediate.dense.weight
+    tw = teacher.backbone.encoder.layer[0].intermediate.dense.weight
+    assert w.shape == (2 * t_int, 32) and torch.equal(w[:t_int], tw)
+    assert not torch.equal(w[t_int:], torch.zeros_like(w[t_int:]))  # the extra rows stay randomly initialised

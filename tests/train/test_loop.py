@@ -85,6 +85,42 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert steps == sorted(set(steps))
 
 
+def test_resume_equals_uninterrupted_with_dropout(tmp_path):
+    """Random ops in the student (dropout) must see the same numbers after a mid-epoch resume: starting the
+    resumed epoch's data iterator draws from the global RNG, which the loop restores afterwards."""
+    x, y = data()
+    teacher, _ = models()
+
+    class Crash(Exception):
+        pass
+
+    def run(out, **kw):
+        torch.manual_seed(5)
+        student = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Dropout(0.5),
+                                      torch.nn.Linear(16, 4))
+        return fit(student=student, method=HintonKD(), teacher=teacher, accelerator=make_accelerator(),
+                   train_loader=make_loader(TensorDictDataset(inputs=x, labels=y), 16, seed=0), epochs=2,
+                   optimizer="sgd", lr=0.1, schedule="constant", progress=False, output_dir=out,
+                   checkpoint_every=3, **kw)
+
+    full = run(tmp_path / "full")
+
+    def crash_at_5(model):
+        crash_at_5.calls += 1
+        if crash_at_5.calls == 5:
+            raise Crash
+        return {"x": 0.0}
+
+    crash_at_5.calls = 0
+    with pytest.raises(Crash):
+        run(tmp_path / "part", eval_every=1, evaluate=crash_at_5)
+    torch.manual_seed(999)
+    resumed = run(tmp_path / "part", resume=True)  # from step 3: mid-epoch (7 batches per epoch)
+    assert resumed.steps == full.steps == 14
+    for (k, a), b in zip(full.student.state_dict().items(), resumed.student.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
 def test_teacher_is_frozen_and_in_eval_mode():
     x, y = data()
     teacher, student = models()

@@ -260,9 +260,11 @@ def layer_subset(teacher: SentenceEncoder, layers: Sequence[int], *, freeze_embe
 def narrow_encoder(teacher: SentenceEncoder, *, hidden_size: int, num_layers: int, num_heads: int | None = None,
                    intermediate_size: int | None = None, init: str = "teacher", seed: int = 0) -> SentenceEncoder:
     """A narrower encoder of the teacher's architecture plus a learned ``hidden_size -> teacher dim``
-    projection (so its vectors live in the teacher's space). ``init="teacher"`` copies the leading slice
-    of every teacher tensor (layers spread evenly over the teacher's depth); ``"random"`` keeps the
-    config's random initialisation."""
+    projection (so its vectors live in the teacher's space). ``intermediate_size`` defaults to the teacher's
+    feed-forward ratio times ``hidden_size``. ``init="teacher"`` copies the leading slice of every teacher tensor
+    (layers spread evenly over the teacher's depth); where a student dimension is larger than the teacher's, the
+    part beyond the teacher's keeps its random initialisation. ``"random"`` keeps the config's random
+    initialisation throughout."""
     from transformers import AutoModel
 
     cfg = copy.deepcopy(teacher.backbone.config)
@@ -273,7 +275,8 @@ def narrow_encoder(teacher: SentenceEncoder, *, hidden_size: int, num_layers: in
     expect(num_layers >= 1, "narrow_encoder num_layers", num_layers, "an integer >= 1")
     expect(init in ("teacher", "random"), "narrow_encoder init", init, "'teacher' or 'random'")
     cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads = hidden_size, num_layers, num_heads
-    cfg.intermediate_size = intermediate_size or 4 * hidden_size
+    ratio = cfg.intermediate_size / teacher.backbone.config.hidden_size
+    cfg.intermediate_size = intermediate_size or max(1, round(ratio * hidden_size))
     torch.manual_seed(seed)
     backbone = AutoModel.from_config(cfg)
     if init == "teacher":
@@ -292,7 +295,10 @@ def narrow_encoder(teacher: SentenceEncoder, *, hidden_size: int, num_layers: in
             if t is None or t.dim() != value.dim():
                 new_state[name] = value
                 continue
-            new_state[name] = t[tuple(slice(0, s) for s in value.shape)].clone()
+            overlap = tuple(slice(0, min(a, b)) for a, b in zip(value.shape, t.shape))
+            value = value.clone()
+            value[overlap] = t[overlap]
+            new_state[name] = value
         backbone.load_state_dict(new_state)
     student = SentenceEncoder(backbone, teacher.tokenizer, pooling=teacher.pooling, normalize=teacher.normalize,
                               max_seq_length=teacher.max_seq_length, projection_dim=teacher.embedding_dim)

@@ -13,6 +13,7 @@ split into micro-batches and processes.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -252,6 +253,7 @@ def fit(
     ckpt = CheckpointManager(out_dir / "checkpoints") if out_dir is not None else None
     log_path = out_dir / "metrics.jsonl" if out_dir is not None else None
     step, start_epoch, skip, history, elapsed0 = 0, 0, 0, [], 0.0
+    resumed_rng = None
     if resume and ckpt is not None and ckpt.latest() is not None:
         state = ckpt.load()
         inner.student.load_state_dict(state["student"])
@@ -259,6 +261,7 @@ def fit(
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
+        resumed_rng = state["rng"]
         aug_rng.bit_generator.state = state["aug_rng"]
         step, start_epoch, skip = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
         history, elapsed0 = list(state["history"]), float(state["elapsed"])
@@ -324,6 +327,15 @@ def fit(
                 break
             loader.set_epoch(epoch)
             it = accelerator.skip_first_batches(loader, skip) if skip else loader
+            if skip and resumed_rng is not None:
+                # Starting a DataLoader iteration (its first batch) draws from the global torch RNG. The
+                # uninterrupted run drew for this epoch before the checkpoint: fetch the first batch, then
+                # restore, so dropout and other random ops in the remaining steps see the same numbers.
+                it = iter(it)
+                first = next(it, None)
+                set_rng_state(resumed_rng)
+                it = it if first is None else itertools.chain([first], it)
+            resumed_rng = None
             n_in_epoch, window = skip, []
             skip = 0
             for batch in it:
