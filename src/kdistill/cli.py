@@ -39,6 +39,17 @@ def run_cmd(
                 progress=not no_progress)
     except KDistillError as e:
         _fail(e)
+    finally:
+        _end_distributed()
+
+
+def _end_distributed() -> None:
+    """Under torchrun, tear the process group down before the interpreter exits (leaving it to exit-time
+    cleanup can abort a rank with 'terminate called without an active exception')."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @app.command("list")

@@ -34,6 +34,7 @@ def main(batch: int, out: str) -> None:
         state.update({f"method.{k}": v for k, v in res.method.state_dict().items()})
         save_state_dict_atomic(out, state)
     acc.wait_for_everyone()
+    acc.end_training()  # destroys the process group: no teardown race at interpreter exit
 
 
 if __name__ == "__main__":
