@@ -14,6 +14,29 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("KDISTILL_CACHE", str(tmp_path_factory.getbasetemp() / "kdistill-cache"))
 
 
+class Interrupted(RuntimeError):
+    """A simulated crash raised by the ``interrupt_at`` fixture's callback."""
+
+
+@pytest.fixture
+def interrupt_at():
+    """``interrupt_at(n)`` -> an ``evaluate`` callback for ``fit`` that raises :class:`Interrupted` ("simulated
+    crash") on its n-th call; with ``eval_every=1`` that is right after optimizer step n, for resume tests."""
+
+    def make(n):
+        calls = [0]
+
+        def evaluate(model):
+            calls[0] += 1
+            if calls[0] == n:
+                raise Interrupted(f"simulated crash at evaluation {n}")
+            return {"x": 0.0}
+
+        return evaluate
+
+    return make
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` need CUDA; CI and the development machines have none, so they skip there."""
     if torch.cuda.is_available():

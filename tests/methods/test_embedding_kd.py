@@ -209,14 +209,11 @@ def test_cross_queue_adds_past_teacher_vectors_as_candidates():
             EmbeddingKD(**bad)
 
 
-def test_cross_queue_resume_equals_uninterrupted(tmp_path):
+def test_cross_queue_resume_equals_uninterrupted(tmp_path, interrupt_at):
     teacher = tiny_encoder(num_layers=2, seed=0)
     sents = tiny_corpus(96, seed=4)
     enc = {k: F.pad(v, (0, 32 - v.shape[1])) for k, v in teacher.tokenize(sents, max_length=32).items()}
     loader_data = TensorDictDataset(**enc, teacher_emb=teacher.encode(sents))
-
-    class Crash(Exception):
-        pass
 
     def train(out, **kw):
         student = narrow_encoder(teacher, hidden_size=32, num_layers=1, num_heads=2)
@@ -227,16 +224,8 @@ def test_cross_queue_resume_equals_uninterrupted(tmp_path):
                    epochs=1, progress=False, lr=1e-2, output_dir=out, checkpoint_every=3, **kw)
 
     full = train(tmp_path / "full")
-
-    def crash_at_5(model):
-        crash_at_5.calls += 1
-        if crash_at_5.calls == 5:
-            raise Crash
-        return {"x": 0.0}
-
-    crash_at_5.calls = 0
-    with pytest.raises(Crash):
-        train(tmp_path / "part", eval_every=1, evaluate=crash_at_5)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(tmp_path / "part", eval_every=1, evaluate=interrupt_at(5))
     torch.manual_seed(999)
     resumed = train(tmp_path / "part", resume=True)
     assert int(full.method.queue.filled) == 20 and torch.equal(full.method.queue.items, resumed.method.queue.items)

@@ -59,22 +59,11 @@ def test_batch_count_uses_mask():
     assert batch_count({"inputs": torch.zeros(2, 3), "mask": torch.tensor([[True, False, True], [False, False, True]])}) == 3
 
 
-def test_resume_equals_uninterrupted(tmp_path):
+def test_resume_equals_uninterrupted(tmp_path, interrupt_at):
     full = train(16, 1, method=HintonKD(), output_dir=tmp_path / "full", checkpoint_every=3)
-
-    class Crash(Exception):
-        pass
-
-    def crash_at_5(model):
-        if crash_at_5.calls == 5:
-            raise Crash
-        crash_at_5.calls += 1
-        return {"x": 0.0}
-
-    crash_at_5.calls = 0
-    with pytest.raises(Crash):
+    with pytest.raises(RuntimeError, match="simulated crash"):
         train(16, 1, method=HintonKD(), output_dir=tmp_path / "part", checkpoint_every=3, eval_every=1,
-              evaluate=crash_at_5)
+              evaluate=interrupt_at(6))
     torch.manual_seed(12345)  # the resumed process starts with different global RNG state
     resumed = train(16, 1, method=HintonKD(), output_dir=tmp_path / "part", checkpoint_every=3, resume=True)
     assert resumed.steps == full.steps
@@ -85,14 +74,11 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert steps == sorted(set(steps))
 
 
-def test_resume_equals_uninterrupted_with_dropout(tmp_path):
+def test_resume_equals_uninterrupted_with_dropout(tmp_path, interrupt_at):
     """Random ops in the student (dropout) must see the same numbers after a mid-epoch resume: starting the
     resumed epoch's data iterator draws from the global RNG, which the loop restores afterwards."""
     x, y = data()
     teacher, _ = models()
-
-    class Crash(Exception):
-        pass
 
     def run(out, **kw):
         torch.manual_seed(5)
@@ -104,16 +90,8 @@ def test_resume_equals_uninterrupted_with_dropout(tmp_path):
                    checkpoint_every=3, **kw)
 
     full = run(tmp_path / "full")
-
-    def crash_at_5(model):
-        crash_at_5.calls += 1
-        if crash_at_5.calls == 5:
-            raise Crash
-        return {"x": 0.0}
-
-    crash_at_5.calls = 0
-    with pytest.raises(Crash):
-        run(tmp_path / "part", eval_every=1, evaluate=crash_at_5)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(tmp_path / "part", eval_every=1, evaluate=interrupt_at(5))
     torch.manual_seed(999)
     resumed = run(tmp_path / "part", resume=True)  # from step 3: mid-epoch (7 batches per epoch)
     assert resumed.steps == full.steps == 14
