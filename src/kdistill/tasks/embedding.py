@@ -332,11 +332,12 @@ def token_forward(model: SentenceEncoder, batch: dict[str, torch.Tensor]) -> Mod
                        extra={"attention_mask": kwargs["attention_mask"].bool()})
 
 
-def _training_forwards(method: Any, teacher: SentenceEncoder, keys: list[str], *, pairs: bool) -> tuple[Any, Any]:
-    """``(student_forward, teacher_targets)`` for the loop. Rows of pairs ``(P, 2, ...)`` are flattened to ``2P``
-    texts. The teacher's sentence embeddings come from the cache in the batch; with a method that reads token
-    states (``uses_token_states``) the student also returns its last hidden states and the teacher runs live
-    (no gradients) for its own."""
+def _training_forwards(method: Any, teacher: SentenceEncoder, keys: list[str], *,
+                       pairs: bool) -> tuple[Any, dict[str, Any]]:
+    """``(student_forward, teacher arguments of fit)``. Rows of pairs ``(P, 2, ...)`` are flattened to ``2P`` texts.
+    The teacher's sentence embeddings come from the cache in the batch (``teacher_targets``); with a method that
+    reads token states (``uses_token_states``) the student also returns its last hidden states and the loop runs
+    the teacher live (``teacher`` + ``teacher_forward``: frozen, on the loop's device, no gradients) for its own."""
 
     def texts(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: (b[k].flatten(0, 1) if pairs else b[k]) for k in keys}
@@ -345,16 +346,14 @@ def _training_forwards(method: Any, teacher: SentenceEncoder, keys: list[str], *
         return b["teacher_emb"].flatten(0, 1) if pairs else b["teacher_emb"]
 
     if not getattr(method, "uses_token_states", False):
-        return (lambda model, b: encoder_forward(model, texts(b))), (lambda b: ModelOutput(logits=cached(b)))
+        return (lambda model, b: encoder_forward(model, texts(b))), {"teacher_targets": lambda b: ModelOutput(
+            logits=cached(b))}
 
-    def targets(b: dict[str, torch.Tensor]) -> ModelOutput:
-        rows = texts(b)
-        teacher.to(rows["input_ids"].device)
-        with torch.no_grad():
-            out = token_forward(teacher, rows)
+    def teacher_forward(model: SentenceEncoder, b: dict[str, torch.Tensor]) -> ModelOutput:
+        out = token_forward(model, texts(b))
         return ModelOutput(logits=cached(b), features={"tokens": out.features["tokens"]})
 
-    return (lambda model, b: token_forward(model, texts(b))), targets
+    return (lambda model, b: token_forward(model, texts(b))), {"teacher": teacher, "teacher_forward": teacher_forward}
 
 
 # ------------------------------------------------------------------------------------------------- run
@@ -428,7 +427,7 @@ def run_embedding(cfg: EmbeddingConfig, ctx: RunContext) -> dict[str, Any]:
             tensors = {k: v.view(-1, 2, *v.shape[1:]) for k, v in tensors.items()}
             t_train = t_train.view(-1, 2, t_train.shape[-1])
         method = METHODS.get(cfg.method.name)(**cfg.method.kwargs)
-        student_forward, targets = _training_forwards(method, teacher, list(tensors), pairs=cfg.data.pairs)
+        student_forward, teacher_kwargs = _training_forwards(method, teacher, list(tensors), pairs=cfg.data.pairs)
         sampler = None
         if cfg.data.neighbour_group > 1:
             sampler = NeighbourGroupSampler(_row_neighbours(t_train, cfg.data.neighbour_pool),
@@ -442,11 +441,11 @@ def run_embedding(cfg: EmbeddingConfig, ctx: RunContext) -> dict[str, Any]:
 
         accelerator = make_accelerator(cfg.train.mixed_precision)
         res = fit(student=student, method=method, train_loader=loader, accelerator=accelerator,
-                  teacher_targets=targets, student_forward=student_forward,
+                  student_forward=student_forward, **teacher_kwargs,
                   evaluate=evaluate, output_dir=work, resume=ctx.resume, phase="student", progress=ctx.progress,
                   seed=cfg.seed, **cfg.train.model_dump(exclude={"batch_size", "mixed_precision"}))
         student, history, train_seconds = res.student, res.history, res.seconds
-        teacher.cpu()  # a live teacher (token term) may have moved to the accelerator; encode() works on CPU
+        teacher.cpu()  # a live teacher (token term) was moved to the loop's device; encode() works on CPU
     student.eval()
     s_entry = _entry(student, test, teacher_emb=t_test, spec=cfg.eval, throughput=throughput)
     s_entry["train_seconds"] = train_seconds
