@@ -87,6 +87,29 @@ def test_layer_subset_freeze_embeddings_keeps_the_token_table_through_training(t
     assert moved == {False: True, True: False}
 
 
+def test_layer_subset_dropout_sets_every_dropout_and_leaves_the_teacher_alone(teacher):
+    """dropout=0: a training-mode forward equals the eval-mode one (no dropout mask anywhere, attention
+    included); the default keeps the teacher's dropout, so two training-mode forwards differ."""
+    batch = teacher.tokenize(SENTENCES)
+    p_teacher = teacher.backbone.config.hidden_dropout_prob
+    assert p_teacher > 0
+    kept = layer_subset(teacher, [0, 3]).train()
+    torch.manual_seed(0)
+    assert not torch.allclose(kept(**batch), kept(**batch), atol=1e-4)
+    student = layer_subset(teacher, [0, 3], dropout=0.0)
+    cfg = student.backbone.config
+    assert cfg.hidden_dropout_prob == 0.0 and cfg.attention_probs_dropout_prob == 0.0
+    assert all(m.p == 0.0 for m in student.modules() if isinstance(m, torch.nn.Dropout))
+    with torch.no_grad():
+        train_out = student.train()(**batch)
+        eval_out = student.eval()(**batch)
+    assert torch.allclose(train_out, eval_out, atol=1e-6)
+    assert teacher.backbone.config.hidden_dropout_prob == p_teacher
+    assert {m.p for m in teacher.modules() if isinstance(m, torch.nn.Dropout)} != {0.0}
+    with pytest.raises(KDistillError, match="dropout"):
+        layer_subset(teacher, [0, 3], dropout=1.5)
+
+
 @pytest.mark.parametrize("layers", [[0, 4], [], [1, 1]])
 def test_layer_subset_rejects_bad_layers(teacher, layers):
     with pytest.raises(KDistillError, match="layer_subset layers"):

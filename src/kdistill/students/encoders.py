@@ -226,9 +226,27 @@ def _layer_list(backbone: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
                         "BERT-like encoders (encoder.layer) and models with one list of blocks.")
 
 
-def layer_subset(teacher: SentenceEncoder, layers: Sequence[int], *, freeze_embeddings: bool = False) -> SentenceEncoder:
+def set_dropout(backbone: nn.Module, p: float) -> nn.Module:
+    """Set every dropout of a transformers backbone to ``p`` (in place; returned for chaining): the
+    ``nn.Dropout`` modules, which BERT-likes also read for attention dropout (``self.dropout.p``), and the
+    config's dropout fields, so a saved or exported config says what the model trained with."""
+    expect(0.0 <= float(p) < 1.0, "dropout", p, "a probability in [0, 1)")
+    for module in backbone.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = float(p)
+    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"):
+        if isinstance(getattr(backbone.config, key, None), float):
+            setattr(backbone.config, key, float(p))
+    return backbone
+
+
+def layer_subset(teacher: SentenceEncoder, layers: Sequence[int], *, freeze_embeddings: bool = False,
+                 dropout: float | None = None) -> SentenceEncoder:
     """A student that keeps the teacher's embeddings and the given layers (in that order), same pooling,
     projection and normalisation. The teacher is not modified.
+
+    ``dropout``: train with this dropout instead of the teacher's config value (all of the backbone's dropout
+    modules, see :func:`set_dropout`); ``None`` keeps the teacher's.
 
     ``freeze_embeddings``: keep the token-embedding table fixed at the teacher's values during training
     (``requires_grad = False``; the optimiser skips it). Tokens that never occur in the training texts then
@@ -254,6 +272,8 @@ def layer_subset(teacher: SentenceEncoder, layers: Sequence[int], *, freeze_embe
         student.projection = copy.deepcopy(teacher.projection)
     if freeze_embeddings:
         backbone.get_input_embeddings().weight.requires_grad_(False)
+    if dropout is not None:
+        set_dropout(backbone, dropout)
     return student
 
 

@@ -85,8 +85,8 @@ def build_static(teacher: SentenceEncoder, *, corpus: list[str], dim: int | None
 
 
 def _layer_subset(teacher: SentenceEncoder, *, corpus: list[str], layers: list[int],
-                  freeze_embeddings: bool = False) -> SentenceEncoder:
-    return layer_subset(teacher, layers, freeze_embeddings=freeze_embeddings)
+                  freeze_embeddings: bool = False, dropout: float | None = None) -> SentenceEncoder:
+    return layer_subset(teacher, layers, freeze_embeddings=freeze_embeddings, dropout=dropout)
 
 
 def _narrow(teacher: SentenceEncoder, *, corpus: list[str], hidden_size: int, num_layers: int,
