@@ -8,7 +8,9 @@ pairs (no lemma or gloss of the test set): each recipe's own ``data.num_train`` 
 
 Students, side by side in one run:
   kdistill_2layer_untrained  layers 0 and 5 of the teacher, no training
-  kdistill_2layer            the same, distilled by recipe embedding/minilm_to_2layer
+  kdistill_2layer            the same, distilled by recipe embedding/minilm_to_2layer (first of --seeds; the
+                             other seeds' recall@1 / MRR under kdistill_2layer_seeds, and the 98% target is
+                             judged on the mean over all seeds)
   st_mse_2layer              the same initial student trained with sentence-transformers' own MSELoss on the
                              same sentences, teacher embeddings, epochs, batch size, lr and warm-up
   kdistill_static_untrained  static student straight from the teacher (PCA 256, SIF weights)
@@ -124,6 +126,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--throughput-sentences", type=int, default=1000)
     ap.add_argument("--skip", nargs="*", default=[], help="students to skip (e.g. model2vec st_mse_2layer)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                    help="seeds of the kdistill 2-layer recipe (data order, dropout); the first one is the "
+                         "'kdistill_2layer' row, and the 98%% target is judged on the mean over all of them")
     args = ap.parse_args()
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -148,12 +153,23 @@ def main() -> None:
 
     # ---- kdistill 2-layer -------------------------------------------------------------------------
     models["kdistill_2layer_untrained"] = layer_subset(teacher, [0, 5])
-    log("kdistill: minilm_to_2layer")
-    rep = api.run("embedding/minilm_to_2layer", output=out / "kd_2layer", overrides=common, progress=False, quiet=True)
-    models["kdistill_2layer"] = load_student(out / "kd_2layer" / "student")
-    extra["kdistill_2layer"] = {"train_seconds": rep["student"]["train_seconds"],
-                                "st_export_max_abs_diff": rep["export"]["st_max_abs_diff"],
-                                **pq_summary(rep)}
+    seed_students: dict[int, object] = {}
+    seed_seconds: dict[int, float] = {}
+    for i, seed in enumerate(args.seeds):
+        log(f"kdistill: minilm_to_2layer, seed {seed}")
+        run_dir = out / ("kd_2layer" if i == 0 else f"kd_2layer_seed{seed}")
+        # the later seeds skip the PQ stage: only their retrieval figures are reported
+        later = [] if i == 0 else ["quantize=null"]
+        rep = api.run("embedding/minilm_to_2layer", output=run_dir, overrides=common + later, seed=seed,
+                      progress=False, quiet=True)
+        seed_seconds[seed] = rep["student"]["train_seconds"]
+        if i == 0:
+            models["kdistill_2layer"] = load_student(run_dir / "student")
+            extra["kdistill_2layer"] = {"seed": seed, "train_seconds": rep["student"]["train_seconds"],
+                                        "st_export_max_abs_diff": rep["export"]["st_max_abs_diff"],
+                                        **pq_summary(rep)}
+        else:
+            seed_students[seed] = load_student(run_dir / "student")
 
     # ---- sentence-transformers MSELoss, same student, data, targets and budget ---------------------
     if "st_mse_2layer" not in args.skip:
@@ -207,6 +223,10 @@ def main() -> None:
             c = m.encode(cands, batch_size=args.eval_batch_size)
         params = m.params() if isinstance(m, Model2VecEncoder) else count_params(m)
         results[name] = {"params": params, "embedding_dim": int(q.shape[1]), **retrieval_metrics(q, c)}
+    per_seed = {args.seeds[0]: results["kdistill_2layer"]}
+    for seed, m in seed_students.items():
+        per_seed[seed] = retrieval_metrics(m.encode(queries, batch_size=args.eval_batch_size),
+                                           m.encode(cands, batch_size=args.eval_batch_size))
     tp_sents = cands[: args.throughput_sentences]
     speed = {name: 0.0 for name in models}
     for _ in range(3):  # interleaved rounds: machine noise hits every model alike
@@ -219,14 +239,27 @@ def main() -> None:
         r["speedup"] = speed[name] / t_sps
         r["recall_at_1_kept"] = r["recall_at_1"] / t_r1
         r.update(extra.get(name, {}))
+    r1s = [per_seed[sd]["recall_at_1"] for sd in args.seeds]
+    mean_r1 = sum(r1s) / len(r1s)
+    seeds_summary = {
+        "seeds": args.seeds,
+        "per_seed": {str(sd): {"recall_at_1": per_seed[sd]["recall_at_1"], "mrr": per_seed[sd]["mrr"],
+                               "recall_at_1_kept": per_seed[sd]["recall_at_1"] / t_r1,
+                               "train_seconds": seed_seconds[sd]} for sd in args.seeds},
+        "mean_recall_at_1": mean_r1, "min_recall_at_1": min(r1s), "max_recall_at_1": max(r1s),
+        "mean_recall_at_1_kept": mean_r1 / t_r1,
+        "mean_mrr": sum(per_seed[sd]["mrr"] for sd in args.seeds) / len(args.seeds),
+    }
     summary = {
         "benchmark": "embedding", "teacher": "all-MiniLM-L6-v2 (minilm-l6)",
         "test_set": f"WordNet lemma -> gloss, {len(test)} held-out pairs", "train_sentences": len(sentences),
         "epochs": recipe_2l.train.epochs, "train_batch_size": recipe_2l.train.batch_size,
         "pairs": recipe_2l.data.pairs, "eval_batch_size": args.eval_batch_size,
         "threads": args.threads, "throughput_sentences": len(tp_sents), "models": results,
+        "kdistill_2layer_seeds": seeds_summary,
         "targets": {
-            "2layer_keeps_98pct_recall_at_1": results["kdistill_2layer"]["recall_at_1_kept"] >= 0.98,
+            # judged on the mean over the recipe's seeds: one seed's recall@1 moves by about a point
+            "2layer_keeps_98pct_recall_at_1": seeds_summary["mean_recall_at_1_kept"] >= 0.98,
             "2layer_speedup_ge_2.5": results["kdistill_2layer"]["speedup"] >= 2.5,
             "2layer_beats_st_mse": (results["kdistill_2layer"]["recall_at_1"] > results["st_mse_2layer"]["recall_at_1"]
                                     if "st_mse_2layer" in results else None),
