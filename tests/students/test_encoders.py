@@ -87,7 +87,7 @@ def test_layer_subset_freeze_embeddings_keeps_the_token_table_through_training(t
     assert moved == {False: True, True: False}
 
 
-def test_layer_subset_dropout_sets_every_dropout_and_leaves_the_teacher_alone(teacher):
+def test_student_dropout_sets_every_dropout_and_leaves_the_teacher_alone(teacher):
     """dropout=0: a training-mode forward equals the eval-mode one (no dropout mask anywhere, attention
     included); the default keeps the teacher's dropout, so two training-mode forwards differ."""
     batch = teacher.tokenize(SENTENCES)
@@ -108,6 +108,10 @@ def test_layer_subset_dropout_sets_every_dropout_and_leaves_the_teacher_alone(te
     assert {m.p for m in teacher.modules() if isinstance(m, torch.nn.Dropout)} != {0.0}
     with pytest.raises(KDistillError, match="dropout"):
         layer_subset(teacher, [0, 3], dropout=1.5)
+    narrow = narrow_encoder(teacher, hidden_size=16, num_layers=2, dropout=0.0).train()
+    assert narrow.backbone.config.hidden_dropout_prob == 0.0
+    with torch.no_grad():
+        assert torch.allclose(narrow(**batch), narrow.eval()(**batch), atol=1e-6)
 
 
 @pytest.mark.parametrize("layers", [[0, 4], [], [1, 1]])

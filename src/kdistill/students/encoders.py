@@ -278,13 +278,14 @@ def layer_subset(teacher: SentenceEncoder, layers: Sequence[int], *, freeze_embe
 
 
 def narrow_encoder(teacher: SentenceEncoder, *, hidden_size: int, num_layers: int, num_heads: int | None = None,
-                   intermediate_size: int | None = None, init: str = "teacher", seed: int = 0) -> SentenceEncoder:
+                   intermediate_size: int | None = None, init: str = "teacher", seed: int = 0,
+                   dropout: float | None = None) -> SentenceEncoder:
     """A narrower encoder of the teacher's architecture plus a learned ``hidden_size -> teacher dim``
     projection (so its vectors live in the teacher's space). ``intermediate_size`` defaults to the teacher's
     feed-forward ratio times ``hidden_size``. ``init="teacher"`` copies the leading slice of every teacher tensor
     (layers spread evenly over the teacher's depth); where a student dimension is larger than the teacher's, the
     part beyond the teacher's keeps its random initialisation. ``"random"`` keeps the config's random
-    initialisation throughout."""
+    initialisation throughout. ``dropout``: as in :func:`layer_subset` (``None`` keeps the teacher's)."""
     from transformers import AutoModel
 
     cfg = copy.deepcopy(teacher.backbone.config)
@@ -320,6 +321,8 @@ def narrow_encoder(teacher: SentenceEncoder, *, hidden_size: int, num_layers: in
             value[overlap] = t[overlap]
             new_state[name] = value
         backbone.load_state_dict(new_state)
+    if dropout is not None:
+        set_dropout(backbone, dropout)
     student = SentenceEncoder(backbone, teacher.tokenizer, pooling=teacher.pooling, normalize=teacher.normalize,
                               max_seq_length=teacher.max_seq_length, projection_dim=teacher.embedding_dim)
     return student

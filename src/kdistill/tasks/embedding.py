@@ -91,9 +91,9 @@ def _layer_subset(teacher: SentenceEncoder, *, corpus: list[str], layers: list[i
 
 def _narrow(teacher: SentenceEncoder, *, corpus: list[str], hidden_size: int, num_layers: int,
             num_heads: int | None = None, intermediate_size: int | None = None, init: str = "teacher",
-            seed: int = 0) -> SentenceEncoder:
+            seed: int = 0, dropout: float | None = None) -> SentenceEncoder:
     return narrow_encoder(teacher, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
-                          intermediate_size=intermediate_size, init=init, seed=seed)
+                          intermediate_size=intermediate_size, init=init, seed=seed, dropout=dropout)
 
 
 STUDENTS = {"layer_subset": _layer_subset, "narrow": _narrow, "static": build_static}
