@@ -4,6 +4,7 @@ Each rank feeds llm_kd (loss taid) a different micro-batch (so a different local
 then writes its TAID state (t, step, momentum, previous loss) to OUT.rank<r>.
 """
 
+import os
 import sys
 
 import torch
@@ -30,3 +31,7 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    # no exit-time cleanup (see tests/train/_ddp_worker.py): a gloo thread can abort the rank at exit
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
