@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -35,34 +34,16 @@ def run_cmd(
     if config is not None and "=" in config and not Path(config).exists():
         overrides.insert(0, config)  # `kdistill run train.epochs=3` -> default recipe + override
         config = None
+    from .train.loop import end_distributed  # imports torch: not at CLI start-up
+
     try:
         api.run(config, output=output, seed=seed, resume=resume, overrides=overrides, nproc=nproc,
                 progress=not no_progress)
-        _end_distributed(exit_code=0)  # a torchrun rank whose work is done and written leaves here
+        end_distributed(exit_code=0)  # a torchrun rank whose work is done and written leaves here
     except KDistillError as e:
         _fail(e)
     finally:
-        _end_distributed()
-
-
-def _end_distributed(exit_code: int | None = None) -> None:
-    """Under torchrun, tear the process group down. With ``exit_code`` (a rank whose outputs are all written),
-    also leave at once with that code, without the interpreter's exit-time cleanup: on a loaded machine a
-    c10d/gloo background thread can still be joinable when its C++ destructor runs, and the rank then aborts
-    with 'terminate called without an active exception' (3 of 12 two-rank runs of the DDP test worker with two
-    busy cores; 0 of 24 when the worker leaves this way). Outside torchrun this does nothing."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-        if exit_code is not None:
-            import logging
-            import os
-
-            logging.shutdown()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(exit_code)
+        end_distributed()
 
 
 @app.command("list")

@@ -4,7 +4,6 @@ Each rank feeds llm_kd (loss taid) a different micro-batch (so a different local
 then writes its TAID state (t, step, momentum, previous loss) to OUT.rank<r>.
 """
 
-import os
 import sys
 
 import torch
@@ -13,6 +12,7 @@ import torch.distributed as dist
 from kdistill.methods.base import ModelOutput
 from kdistill.methods.llm_kd import LLMKD
 from kdistill.train.checkpoint import save_state_dict_atomic
+from kdistill.train.loop import end_distributed
 
 
 def main(out: str) -> None:
@@ -26,12 +26,8 @@ def main(out: str) -> None:
         batch = {"labels": torch.zeros(2, 5, dtype=torch.long), "mask": torch.ones(2, 5, dtype=torch.bool)}
         sum(m(ModelOutput(s), ModelOutput(t), batch).values()).backward()
     save_state_dict_atomic(f"{out}.rank{rank}", {"taid_state": m.taid_state.clone()})
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    # no exit-time cleanup (see tests/train/_ddp_worker.py): a gloo thread can abort the rank at exit
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    end_distributed(exit_code=0)  # as the CLI: no exit-time gloo teardown race

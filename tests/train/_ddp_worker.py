@@ -5,7 +5,6 @@ student weights (rank 0) to ``OUT``. No batch norm / dropout: the update must no
 global batch is split across processes.
 """
 
-import os
 import sys
 
 import torch
@@ -13,7 +12,7 @@ import torch
 from kdistill.data import TensorDictDataset, make_loader
 from kdistill.methods.fitnet import FitNet
 from kdistill.models import build_mlp
-from kdistill.train import fit, make_accelerator
+from kdistill.train import end_distributed, fit, make_accelerator
 from kdistill.train.checkpoint import save_state_dict_atomic
 
 
@@ -35,14 +34,8 @@ def main(batch: int, out: str) -> None:
         state.update({f"method.{k}": v for k, v in res.method.state_dict().items()})
         save_state_dict_atomic(out, state)
     acc.wait_for_everyone()
-    acc.end_training()  # destroys the process group
 
 
 if __name__ == "__main__":
     main(int(sys.argv[1]), sys.argv[2])
-    # Leave without the interpreter's exit-time cleanup: on a loaded machine a c10d/gloo background thread can
-    # still be joinable when its C++ destructor runs, and the rank then aborts with "terminate called without
-    # an active exception" (3 of 12 two-rank runs with two busy cores) after its work is done and saved.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    end_distributed(exit_code=0)  # as the CLI: no exit-time gloo teardown race

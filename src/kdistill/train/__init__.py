@@ -1,5 +1,5 @@
 """Training: the loop, optimizers and schedules, atomic checkpoints."""
 
-from .loop import DistillStep, FitResult, fit, make_accelerator
+from .loop import DistillStep, FitResult, end_distributed, fit, make_accelerator
 
-__all__ = ["DistillStep", "FitResult", "fit", "make_accelerator"]
+__all__ = ["DistillStep", "FitResult", "end_distributed", "fit", "make_accelerator"]

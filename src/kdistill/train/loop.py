@@ -72,6 +72,27 @@ def make_accelerator(mixed_precision: str = "no", *, find_unused_parameters: boo
     return Accelerator(mixed_precision=mixed_precision, kwargs_handlers=kwargs, cpu=not torch.cuda.is_available())
 
 
+def end_distributed(exit_code: int | None = None) -> None:
+    """Under torchrun, tear the process group down. With ``exit_code`` (a rank whose outputs are all written),
+    also leave at once with that code, without the interpreter's exit-time cleanup: on a loaded machine a
+    c10d/gloo background thread can still be joinable when its C++ destructor runs, and the rank then aborts
+    with 'terminate called without an active exception' (3 of 12 two-rank runs of the DDP test worker with two
+    busy cores; 0 of 24 when the worker leaves this way). Outside a process group this does nothing."""
+    import logging
+    import os
+    import sys
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+        if exit_code is not None:
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(exit_code)
+
+
 def default_forward(model: nn.Module, batch: Batch) -> Tensor:
     return model(batch["inputs"])
 
