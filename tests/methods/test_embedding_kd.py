@@ -25,10 +25,10 @@ def test_registered_and_cacheable():
 def test_zero_when_student_equals_teacher():
     t = F.normalize(torch.randn(8, 16), dim=-1)
     m = EmbeddingKD(mse_weight=1, cosine_weight=1, listwise_weight=1, margin_weight=1, rkd_distance_weight=1,
-                    rkd_angle_weight=1, cross_weight=1)
+                    rkd_angle_weight=1, cross_weight=1, candidate_weight=1)
     m.setup(SetupInfo({}, {}, student_logits=(8, 16), teacher_logits=(8, 16)))
     losses = m(_out(t.clone()), _out(t), {})
-    assert set(losses) == {"mse", "cosine", "listwise", "margin", "rkd_distance", "rkd_angle", "cross"}
+    assert set(losses) == {"mse", "cosine", "listwise", "margin", "rkd_distance", "rkd_angle", "cross", "candidates"}
     for k, v in losses.items():
         assert abs(float(v)) < 1e-5, k
 
@@ -207,6 +207,58 @@ def test_cross_queue_adds_past_teacher_vectors_as_candidates():
     for bad in ({"cross_queue": -1, "cross_weight": 1.0}, {"cross_queue": 16, "cosine_weight": 1.0}):
         with pytest.raises(KDistillError, match="cross_queue"):
             EmbeddingKD(**bad)
+
+
+def test_candidate_term_is_the_cross_term_over_the_other_axis():
+    """Teacher vectors (batch, then queue) are the queries and the batch's student vectors the candidates."""
+    torch.manual_seed(0)
+    s, t = torch.randn(5, 8), torch.randn(5, 8)
+    m = EmbeddingKD(mse_weight=0, candidate_weight=2.0, kd_temperature=0.5)
+    eye = torch.eye(5, dtype=torch.bool)
+    # in-batch: column j of the cross term's score matrix, i.e. row j of cos(t, s), without the diagonal
+    y, tt = similarity(t, s)[~eye].view(5, 4), similarity(t, t)[~eye].view(5, 4)
+    got = m(_out(s), _out(t), {})["candidates"]
+    assert torch.allclose(got, 2.0 * listwise_kl(y, tt, kd_temperature=0.5).mean())
+    assert not torch.allclose(got, EmbeddingKD(mse_weight=0, cross_weight=2.0, kd_temperature=0.5)(
+        _out(s), _out(t), {})["cross"])  # the rows are normalised over a different axis
+    # zero for any student vector along its teacher's (cosine), and a gradient step lowers it
+    assert float(m(_out(2.0 * t), _out(t), {})["candidates"]) < 1e-6
+    s.requires_grad_(True)
+    v = m(_out(s), _out(t), {})["candidates"]
+    v.backward()
+    with torch.no_grad():
+        assert float(m(_out(s - 0.05 * s.grad / s.grad.norm()), _out(t), {})["candidates"]) < float(v)
+
+
+def test_candidate_term_with_queue_and_mask():
+    torch.manual_seed(1)
+    m = EmbeddingKD(mse_weight=0, candidate_weight=1.0, kd_temperature=0.5, cross_queue=6)
+    m.setup(SetupInfo({}, {}, student_logits=(4, 8), teacher_logits=(4, 8)))
+    s0, t0 = torch.randn(4, 8), torch.randn(4, 8)
+    m(_out(s0), _out(t0), {})  # fills 4 of the 6 queue slots (the queue is fed without a cross term too)
+    assert int(m.queue.filled) == 4 and torch.equal(m.queue.get(), t0)
+    s1, t1 = torch.randn(4, 8), torch.randn(4, 8)
+    mask = torch.tensor([True, False, True, True])
+    m.eval()  # reads the queue without writing it
+    got = m(_out(s1), _out(t1), {"mask": mask})["candidates"]
+    keep = torch.tensor([0, 2, 3])
+    # queries: t1's counted rows (their own text excluded) and the four queued rows; candidates: s1's counted rows
+    expect = []
+    for q in [*t1[keep], *t0]:
+        own = [k for k in keep.tolist() if not torch.equal(t1[k], q)]
+        y, tt = similarity(q[None], s1[own]), similarity(q[None], t1[own])
+        expect.append(listwise_kl(y, tt, kd_temperature=0.5))
+    assert torch.allclose(got, torch.cat(expect).mean(), atol=1e-6)
+    # the uncounted row plays no part: changing its student vector leaves the term unchanged
+    s2 = s1.clone()
+    s2[1] = torch.randn(8)
+    assert torch.allclose(m(_out(s2), _out(t1), {"mask": mask})["candidates"], got, atol=1e-6)
+    m.train()
+    m(_out(s1), _out(t1), {"mask": mask})  # training enqueues the counted teacher rows only
+    assert int(m.queue.filled) == 6 and torch.equal(m.queue.items[4:], t1[[0, 2]])
+    with pytest.raises(KDistillError, match="candidate_weight"):
+        EmbeddingKD(candidate_weight=-0.5)
+    EmbeddingKD(mse_weight=0, candidate_weight=1.0, cross_queue=8)  # the queue may feed this term alone
 
 
 def test_cross_queue_resume_equals_uninterrupted(tmp_path, interrupt_at):

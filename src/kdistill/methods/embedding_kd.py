@@ -12,6 +12,11 @@ The student's and the teacher's outputs are sentence embeddings ``s, t`` of shap
                                                                        teacher's other in-batch vectors and,
                                                                        with cross_queue = K, the teacher's
                                                                        vectors of the last K training texts)
+      + w_cand   * mean_k KL(softmax(T_k / tau) || softmax(Y_k / tau))  (listwise_kl, Y_kj = cos(t_k, P s_j): the
+                                                                       candidate side - every teacher vector k of
+                                                                       the batch and of the queue ranks the
+                                                                       batch's student vectors j != k as it ranks
+                                                                       their teachers)
       + w_margin * mean_i mean_k ((S_ip - S_ik) - (T_ip - T_ik))^2    (margin_mse; p = teacher's top in-batch
                                                                        neighbour of i, k = the others)
       + w_dist   * RKD distance + w_angle * RKD angle                 (rkd_distance / rkd_angle)
@@ -33,7 +38,11 @@ matches the geometry. ``cross_queue`` keeps the teacher's vectors of the last ``
 queue (a MoCo-style memory; the teacher is frozen, so they never go stale) as extra candidates of the cross term:
 each student vector must then reproduce the teacher's similarity distribution over thousands of texts instead of
 a batch (cross-batch negatives, Qu et al., 2021, "RocketQA"). The queue costs one ``(B, K)`` score matrix per
-step and is saved in checkpoints. The token term is hidden-state distillation (Jiao et al., 2020, "TinyBERT: Distilling
+step and is saved in checkpoints. The cross term trains the student's vectors as *queries*; ``candidate_weight``
+is its transpose, for the *candidate* side a retrieval index stores: the teacher's vectors (the batch's and the
+queue's) act as queries, and each must rank the batch's student vectors as it ranks the teacher's vectors of the
+same texts, so every student vector is placed relative to thousands of teacher directions per step (the same
+score matrix, normalised over the other axis). The token term is hidden-state distillation (Jiao et al., 2020, "TinyBERT: Distilling
 BERT for Natural Language Understanding"): every token's output state, not only their mean, follows the
 teacher's - a denser signal for short texts. It needs token states on both sides: ``student.features["tokens"]``
 and ``teacher.features["tokens"]`` ``(B, T, H)`` with ``student.extra["attention_mask"]`` ``(B, T)`` (the
@@ -73,11 +82,12 @@ class EmbeddingKD(Method):
     def __init__(self, mse_weight: float = 1.0, cosine_weight: float = 0.0, listwise_weight: float = 0.0,
                  margin_weight: float = 0.0, rkd_distance_weight: float = 0.0, rkd_angle_weight: float = 0.0,
                  kd_temperature: float = 0.05, cross_weight: float = 0.0, token_weight: float = 0.0,
-                 cross_queue: int = 0) -> None:
+                 cross_queue: int = 0, candidate_weight: float = 0.0) -> None:
         super().__init__()
         weights = {"mse_weight": mse_weight, "cosine_weight": cosine_weight, "listwise_weight": listwise_weight,
                    "margin_weight": margin_weight, "rkd_distance_weight": rkd_distance_weight,
-                   "rkd_angle_weight": rkd_angle_weight, "cross_weight": cross_weight, "token_weight": token_weight}
+                   "rkd_angle_weight": rkd_angle_weight, "cross_weight": cross_weight, "token_weight": token_weight,
+                   "candidate_weight": candidate_weight}
         for k, v in weights.items():
             expect(v >= 0, f"embedding_kd {k}", v, "a number >= 0")
         expect(sum(weights.values()) > 0, "embedding_kd weights", weights, "at least one positive weight")
@@ -87,11 +97,11 @@ class EmbeddingKD(Method):
         self.listwise_weight, self.margin_weight = float(listwise_weight), float(margin_weight)
         self.rkd_distance_weight, self.rkd_angle_weight = float(rkd_distance_weight), float(rkd_angle_weight)
         self.kd_temperature, self.cross_weight = float(kd_temperature), float(cross_weight)
-        self.token_weight = float(token_weight)
+        self.token_weight, self.candidate_weight = float(token_weight), float(candidate_weight)
         expect(isinstance(cross_queue, int) and cross_queue >= 0, "embedding_kd cross_queue", cross_queue,
                "an integer >= 0 (0 = in-batch candidates only; e.g. 4096)")
-        expect(cross_queue == 0 or cross_weight > 0, "embedding_kd cross_queue", cross_queue,
-               "0 unless cross_weight > 0 (the queue only feeds the cross term)")
+        expect(cross_queue == 0 or cross_weight > 0 or candidate_weight > 0, "embedding_kd cross_queue", cross_queue,
+               "0 unless cross_weight or candidate_weight > 0 (the queue only feeds those terms)")
         self.cross_queue = int(cross_queue)
         self.queue: FifoQueue | None = None
         self.projector: nn.Module | None = None
@@ -104,7 +114,7 @@ class EmbeddingKD(Method):
 
     @property
     def _pointwise(self) -> bool:  # terms that compare student vectors with teacher vectors directly
-        return self.mse_weight > 0 or self.cosine_weight > 0 or self.cross_weight > 0
+        return self.mse_weight > 0 or self.cosine_weight > 0 or self.cross_weight > 0 or self.candidate_weight > 0
 
     def setup(self, info: SetupInfo) -> None:
         s, t = info.student_logits, info.teacher_logits
@@ -124,16 +134,23 @@ class EmbeddingKD(Method):
         mask = batch.get("mask")
         out: dict[str, Tensor] = {}
         b = s.shape[0]
-        ranking = b >= 3 and (self.listwise_weight > 0 or self.margin_weight > 0 or self.cross_weight > 0)
+        ranking = b >= 3 and (self.listwise_weight > 0 or self.margin_weight > 0 or self.cross_weight > 0
+                              or self.candidate_weight > 0)
         t_sim = _off_diagonal(similarity(t, t)) if ranking else None  # the teacher's in-batch scores, once
         if self._pointwise:
             ps = self.projector(s.float()) if self.projector is not None else s
+            bank = self._bank(t) if self.cross_queue > 0 else None  # read before this batch is enqueued
             if self.cross_weight > 0 and t_sim is not None:
                 x_sim, target = _off_diagonal(similarity(ps, t)), t_sim
-                if self.cross_queue > 0:
-                    x_sim, target = self._with_queue(ps, t, x_sim, target, mask)
+                if bank is not None and len(bank):
+                    x_sim = torch.cat([x_sim, similarity(ps, bank)], dim=1)
+                    target = torch.cat([target, similarity(t, bank)], dim=1)
                 kl = listwise_kl(x_sim, target, kd_temperature=self.kd_temperature)
                 out["cross"] = self.cross_weight * masked_mean(kl, mask)
+            if self.candidate_weight > 0 and ranking:
+                out["candidates"] = self.candidate_weight * self._candidate_term(ps, t, bank, mask)
+            if bank is not None and self.training:
+                self.queue.push(t if mask is None else t[mask.bool()])
             if self.mse_weight > 0:
                 out["mse"] = self.mse_weight * masked_mean(embedding_mse(ps, t), mask)
             if self.cosine_weight > 0:
@@ -174,15 +191,23 @@ class EmbeddingKD(Method):
             st = self.token_projector(st.float())
         return token_cosine(st, tt.float().detach(), am)
 
-    def _with_queue(self, ps: Tensor, t: Tensor, x_sim: Tensor, t_sim: Tensor,
-                    mask: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Append the queued teacher vectors as candidates, then (training only) enqueue this batch's."""
+    def _bank(self, t: Tensor) -> Tensor:
+        """The queued teacher vectors ``(n, D)``, ``n <= cross_queue`` (created on first use without ``setup``)."""
         if self.queue is None:  # forward without setup (direct use): size the queue from the teacher's width
             self.queue = FifoQueue(self.cross_queue, t.shape[-1]).to(t.device)
-        bank = self.queue.get()
-        if len(bank):
-            x_sim = torch.cat([x_sim, similarity(ps, bank)], dim=1)
-            t_sim = torch.cat([t_sim, similarity(t, bank)], dim=1)
-        if self.training:
-            self.queue.push(t if mask is None else t[mask.bool()])
-        return x_sim, t_sim
+        return self.queue.get()
+
+    def _candidate_term(self, ps: Tensor, t: Tensor, bank: Tensor | None, mask: Tensor | None) -> Tensor:
+        """Mean over teacher queries (the batch's counted rows, then the queue's) of the list-wise KL over the
+        batch's student vectors as candidates (a query's own text and uncounted rows excluded)."""
+        b = t.shape[0]
+        queries = t if bank is None or not len(bank) else torch.cat([t, bank])
+        cand = torch.ones(len(queries), b, dtype=torch.bool, device=t.device)
+        cand[:b] &= ~torch.eye(b, dtype=torch.bool, device=t.device)
+        rows = torch.ones(len(queries), dtype=torch.bool, device=t.device)
+        if mask is not None:
+            cand &= mask.bool()[None, :]
+            rows[:b] = mask.bool()
+        kl = listwise_kl(similarity(queries, ps), similarity(queries, t), kd_temperature=self.kd_temperature,
+                         candidate_mask=cand)
+        return kl[rows].mean()
