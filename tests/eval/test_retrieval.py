@@ -5,6 +5,7 @@ from kdistill.errors import KDistillError
 from kdistill.eval.retrieval import (
     evaluate_encoder,
     mean_cosine,
+    mixed_retrieval,
     partner_ranks,
     retrieval_metrics,
     sentences_per_second,
@@ -75,9 +76,29 @@ def test_evaluate_encoder_teacher_against_itself_and_throughput():
     assert m["spearman_vs_teacher"] == pytest.approx(1.0) and m["cosine_to_teacher"] == pytest.approx(1.0)
     assert m["sentences_per_second"] > 0
     assert 0.0 <= m["recall_at_1"] <= m["recall_at_10"] <= 1.0
+    # mixed sides with the teacher against itself: the teacher's own figures
+    assert m["student_queries_recall_at_1"] == m["student_candidates_recall_at_1"] == m["recall_at_1"]
+    assert m["student_queries_mrr"] == pytest.approx(m["mrr"])
     student = layer_subset(teacher, [0])
     ms = evaluate_encoder(student, queries, cands, teacher_embeddings=t_emb)
     assert ms["spearman_vs_teacher"] < 1.0 and ms["cosine_to_teacher"] < 1.0
+    sq, sc = student.encode(queries), student.encode(cands)
+    assert ms["student_queries_recall_at_1"] == retrieval_metrics(sq, t_emb[1])["recall_at_1"]
+    assert ms["student_candidates_mrr"] == pytest.approx(retrieval_metrics(t_emb[0], sc)["mrr"])
+
+
+def test_mixed_retrieval_scores_each_side_against_the_other_models_vectors():
+    # 3 pairs in 2-D; the student's queries point at the right teacher candidates, its candidates are scrambled
+    tq = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    tc = tq.clone()
+    sq = tq.clone()
+    sc = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])  # pairs 0 and 1 swapped
+    m = mixed_retrieval(sq, sc, tq, tc)
+    assert m["student_queries_recall_at_1"] == 1.0 and m["student_queries_mrr"] == 1.0
+    assert m["student_candidates_recall_at_1"] == pytest.approx(1 / 3)
+    assert mixed_retrieval(sq[:, :1], sc[:, :1], tq, tc) == {}  # widths differ: no shared space
+    with pytest.raises(KDistillError, match="expected two"):
+        mixed_retrieval(sq, sc[:2], tq, tc)
 
 
 def test_sentences_per_second_counts_sentences():

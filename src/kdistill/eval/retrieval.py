@@ -9,6 +9,8 @@ query is ranked against all ``N`` candidates by cosine similarity.
 * :func:`similarity_spearman` - Spearman correlation of the student's and teacher's query-candidate
   similarities (do they order pairs alike).
 * :func:`mean_cosine` - mean cosine between the student's and the teacher's vectors (same width only).
+* :func:`mixed_retrieval` - one side encoded by the student, the other by the teacher (same width only): can the
+  student encode queries against an index the teacher built, or fill an index the teacher's queries search?
 * :func:`sentences_per_second` - encoding throughput with a fixed batch size and thread count.
 * :func:`evaluate_encoder` - all of it for one encoder (anything with ``encode(sentences, batch_size)``).
 """
@@ -101,6 +103,22 @@ def mean_cosine(student_emb: Tensor, teacher_emb: Tensor) -> float | None:
 
 
 @torch.no_grad()
+def mixed_retrieval(student_q: Tensor, student_c: Tensor, teacher_q: Tensor, teacher_c: Tensor) -> dict[str, float]:
+    """Recall@1 and MRR with the sides mixed: ``student_queries`` ranks the teacher's candidate vectors with the
+    student's query vectors (a teacher-built index kept, only the query encoder swapped), ``student_candidates``
+    ranks the student's candidate vectors with the teacher's queries. Meaningful when the student was trained
+    into the teacher's space (same width); ``{}`` when the widths differ."""
+    _check_pairs(student_q, student_c)
+    _check_pairs(teacher_q, teacher_c)
+    if student_q.shape[1] != teacher_q.shape[1]:
+        return {}
+    out: dict[str, float] = {}
+    for name, (q, c) in {"student_queries": (student_q, teacher_c), "student_candidates": (teacher_q, student_c)}.items():
+        m = retrieval_metrics(q, c, ks=(1,))
+        out[f"{name}_recall_at_1"], out[f"{name}_mrr"] = m["recall_at_1"], m["mrr"]
+    return out
+
+
 def sentences_per_second(model: Encoder, sentences: Sequence[str], *, batch_size: int = 64,
                          threads: int | None = None, repeats: int = 1) -> float:
     """Encoding throughput of ``model.encode`` after a warm-up batch, with torch limited to ``threads``
@@ -130,7 +148,8 @@ def evaluate_encoder(model: Encoder, queries: Sequence[str], candidates: Sequenc
 
     Returns a plain dict: ``recall_at_<k>``, ``mrr``, ``sentences_per_second`` (with
     ``throughput_sentences``) and, with ``teacher_embeddings`` ``(query_emb, cand_emb)``,
-    ``spearman_vs_teacher`` and ``cosine_to_teacher`` (``None`` when widths differ). ``embeddings``
+    ``spearman_vs_teacher``, ``cosine_to_teacher`` (``None`` when widths differ) and the
+    :func:`mixed_retrieval` figures (same width only). ``embeddings``
     ``(query_emb, cand_emb)`` skips encoding (throughput is still measured on ``model``).
     """
     expect(len(queries) == len(candidates) and len(queries) > 0, "pair set sizes", (len(queries), len(candidates)),
@@ -146,6 +165,7 @@ def evaluate_encoder(model: Encoder, queries: Sequence[str], candidates: Sequenc
         out["spearman_vs_teacher"] = similarity_spearman(q, c, tq, tc)
         cq, cc = mean_cosine(q, tq), mean_cosine(c, tc)
         out["cosine_to_teacher"] = None if cq is None else (cq + cc) / 2
+        out.update(mixed_retrieval(q, c, tq, tc))
     if throughput_sentences is not None:
         out["sentences_per_second"] = sentences_per_second(model, throughput_sentences, batch_size=batch_size,
                                                            threads=threads, repeats=throughput_repeats)

@@ -455,7 +455,8 @@ def run_embedding(cfg: EmbeddingConfig, ctx: RunContext) -> dict[str, Any]:
         e["speedup"] = e["sentences_per_second"] / report["teacher"]["sentences_per_second"]
         e["recall_at_1_kept"] = e["metrics"]["recall_at_1"] / t_r1 if t_r1 > 0 else float("nan")
     report["student"] = s_entry
-    report["agreement"] = {k: s_entry["metrics"][k] for k in ("spearman_vs_teacher", "cosine_to_teacher")}
+    report["agreement"] = {k: v for k, v in s_entry["metrics"].items()
+                           if k in ("spearman_vs_teacher", "cosine_to_teacher") or k.startswith("student_")}
 
     if cfg.quantize is not None:
         report["quantization"] = quantize_student(cfg, student, teacher, sentences, test, t_r1, ctx.output)
@@ -527,8 +528,22 @@ def _extra_md(report: dict[str, Any]) -> str:
         f"MRR {s['metrics']['mrr']:.4f}, {s['sentences_per_second']:.1f} sentences/s ({s['speedup']:.1f}x)",
         f"- agreement: Spearman {s['metrics']['spearman_vs_teacher']:.4f}, cosine to teacher "
         f"{s['metrics']['cosine_to_teacher'] if s['metrics']['cosine_to_teacher'] is not None else 'n/a'}",
+        *_mixed_md(s["metrics"], t["metrics"]["recall_at_1"]),
         *_quantization_md(report.get("quantization")),
     ])
+
+
+def _mixed_md(m: dict[str, Any], teacher_r1: float) -> list[str]:
+    if "student_queries_recall_at_1" not in m:
+        return []
+
+    def kept(x: float) -> str:
+        return f"{100 * x / teacher_r1:.1f}%" if teacher_r1 > 0 else "n/a"
+
+    return [f"- mixed sides: the student's queries against the teacher's index: recall@1 "
+            f"{m['student_queries_recall_at_1']:.4f} ({kept(m['student_queries_recall_at_1'])}); the teacher's queries "
+            f"against the student's index: {m['student_candidates_recall_at_1']:.4f} "
+            f"({kept(m['student_candidates_recall_at_1'])})"]
 
 
 def _quantization_md(q: dict[str, Any] | None) -> list[str]:
