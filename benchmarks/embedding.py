@@ -43,7 +43,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from kdistill import api  # noqa: E402
-from kdistill.eval.retrieval import retrieval_metrics, sentences_per_second  # noqa: E402
+from kdistill.eval.retrieval import mixed_retrieval, retrieval_metrics, sentences_per_second  # noqa: E402
 from kdistill.export.sentence_transformers import load_student, save_sentence_transformer  # noqa: E402
 from kdistill.students.encoders import count_params, layer_subset, load_sentence_encoder  # noqa: E402
 from kdistill.tasks.embedding import build_static, load_pairs, teacher_embeddings_cached  # noqa: E402
@@ -214,6 +214,7 @@ def main() -> None:
     # ---- evaluation: same code, batch size and threads for every model --------------------------------
     log("evaluating")
     results: dict[str, dict] = {}
+    encoded: dict[str, tuple] = {}
     for name, m in models.items():
         if name == "teacher":  # the runs above cached exactly these teacher embeddings
             q = teacher_embeddings_cached(teacher, queries, batch_size=args.eval_batch_size)
@@ -223,10 +224,15 @@ def main() -> None:
             c = m.encode(cands, batch_size=args.eval_batch_size)
         params = m.params() if isinstance(m, Model2VecEncoder) else count_params(m)
         results[name] = {"params": params, "embedding_dim": int(q.shape[1]), **retrieval_metrics(q, c)}
+        encoded[name] = (q, c)
+    tq, tc = encoded["teacher"]
+    for name, (q, c) in encoded.items():  # students in the teacher's space: each side against the teacher's
+        if name != "teacher":
+            results[name].update(mixed_retrieval(q, c, tq, tc))
     per_seed = {args.seeds[0]: results["kdistill_2layer"]}
     for seed, m in seed_students.items():
-        per_seed[seed] = retrieval_metrics(m.encode(queries, batch_size=args.eval_batch_size),
-                                           m.encode(cands, batch_size=args.eval_batch_size))
+        q, c = m.encode(queries, batch_size=args.eval_batch_size), m.encode(cands, batch_size=args.eval_batch_size)
+        per_seed[seed] = {**retrieval_metrics(q, c), **mixed_retrieval(q, c, tq, tc)}
     tp_sents = cands[: args.throughput_sentences]
     speed = {name: 0.0 for name in models}
     for _ in range(3):  # interleaved rounds: machine noise hits every model alike
@@ -245,6 +251,8 @@ def main() -> None:
         "seeds": args.seeds,
         "per_seed": {str(sd): {"recall_at_1": per_seed[sd]["recall_at_1"], "mrr": per_seed[sd]["mrr"],
                                "recall_at_1_kept": per_seed[sd]["recall_at_1"] / t_r1,
+                               "student_queries_recall_at_1": per_seed[sd].get("student_queries_recall_at_1"),
+                               "student_candidates_recall_at_1": per_seed[sd].get("student_candidates_recall_at_1"),
                                "train_seconds": seed_seconds[sd]} for sd in args.seeds},
         "mean_recall_at_1": mean_r1, "min_recall_at_1": min(r1s), "max_recall_at_1": max(r1s),
         "mean_recall_at_1_kept": mean_r1 / t_r1,
