@@ -261,6 +261,43 @@ def test_candidate_term_with_queue_and_mask():
     EmbeddingKD(mse_weight=0, candidate_weight=1.0, cross_queue=8)  # the queue may feed this term alone
 
 
+def test_listwise_queue_adds_the_students_past_vectors_as_candidates():
+    torch.manual_seed(2)
+    m = EmbeddingKD(mse_weight=0, listwise_weight=2.0, kd_temperature=0.5, listwise_queue=5)
+    m.setup(SetupInfo({}, {}, student_logits=(4, 6), teacher_logits=(4, 8)))  # any widths: scores only
+    assert m.student_bank.items.shape == (5, 6) and m.teacher_bank.items.shape == (5, 8)
+    eye = torch.eye(4, dtype=torch.bool)
+    s0, t0 = torch.randn(4, 6, requires_grad=True), torch.randn(4, 8)
+    first = m(_out(s0), _out(t0), {"mask": torch.tensor([True, False, True, True])})["listwise"]
+    x, tt = similarity(s0, s0)[~eye].view(4, 3), similarity(t0, t0)[~eye].view(4, 3)
+    assert torch.allclose(first, 2.0 * listwise_kl(x, tt, kd_temperature=0.5)[[0, 2, 3]].mean())
+    # the counted rows were banked, detached, on both sides
+    sb = m.student_bank.get()
+    assert torch.equal(sb, s0.detach()[[0, 2, 3]]) and torch.equal(m.teacher_bank.get(), t0[[0, 2, 3]])
+    assert not sb.requires_grad
+    s1, t1 = torch.randn(4, 6, requires_grad=True), torch.randn(4, 8)
+    second = m(_out(s1), _out(t1), {})["listwise"]
+    x = torch.cat([similarity(s1, s1)[~eye].view(4, 3), similarity(s1, s0[[0, 2, 3]])], 1)
+    tt = torch.cat([similarity(t1, t1)[~eye].view(4, 3), similarity(t1, t0[[0, 2, 3]])], 1)
+    assert torch.allclose(second, 2.0 * listwise_kl(x, tt, kd_temperature=0.5).mean())
+    # gradients reach this batch's vectors only, never the banked ones (the earlier batch)
+    second.backward()
+    assert s1.grad is not None and s0.grad is None
+    assert "student_bank.items" in m.state_dict() and "teacher_bank.items" in m.state_dict()
+    # eval mode reads without writing; a student whose banked and current vectors equal the teacher's scores 0
+    m.eval()
+    before = m.student_bank.items.clone()
+    z = EmbeddingKD(mse_weight=0, listwise_weight=1.0, listwise_queue=8)
+    t2 = torch.randn(4, 8)
+    z(_out(t2.clone()), _out(t2), {})
+    assert float(z(_out(t1.clone()), _out(t1), {})["listwise"]) < 1e-6
+    m(_out(s1.detach()), _out(t1), {})
+    assert torch.equal(m.student_bank.items, before)
+    for bad in ({"listwise_queue": -2, "listwise_weight": 1.0}, {"listwise_queue": 16, "cosine_weight": 1.0}):
+        with pytest.raises(KDistillError, match="listwise_queue"):
+            EmbeddingKD(**bad)
+
+
 def test_cross_queue_resume_equals_uninterrupted(tmp_path, interrupt_at):
     teacher = tiny_encoder(num_layers=2, seed=0)
     sents = tiny_corpus(96, seed=4)

@@ -6,7 +6,10 @@ The student's and the teacher's outputs are sentence embeddings ``s, t`` of shap
 
     L = w_mse    * mean_i ||P s_i - t_i||^2 / D                       (embedding_mse)
       + w_cos    * mean_i (1 - cos(P s_i, t_i))                       (cosine)
-      + w_list   * mean_i KL(softmax(T_i / tau) || softmax(S_i / tau))  (listwise_kl)
+      + w_list   * mean_i KL(softmax(T_i / tau) || softmax(S_i / tau))  (listwise_kl; with listwise_queue = K also
+                                                                       over the student's own (detached) vectors
+                                                                       of the last K training texts, scored
+                                                                       against the teacher's of the same texts)
       + w_cross  * mean_i KL(softmax(T_i / tau) || softmax(X_i / tau))  (listwise_kl, X_ij = cos(P s_i, t_j):
                                                                        the student's vector ranks the
                                                                        teacher's other in-batch vectors and,
@@ -42,7 +45,11 @@ step and is saved in checkpoints. The cross term trains the student's vectors as
 is its transpose, for the *candidate* side a retrieval index stores: the teacher's vectors (the batch's and the
 queue's) act as queries, and each must rank the batch's student vectors as it ranks the teacher's vectors of the
 same texts, so every student vector is placed relative to thousands of teacher directions per step (the same
-score matrix, normalised over the other axis). The token term is hidden-state distillation (Jiao et al., 2020, "TinyBERT: Distilling
+score matrix, normalised over the other axis). ``listwise_queue`` gives the student-student list-wise term - the
+one that matches how the student is used, queries and index both its own - the same memory: the student's
+vectors of the last ``K`` texts, detached, with the teacher's vectors of those texts for the target (a memory
+bank, Wu et al., 2018, "Unsupervised Feature Learning via Non-Parametric Instance Discrimination"; the stored
+student vectors are up to ``K / B`` steps old, so a small learning rate keeps them close to current). The token term is hidden-state distillation (Jiao et al., 2020, "TinyBERT: Distilling
 BERT for Natural Language Understanding"): every token's output state, not only their mean, follows the
 teacher's - a denser signal for short texts. It needs token states on both sides: ``student.features["tokens"]``
 and ``teacher.features["tokens"]`` ``(B, T, H)`` with ``student.extra["attention_mask"]`` ``(B, T)`` (the
@@ -82,7 +89,7 @@ class EmbeddingKD(Method):
     def __init__(self, mse_weight: float = 1.0, cosine_weight: float = 0.0, listwise_weight: float = 0.0,
                  margin_weight: float = 0.0, rkd_distance_weight: float = 0.0, rkd_angle_weight: float = 0.0,
                  kd_temperature: float = 0.05, cross_weight: float = 0.0, token_weight: float = 0.0,
-                 cross_queue: int = 0, candidate_weight: float = 0.0) -> None:
+                 cross_queue: int = 0, candidate_weight: float = 0.0, listwise_queue: int = 0) -> None:
         super().__init__()
         weights = {"mse_weight": mse_weight, "cosine_weight": cosine_weight, "listwise_weight": listwise_weight,
                    "margin_weight": margin_weight, "rkd_distance_weight": rkd_distance_weight,
@@ -104,6 +111,13 @@ class EmbeddingKD(Method):
                "0 unless cross_weight or candidate_weight > 0 (the queue only feeds those terms)")
         self.cross_queue = int(cross_queue)
         self.queue: FifoQueue | None = None
+        expect(isinstance(listwise_queue, int) and listwise_queue >= 0, "embedding_kd listwise_queue", listwise_queue,
+               "an integer >= 0 (0 = in-batch candidates only; e.g. 4096)")
+        expect(listwise_queue == 0 or listwise_weight > 0, "embedding_kd listwise_queue", listwise_queue,
+               "0 unless listwise_weight > 0 (the queue only feeds the list-wise term)")
+        self.listwise_queue = int(listwise_queue)
+        self.student_bank: FifoQueue | None = None  # the student's past vectors ...
+        self.teacher_bank: FifoQueue | None = None  # ... and the teacher's of the same texts
         self.projector: nn.Module | None = None
         self.token_projector: nn.Module | None = None
 
@@ -124,6 +138,8 @@ class EmbeddingKD(Method):
             self.projector = nn.Linear(s[-1], t[-1], bias=False)
         if self.cross_queue > 0:
             self.queue = FifoQueue(self.cross_queue, t[-1])
+        if self.listwise_queue > 0:
+            self.student_bank, self.teacher_bank = FifoQueue(self.listwise_queue, s[-1]), FifoQueue(self.listwise_queue, t[-1])
         st, tt = info.student_features.get("tokens"), info.teacher_features.get("tokens")
         if self.uses_token_states and st is not None and tt is not None and st[-1] != tt[-1]:
             self.token_projector = nn.Linear(st[-1], tt[-1], bias=False)
@@ -158,7 +174,10 @@ class EmbeddingKD(Method):
         if (self.listwise_weight > 0 or self.margin_weight > 0) and t_sim is not None:
             s_sim = _off_diagonal(similarity(s, s))
             if self.listwise_weight > 0:
-                kl = listwise_kl(s_sim, t_sim, kd_temperature=self.kd_temperature)
+                x_sim, target = s_sim, t_sim
+                if self.listwise_queue > 0:
+                    x_sim, target = self._with_student_bank(s, t, x_sim, target, mask)
+                kl = listwise_kl(x_sim, target, kd_temperature=self.kd_temperature)
                 out["listwise"] = self.listwise_weight * masked_mean(kl, mask)
             if self.margin_weight > 0:
                 order = torch.argsort(t_sim, dim=1, descending=True)  # column 0: the teacher's top neighbour
@@ -196,6 +215,23 @@ class EmbeddingKD(Method):
         if self.queue is None:  # forward without setup (direct use): size the queue from the teacher's width
             self.queue = FifoQueue(self.cross_queue, t.shape[-1]).to(t.device)
         return self.queue.get()
+
+    def _with_student_bank(self, s: Tensor, t: Tensor, s_sim: Tensor, t_sim: Tensor,
+                           mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Append the banked (detached) student vectors as candidates, with the teacher's scores against the same
+        texts as targets; then (training only) bank this batch's counted rows."""
+        if self.student_bank is None or self.teacher_bank is None:  # direct use without setup
+            self.student_bank = FifoQueue(self.listwise_queue, s.shape[-1]).to(s.device)
+            self.teacher_bank = FifoQueue(self.listwise_queue, t.shape[-1]).to(t.device)
+        sb, tb = self.student_bank.get(), self.teacher_bank.get()
+        if len(sb):
+            s_sim = torch.cat([s_sim, similarity(s, sb)], dim=1)
+            t_sim = torch.cat([t_sim, similarity(t, tb)], dim=1)
+        if self.training:
+            keep = slice(None) if mask is None else mask.bool()
+            self.student_bank.push(s.detach()[keep])
+            self.teacher_bank.push(t[keep])
+        return s_sim, t_sim
 
     def _candidate_term(self, ps: Tensor, t: Tensor, bank: Tensor | None, mask: Tensor | None) -> Tensor:
         """Mean over teacher queries (the batch's counted rows, then the queue's) of the list-wise KL over the
