@@ -113,7 +113,8 @@ def mixed_retrieval(student_q: Tensor, student_c: Tensor, teacher_q: Tensor, tea
     if student_q.shape[1] != teacher_q.shape[1]:
         return {}
     out: dict[str, float] = {}
-    for name, (q, c) in {"student_queries": (student_q, teacher_c), "student_candidates": (teacher_q, student_c)}.items():
+    sides = {"student_queries": (student_q, teacher_c), "student_candidates": (teacher_q, student_c)}
+    for name, (q, c) in sides.items():
         m = retrieval_metrics(q, c, ks=(1,))
         out[f"{name}_recall_at_1"], out[f"{name}_mrr"] = m["recall_at_1"], m["mrr"]
     return out

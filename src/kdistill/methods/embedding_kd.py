@@ -49,8 +49,9 @@ score matrix, normalised over the other axis). ``listwise_queue`` gives the stud
 one that matches how the student is used, queries and index both its own - the same memory: the student's
 vectors of the last ``K`` texts, detached, with the teacher's vectors of those texts for the target (a memory
 bank, Wu et al., 2018, "Unsupervised Feature Learning via Non-Parametric Instance Discrimination"; the stored
-student vectors are up to ``K / B`` steps old, so a small learning rate keeps them close to current). The token term is hidden-state distillation (Jiao et al., 2020, "TinyBERT: Distilling
-BERT for Natural Language Understanding"): every token's output state, not only their mean, follows the
+student vectors are up to ``K / B`` steps old, so a small learning rate keeps them close to current). The token
+term is hidden-state distillation (Jiao et al., 2020, "TinyBERT: Distilling BERT for Natural Language
+Understanding"): every token's output state, not only their mean, follows the
 teacher's - a denser signal for short texts. It needs token states on both sides: ``student.features["tokens"]``
 and ``teacher.features["tokens"]`` ``(B, T, H)`` with ``student.extra["attention_mask"]`` ``(B, T)`` (the
 ``embedding`` task provides them when ``token_weight > 0``, running the teacher live); ``Q`` is a learned
@@ -71,6 +72,11 @@ from ..losses.reduce import masked_mean
 from ..modules.banks import FifoQueue
 from ..registry import METHODS
 from .base import Method, ModelOutput, SetupInfo, require_teacher
+
+
+def _counted(x: Tensor, mask: Tensor | None) -> Tensor:
+    """The rows of ``x`` that count (all without a mask): what a queue or bank stores."""
+    return x if mask is None else x[mask.bool()]
 
 
 def _off_diagonal(x: Tensor) -> Tensor:
@@ -139,7 +145,8 @@ class EmbeddingKD(Method):
         if self.cross_queue > 0:
             self.queue = FifoQueue(self.cross_queue, t[-1])
         if self.listwise_queue > 0:
-            self.student_bank, self.teacher_bank = FifoQueue(self.listwise_queue, s[-1]), FifoQueue(self.listwise_queue, t[-1])
+            self.student_bank = FifoQueue(self.listwise_queue, s[-1])
+            self.teacher_bank = FifoQueue(self.listwise_queue, t[-1])
         st, tt = info.student_features.get("tokens"), info.teacher_features.get("tokens")
         if self.uses_token_states and st is not None and tt is not None and st[-1] != tt[-1]:
             self.token_projector = nn.Linear(st[-1], tt[-1], bias=False)
@@ -166,7 +173,7 @@ class EmbeddingKD(Method):
             if self.candidate_weight > 0 and ranking:
                 out["candidates"] = self.candidate_weight * self._candidate_term(ps, t, bank, mask)
             if bank is not None and self.training:
-                self.queue.push(t if mask is None else t[mask.bool()])
+                self.queue.push(_counted(t, mask))
             if self.mse_weight > 0:
                 out["mse"] = self.mse_weight * masked_mean(embedding_mse(ps, t), mask)
             if self.cosine_weight > 0:
@@ -228,9 +235,8 @@ class EmbeddingKD(Method):
             s_sim = torch.cat([s_sim, similarity(s, sb)], dim=1)
             t_sim = torch.cat([t_sim, similarity(t, tb)], dim=1)
         if self.training:
-            keep = slice(None) if mask is None else mask.bool()
-            self.student_bank.push(s.detach()[keep])
-            self.teacher_bank.push(t[keep])
+            self.student_bank.push(_counted(s.detach(), mask))
+            self.teacher_bank.push(_counted(t, mask))
         return s_sim, t_sim
 
     def _candidate_term(self, ps: Tensor, t: Tensor, bank: Tensor | None, mask: Tensor | None) -> Tensor:
