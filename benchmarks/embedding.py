@@ -13,6 +13,9 @@ Students, side by side in one run:
                              judged on the mean over all seeds)
   st_mse_2layer              the same initial student trained with sentence-transformers' own MSELoss on the
                              same sentences, teacher embeddings, epochs, batch size, lr and warm-up
+  st_mse_pairs_2layer        only when the 2-layer recipe trains on the pairs' labels (embedding_kd pair_weight):
+                             the same, plus sentence-transformers' MultipleNegativesSymmetricRankingLoss on the
+                             same pairs at the same weight
   kdistill_static_untrained  static student straight from the teacher (PCA 256, SIF weights)
   kdistill_static            the same, distilled by recipe embedding/minilm_to_static
   model2vec                  model2vec.distill(teacher, pca_dims=256) (optional: pip install model2vec[distill])
@@ -69,15 +72,22 @@ class Model2VecEncoder:
 
 
 def train_st_mse(init_path: Path, out_path: Path, sentences: list[str], targets: torch.Tensor, *, epochs: int,
-                 batch_size: int, lr: float, warmup_steps: int, weight_decay: float, seed: int) -> float:
+                 batch_size: int, lr: float, warmup_steps: int, weight_decay: float, seed: int,
+                 pair_weight: float = 0.0) -> float:
     """sentence-transformers' MSELoss (its own loss module and preprocessing) in a plain loop with the
-    optimiser ST uses by default (AdamW, linear warm-up then linear decay)."""
+    optimiser ST uses by default (AdamW, linear warm-up then linear decay).
+
+    With ``pair_weight > 0`` the texts are (query, candidate) pairs ``[q1, c1, q2, c2, ...]`` and every step
+    takes ``batch_size // 2`` whole pairs and adds ST's MultipleNegativesSymmetricRankingLoss on them (the pairs'
+    labels, scale 20 = temperature 0.05), weighted by ``pair_weight``: what a sentence-transformers user with
+    labelled pairs would train, next to kdistill's ``embedding_kd pair_weight``."""
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.losses import MSELoss
+    from sentence_transformers.sentence_transformer.losses import MSELoss, MultipleNegativesSymmetricRankingLoss
 
     torch.manual_seed(seed)
     model = SentenceTransformer(str(init_path), device="cpu")
     loss_fn = MSELoss(model)
+    pair_fn = MultipleNegativesSymmetricRankingLoss(model, scale=20.0) if pair_weight > 0 else None
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * math.ceil(len(sentences) / batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -87,11 +97,19 @@ def train_st_mse(init_path: Path, out_path: Path, sentences: list[str], targets:
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
-        order = torch.randperm(len(sentences), generator=g).tolist()
+        if pair_fn is None:
+            order = torch.randperm(len(sentences), generator=g).tolist()
+        else:  # whole pairs in a random order, each as (query, candidate)
+            order = [2 * p + k for p in torch.randperm(len(sentences) // 2, generator=g).tolist() for k in (0, 1)]
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            feats = model.preprocess([sentences[i] for i in idx])
-            loss = loss_fn([feats], targets[idx])
+            if pair_fn is None:
+                loss = loss_fn([model.preprocess([sentences[i] for i in idx])], targets[idx])
+            else:
+                cols = [idx[0::2], idx[1::2]]
+                emb = [model(model.preprocess([sentences[i] for i in c]))["sentence_embedding"] for c in cols]
+                loss = loss_fn.compute_loss_from_embeddings(emb, [targets[c] for c in cols])
+                loss = loss + pair_weight * pair_fn.compute_loss_from_embeddings(emb, None)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -183,6 +201,19 @@ def main() -> None:
                             lr=tr.lr, warmup_steps=tr.warmup_steps, weight_decay=tr.weight_decay, seed=0)
         models["st_mse_2layer"] = load_sentence_encoder(out / "st_mse")
         extra["st_mse_2layer"] = {"train_seconds": secs}
+    # the recipe also trains on the pairs' labels: give sentence-transformers the same labels (MSELoss +
+    # MultipleNegativesSymmetricRankingLoss at the recipe's pair weight), so the comparison stays like for like
+    pair_weight = float(recipe_2l.method.kwargs.get("pair_weight", 0) or 0)
+    if pair_weight > 0 and "st_mse_pairs_2layer" not in args.skip:
+        log("sentence-transformers MSELoss + MultipleNegativesSymmetricRankingLoss")
+        init = save_sentence_transformer(layer_subset(teacher, [0, 5]), out / "st_mse_init")
+        targets = teacher_embeddings_cached(teacher, sentences, batch_size=args.eval_batch_size)
+        tr = recipe_2l.train
+        secs = train_st_mse(init, out / "st_mse_pairs", sentences, targets, epochs=tr.epochs,
+                            batch_size=2 * tr.batch_size, lr=tr.lr, warmup_steps=tr.warmup_steps,
+                            weight_decay=tr.weight_decay, seed=0, pair_weight=pair_weight)
+        models["st_mse_pairs_2layer"] = load_sentence_encoder(out / "st_mse_pairs")
+        extra["st_mse_pairs_2layer"] = {"train_seconds": secs, "pair_weight": pair_weight}
 
     # ---- kdistill static -----------------------------------------------------------------------------
     log("kdistill: minilm_to_static")
@@ -271,6 +302,9 @@ def main() -> None:
             "2layer_speedup_ge_2.5": results["kdistill_2layer"]["speedup"] >= 2.5,
             "2layer_beats_st_mse": (results["kdistill_2layer"]["recall_at_1"] > results["st_mse_2layer"]["recall_at_1"]
                                     if "st_mse_2layer" in results else None),
+            "2layer_beats_st_mse_pairs": (results["kdistill_2layer"]["recall_at_1"]
+                                          > results["st_mse_pairs_2layer"]["recall_at_1"]
+                                          if "st_mse_pairs_2layer" in results else None),
             "static_speedup_ge_20": results["kdistill_static"]["speedup"] >= 20,
             "static_beats_model2vec": (results["kdistill_static"]["recall_at_1"] > results["model2vec"]["recall_at_1"]
                                        if "model2vec" in results else None),

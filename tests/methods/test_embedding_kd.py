@@ -320,3 +320,50 @@ def test_cross_queue_resume_equals_uninterrupted(tmp_path, interrupt_at):
     assert int(full.method.queue.filled) == 20 and torch.equal(full.method.queue.items, resumed.method.queue.items)
     for (k, a), b in zip(full.student.state_dict().items(), resumed.student.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def _symmetric_nce(q, c, tau):
+    """Hand-built symmetric InfoNCE: each query picks its candidate among all candidates, and back."""
+    logits = F.normalize(q, dim=1) @ F.normalize(c, dim=1).T / tau
+    target = torch.arange(len(q))
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def test_pair_term_is_symmetric_infonce_over_the_labelled_pairs():
+    torch.manual_seed(2)
+    s, t = torch.randn(8, 6), torch.randn(8, 6)  # rows (0, 1), (2, 3), ... are (query, candidate) pairs
+    m = EmbeddingKD(mse_weight=0, pair_weight=0.7, kd_temperature=0.2)
+    got = m(_out(s), _out(t), {})["pairs"]
+    assert torch.allclose(got, 0.7 * _symmetric_nce(s[0::2], s[1::2], 0.2), atol=1e-6)
+    # the labels, not the teacher: another teacher gives the same value ...
+    assert torch.allclose(m(_out(s), _out(torch.randn(8, 6)), {})["pairs"], got)
+    # ... pairing the rows differently gives another, and matched orthogonal pairs give almost zero
+    assert not torch.allclose(m(_out(s[[0, 3, 2, 1, 4, 5, 6, 7]]), _out(t), {})["pairs"], got)
+    e = torch.eye(6)[:4].repeat_interleave(2, dim=0)  # q_p = c_p = e_p
+    assert float(m(_out(e), _out(t), {})["pairs"]) < 0.7 * 2 * 3 * float(torch.exp(torch.tensor(-5.0)))
+    # a gradient step lowers it
+    s.requires_grad_(True)
+    v = m(_out(s), _out(t), {})["pairs"]
+    v.backward()
+    with torch.no_grad():
+        assert float(m(_out(s - 0.05 * s.grad / s.grad.norm()), _out(t), {})["pairs"]) < float(v)
+
+
+def test_pair_term_mask_and_bad_layouts():
+    torch.manual_seed(3)
+    s, t = torch.randn(8, 6), torch.randn(8, 6)
+    m = EmbeddingKD(mse_weight=0, pair_weight=1.0, kd_temperature=0.5)
+    mask = torch.tensor([True, True, True, False, True, True, True, True])  # pair 1 loses its candidate
+    got = m(_out(s), _out(t), {"mask": mask})["pairs"]
+    keep = torch.tensor([0, 2, 3])
+    assert torch.allclose(got, _symmetric_nce(s[0::2][keep], s[1::2][keep], 0.5), atol=1e-6)
+    s2 = s.clone()
+    s2[2] = torch.randn(6)  # the query of the dropped pair plays no part
+    assert torch.allclose(m(_out(s2), _out(t), {"mask": mask})["pairs"], got, atol=1e-6)
+    # one counted pair has no negative: zero, with a gradient that is defined
+    one = torch.tensor([True, True] + [False] * 6)
+    assert float(m(_out(s), _out(t), {"mask": one})["pairs"]) == 0.0
+    with pytest.raises(KDistillError, match="even number"):
+        m(_out(torch.randn(7, 6)), _out(torch.randn(7, 6)), {})
+    with pytest.raises(KDistillError):
+        EmbeddingKD(pair_weight=-0.1)

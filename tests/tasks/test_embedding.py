@@ -1,4 +1,5 @@
 import json
+import torch
 
 import pytest
 
@@ -217,3 +218,19 @@ def test_token_term_needs_a_transformer_student():
     with pytest.raises(ConfigError, match="token_weight"):
         load_config({**TINY, "student": {"name": "static", "kwargs": {"dim": 16}},
                      "method": {"name": "embedding_kd", "kwargs": {"cosine_weight": 1.0, "token_weight": 1.0}}})
+
+
+def test_pair_term_trains_on_pairs_and_needs_them(tmp_path):
+    from kdistill.api import run
+
+    kwargs = {"cosine_weight": 1.0, "pair_weight": 0.5}
+    with pytest.raises(ConfigError, match="data.pairs"):
+        load_config({**TINY, "method": {"name": "embedding_kd", "kwargs": kwargs}})
+    cfg = {**TINY, "data": {**TINY["data"], "pairs": True}, "method": {"name": "embedding_kd", "kwargs": kwargs},
+           "train": {**TINY["train"], "batch_size": 8}, "export": {"sentence_transformers": False}}
+    report = run(cfg, output=tmp_path, progress=False, quiet=True)
+    log = [json.loads(x) for x in (tmp_path / "work" / "metrics.jsonl").read_text().splitlines()]
+    pairs = [h["pairs"] for h in log if "pairs" in h]
+    # 8 pairs per batch: a random student scores about 0.5 * log(8); the term is logged at every step
+    assert len(pairs) == 4 and all(0.0 < v < 0.5 * 2 * torch.log(torch.tensor(8.0)) for v in pairs)
+    assert 0.0 <= report["student"]["metrics"]["recall_at_1"] <= 1.0

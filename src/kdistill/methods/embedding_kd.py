@@ -25,6 +25,10 @@ The student's and the teacher's outputs are sentence embeddings ``s, t`` of shap
       + w_dist   * RKD distance + w_angle * RKD angle                 (rkd_distance / rkd_angle)
       + w_token  * mean_i mean_{real tokens k} (1 - cos(Q h_ik, g_ik))  (token_cosine: the student's last hidden
                                                                        states h vs the teacher's g)
+      + w_pair   * mean_p (NCE(q_p -> c_p) + NCE(c_p -> q_p)) / 2      (contrastive_nce on the *labels*: rows 2p and
+                                                                       2p+1 are a (query, candidate) pair; each
+                                                                       side must pick its partner among the
+                                                                       batch's other pairs, at kd_temperature)
 
 ``P`` is a learned linear projector, created only when the widths differ and a point-wise or cross term is on; it
 lives on the method, so it is trained but never exported (give the student its own projection - e.g.
@@ -56,6 +60,15 @@ teacher's - a denser signal for short texts. It needs token states on both sides
 and ``teacher.features["tokens"]`` ``(B, T, H)`` with ``student.extra["attention_mask"]`` ``(B, T)`` (the
 ``embedding`` task provides them when ``token_weight > 0``, running the teacher live); ``Q`` is a learned
 projector when the hidden widths differ. Teacher embeddings alone can be precomputed (``cacheable``).
+
+``pair_weight`` is the one term that does not come from the teacher: when the training rows are (query,
+candidate) pairs (the ``embedding`` task's ``data.pairs: true`` lays a batch out as ``[q1, c1, q2, c2, ...]``),
+it adds the pairs' own labels as a symmetric in-batch InfoNCE between the student's query and candidate vectors -
+the contrastive objective of sentence-transformers' ``MultipleNegativesRankingLoss`` (Henderson et al., 2017,
+"Efficient Natural Language Response Suggestion for Smart Reply"; InfoNCE: van den Oord et al., 2018,
+"Representation Learning with Contrastive Predictive Coding"), both directions as in CLIP. It is to embedding KD
+what the hard-label cross-entropy is to Hinton KD: the teacher's soft ranking plus the ground truth, so the
+student can correct the teacher where the labels disagree with it. Uncounted rows (``mask``) drop their pair.
 """
 
 from __future__ import annotations
@@ -69,6 +82,7 @@ from ..errors import KDistillError, expect
 from ..losses.embeddings import (cosine, embedding_mse, listwise_kl, margin_mse, rkd_angle, rkd_distance,
                                 similarity, token_cosine)
 from ..losses.reduce import masked_mean
+from ..losses.relations import contrastive_nce
 from ..modules.banks import FifoQueue
 from ..registry import METHODS
 from .base import Method, ModelOutput, SetupInfo, require_teacher
@@ -95,12 +109,13 @@ class EmbeddingKD(Method):
     def __init__(self, mse_weight: float = 1.0, cosine_weight: float = 0.0, listwise_weight: float = 0.0,
                  margin_weight: float = 0.0, rkd_distance_weight: float = 0.0, rkd_angle_weight: float = 0.0,
                  kd_temperature: float = 0.05, cross_weight: float = 0.0, token_weight: float = 0.0,
-                 cross_queue: int = 0, candidate_weight: float = 0.0, listwise_queue: int = 0) -> None:
+                 cross_queue: int = 0, candidate_weight: float = 0.0, listwise_queue: int = 0,
+                 pair_weight: float = 0.0) -> None:
         super().__init__()
         weights = {"mse_weight": mse_weight, "cosine_weight": cosine_weight, "listwise_weight": listwise_weight,
                    "margin_weight": margin_weight, "rkd_distance_weight": rkd_distance_weight,
                    "rkd_angle_weight": rkd_angle_weight, "cross_weight": cross_weight, "token_weight": token_weight,
-                   "candidate_weight": candidate_weight}
+                   "candidate_weight": candidate_weight, "pair_weight": pair_weight}
         for k, v in weights.items():
             expect(v >= 0, f"embedding_kd {k}", v, "a number >= 0")
         expect(sum(weights.values()) > 0, "embedding_kd weights", weights, "at least one positive weight")
@@ -111,6 +126,7 @@ class EmbeddingKD(Method):
         self.rkd_distance_weight, self.rkd_angle_weight = float(rkd_distance_weight), float(rkd_angle_weight)
         self.kd_temperature, self.cross_weight = float(kd_temperature), float(cross_weight)
         self.token_weight, self.candidate_weight = float(token_weight), float(candidate_weight)
+        self.pair_weight = float(pair_weight)
         expect(isinstance(cross_queue, int) and cross_queue >= 0, "embedding_kd cross_queue", cross_queue,
                "an integer >= 0 (0 = in-batch candidates only; e.g. 4096)")
         expect(cross_queue == 0 or cross_weight > 0 or candidate_weight > 0, "embedding_kd cross_queue", cross_queue,
@@ -194,6 +210,8 @@ class EmbeddingKD(Method):
             out["rkd_distance"] = self.rkd_distance_weight * masked_mean(rkd_distance(s, t, mask=mask), mask)
         if self.rkd_angle_weight > 0 and b >= 3:
             out["rkd_angle"] = self.rkd_angle_weight * masked_mean(rkd_angle(s, t, mask=mask), mask)
+        if self.pair_weight > 0:
+            out["pairs"] = self.pair_weight * self._pair_term(s, mask)
         if self.uses_token_states:
             out["tokens"] = self.token_weight * masked_mean(self._token_term(student, teacher), mask)
         if not out:  # a batch too small for the chosen relational terms
@@ -216,6 +234,22 @@ class EmbeddingKD(Method):
         if self.token_projector is not None:
             st = self.token_projector(st.float())
         return token_cosine(st, tt.float().detach(), am)
+
+    def _pair_term(self, s: Tensor, mask: Tensor | None) -> Tensor:
+        """Symmetric in-batch InfoNCE over the (query, candidate) pairs in rows ``(2p, 2p + 1)``, mean over the
+        pairs whose two rows both count."""
+        if s.shape[0] % 2:
+            raise KDistillError(f"embedding_kd pair_weight={self.pair_weight}: got a batch of {s.shape[0]} rows, "
+                                "expected an even number laid out as (query, candidate) pairs [q1, c1, q2, c2, ...]. "
+                                "Use the embedding task with data.pairs: true, or set pair_weight: 0.")
+        q, c = s[0::2], s[1::2]
+        if mask is not None:
+            keep = mask.bool()[0::2] & mask.bool()[1::2]
+            q, c = q[keep], c[keep]
+        if len(q) < 2:  # no in-batch negative
+            return s.float().sum() * 0.0
+        nce = contrastive_nce(q, c, nce_temperature=self.kd_temperature)
+        return 0.5 * (nce + contrastive_nce(c, q, nce_temperature=self.kd_temperature)).mean()
 
     def _bank(self, t: Tensor) -> Tensor:
         """The queued teacher vectors ``(n, D)``, ``n <= cross_queue`` (created on first use without ``setup``)."""

@@ -248,6 +248,11 @@ class EmbeddingConfig(StrictModel):
         if self.student.name == "static" and float(self.method.kwargs.get("token_weight", 0) or 0) > 0:
             raise ValueError("method.kwargs.token_weight > 0 needs a transformer student with token states (got "
                              "student 'static', which has none): use layer_subset or narrow, or set token_weight: 0.")
+        pair_weight = float(self.method.kwargs.get("pair_weight", 0) or 0)
+        if pair_weight > 0 and not self.data.pairs:
+            raise ValueError(f"method.kwargs.pair_weight={pair_weight} trains on (query, candidate) pairs, but "
+                             "data.pairs is false, so a batch holds unrelated texts: set data.pairs: true (keep the "
+                             "training pairs together) or pair_weight: 0.")
         return self
 
 
