@@ -190,25 +190,24 @@ def main() -> None:
             seed_students[seed] = load_student(run_dir / "student")
 
     # ---- sentence-transformers MSELoss, same student, data, targets and budget ---------------------
-    if "st_mse_2layer" not in args.skip:
-        log("sentence-transformers MSELoss")
+    # the recipe also trains on the pairs' labels: then sentence-transformers gets the same labels too (MSELoss +
+    # MultipleNegativesSymmetricRankingLoss at the recipe's pair weight), so the comparison stays like for like
+    pair_weight = float(recipe_2l.method.kwargs.get("pair_weight", 0) or 0)
+    st_runs = {"st_mse_2layer"} | ({"st_mse_pairs_2layer"} if pair_weight > 0 else set())
+    if st_runs - set(args.skip):
         init = save_sentence_transformer(layer_subset(teacher, [0, 5]), out / "st_mse_init")
         targets = teacher_embeddings_cached(teacher, sentences, batch_size=args.eval_batch_size)  # cache hit
         tr = recipe_2l.train
+    if "st_mse_2layer" not in args.skip:
+        log("sentence-transformers MSELoss")
         # same texts per step as kdistill's batches (a pairs-mode row holds two texts): same steps, same data
         per_step = tr.batch_size * (2 if recipe_2l.data.pairs else 1)
         secs = train_st_mse(init, out / "st_mse", sentences, targets, epochs=tr.epochs, batch_size=per_step,
                             lr=tr.lr, warmup_steps=tr.warmup_steps, weight_decay=tr.weight_decay, seed=0)
         models["st_mse_2layer"] = load_sentence_encoder(out / "st_mse")
         extra["st_mse_2layer"] = {"train_seconds": secs}
-    # the recipe also trains on the pairs' labels: give sentence-transformers the same labels (MSELoss +
-    # MultipleNegativesSymmetricRankingLoss at the recipe's pair weight), so the comparison stays like for like
-    pair_weight = float(recipe_2l.method.kwargs.get("pair_weight", 0) or 0)
-    if pair_weight > 0 and "st_mse_pairs_2layer" not in args.skip:
+    if "st_mse_pairs_2layer" in st_runs - set(args.skip):
         log("sentence-transformers MSELoss + MultipleNegativesSymmetricRankingLoss")
-        init = save_sentence_transformer(layer_subset(teacher, [0, 5]), out / "st_mse_init")
-        targets = teacher_embeddings_cached(teacher, sentences, batch_size=args.eval_batch_size)
-        tr = recipe_2l.train
         secs = train_st_mse(init, out / "st_mse_pairs", sentences, targets, epochs=tr.epochs,
                             batch_size=2 * tr.batch_size, lr=tr.lr, warmup_steps=tr.warmup_steps,
                             weight_decay=tr.weight_decay, seed=0, pair_weight=pair_weight)

@@ -18,6 +18,15 @@ def _out(x):
     return ModelOutput(logits=x)
 
 
+def _assert_step_lowers(method, s, t, term):
+    """A small step of the student's vectors against the gradient of ``term`` lowers that term."""
+    s = s.clone().requires_grad_(True)
+    v = method(_out(s), _out(t), {})[term]
+    v.backward()
+    with torch.no_grad():
+        assert float(method(_out(s - 0.05 * s.grad / s.grad.norm()), _out(t), {})[term]) < float(v)
+
+
 def test_registered_and_cacheable():
     assert METHODS.get("embedding_kd") is EmbeddingKD and EmbeddingKD.cacheable
 
@@ -223,11 +232,7 @@ def test_candidate_term_is_the_cross_term_over_the_other_axis():
         _out(s), _out(t), {})["cross"])  # the rows are normalised over a different axis
     # zero for any student vector along its teacher's (cosine), and a gradient step lowers it
     assert float(m(_out(2.0 * t), _out(t), {})["candidates"]) < 1e-6
-    s.requires_grad_(True)
-    v = m(_out(s), _out(t), {})["candidates"]
-    v.backward()
-    with torch.no_grad():
-        assert float(m(_out(s - 0.05 * s.grad / s.grad.norm()), _out(t), {})["candidates"]) < float(v)
+    _assert_step_lowers(m, s, t, "candidates")
 
 
 def test_candidate_term_with_queue_and_mask():
@@ -342,11 +347,7 @@ def test_pair_term_is_symmetric_infonce_over_the_labelled_pairs():
     e = torch.eye(6)[:4].repeat_interleave(2, dim=0)  # q_p = c_p = e_p
     assert float(m(_out(e), _out(t), {})["pairs"]) < 0.7 * 2 * 3 * float(torch.exp(torch.tensor(-5.0)))
     # a gradient step lowers it
-    s.requires_grad_(True)
-    v = m(_out(s), _out(t), {})["pairs"]
-    v.backward()
-    with torch.no_grad():
-        assert float(m(_out(s - 0.05 * s.grad / s.grad.norm()), _out(t), {})["pairs"]) < float(v)
+    _assert_step_lowers(m, s, t, "pairs")
 
 
 def test_pair_term_mask_and_bad_layouts():
