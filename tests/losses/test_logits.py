@@ -74,10 +74,41 @@ def test_neg_inf_logits_never_nan():
         v.sum().backward()
         assert torch.isfinite(s.grad).all()
         s.grad = None
-    # teacher mass where the student has none is an infinite forward KL, not NaN
-    s2 = torch.tensor([[1.0, float("-inf"), 0.5]])
-    t2 = torch.tensor([[1.0, 0.0, 0.5]])
-    assert forward_kl(s2, t2).item() == float("inf")
+
+
+def test_one_sided_neg_inf_raises_naming_the_position_where_the_kl_is_infinite():
+    """Teacher mass on a student -inf entry makes forward KL infinite (student mass on a teacher -inf entry:
+    reverse KL). One such token used to give inf with a NaN gradient that poisoned the whole step; now it is
+    an error that names the position and the entry, and the bounded divergences stay finite there."""
+    from kdistill.errors import KDistillError
+    from kdistill.losses.logits import skew_kl, skew_reverse_kl, taid, tvd
+
+    base = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(0))
+    s_inf, t_inf = base.clone(), base.flip(-1).clone()
+    s_inf[1, 2, 3] = float("-inf")
+    t_only = base.flip(-1).clone()
+    t_only[0, 1, 4] = float("-inf")
+    forward_cases = [forward_kl, lambda a, b: skew_kl(a, b, skew=0.0), lambda a, b: generalized_jsd(a, b, beta=0.0)]
+    for fn in forward_cases:
+        with pytest.raises(KDistillError, match=r"infinite at position \(1, 2\): vocabulary entry 3"):
+            fn(s_inf, t_inf)
+    reverse_cases = [reverse_kl, lambda a, b: skew_reverse_kl(a, b, skew=0.0),
+                     lambda a, b: generalized_jsd(a, b, beta=1.0)]
+    for fn in reverse_cases:
+        with pytest.raises(KDistillError, match=r"infinite at position \(0, 1\): vocabulary entry 4"):
+            fn(base, t_only)
+    # the same one-sided entries in the blocked (student-only gradient) forward-KL path
+    with pytest.raises(KDistillError, match="position"):
+        forward_kl(s_inf.requires_grad_(), t_inf)
+    # the mixtures and the L1-type losses are finite there, with finite gradients
+    finite = [lambda a, b: generalized_jsd(a, b, beta=0.5), lambda a, b: skew_kl(a, b, skew=0.1),
+              lambda a, b: skew_reverse_kl(a, b, skew=0.1), tvd, lambda a, b: taid(a, b, t=0.5)]
+    for s, t in ((base, t_only), (s_inf.detach(), t_inf)):
+        for fn in finite:
+            x = s.clone().requires_grad_()
+            v = fn(x, t)
+            v.sum().backward()
+            assert torch.isfinite(v).all() and torch.isfinite(x.grad).all()
 
 
 def test_bf16_in_fp32_out():

@@ -9,10 +9,17 @@ Conventions
 -----------
 * ``forward_kl`` = KL(teacher || student) (mean-seeking), ``reverse_kl`` = KL(student || teacher)
   (mode-seeking).
-* ``kd_temperature`` divides both logit tensors before the softmax. The losses do **not** multiply by
-  ``kd_temperature ** 2``; methods that follow Hinton et al. apply that gradient-scale correction.
-* ``-inf`` logits (masked vocabulary entries) give probability 0 and contribute exactly 0 where the
-  distribution that weights the sum is 0; they never produce NaN.
+* ``kd_temperature`` divides both logit tensors before the softmax. The losses do **not** rescale for it;
+  methods multiply by :func:`kdistill.losses.reduce.kd_scale` with the divergence's
+  :data:`TEMPERATURE_POWER` (``T^2`` for the KL family, ``T`` for the L1-type ``tvd`` and ``uld``), the
+  factor that keeps the gradient scale independent of ``T``.
+* ``-inf`` logits (masked vocabulary entries) give probability 0. An entry that is ``-inf`` for *both*
+  models contributes exactly 0, with finite values and gradients. Where a KL would be truly infinite -- the
+  distribution that weights the sum gives mass to an entry the other model sets to ``-inf`` (``forward_kl``
+  with a student-only ``-inf``, ``reverse_kl`` with a teacher-only one; also ``generalized_jsd`` at beta 0 or 1
+  and the skew divergences at skew 0) -- the loss raises :class:`~kdistill.errors.KDistillError` naming the
+  position and the vocabulary entry instead of returning ``inf`` with a NaN gradient. The mixtures
+  (``generalized_jsd`` with 0 < beta < 1, skew > 0), ``tvd``, ``taid`` and ``uld`` stay finite there.
 """
 
 from __future__ import annotations
@@ -39,6 +46,39 @@ def _check_pair(student_logits: Tensor, teacher_logits: Tensor, name: str) -> No
 def _check_temperature(kd_temperature: float) -> None:
     if not kd_temperature > 0:
         raise KDistillError(f"kd_temperature: got {kd_temperature!r}, expected a positive number.")
+
+
+def _raise_if_infinite(values: Tensor, log_weight: Tensor, log_other: Tensor, name: str, weight: str,
+                       other: str) -> None:
+    """Raise a clear error if a KL-type value is non-finite: ``log_weight`` is the log-distribution that weights
+    the sum (teacher for forward KL, student for reverse KL), ``log_other`` the one inside the log."""
+    if bool(torch.isfinite(values).all()):
+        return
+    bad = (~torch.isfinite(values)).nonzero()[0]
+    pos = tuple(int(i) for i in bad)
+    lw, lo = log_weight[pos], log_other[pos]
+    hit = (torch.isfinite(lw) & torch.isneginf(lo)).nonzero()
+    where = f"position {pos if len(pos) > 1 else pos[0]}"
+    if len(hit) == 0:
+        raise KDistillError(f"{name}: got a non-finite value at {where} (NaN or inf in the {weight} or {other} "
+                            "logits); expected finite logits, or -inf for entries both models exclude.")
+    v = int(hit[0])
+    raise KDistillError(
+        f"{name}: the divergence is infinite at {where}: vocabulary entry {v} has probability "
+        f"{float(lw[v].exp()):.3g} under the {weight} but a -inf logit for the {other}. Expected -inf entries to be "
+        f"shared by both models. Fix: set the same entries to -inf in the {weight} logits (e.g. "
+        "kdistill.teachers.vocab.VocabAlignment), or use a divergence that stays finite there (generalized_jsd "
+        "with 0 < beta < 1, skew_kl / skew_reverse_kl with skew > 0, tvd).")
+
+
+#: Power of ``kd_temperature`` that keeps each divergence's gradient scale independent of the temperature
+#: (multiply the loss by ``kd_scale(T, power=...)``). As ``T`` grows, ``p_s - p_t`` shrinks like ``1/T``: the
+#: KL family is quadratic in that difference (gradient ~ 1/T^2), the L1-type losses are linear (~ 1/T).
+#: Checked by ``tests/losses/test_temperature_scaling.py`` (gradient norms at T = 4, 8, 16).
+TEMPERATURE_POWER: dict[str, int] = {
+    "forward_kl": 2, "reverse_kl": 2, "generalized_jsd": 2, "skew_kl": 2, "skew_reverse_kl": 2, "taid": 2,
+    "token_selective": 2, "tvd": 1, "uld": 1,
+}
 
 
 def log_probs(logits: Tensor, kd_temperature: float = 1.0) -> Tensor:
@@ -85,6 +125,19 @@ def _kl_parts(student_logits: Tensor, teacher_logits: Tensor, t: float) -> tuple
     return ls, p, diff, kl
 
 
+def _check_forward_kl(kl: Tensor, student_logits: Tensor, teacher_logits: Tensor, t: float) -> None:
+    """One finiteness check per call; on failure, the offending row's error (see :func:`_raise_if_infinite`)."""
+    if bool(torch.isfinite(kl).all()):
+        return
+    pos = tuple(int(i) for i in (~torch.isfinite(kl)).nonzero()[0])
+    ls = F.log_softmax(student_logits[pos].float() / t, dim=-1)
+    lt = F.log_softmax(teacher_logits[pos].float() / t, dim=-1)
+    try:
+        _raise_if_infinite(kl[pos].reshape(1), lt.unsqueeze(0), ls.unsqueeze(0), "forward_kl", "teacher", "student")
+    except KDistillError as e:
+        raise KDistillError(str(e).replace("at position 0", f"at position {pos if len(pos) > 1 else pos[0]}")) from None
+
+
 class _ForwardKL(torch.autograd.Function):
     """KL(p_t || p_s) with analytic gradients: ``dKL/dz_s = (p_s - p_t) / T`` and
     ``dKL/dz_t = p_t ((log p_t - log p_s) - KL) / T``.
@@ -115,10 +168,13 @@ class _ForwardKL(torch.autograd.Function):
                 ls, p, _, kl[i:i + rows] = _kl_parts(zs[i:i + rows], zt[i:i + rows], t)
                 if keep_grad:
                     grad[i:i + rows] = ls.exp_().sub_(p)
+            kl = kl.reshape(student_logits.shape[:-1])
+            _check_forward_kl(kl, student_logits, teacher_logits, t)
             if keep_grad:
                 ctx.save_for_backward(grad)
-            return kl.reshape(student_logits.shape[:-1])
+            return kl
         ls, p, diff, kl = _kl_parts(student_logits, teacher_logits, t)
+        _check_forward_kl(kl, student_logits, teacher_logits, t)
         ctx.save_for_backward(ls, p, diff, kl)
         return kl
 
@@ -147,7 +203,10 @@ def forward_kl(student_logits: Tensor, teacher_logits: Tensor, *, kd_temperature
 def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, *, kd_temperature: float = 1.0) -> Tensor:
     """KL(p_student || p_teacher) at temperature T (mode-seeking). Shape ``(...,)``."""
     _check_pair(student_logits, teacher_logits, "reverse_kl")
-    return kl_from_log_probs(log_probs(student_logits, kd_temperature), log_probs(teacher_logits, kd_temperature))
+    ls, lt = log_probs(student_logits, kd_temperature), log_probs(teacher_logits, kd_temperature)
+    out = kl_from_log_probs(ls, lt)
+    _raise_if_infinite(out, ls, lt, "reverse_kl", "student", "teacher")
+    return out
 
 
 def generalized_jsd(
@@ -251,7 +310,10 @@ def skew_kl(student_logits: Tensor, teacher_logits: Tensor, *, skew: float = 0.1
     _check_skew(skew, "skew_kl")
     ls = log_probs(student_logits, kd_temperature)
     lt = log_probs(teacher_logits, kd_temperature)
-    return kl_from_log_probs(lt, _log_mix(lt, ls, skew))
+    out = kl_from_log_probs(lt, _log_mix(lt, ls, skew))
+    if skew == 0.0:
+        _raise_if_infinite(out, lt, ls, "skew_kl", "teacher", "student")
+    return out
 
 
 def skew_reverse_kl(student_logits: Tensor, teacher_logits: Tensor, *, skew: float = 0.1,
@@ -262,7 +324,10 @@ def skew_reverse_kl(student_logits: Tensor, teacher_logits: Tensor, *, skew: flo
     _check_skew(skew, "skew_reverse_kl")
     ls = log_probs(student_logits, kd_temperature)
     lt = log_probs(teacher_logits, kd_temperature)
-    return kl_from_log_probs(ls, _log_mix(ls, lt, skew))
+    out = kl_from_log_probs(ls, _log_mix(ls, lt, skew))
+    if skew == 0.0:
+        _raise_if_infinite(out, ls, lt, "skew_reverse_kl", "student", "teacher")
+    return out
 
 
 def tvd(student_logits: Tensor, teacher_logits: Tensor, *, kd_temperature: float = 1.0) -> Tensor:
