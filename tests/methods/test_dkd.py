@@ -95,3 +95,21 @@ def test_gradients_and_three_step_fit(zoo):
     assert set(losses) == {"tckd", "nckd", "ce"}
     res, t, before = zoo["fit3"](DKD(warmup_steps=2))
     zoo["assert_fit_ok"](res, t, before)
+
+
+def test_a_minus_100_label_is_an_error_unless_its_row_is_masked():
+    """A -100 label used to be clamped to class 0 inside the method; now it is rejected on a row that counts,
+    and a masked row's label never reaches the loss."""
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
+    labels = torch.tensor([-100, 3, 1])
+    m = DKD(ce_weight=0.0)
+    with pytest.raises(KDistillError, match=r"-100 marks a row to ignore"):
+        m(ModelOutput(s), ModelOutput(t), {"labels": labels})
+    mask = torch.tensor([False, True, True])
+    out = m(ModelOutput(s), ModelOutput(t), {"labels": labels, "mask": mask})
+    ref = m(ModelOutput(s[1:]), ModelOutput(t[1:]), {"labels": labels[1:]})
+    for k in ("tckd", "nckd"):
+        torch.testing.assert_close(out[k], ref[k])
+    with pytest.raises(KDistillError, match=r"\[0, 4\]"):
+        m(ModelOutput(s), ModelOutput(t), {"labels": torch.tensor([0, 5, 1])})

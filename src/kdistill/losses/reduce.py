@@ -54,3 +54,15 @@ def count(values_shape_like: Tensor, mask: Tensor | None = None) -> Tensor:
     if mask is None:
         return torch.tensor(float(values_shape_like.shape[0]))
     return mask.sum().float()
+
+
+def kd_scale(kd_temperature: float, *, power: int = 2) -> float:
+    """The factor ``kd_temperature ** power`` that keeps a distillation term's gradient scale independent of
+    the temperature (Hinton et al., 2015: gradients of a softened KL shrink like ``1 / T^2``). The power is a
+    property of the divergence: :data:`kdistill.losses.logits.TEMPERATURE_POWER` (2 for the KL family, 1 for
+    ``tvd`` / ``uld``). Every method applies its temperature scaling through this one function."""
+    if not kd_temperature > 0:
+        raise KDistillError(f"kd_temperature: got {kd_temperature!r}, expected a positive number.")
+    if power not in (0, 1, 2):
+        raise KDistillError(f"kd_scale power: got {power!r}, expected 0, 1 or 2 (see TEMPERATURE_POWER).")
+    return float(kd_temperature) ** power

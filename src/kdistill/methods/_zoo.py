@@ -45,11 +45,24 @@ def positive(method: str, **values: float) -> None:
         expect(value > 0, f"{method} {name}", value, "a positive number")
 
 
-def labels_of(batch: dict[str, Any], method: str) -> Tensor:
+def labels_of(batch: dict[str, Any], method: str, num_classes: int | None = None) -> Tensor:
+    """The batch's class ids ``(B,)``. Rows that count (``batch['mask']`` True, or every row without a mask) must
+    hold ids in ``[0, num_classes)``: a ``-100`` there is an error, never silently class 0. Rows that do not
+    count get id 0 as a placeholder, so per-row losses stay defined; the reduction drops them."""
     labels = batch.get("labels")
     if labels is None:
         raise KDistillError(f"{method}: batch has no 'labels'; this method needs the ground-truth class ids.")
-    return labels
+    mask = row_mask(batch)
+    counted = labels if mask is None else labels[mask]
+    if counted.numel():
+        lo, hi = int(counted.min()), int(counted.max())
+        if lo < 0 or (num_classes is not None and hi >= num_classes):
+            top = f"{num_classes - 1}" if num_classes is not None else "C - 1"
+            raise KDistillError(
+                f"{method}: labels of the rows that count are in [{lo}, {hi}], expected class ids in [0, {top}]. "
+                "A label of -100 marks a row to ignore: give the batch a bool 'mask' with False on that row "
+                "(the data layer does this), or drop the row.")
+    return labels if mask is None else labels.masked_fill(~mask, 0)
 
 
 def skipped(x: Tensor) -> Tensor:
@@ -89,13 +102,13 @@ def kd_and_ce_terms(student: Any, teacher: Any, batch: dict[str, Any], *, kd_wei
                     ce_weight: float, mask: Tensor | None) -> dict[str, Tensor]:
     """The optional Hinton-KD (``T^2``-scaled) and label cross-entropy terms that feature methods add."""
     from ..losses.logits import forward_kl
-    from ..losses.reduce import masked_mean
+    from ..losses.reduce import kd_scale, masked_mean
     from .base import label_loss
 
     out: dict[str, Tensor] = {}
     if kd_weight > 0:
         t = kd_temperature
-        out["kd"] = kd_weight * t * t * masked_mean(forward_kl(student.logits, teacher.logits, kd_temperature=t), mask)
+        out["kd"] = kd_weight * kd_scale(t) * masked_mean(forward_kl(student.logits, teacher.logits, kd_temperature=t), mask)
     if ce_weight > 0:
         out["ce"] = ce_weight * label_loss(student.logits, batch)
     return out

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from ..errors import expect
 from ..losses.classification import head_gradient_alignment
 from ..losses.logits import cross_entropy, forward_kl, log_probs
+from ..losses.reduce import kd_scale
 from ..registry import METHODS
 from ._zoo import feature, labels_of, non_negative, positive, row_mask, skipped
 from .base import Method, ModelOutput, require_teacher
@@ -104,7 +105,7 @@ class AdaptiveFusion(Method):
     def forward(self, student: ModelOutput, teacher: ModelOutput | None, batch: dict[str, Any]) -> dict[str, Tensor]:
         teacher = require_teacher("adaptive_fusion", teacher)
         mask = row_mask(batch)
-        labels = labels_of(batch, "adaptive_fusion").clamp_min(0)
+        labels = labels_of(batch, "adaptive_fusion", student.logits.shape[-1])
         zs, zt = student.logits, teacher.logits.detach()
         n = zs.shape[0]
         valid = torch.ones(n, dtype=torch.bool, device=zs.device) if mask is None else mask.bool()
@@ -117,7 +118,7 @@ class AdaptiveFusion(Method):
         train_rows = valid & ~held
         T = self.kd_temperature
         alpha = self.ratio(zs, zt, labels)
-        kd = T * T * forward_kl(zs, zt, kd_temperature=T)
+        kd = kd_scale(T) * forward_kl(zs, zt, kd_temperature=T)
         ce = cross_entropy(zs, labels)
         fused = alpha.detach() * kd + (1.0 - alpha.detach()) * ce
         n_train = train_rows.sum().clamp_min(1)

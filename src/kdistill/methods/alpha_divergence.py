@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..errors import expect
 from ..losses.classification import alpha_divergence
-from ..losses.reduce import masked_mean
+from ..losses.reduce import kd_scale, masked_mean
 from ..registry import METHODS
 from ._zoo import non_negative, positive, row_mask
 from .base import Method, ModelOutput, label_loss, require_teacher
@@ -65,7 +65,7 @@ class AlphaDivergenceKD(Method):
             neg = alpha_divergence(student.logits, teacher.logits, alpha=self.alpha_negative, kd_temperature=t,
                                    importance_clip=clip)
             div = torch.maximum(div, neg)
-        out = {"kd": self.kd_weight * t * t * masked_mean(div, row_mask(batch))}
+        out = {"kd": self.kd_weight * kd_scale(t) * masked_mean(div, row_mask(batch))}
         if self.ce_weight > 0:
             out["ce"] = self.ce_weight * label_loss(student.logits, batch)
         return out

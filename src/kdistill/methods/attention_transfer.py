@@ -10,8 +10,10 @@ map ``Q = mean_c |f_c|^p`` (flattened, L2-normalised) of the student is pulled t
 
 Channel counts may differ (maps are channel-averaged); spatial sizes may differ (the student map is
 pooled to the teacher's). When to use: conv teacher and conv student with stages of matching
-resolution; no extra parameters. ``at_weight = 1000`` follows the paper's code (beta/2 with beta = 2e3
-on per-element means). Needs ``(B, C, L)`` or ``(B, C, H, W)`` features: not applicable to MLPs.
+resolution; no extra parameters. ``at_weight = 1000`` is the authors' code (szagoruyko/attention-transfer):
+``beta * sum_k at_loss_k`` with ``beta = 1e3``, where ``at_loss`` is the mean over batch and map positions
+of the squared difference of the normalised maps, the same per-element mean as here. Needs ``(B, C, L)``
+or ``(B, C, H, W)`` features: not applicable to MLPs.
 """
 
 from __future__ import annotations

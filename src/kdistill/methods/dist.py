@@ -21,7 +21,7 @@ from typing import Any
 from torch import Tensor
 
 from ..losses.classification import dist_inter_class, dist_intra_class
-from ..losses.reduce import masked_mean
+from ..losses.reduce import kd_scale, masked_mean
 from ..registry import METHODS
 from ._zoo import non_negative, positive, row_mask, select_rows, skipped
 from .base import Method, ModelOutput, label_loss, require_teacher
@@ -44,7 +44,7 @@ class DIST(Method):
     def forward(self, student: ModelOutput, teacher: ModelOutput | None, batch: dict[str, Any]) -> dict[str, Tensor]:
         teacher = require_teacher("dist", teacher)
         mask = row_mask(batch)
-        t, t2 = self.kd_temperature, self.kd_temperature ** 2
+        t, t2 = self.kd_temperature, kd_scale(self.kd_temperature)
         inter = masked_mean(dist_inter_class(student.logits, teacher.logits, kd_temperature=t), mask)
         s_rows, t_rows = select_rows(student.logits, mask), select_rows(teacher.logits, mask)
         intra = dist_intra_class(s_rows, t_rows, kd_temperature=t).mean() if len(s_rows) >= 2 else skipped(s_rows)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..losses.classification import dkd_terms
-from ..losses.reduce import masked_mean
+from ..losses.reduce import kd_scale, masked_mean
 from ..registry import METHODS
 from ._zoo import labels_of, non_negative, positive, row_mask
 from .base import Method, ModelOutput, label_loss, require_teacher
@@ -48,9 +48,9 @@ class DKD(Method):
     def forward(self, student: ModelOutput, teacher: ModelOutput | None, batch: dict[str, Any]) -> dict[str, Tensor]:
         teacher = require_teacher("dkd", teacher)
         mask = row_mask(batch)
-        labels = labels_of(batch, "dkd").clamp_min(0)
+        labels = labels_of(batch, "dkd", student.logits.shape[-1])
         tckd, nckd = dkd_terms(student.logits, teacher.logits, labels, kd_temperature=self.kd_temperature)
-        t2 = self.kd_temperature ** 2
+        t2 = kd_scale(self.kd_temperature)
         ramp = 1.0
         if self.warmup_steps > 0:
             ramp = min(float(self.step) / self.warmup_steps, 1.0)

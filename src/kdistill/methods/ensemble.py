@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ..errors import KDistillError
 from ..losses.logits import log_probs, soft_cross_entropy
-from ..losses.reduce import masked_mean
+from ..losses.reduce import kd_scale, masked_mean
 from ..registry import METHODS
 from ._zoo import non_negative, positive, row_mask
 from .base import Method, ModelOutput, SetupInfo, label_loss, require_teacher
@@ -98,7 +98,7 @@ class Ensemble(Method):
         if target.shape != student.logits.shape:
             raise KDistillError(f"ensemble: teacher logits {tuple(teacher.logits.shape)} vs student "
                                 f"{tuple(student.logits.shape)}; expected (B, K, C) or (B, C) with the student's B, C.")
-        out = {"kd": self.kd_weight * t * t * masked_mean(soft_cross_entropy(student.logits, target,
+        out = {"kd": self.kd_weight * kd_scale(t) * masked_mean(soft_cross_entropy(student.logits, target,
                                                                              kd_temperature=t), mask)}
         if self.discriminator_weight > 0:
             if self.discriminator is None:

@@ -20,7 +20,7 @@ from torch import Tensor
 from ..errors import expect
 from ..losses.features import hint_mse
 from ..losses.logits import forward_kl
-from ..losses.reduce import masked_mean
+from ..losses.reduce import kd_scale, masked_mean
 from ..modules.projectors import FeatureProjector
 from ..registry import METHODS
 from .base import Method, ModelOutput, SetupInfo, label_loss, require_teacher
@@ -62,7 +62,7 @@ class FitNet(Method):
         if self.alpha > 0:
             t = self.kd_temperature
             kl = forward_kl(student.logits, teacher.logits, kd_temperature=t)
-            out["kd"] = self.alpha * t * t * masked_mean(kl, batch.get("mask"))
+            out["kd"] = self.alpha * kd_scale(t) * masked_mean(kl, batch.get("mask"))
         if self.alpha < 1:
             out["ce"] = (1.0 - self.alpha) * label_loss(student.logits, batch)
         return out

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from ..errors import KDistillError, expect
 from ..losses.chunked import chunked
 from ..losses.logits import generalized_jsd
-from ..losses.reduce import masked_mean
+from ..losses.reduce import kd_scale, masked_mean
 from ..registry import METHODS
 from .base import Method, ModelOutput, require_teacher
 
@@ -124,4 +124,4 @@ class GKD(Method):
         fn = chunked(generalized_jsd, self.chunk_size) if self.chunk_size else generalized_jsd
         per_token = fn(student.logits, teacher.logits, beta=self.beta, kd_temperature=self.kd_temperature)
         T = self.kd_temperature
-        return {"gkd": T * T * masked_mean(per_token, batch.get("mask"))}
+        return {"gkd": kd_scale(T) * masked_mean(per_token, batch.get("mask"))}

@@ -25,7 +25,7 @@ from torch import Tensor
 from ..errors import expect
 from ..losses.classification import guided_targets
 from ..losses.logits import soft_cross_entropy
-from ..losses.reduce import masked_mean
+from ..losses.reduce import kd_scale, masked_mean
 from ..registry import METHODS
 from ._zoo import labels_of, non_negative, positive, row_mask
 from .base import Method, ModelOutput, require_teacher
@@ -46,8 +46,8 @@ class GTGuidedSelfDistillation(Method):
 
     def forward(self, student: ModelOutput, teacher: ModelOutput | None, batch: dict[str, Any]) -> dict[str, Tensor]:
         teacher = require_teacher("gt_guided_self_distillation", teacher)
-        labels = labels_of(batch, "gt_guided_self_distillation").clamp_min(0)
+        labels = labels_of(batch, "gt_guided_self_distillation", student.logits.shape[-1])
         t = self.kd_temperature
         q = guided_targets(teacher.logits.detach(), labels, label_weight=self.label_weight, kd_temperature=t)
         ce = soft_cross_entropy(student.logits, q, kd_temperature=t)
-        return {"guided": self.weight * t * t * masked_mean(ce, row_mask(batch))}
+        return {"guided": self.weight * kd_scale(t) * masked_mean(ce, row_mask(batch))}

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..errors import expect
 from ..losses.logits import forward_kl
-from ..losses.reduce import masked_mean
+from ..losses.reduce import kd_scale, masked_mean
 from ..registry import METHODS
 from .base import Method, ModelOutput, label_loss, require_teacher
 
@@ -40,7 +40,7 @@ class HintonKD(Method):
         teacher = require_teacher("hinton_kd", teacher)
         t = self.kd_temperature
         kl = forward_kl(student.logits, teacher.logits, kd_temperature=t)
-        out = {"kd": self.alpha * t * t * masked_mean(kl, batch.get("mask"))}
+        out = {"kd": self.alpha * kd_scale(t) * masked_mean(kl, batch.get("mask"))}
         if self.alpha < 1.0:
             out["ce"] = (1.0 - self.alpha) * label_loss(student.logits, batch)
         return out

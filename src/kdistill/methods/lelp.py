@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from ..errors import KDistillError
 from ..losses.classification import subclass_kl
-from ..losses.reduce import masked_mean
+from ..losses.reduce import kd_scale, masked_mean
 from ..registry import METHODS
 from ._zoo import feature, non_negative, positive, row_mask, teacher_pass
 from .base import Method, ModelOutput, SetupInfo, label_loss, require_teacher
@@ -117,7 +117,7 @@ class LELP(Method):
         t_within = self.teacher_within(t)
         tt = self.kd_temperature
         kl = subclass_kl(student.logits, s_within, teacher.logits.detach(), t_within, kd_temperature=tt)
-        out = {"lelp": self.lelp_weight * tt * tt * masked_mean(kl, mask)}
+        out = {"lelp": self.lelp_weight * kd_scale(tt) * masked_mean(kl, mask)}
         if self.ce_weight > 0:
             out["ce"] = self.ce_weight * label_loss(student.logits, batch)
         return out

@@ -2,7 +2,7 @@
 
 Per position ``i`` of a sequence (the prediction of token ``i + 1``), with ``mask`` the positions that count::
 
-    L = alpha * T^2 * mean_i D(p_teacher(. | x_<=i) , p_student(. | x_<=i); T)  +  (1 - alpha) * CE(student, labels)
+    L = alpha * T^k * mean_i D(p_teacher(. | x_<=i) , p_student(. | x_<=i); T)  +  (1 - alpha) * CE(student, labels)
 
 ``D`` is chosen with ``loss``:
 
@@ -33,7 +33,10 @@ weight (``student.extra["hidden"]``, ``student.extra["lm_head_weight"]``, option
 logits chunk by chunk, so they never exist in full (it assumes ``logits = hidden @ W^T + b``: no logit
 soft-capping or scaling). Needs ``alpha = 1`` (no CE term, which would need the full logits) and teacher logits.
 
-The ``T^2`` factor keeps the gradient scale independent of ``kd_temperature`` (as in ``hinton_kd``).
+``T^k`` keeps the gradient scale independent of ``kd_temperature``; ``k`` depends on the divergence
+(:data:`kdistill.losses.logits.TEMPERATURE_POWER`): ``k = 2`` for the KL family (forward/reverse KL, JSD, skew,
+TAID, token-selective: their gradients shrink like ``1/T^2``), ``k = 1`` for ``tvd`` and ``uld`` (L1-type: ``1/T``);
+a ``T^2`` on those would grow their gradients ``T``-fold (x8 at T = 8).
 When to use: the student shares the teacher's tokenizer (``uld`` otherwise); ``forward_kl`` is the safe
 default, ``skew_*`` / ``taid`` help when the student is much smaller than the teacher.
 """
@@ -50,7 +53,7 @@ from torch import Tensor
 from ..errors import KDistillError, expect, unknown_name
 from ..losses import logits as L
 from ..losses.chunked import chunked, fused_linear_loss
-from ..losses.reduce import masked_mean
+from ..losses.reduce import kd_scale, masked_mean
 from ..losses.topk import DIVERGENCES, topk_loss
 from ..registry import METHODS
 from .base import Method, ModelOutput, label_loss, require_teacher
@@ -200,8 +203,7 @@ class LLMKD(Method):
         else:
             per_token = self.per_token(student.logits, teacher)
         kd = masked_mean(per_token, mask)
-        T = self.kd_temperature
-        out = {"kd": self.alpha * T * T * kd}
+        out = {"kd": self.alpha * kd_scale(self.kd_temperature, power=L.TEMPERATURE_POWER[self.loss_name]) * kd}
         if self.alpha < 1.0:
             out["ce"] = (1.0 - self.alpha) * label_loss(student.logits, batch)
         if self.schedule is not None:

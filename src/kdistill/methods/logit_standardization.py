@@ -20,7 +20,7 @@ from typing import Any
 from torch import Tensor
 
 from ..losses.classification import standardized_kl
-from ..losses.reduce import masked_mean
+from ..losses.reduce import kd_scale, masked_mean
 from ..registry import METHODS
 from ._zoo import non_negative, positive, row_mask
 from .base import Method, ModelOutput, label_loss, require_teacher
@@ -42,7 +42,7 @@ class LogitStandardization(Method):
         teacher = require_teacher("logit_standardization", teacher)
         t = self.kd_temperature
         kl = standardized_kl(student.logits, teacher.logits, kd_temperature=t)
-        out = {"kd": self.kd_weight * t * t * masked_mean(kl, row_mask(batch))}
+        out = {"kd": self.kd_weight * kd_scale(t) * masked_mean(kl, row_mask(batch))}
         if self.ce_weight > 0:
             out["ce"] = self.ce_weight * label_loss(student.logits, batch)
         return out

@@ -89,7 +89,7 @@ class NDLoss(Method):
         if self.projector is None:
             raise RuntimeError("nd_loss: setup() was not called, so the projector does not exist yet")
         mask = row_mask(batch)
-        labels = labels_of(batch, "nd_loss").clamp_min(0)
+        labels = labels_of(batch, "nd_loss", student.logits.shape[-1])
         s = self.projector(feature(student, self.student_layers[0], "student", "nd_loss").flatten(1))
         t = feature(teacher, self.teacher_layers[0], "teacher", "nd_loss").flatten(1).detach()
         if self.training and not self.fixed_means:

@@ -89,7 +89,7 @@ class OFA(Method):
         if len(self.heads) != len(self.student_layers):
             raise RuntimeError("ofa: setup() was not called, so the stage heads do not exist yet")
         mask = row_mask(batch)
-        labels = labels_of(batch, "ofa").clamp_min(0)
+        labels = labels_of(batch, "ofa", student.logits.shape[-1])
         t_logits = teacher.logits.detach()
         all_logits = [student.logits, *self._stage_logits(student)]
         ofa = torch.zeros((), device=student.logits.device)

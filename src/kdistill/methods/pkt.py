@@ -5,11 +5,14 @@ Passalis & Tefas, 2018, "Learning Deep Representations with Probabilistic Knowle
 Model each embedding space by the conditional probabilities of neighbours under a cosine kernel,
 ``p(j | i) = K(x_i, x_j) / sum_k K(x_i, x_k)`` with ``K = (cos + 1) / 2``, and match them:
 
-    L = pkt_weight * mean_i KL(p_t(. | i) || p_s(. | i)) + ce_weight * CE(z_s, y)
+    L = pkt_weight * (1 / B^2) sum_{i, j} p_t(j | i) log(p_t(j | i) / p_s(j | i)) + ce_weight * CE(z_s, y)
 
-No projector: widths may differ. When to use: transferring the neighbourhood structure of an
-embedding (retrieval, cross-modal), or as a cheap feature term beside CE. ``pkt_weight = 30000``
-follows mdistiller's CIFAR setting (the per-row KL of near-uniform kernels is small).
+i.e. ``pkt_weight * mean_i KL(p_t(. | i) || p_s(. | i)) / B``: the mean over all ``B^2`` entries of the
+``B x B`` matrix, as in the PKT authors' code and mdistiller (``eps = 1e-7`` inside the logs), so the
+weight means the same at any batch size. No projector: widths may differ. When to use: transferring the
+neighbourhood structure of an embedding (retrieval, cross-modal), or as a cheap feature term beside CE.
+``pkt_weight = 30000`` follows mdistiller's CIFAR setting, with the same normalisation (the entries of
+near-uniform kernels are small).
 """
 
 from __future__ import annotations

@@ -5,13 +5,16 @@ Park, Kim, Lu & Cho, 2019, "Relational Knowledge Distillation" (CVPR).
 Instead of matching individual outputs, the student matches the *structure* of the teacher's
 embedding space over the batch (Huber = smooth L1):
 
-    L_D = mean_{i != j} Huber(d_s(i, j) / mu_s, d_t(i, j) / mu_t)           (pairwise distances)
-    L_A = mean_{i, j, k} Huber(cos angle_s(i, j, k), cos angle_t(i, j, k))   (triplet angles)
+    L_D = (1 / B^2) sum_{i != j} Huber(d_s(i, j) / mu_s, d_t(i, j) / mu_t)   (pairwise distances)
+    L_A = (1 / B^3) sum_{i, j, k} Huber(cos angle_s(i, j, k), cos angle_t(i, j, k))   (triplet angles)
     L = distance_weight * L_D + angle_weight * L_A + ce_weight * CE(z_s, y)
 
-``mu`` is the mean pairwise distance, so embedding widths and scales may differ and no projector is
-needed. When to use: metric learning and heterogeneous architectures; cost O(B^3) for the angle
-term. Weights 25 / 50 follow the common CIFAR setting (mdistiller, torchdistill).
+``mu`` is the mean of the ``B (B - 1)`` off-diagonal pairwise distances, so embedding widths and scales
+may differ and no projector is needed. Both terms are means over the full ``B x B`` / ``B x B x B``
+tensors (the diagonal distances are 0 on both sides; a zero difference vector has cosine 0), exactly
+``F.smooth_l1_loss`` over those tensors in the RKD authors' code and mdistiller. When to use: metric
+learning and heterogeneous architectures; cost O(B^3) for the angle term. Weights 25 / 50 follow the
+common CIFAR setting (mdistiller, torchdistill), with the same normalisation.
 """
 
 from __future__ import annotations

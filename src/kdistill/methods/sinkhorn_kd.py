@@ -24,7 +24,7 @@ from torch import Tensor
 from ..errors import expect
 from ..losses.classification import sinkhorn_distance
 from ..losses.logits import forward_kl
-from ..losses.reduce import masked_mean
+from ..losses.reduce import kd_scale, masked_mean
 from ..registry import METHODS
 from ._zoo import non_negative, positive, row_mask, select_rows, skipped
 from .base import Method, ModelOutput, label_loss, require_teacher
@@ -61,7 +61,7 @@ class SinkhornKD(Method):
         out = {"sinkhorn": self.sinkhorn_weight * w}
         if self.kd_weight > 0:
             kl = forward_kl(student.logits, teacher.logits, kd_temperature=t)
-            out["kd"] = self.kd_weight * t * t * masked_mean(kl, mask)
+            out["kd"] = self.kd_weight * kd_scale(t) * masked_mean(kl, mask)
         if self.ce_weight > 0:
             out["ce"] = self.ce_weight * label_loss(student.logits, batch)
         return out
