@@ -47,7 +47,7 @@ import torch  # noqa: E402
 
 from kdistill import api  # noqa: E402
 from kdistill.eval.retrieval import mixed_retrieval, retrieval_metrics, sentences_per_second  # noqa: E402
-from kdistill.export.sentence_transformers import load_student, save_sentence_transformer  # noqa: E402
+from kdistill.exporters.sentence_transformers import load_student, save_sentence_transformer  # noqa: E402
 from kdistill.students.encoders import count_params, layer_subset, load_sentence_encoder  # noqa: E402
 from kdistill.tasks.embedding import build_static, load_pairs, teacher_embeddings_cached  # noqa: E402
 

@@ -81,7 +81,7 @@ def evaluate(checkpoint: str | Path) -> dict[str, Any]:
     split of the data it was trained on."""
     from .data.classification import load_dataset
     from .eval.metrics import agreement, classification_metrics
-    from .export.classifier import load_classifier, read_meta
+    from .exporters.classifier import load_classifier, read_meta
     from .models.classifiers import predict_logits
 
     p = Path(checkpoint)
@@ -104,14 +104,14 @@ def evaluate(checkpoint: str | Path) -> dict[str, Any]:
 
 def export(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
     """Export the student only (no method parameters) to ``out`` and check that it reloads identically."""
-    from .export.classifier import export_classifier
+    from .exporters.classifier import export_classifier
 
     p = Path(checkpoint)
-    from .export.sentence_transformers import export_embedding, is_st_folder
+    from .exporters.sentence_transformers import export_embedding, is_st_folder
 
     if is_st_folder(p) or is_st_folder(p / "student"):  # an embedding run: sentence-transformers folder
         return export_embedding(p if is_st_folder(p) else p / "student", out)
-    from .export.lm import export_lm, is_lm_folder
+    from .exporters.lm import export_lm, is_lm_folder
 
     if is_lm_folder(p) or is_lm_folder(p / "student"):  # an llm run: Hugging Face folder + tokenizer
         return export_lm(p if is_lm_folder(p) else p / "student", out)

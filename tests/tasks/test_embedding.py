@@ -5,7 +5,7 @@ import pytest
 
 from kdistill.config import load_config
 from kdistill.errors import ConfigError
-from kdistill.export.sentence_transformers import load_student
+from kdistill.exporters.sentence_transformers import load_student
 from kdistill.tasks.embedding import EmbeddingDataSpec, load_pairs
 
 TINY = {

@@ -22,7 +22,7 @@ from ..data.augment import build_augment
 from ..data.classification import ClassificationData, TensorDictDataset, load_dataset, make_loader
 from ..eval.metrics import agreement, classification_metrics, model_latency_ms
 from ..eval.report import write_report
-from ..export.classifier import load_classifier, save_classifier
+from ..exporters.classifier import load_classifier, save_classifier
 from ..models.classifiers import count_params, predict_logits
 from ..methods.base import ModelOutput
 from ..registry import DATASETS, METHODS, MODELS, TASKS

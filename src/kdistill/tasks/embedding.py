@@ -383,7 +383,7 @@ def _entry(model: Any, test: list[Pair], *, teacher_emb: tuple[torch.Tensor, tor
 
 
 def run_embedding(cfg: EmbeddingConfig, ctx: RunContext) -> dict[str, Any]:
-    from ..export.sentence_transformers import check_sentence_transformers, export_onnx, save_sentence_transformer
+    from ..exporters.sentence_transformers import check_sentence_transformers, export_onnx, save_sentence_transformer
 
     t_start = time.perf_counter()
     ctx.output.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kdistill.errors import KDistillError
-from kdistill.export.sentence_transformers import (
+from kdistill.exporters.sentence_transformers import (
     DEFAULT_CHECK_SENTENCES,
     check_sentence_transformers,
     export_onnx,

@@ -111,7 +111,7 @@ def load_student(path: str | Path) -> SentenceEncoder | StaticEncoder:
     path = Path(path)
     modules_file = path / "modules.json"
     expect(modules_file.is_file(), "sentence-transformers folder", str(path), "a folder with modules.json",
-           "Export a student first: kdistill.export.sentence_transformers.save_sentence_transformer(...).")
+           "Export a student first: kdistill.exporters.sentence_transformers.save_sentence_transformer(...).")
     modules = json.loads(modules_file.read_text())
     if not modules[0]["type"].endswith("StaticEmbedding"):
         return load_sentence_encoder(path)
