@@ -1,16 +1,19 @@
-"""Locate the built-in recipes (``recipes/`` at the repository root)."""
+"""The built-in recipes: YAML files shipped inside this package (``kdistill/recipes/<task>/<name>.yaml``, so a
+wheel install has them; ``recipes/`` at the repository root links here)."""
 
 from __future__ import annotations
 
+from importlib.resources import files
 from pathlib import Path
 
-from .errors import ConfigError, close_matches
+from ..errors import ConfigError, close_matches
 
 DEFAULT_RECIPE = "classic/mnist1d"
 
 
 def recipes_dir() -> Path:
-    return Path(__file__).resolve().parents[2] / "recipes"
+    """The folder of the built-in recipes, found through the installed package (never beside it)."""
+    return Path(str(files(__name__)))
 
 
 def list_recipes() -> list[str]:
