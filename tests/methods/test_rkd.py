@@ -15,8 +15,9 @@ def _rotation(d: int, seed: int) -> torch.Tensor:
 def test_distance_hand_value():
     s = torch.tensor([[0.0], [1.0], [3.0]])  # distances 1, 3, 2 -> normalised 0.5, 1.5, 1.0
     t = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.5, 3 ** 0.5 / 2]])  # equilateral: all 1
-    # Huber(0.5) = 0.125; row means over the 2 partners: 0.125, 0.0625, 0.0625
-    torch.testing.assert_close(rkd_distance(s, t), torch.tensor([0.125, 0.0625, 0.0625]))
+    # Huber(0.5) = 0.125; row sums over the partners 0.25, 0.125, 0.125, divided by B = 3 (the mean over rows is
+    # then the mean over all B^2 entries, the reference's F.smooth_l1_loss over the B x B matrix)
+    torch.testing.assert_close(rkd_distance(s, t), torch.tensor([0.25, 0.125, 0.125]) / 3)
 
 
 def test_invariant_to_similarity_transforms_and_width():

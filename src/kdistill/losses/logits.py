@@ -56,7 +56,7 @@ def _raise_if_infinite(values: Tensor, log_weight: Tensor, log_other: Tensor, na
         return
     bad = (~torch.isfinite(values)).nonzero()[0]
     pos = tuple(int(i) for i in bad)
-    lw, lo = log_weight[pos], log_other[pos]
+    lw, lo = log_weight[pos].detach(), log_other[pos].detach()
     hit = (torch.isfinite(lw) & torch.isneginf(lo)).nonzero()
     where = f"position {pos if len(pos) > 1 else pos[0]}"
     if len(hit) == 0:

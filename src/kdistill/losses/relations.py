@@ -67,16 +67,27 @@ def attention_transfer(student_features: Tensor, teacher_features: Tensor, *, p:
 
 
 def _pairwise_dist(x: Tensor, eps: float = 1e-12) -> Tensor:
-    sq = x.pow(2).sum(1)
-    d2 = (sq.unsqueeze(0) + sq.unsqueeze(1) - 2.0 * x @ x.t()).clamp_min(eps)
-    d = d2.sqrt()
+    """``(B, D) -> (B, B)`` float32 Euclidean distances ``sqrt(max(|x_i - x_j|^2, eps))``, 0 on the diagonal (the
+    reference's ``pdist``). The Gram-form subtraction runs in float64 on centred features: in float32 it cancels
+    for a near-duplicate pair (relative errors ~1e-3 in that pair's distance at feature norm ~5)."""
+    x64 = x.double()
+    x64 = x64 - x64.mean(0, keepdim=True)
+    sq = x64.pow(2).sum(1)
+    d2 = (sq.unsqueeze(0) + sq.unsqueeze(1) - 2.0 * x64 @ x64.t()).clamp_min(eps)
+    d = d2.sqrt().to(x.dtype)
     return d * (1.0 - torch.eye(len(x), device=x.device, dtype=x.dtype))
 
 
 def rkd_distance(student_features: Tensor, teacher_features: Tensor) -> Tensor:
-    """RKD distance-wise loss per anchor row, shape ``(B,)``: Huber (smooth L1) between the pairwise
-    Euclidean distances of student and of teacher embeddings, each divided by its mean off-diagonal
-    distance (so the scale of either space does not matter).
+    """RKD distance-wise loss per anchor row, shape ``(B,)``: Huber (smooth L1, ``beta = 1``) between the
+    pairwise Euclidean distances of student and of teacher embeddings, each divided by its mean
+    off-diagonal distance (so the scale of either space does not matter).
+
+    Normalisation (the reference's): row ``i`` is ``sum_{j != i} Huber(d_s,ij / mu_s, d_t,ij / mu_t) / B``, so
+    ``.mean()`` over rows is the mean over all ``B^2`` entries of the ``B x B`` matrix (diagonal 0 on both
+    sides), exactly ``F.smooth_l1_loss(d_s, d_t)`` of the RKD authors' code and of mdistiller, for which
+    the usual weight 25 was tuned. ``mu`` is the mean of the ``B (B - 1)`` off-diagonal distances (the
+    reference's mean of the positive entries; its ``eps = 1e-12`` clamp on squared distances is kept).
 
     Park et al., 2019, "Relational Knowledge Distillation".
     """
@@ -90,16 +101,20 @@ def rkd_distance(student_features: Tensor, teacher_features: Tensor) -> Tensor:
     ds = ds / ds[off].mean().clamp_min(1e-12)
     dt = dt / dt[off].mean().clamp_min(1e-12)
     huber = F.smooth_l1_loss(ds, dt, reduction="none")
-    return (huber * off).sum(1) / (n - 1)
+    return (huber * off).sum(1) / n
 
 
 def triplet_cosines(x: Tensor) -> Tensor:
-    """``(B, D) -> (B, B, B)``: ``[j, i, k]`` = cos of the angle at ``x_j`` between ``x_i - x_j`` and ``x_k - x_j``
-    (0 where a difference vector is zero).
+    """``(B, D) -> (B, B, B)`` float32: ``[j, i, k]`` = cos of the angle at ``x_j`` between ``x_i - x_j`` and
+    ``x_k - x_j`` (0 where a difference vector is zero).
 
     By the law of cosines from squared pairwise distances: ``(B, B, B)`` work instead of materialising the
-    ``(B, B, D)`` difference vectors (``D`` is often thousands for flattened feature maps). Distances in
-    float64 from a centred Gram matrix, against cancellation.
+    ``(B, B, D)`` difference vectors (``D`` is often thousands for flattened feature maps). Everything up to
+    the cosines is float64: the centred Gram matrix, the squared distances, the law-of-cosines subtraction
+    ``(|a|^2 + |b|^2 - |a - b|^2) / 2`` (which cancels catastrophically for a near-duplicate pair, where
+    ``|x_i - x_j|`` is tiny next to the other two distances) and the products with the inverse norms; only the
+    finished cosines are cast to float32. With the subtraction in float32, a near-duplicate pair at
+    embedding scale 100 gave cosines off by ~3e-3 and gradients off by ~1%.
     """
     x = x.double()
     x = x - x.mean(0, keepdim=True)
@@ -107,23 +122,30 @@ def triplet_cosines(x: Tensor) -> Tensor:
     diag = g.diagonal()
     sq = (diag.unsqueeze(0) + diag.unsqueeze(1) - 2 * g).clamp_min(0.0)  # |x_i - x_j|^2
     # 1 / |x_i - x_j|, 0 on the diagonal (a zero vector has no direction; no NaN gradient through sqrt(0))
-    inv = torch.where(sq > 1e-24, sq.clamp_min(1e-24).rsqrt(), torch.zeros_like(sq)).float()
-    sq = sq.float()
+    inv = torch.where(sq > 1e-24, sq.clamp_min(1e-24).rsqrt(), torch.zeros_like(sq))
     dots = 0.5 * (sq.unsqueeze(2) + sq.unsqueeze(1) - sq.unsqueeze(0))  # [j, i, k] = <x_i - x_j, x_k - x_j>
-    return dots * inv.unsqueeze(2) * inv.unsqueeze(1)
+    return (dots * inv.unsqueeze(2) * inv.unsqueeze(1)).float()
 
 
 def rkd_angle(student_features: Tensor, teacher_features: Tensor) -> Tensor:
-    """RKD angle-wise loss per anchor row, shape ``(B,)``: Huber between the cosines of the angles
-    ``<(e_i - e_j), (e_k - e_j)>`` (unit vectors) formed by every triplet, in student vs teacher space.
-    Invariant to translation, rotation and scale of either embedding. Park et al., 2019."""
+    """RKD angle-wise loss per anchor row, shape ``(B,)``: Huber (smooth L1, ``beta = 1``) between the cosines
+    of the angles ``<(e_i - e_j), (e_k - e_j)>`` (unit vectors) formed by every triplet, in student vs teacher
+    space. Invariant to translation, rotation and scale of either embedding. Park et al., 2019.
+
+    Normalisation (the reference's): with ``h[j, i, k]`` the Huber term of the angle at vertex ``j``, row ``i``
+    is ``sum_{j, k} h[j, i, k] / B^2``, so ``.mean()`` over rows is the mean over all ``B^3`` triplet entries,
+    exactly ``F.smooth_l1_loss(s_angle, t_angle)`` of the RKD authors' code and of mdistiller (weight 50).
+    As there, degenerate triplets are included in the count: a zero difference vector (``i = j`` or
+    ``k = j``, or duplicated examples) has cosine 0 on both sides and ``i = k`` has cosine 1 on both sides,
+    so they add 0 to the sum.
+    """
     _same_batch(student_features, teacher_features, "rkd_angle")
     _min_batch(student_features, 3, "rkd_angle")
     s = student_features.float().flatten(1)
     t = teacher_features.float().flatten(1)
 
     huber = F.smooth_l1_loss(triplet_cosines(s), triplet_cosines(t), reduction="none")  # (B, B, B), indexed [j, i, k]
-    return huber.mean((0, 2))  # anchor row i
+    return huber.mean((0, 2))  # row i
 
 
 # ---------------------------------------------------------------------------------------------- PKT
@@ -134,8 +156,15 @@ def pkt(student_features: Tensor, teacher_features: Tensor, *, eps: float = 1e-7
 
     Passalis & Tefas, 2018, "Learning Deep Representations with Probabilistic Knowledge Transfer".
     Cosine similarities ``K_ij`` of L2-normalised features are mapped to ``[0, 1]`` by ``(K + 1) / 2`` and
-    row-normalised into conditional distributions ``p(j | i)``; the loss is ``KL(p_t(. | i) || p_s(. | i))``.
-    Zero when student and teacher embeddings have the same cosine geometry (any widths).
+    row-normalised into conditional distributions ``p(j | i)``. Row ``i`` is
+
+        sum_j p_t(j | i) (log(p_t(j | i) + eps) - log(p_s(j | i) + eps)) / B
+
+    i.e. ``KL(p_t(. | i) || p_s(. | i)) / B`` (with the reference's ``eps`` inside the logs), so ``.mean()``
+    over rows is the sum over all ``B^2`` entries divided by ``B^2``: the ``torch.mean`` over the ``B x B``
+    matrix of the PKT authors' code and of mdistiller, for which their weight (30000 on CIFAR) was tuned,
+    whatever the batch size. Zero when student and teacher embeddings have the same cosine geometry (any
+    widths).
     """
     _same_batch(student_features, teacher_features, "pkt")
     _min_batch(student_features, 2, "pkt")
@@ -146,7 +175,8 @@ def pkt(student_features: Tensor, teacher_features: Tensor, *, eps: float = 1e-7
         return k / k.sum(1, keepdim=True)
 
     ps, pt = cond(student_features), cond(teacher_features)
-    return (pt * ((pt + eps).log() - (ps + eps).log())).sum(1)
+    n = ps.shape[0]
+    return (pt * ((pt + eps).log() - (ps + eps).log())).sum(1) / n
 
 
 # ---------------------------------------------------------------------------------------------- similarity preserving
