@@ -12,7 +12,9 @@ from .errors import unknown_name
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """Strip DDP / FSDP / compile wrappers (``.module`` / ``._orig_mod``) so module names resolve."""
+    """Strip ``torch.compile`` (``._orig_mod``) and ``DistributedDataParallel`` / ``DataParallel``
+    (``.module``) wrappers, repeatedly, so module names resolve. FSDP and other wrappers are returned as
+    they are."""
     while True:
         if hasattr(model, "_orig_mod"):
             model = model._orig_mod  # torch.compile
