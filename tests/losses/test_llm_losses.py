@@ -277,10 +277,14 @@ def test_shape_mismatch_names_uld():
 # ------------------------------------------------------------------------------------------ TAID schedule
 
 def test_taid_schedule_linear_and_adaptive():
+    # the authors' update_t: the first call only records the loss; the call at global_step n (0-based) sets
+    # t to t_linear(n) = t_start + (t_end - t_start) * n / total_steps, so t never runs a step ahead
     lin = TAIDSchedule(total_steps=10, adaptive=False)
     ts = [lin.t] + [lin.update(1.0) for _ in range(10)]
-    assert ts[0] == pytest.approx(0.4) and ts[-1] == pytest.approx(1.0)
-    assert ts[5] == pytest.approx(0.4 + 0.6 * 5 / 10)
+    assert ts[0] == ts[1] == pytest.approx(0.4)
+    for k in range(2, 11):
+        assert ts[k] == pytest.approx(0.4 + 0.6 * (k - 1) / 10)
+    assert TAIDSchedule(total_steps=10).update(3.0) == 0.4  # adaptive too: no move on the first measurement
 
     # adaptive: never behind the linear schedule, monotone, capped at t_end; faster while the loss drops
     fast = TAIDSchedule(total_steps=1000, alpha=0.05, beta=0.5)
@@ -289,9 +293,9 @@ def test_taid_schedule_linear_and_adaptive():
     for n in range(1, 50):
         tf = fast.update(10.0 * 0.8 ** n)   # improving quickly
         slow.update(10.0 * 1.05 ** n)       # getting worse
-        assert tf >= fast.linear(n) - 1e-12 and tf >= prev and tf <= 1.0
+        assert tf >= fast.linear(n - 1) - 1e-12 and tf >= prev and tf <= 1.0
         prev = tf
-    assert fast.t > slow.t >= slow.linear(49)
+    assert fast.t > slow.t >= slow.linear(48)
 
 
 def test_taid_schedule_state_roundtrip_and_errors():

@@ -106,7 +106,8 @@ def test_taid_schedule_advances_and_is_checkpointed():
         x = s.clone().requires_grad_(True)
         m(ModelOutput(x), ModelOutput(t), batch)["kd"].backward()
         ts.append(m.pop_metrics()["taid_t"])
-    assert ts[0] == pytest.approx(0.4) and ts[1] > ts[0] and ts[2] > ts[1]
+    # the first update only records the loss (the authors' schedule), later ones move t
+    assert ts[0] == ts[1] == pytest.approx(0.4) and ts[2] > ts[1]
     state = m.state_dict()
     m2 = LLMKD(loss="taid", loss_kwargs={"total_steps": 10, "t_start": 0.4})
     m2.load_state_dict(state)
@@ -114,9 +115,9 @@ def test_taid_schedule_advances_and_is_checkpointed():
     a = m(ModelOutput(s), ModelOutput(t), batch)["kd"]
     b = m2(ModelOutput(s), ModelOutput(t), batch)["kd"]
     assert torch.equal(a, b)
-    # after 3 updates t is at least the linear floor t_start + (t_end - t_start) * 3 / total_steps
-    assert m.pop_metrics()["taid_t"] >= 0.4 + 0.6 * 3 / 10 - 1e-9
-    assert m2.pop_metrics()["taid_t"] >= 0.4 + 0.6 * 3 / 10 - 1e-9
+    # after 3 updates t is at least the linear floor of the last one, t_start + (t_end - t_start) * 2 / total_steps
+    assert m.pop_metrics()["taid_t"] >= 0.4 + 0.6 * 2 / 10 - 1e-9
+    assert m2.pop_metrics()["taid_t"] >= 0.4 + 0.6 * 2 / 10 - 1e-9
 
 
 # ------------------------------------------------------------------------------- 3 steps on tiny Llamas

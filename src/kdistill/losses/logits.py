@@ -384,10 +384,14 @@ class TAIDSchedule:
 
     Update rule, with ``J_n`` the TAID objective measured at step n::
 
-        delta_n = (J_{n-1} - J_n) / (J_{n-1} + eps)          (relative improvement; 0 at the first step)
+        delta_n = (J_{n-1} - J_n) / (J_{n-1} + eps)          (relative improvement)
         m_n     = beta * m_{n-1} + (1 - beta) * delta_n      (momentum)
-        t_{n+1} = min(t_end, max(t_linear(n + 1), t_n + alpha * sigmoid(m_n) * (1 - t_n)))
+        t_{n+1} = min(t_end, max(t_linear(n), t_n + alpha * sigmoid(m_n) * (1 - t_n)))
         t_linear(n) = t_start + (t_end - t_start) * n / total_steps
+
+    with ``n`` the number of updates before this one (0-based). The first update (n = 0) only records ``J_0``
+    and leaves ``t`` and ``m`` unchanged. This follows the authors' code (SakanaAI/TAID,
+    ``src/distil_losses/taid.py``: ``update_t`` with Lightning's ``global_step``).
 
     so ``t`` never falls behind the linear schedule and moves faster while the student improves quickly.
     Defaults follow the paper: ``t_start = 0.4, t_end = 1.0, alpha = 5e-4, beta = 0.99``. ``adaptive=False``
@@ -421,10 +425,14 @@ class TAIDSchedule:
         if not math.isfinite(loss):
             raise KDistillError(f"TAIDSchedule.update: got a non-finite loss {loss!r}; expected a finite "
                                 "number. Check the learning rate / inputs.")
-        delta = 0.0 if self.prev_loss is None else (self.prev_loss - loss) / (self.prev_loss + self.eps)
+        if self.prev_loss is None:  # the first measurement only sets the reference (as the official code does)
+            self.prev_loss = loss
+            self.step += 1
+            return self.t
+        delta = (self.prev_loss - loss) / (self.prev_loss + self.eps)
         self.prev_loss = loss
+        lin = self.linear(self.step)  # steps completed before this update: the official `global_step`
         self.step += 1
-        lin = self.linear(self.step)
         if self.adaptive:
             self.momentum = self.beta * self.momentum + (1.0 - self.beta) * delta
             sig = 1.0 / (1.0 + math.exp(-self.momentum))
