@@ -124,3 +124,61 @@ def test_unreachable_endpoint_and_wrong_model_fail_early(serve):
         APITeacher(h.base_url, "tiny-lama").preflight()
     with pytest.raises(KDistillError, match="http"):
         APITeacher("127.0.0.1:8000", "m")
+
+
+# ---- api_key_env holds a variable's NAME; a token put there by mistake is refused and never echoed
+
+TOKENS = [
+    "hf_AbCdEfGhIjKlMnOpQrStUvWxYz0123456789",  # Hugging Face
+    "sk-proj-Ab3dEf6hIj9kLm2nOp5qRs8t",  # OpenAI (not a valid variable name: '-')
+    "sk_live_51HabcdefghijKLMNOP0123",  # Stripe-like (a valid identifier, known prefix)
+    "ghp_1234567890abcdefghijABCDEFGHIJ123456",  # GitHub
+    "xoxb-1234-5678-AbCdEfGhIjKl",  # Slack
+    "AKIAIOSFODNN7EXAMPLE",  # AWS access key id: upper case, a valid identifier
+    "a3f9c2e71b8d4f6a9e0c3b5d7f1a2e4c",  # 32 hex characters, no prefix
+    "Zq8x7Lm2Pv9Rt4Ws6Yu1Nb3Kc5Jd0Hg",  # random mixed case
+    "my secret key",  # not a variable name
+]
+NAMES = ["OPENAI_API_KEY", "HF_TOKEN", "KD_TEST_KEY", "hf_token", "AZURE_OPENAI_API_KEY_V2", "_x1"]
+
+
+@pytest.mark.parametrize("token", TOKENS)
+def test_api_teacher_refuses_a_token_without_echoing_it(token):
+    with pytest.raises(KDistillError) as e:
+        APITeacher("http://127.0.0.1:8000/v1", "m", api_key_env=token)
+    msg = str(e.value)
+    assert token not in msg and token[:10] not in msg
+    assert "secret token" in msg and "OPENAI_API_KEY" in msg
+
+
+@pytest.mark.parametrize("token", TOKENS)
+def test_serve_refuses_a_token_without_echoing_it(token, monkeypatch):
+    import kdistill.teachers.serve as srv
+
+    for loader in ("load_served_lm", "load_causal_lm"):  # raising=False: also guards an older serve.py
+        monkeypatch.setattr(srv, loader, lambda *a, **k: pytest.fail("loaded before checking the key"), raising=False)
+    with pytest.raises(KDistillError) as e:
+        srv.serve("smollm2-135m", api_key_env=token)
+    assert token not in str(e.value) and token[:10] not in str(e.value) and "secret token" in str(e.value)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_variable_names_still_work(name, monkeypatch):
+    monkeypatch.setenv(name, "the-key")
+    t = APITeacher("http://127.0.0.1:8000/v1", "m", api_key_env=name)
+    assert t.api_key() == "the-key"
+    monkeypatch.delenv(name)
+    with pytest.raises(KDistillError, match=name):  # an unset variable is named: a name is not a secret
+        t.api_key()
+
+
+def test_blackbox_recipe_with_a_token_in_api_key_env_never_echoes_it(tmp_path):
+    """`teacher.api_key_env=hf_...` in a recipe: refused (by the config or the teacher), never printed."""
+    from kdistill.config import load_config
+    from kdistill.tasks.blackbox import run_pipeline
+
+    token = TOKENS[0]
+    with pytest.raises(KDistillError) as e:
+        cfg = load_config("blackbox/wordnet_supersense", [f"teacher.api_key_env={token}"])
+        run_pipeline(cfg, tmp_path, base_url=f"http://127.0.0.1:{closed_port()}/v1", model_name="m")
+    assert token not in str(e.value) and token[:10] not in str(e.value)

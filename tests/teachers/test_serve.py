@@ -102,10 +102,17 @@ def test_serve_refuses_unset_api_key_env(monkeypatch):
 
 
 def test_unknown_model_name_is_a_clear_error():
-    with pytest.raises(KDistillError, match="smollm2-135m"):
-        from kdistill.teachers.serve import load_causal_lm
+    from kdistill.teachers.serve import load_served_lm
 
-        load_causal_lm("smollm2-135")
+    with pytest.raises(KDistillError, match="smollm2-135m"):
+        load_served_lm("smollm2-135")
+
+
+def test_serve_has_no_loader_of_its_own():
+    """One loading path: serve goes through teachers.lm.load_causal_lm (no second copy in serve.py)."""
+    import kdistill.teachers.serve as srv
+
+    assert not hasattr(srv, "load_causal_lm") and not hasattr(srv, "ZOO_LMS")
 
 
 def test_bounded_load_200_requests_8_concurrent(serve):
@@ -172,3 +179,176 @@ def test_kdistill_serve_cli_subprocess(tiny_lm_dir):
     finally:
         p.send_signal(signal.SIGTERM)
         p.wait(timeout=20)
+
+
+# ---- a bad request never fails the other requests of its batch (defect: seed >= 2**63 -> 500 for all)
+
+
+def _concurrent(h, bodies):
+    async def go():
+        async with httpx.AsyncClient(base_url=h.base_url, timeout=60) as c:
+            return await asyncio.gather(*(c.post("/completions", json=b) for b in bodies))
+
+    return asyncio.run(go())
+
+
+def _body(prompt, **kw):
+    return {"model": "tiny-llama", "prompt": prompt, "max_tokens": 3, "temperature": 0, "logprobs": 2, **kw}
+
+
+@pytest.mark.parametrize("seed", [2**63, 2**64 - 1, 2**64, 10**30, -(2**63) - 1])
+def test_out_of_range_seed_is_400_and_spares_its_batch(serve, seed):
+    h = serve(limits=ServeLimits(batch_wait_ms=300))
+    good = [_body(p) for p in ("a dog", "oak", "bread is")]
+    rs = _concurrent(h, [good[0], _body("a cat", seed=seed, temperature=1.0), good[1], good[2]])
+    bad = rs[1]
+    assert bad.status_code == 400, bad.text
+    msg = bad.json()["error"]["message"]
+    assert "seed" in msg and "2**63" in msg and "Value error" not in msg
+    assert [r.status_code for r in (rs[0], rs[2], rs[3])] == [200, 200, 200], [r.text for r in rs]
+
+
+@pytest.mark.parametrize("seed", [0, 2**63 - 1, -(2**63), -1])
+def test_seed_range_edges_are_served_with_n_copies(serve, seed):
+    """seed + i for the n copies may pass 2**63 - 1; the generator wraps it instead of failing."""
+    h = serve()
+    body = {"model": "tiny-llama", "prompt": "a cat", "max_tokens": 3, "temperature": 1.0, "seed": seed, "n": 3}
+    a = httpx.post(h.base_url + "/completions", json=body, timeout=30)
+    assert a.status_code == 200, a.text
+    b = httpx.post(h.base_url + "/completions", json=body, timeout=30)
+    assert [c["text"] for c in a.json()["choices"]] == [c["text"] for c in b.json()["choices"]]
+
+
+def test_a_failing_request_gets_its_error_and_the_rest_of_its_batch_completes(serve):
+    """A request whose decoding fails (here: poisoned by seed 666) among good ones sent together: only it
+    gets a 500; the others get the same answers as when sent alone."""
+    h = serve(limits=ServeLimits(batch_wait_ms=300))
+    gen = h.app.state.engine.gen
+    real = gen.generate
+    seen = []
+
+    def generate(reqs):
+        seen.append(len(reqs))
+        if any(r.seed == 666 for r in reqs):
+            raise RuntimeError("poisoned request")
+        return real(reqs)
+
+    gen.generate = generate
+    prompts = ["a dog", "bread is a food made from flour", "oak"]
+    alone = [httpx.post(h.base_url + "/completions", json=_body(p), timeout=30).json() for p in prompts]
+    rs = _concurrent(h, [_body(prompts[0]), _body(prompts[1]), _body("cheese", seed=666), _body(prompts[2])])
+    assert max(seen) >= 2  # the poisoned request really shared a batch with good ones
+    assert rs[2].status_code == 500 and "poisoned request" in rs[2].json()["error"]["message"]
+    ok = [rs[0], rs[1], rs[3]]
+    assert [r.status_code for r in ok] == [200, 200, 200], [r.text for r in rs]
+    for a, b in zip(alone, ok, strict=True):
+        assert a["choices"][0]["text"] == b.json()["choices"][0]["text"]
+        la, lb = a["choices"][0]["logprobs"]["token_logprobs"], b.json()["choices"][0]["logprobs"]["token_logprobs"]
+        assert all(abs(x - y) < 1e-4 for x, y in zip(la, lb, strict=True))
+    st = httpx.get(h.base_url + "/stats").json()
+    assert st["failed_batches"] >= 1 and st["failed_sequences"] == 1
+    # the worker is still alive and batches again
+    assert httpx.post(h.base_url + "/completions", json=_body("oak"), timeout=30).status_code == 200
+
+
+# ---- options are checked before anything loads (defect: --port 99999 -> traceback after loading)
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    """Make any model load fail the test: the checks must come first."""
+    import kdistill.teachers.lm as lm
+    import kdistill.teachers.serve as srv
+
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    for name in ("load_served_lm", "load_causal_lm"):  # raising=False: also guards an older serve.py
+        monkeypatch.setattr(srv, name, boom, raising=False)
+    monkeypatch.setattr(lm, "load_causal_lm", boom)
+
+
+@pytest.mark.parametrize("kw,names", [
+    ({"port": 99999}, ["port", "65535"]),
+    ({"port": 0}, ["port"]),
+    ({"port": -1}, ["port"]),
+    ({"max_tokens_limit": -5}, ["max_tokens_limit", "--max-tokens-limit", "-5"]),
+    ({"max_prompt_tokens": 0}, ["max_prompt_tokens"]),
+    ({"max_request_bytes": -1}, ["max_request_bytes"]),
+    ({"max_batch_size": 0}, ["max_batch_size"]),
+    ({"threads": 0}, ["threads"]),
+    ({"host": ""}, ["host"]),
+    ({"port": 70000, "max_tokens_limit": -5, "threads": -2}, ["port", "max_tokens_limit", "threads"]),
+])
+def test_api_serve_checks_options_before_loading(no_load, kw, names):
+    from kdistill import api
+
+    with pytest.raises(KDistillError) as e:
+        api.serve("smollm2-135m", **kw)
+    msg = str(e.value)
+    assert "\n" not in msg and all(n in msg for n in names), msg
+
+
+def test_engine_options_are_checked_too(no_load):
+    for kw in ({"batch_wait_ms": -1}, {"max_queue": 0}, {"dtype": "float64"}, {"log_level": "loud"}):
+        with pytest.raises(KDistillError, match=next(iter(kw))):
+            serve_fn("smollm2-135m", **kw)
+
+
+def test_taken_port_fails_before_loading(no_load):
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(1)
+    try:
+        with pytest.raises(KDistillError, match="cannot listen on 127.0.0.1") as e:
+            serve_fn("smollm2-135m", port=s.getsockname()[1])
+        assert "--port" in str(e.value)
+    finally:
+        s.close()
+
+
+def test_background_serve_loads_through_the_one_loader(tiny_lm_dir):
+    h = serve_fn(str(tiny_lm_dir), port=0, background=True, max_tokens_limit=4)
+    try:
+        assert h.model_name == "tiny-llama" and h.port > 0
+        assert httpx.get(h.base_url + "/models").json()["data"][0]["id"] == "tiny-llama"
+        r = httpx.post(h.base_url + "/completions", json={"model": "tiny-llama", "prompt": "dog", "max_tokens": 5})
+        assert r.status_code == 400 and "<= 4" in r.json()["error"]["message"]
+    finally:
+        h.stop()
+
+
+def _one_line_error(result):
+    out = result.output.strip()
+    assert result.exit_code == 2, result.output
+    assert out.startswith("error:") and "\n" not in out and "Traceback" not in out, out
+    return out
+
+
+@pytest.mark.parametrize("args,word", [
+    (["--port", "99999"], "port"),
+    (["--port", "0"], "port"),
+    (["--max-tokens-limit", "-5"], "max-tokens-limit"),
+    (["--max-prompt-tokens", "0"], "max-prompt-tokens"),
+    (["--max-request-bytes", "-1"], "max-request-bytes"),
+    (["--max-batch-size", "0"], "max-batch-size"),
+    (["--threads", "0"], "threads"),
+])
+def test_cli_serve_bad_option_is_one_line_exit_2(no_load, args, word):
+    from typer.testing import CliRunner
+
+    from kdistill.cli import app
+
+    out = _one_line_error(CliRunner().invoke(app, ["serve", "smollm2-135m", *args]))
+    assert word in out
+
+
+def test_cli_serve_wrong_model_name_is_one_line_exit_2():
+    from typer.testing import CliRunner
+
+    from kdistill.cli import app
+
+    out = _one_line_error(CliRunner().invoke(app, ["serve", "smolm2-135m", "--port", "8123"]))
+    assert "smolm2-135m" in out and "smollm2-135m" in out

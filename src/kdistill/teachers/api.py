@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import os
 import random
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +33,58 @@ from ..errors import KDistillError, close_matches
 from .store import ResponseStore, request_key
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Prefixes of well-known credentials (OpenAI / Anthropic / Stripe sk-, Hugging Face hf_, GitHub ghp_ & co,
+# GitLab glpat-, Slack xox?-, Google AIza, AWS access key ids AKIA / ASIA). Matched case-sensitively, so
+# upper-case variable names such as HF_TOKEN or SK_KEY stay valid names.
+_TOKEN_PREFIXES = ("sk-", "sk_", "hf_", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "glpat-",
+                   "xoxa-", "xoxb-", "xoxp-", "xoxr-", "xoxs-", "AIza", "pk_live_", "rk_live_", "pk_test_",
+                   "rk_test_")
+_AWS_KEY_ID = re.compile(r"(AKIA|ASIA|AGPA|AIDA|AROA|ANPA)[A-Z0-9]{12,}")
+
+
+def _looks_random(v: str) -> bool:
+    """A long string mixing letters and digits with high per-character entropy (a key, not a name)."""
+    core = v.replace("_", "")
+    if len(core) < 20:
+        return False
+    digits = sum(c.isdigit() for c in core)
+    lower, upper = any(c.islower() for c in core), any(c.isupper() for c in core)
+    if not digits or not (lower and upper or digits >= 4):
+        return False
+    counts = {c: core.count(c) for c in set(core)}
+    entropy = -sum(n / len(core) * math.log2(n / len(core)) for n in counts.values())
+    return entropy >= 3.5
+
+
+def looks_like_secret(value: str) -> bool:
+    """True unless ``value`` is plausibly the *name* of an environment variable (``[A-Za-z_][A-Za-z0-9_]*``,
+    no known token prefix, not a long random string)."""
+    if not _ENV_NAME.fullmatch(value) or len(value) > 64:
+        return True
+    if _AWS_KEY_ID.fullmatch(value):
+        return True
+    if value.startswith(_TOKEN_PREFIXES) and len(value) >= 16:
+        return True
+    return _looks_random(value)
+
+
+def check_api_key_env(value: str | None, what: str = "api_key_env") -> str | None:
+    """``value`` if it is an environment-variable name (or ``None``); otherwise a :class:`KDistillError` that
+    never repeats the value, since what users put there by mistake is usually the key itself."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise KDistillError(f"{what}: got an empty or non-string value, expected the name of an environment "
+                            "variable that holds the API key, e.g. OPENAI_API_KEY.")
+    if looks_like_secret(value):
+        raise KDistillError(f"{what}: the value ({len(value)} characters, not shown) looks like a secret token, not "
+                            "an environment-variable name; expected a name such as OPENAI_API_KEY "
+                            "([A-Za-z_][A-Za-z0-9_]*). Fix: put the token in an environment variable and give its "
+                            "name, e.g. `export OPENAI_API_KEY=...` and api_key_env=OPENAI_API_KEY; if this token is "
+                            "real and was shared or logged, revoke it.")
+    return value
 
 
 @dataclass
@@ -106,7 +160,7 @@ class APITeacher:
                                 "'http://127.0.0.1:8000/v1'.")
         self.base_url = base_url.rstrip("/")
         self.model = model
-        self.api_key_env = api_key_env
+        self.api_key_env = check_api_key_env(api_key_env)
         self.store = ResponseStore(store) if isinstance(store, str) else store
         self.concurrency = int(concurrency)
         self.timeout = float(timeout)

