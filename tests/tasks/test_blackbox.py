@@ -24,8 +24,10 @@ def recipe(**teacher):
 def test_recipe_validates_and_rejects_keys_in_config():
     cfg = load_config("blackbox/wordnet_supersense")
     assert cfg.task == "blackbox" and cfg.teacher.model == "smollm2-135m" and cfg.teacher.api_key_env is None
-    with pytest.raises(ConfigError, match="NAME of an environment variable"):
-        load_config("blackbox/wordnet_supersense", ["teacher.api_key_env=sk-live-0123456789"])
+    for token in ("sk-live-0123456789", "hf_abcdefghijklmnopqrstuvwxyz123456"):  # refused when the recipe loads
+        with pytest.raises(ConfigError, match="not an environment-variable name") as err:
+            load_config("blackbox/wordnet_supersense", [f"teacher.api_key_env={token}"])
+        assert token not in str(err.value)
     with pytest.raises(ConfigError, match="Did you mean 'model'"):
         load_config("blackbox/wordnet_supersense", ["teacher.modle=x"])
 

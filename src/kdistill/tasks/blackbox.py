@@ -22,6 +22,7 @@ from ..blackbox.data import wordnet_supersense
 from ..blackbox.label import LABEL_INSTRUCTION
 from ..blackbox.rationales import RationaleStudent
 from ..config import StrictModel, check_kwargs
+from ..errors import KDistillError
 from ..registry import TASKS
 from .base import RunContext, Task
 
@@ -47,10 +48,12 @@ class TeacherSpec(StrictModel):
     @field_validator("api_key_env")
     @classmethod
     def _not_a_key(cls, v: str | None) -> str | None:
-        if v is not None and (v.startswith(("sk-", "sk_")) or len(v) > 64 or not v.replace("_", "").isalnum()):
-            raise ValueError("expected the NAME of an environment variable (e.g. OPENAI_API_KEY), not a key; "
-                             "never put the key itself in a recipe")
-        return v
+        from ..teachers.api import check_api_key_env  # the one rule for what may be given as a variable name
+
+        try:
+            return check_api_key_env(v, "api_key_env")
+        except KDistillError as e:  # the config layer prefixes the field name already
+            raise ValueError(str(e).removeprefix("api_key_env: ")) from None
 
     @field_validator("concurrency")
     @classmethod
