@@ -134,3 +134,28 @@ def test_run_with_nproc_2_uses_torchrun(tmp_path):
     # the metrics log was written once (by rank 0), each step once
     steps = [json.loads(ln)["step"] for ln in (out / "work" / "student" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps))
+    # batch_size is the global batch: one process takes the same steps and reaches the same result (the two runs
+    # differ only in the mixup draws, which are per process, and in how the last partial batch is split)
+    one = runner.invoke(app, ["run", str(recipe), "--output", str(tmp_path / "one"), "--no-progress"])
+    assert one.exit_code == 0, one.output
+    ref = json.loads((tmp_path / "one" / "report.json").read_text())
+    def steps(run: Path) -> int:
+        return json.loads((run / "student" / "history.json").read_text())["steps"]
+
+    assert steps(out) == steps(tmp_path / "one")
+    for who in ("student", "baseline"):
+        assert abs(rep[who]["metrics"]["accuracy"] - ref[who]["metrics"]["accuracy"]) < 0.04, who
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_user_error_under_nproc_2_is_reported_once_without_a_traceback(tmp_path):
+    """The ranks hand a user error to the launcher, which prints it once (no per-rank copies, no torchrun
+    ChildFailedError traceback)."""
+    recipe = write_recipe(tmp_path, epochs=1)
+    r = subprocess.run([sys.executable, "-m", "kdistill.cli", "run", str(recipe), "--output", str(tmp_path / "ddp"),
+                        "--nproc", "2", "--no-progress", "train.batch_size=33", "teacher.train.batch_size=33"],
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    assert r.stderr.count("batch_size: got 33 with 2 processes") == 1, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and "ChildFailedError" not in r.stderr

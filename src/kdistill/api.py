@@ -8,7 +8,8 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,29 +19,44 @@ from .recipes import list_recipes
 from .registry import DATASETS, METHODS, MODELS, TASKS
 
 
+#: the metric each task's summary table shows (the report holds them all)
+_SUMMARY_METRIC = {"classification": "accuracy", "tabular": "accuracy", "blackbox": "accuracy",
+                   "llm": "perplexity", "embedding": "recall_at_1"}
+
+
 def _print_summary(report: dict[str, Any], output: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
     from .eval.report import comparison_rows, verdicts
 
-    if report.get("task") != "classification":
-        Console().print(f"report written to {output / 'report.json'}")
+    metric = _SUMMARY_METRIC.get(report.get("task", ""))
+    console = Console(width=max(110, Console().width))
+    teacher, student = report.get("teacher") or {}, report.get("student") or {}
+    if metric is None or metric not in teacher.get("metrics", {}) or metric not in student.get("metrics", {}):
+        console.print(f"report written to {output / 'report.json'}")
         return
-    rows = comparison_rows(report)
-    table = Table(title=f"kdistill: {report['recipe']} (seed {report['seed']}, {report['wall_seconds']:.0f} s)")
-    for col in ("model", "test acc", "params", f"ms/batch of {report.get('latency_batch_size', '')}",
-                "compression", "speed-up", "vs baseline"):
+    rows = comparison_rows(report, metric)
+    timed = all(r["latency_ms"] == r["latency_ms"] and r["latency_ms"] is not None for r in rows)
+    table = Table(title=f"kdistill: {report['recipe']} (seed {report['seed']}, {report.get('wall_seconds', 0):.0f} s)")
+    cols = ["model", metric.replace("_", " "), "params"]
+    cols += [f"ms/batch of {report.get('latency_batch_size', '')}", "compression", "speed-up"] if timed else ["compression"]
+    cols.append("vs baseline")
+    for col in cols:
         table.add_column(col, justify="left" if col == "model" else "right")
     for r in rows:
         g = r["gain_vs_baseline"]
-        table.add_row(r["name"], f"{r['accuracy']:.4f}", f"{r['params']:,}", f"{r['latency_ms']:.3f}",
-                      f"{r['compression']:.1f}x", f"{r['speedup']:.1f}x", "" if g != g else f"{g * 100:+.1f} pts")
-    console = Console(width=max(110, Console().width))
+        gain = "" if g != g else (f"{g * 100:+.1f} pts" if metric != "perplexity" else f"{g:+.2f}")
+        cells = [r["name"], f"{r[metric]:.4f}", f"{r['params']:,}" if r["params"] else ""]
+        cells += [f"{r['latency_ms']:.3f}", f"{r['compression']:.1f}x", f"{r['speedup']:.1f}x"] if timed \
+            else [f"{r['compression']:.1f}x"]
+        table.add_row(*cells, gain)
     console.print(table)
-    for v in verdicts(rows):
-        console.print(f"  - {v}")
-    console.print(f"report: {output / 'report.json'}, {output / 'report.md'}, {output / 'curves.png'}")
+    if metric == "accuracy":
+        for v in verdicts(rows):
+            console.print(f"  - {v}")
+    extra = ", ".join(str(output / f) for f in ("report.md", "curves.png") if (output / f).exists())
+    console.print(f"report: {output / 'report.json'}" + (f", {extra}" if extra else ""))
 
 
 def run(recipe: str | Path | dict | None = None, *, output: str | Path | None = None, seed: int | None = None,
@@ -54,39 +70,117 @@ def run(recipe: str | Path | dict | None = None, *, output: str | Path | None = 
     overrides = list(overrides) + ([f"seed={seed}"] if seed is not None else [])
     cfg = load_config(recipe, overrides)
     out = Path(output) if output is not None else Path("runs") / cfg.name
+    # The run folder is checked and claimed once: here, or by the process that launched these ranks.
+    if os.environ.get(_LAUNCHED_ENV) != "1" and int(os.environ.get("RANK", "0")) == 0:
+        from .rundir import prepare_run_folder
+
+        status = prepare_run_folder(out, cfg.model_dump(mode="json"), resume=resume)
+        if status == "nothing to resume" and not quiet:
+            print(f"--resume: {out} holds no run to resume; starting a fresh run there.", file=sys.stderr)
     if nproc > 1 and "LOCAL_RANK" not in os.environ:
-        return _launch(recipe, out, overrides, resume, nproc)
+        return _launch(recipe, out, overrides, resume, nproc, progress)
     from .tasks.base import RunContext
 
     task = TASKS.get(getattr(cfg, "task", "classification"))
-    report = task.run(cfg, RunContext(output=out, resume=resume, progress=progress))
+    with quiet_hub_progress(not progress):
+        report = task.run(cfg, RunContext(output=out, resume=resume, progress=progress))
     if not quiet and int(os.environ.get("RANK", "0")) == 0:
         _print_summary(report, out)
     return report
 
 
-def _launch(recipe: Any, out: Path, overrides: Sequence[str], resume: bool, nproc: int) -> dict[str, Any]:
+#: set for the ranks that :func:`_launch` starts: the launcher has claimed the run folder, and a rank that hits a
+#: user error (a :class:`KDistillError`) writes it to ``$KDISTILL_ERROR_FILE.<rank>`` and exits 0, so the launcher
+#: reports it once instead of every rank printing it and torchrun adding a ChildFailedError traceback.
+_LAUNCHED_ENV, _ERROR_FILE_ENV = "KDISTILL_LAUNCHED", "KDISTILL_ERROR_FILE"
+
+
+def hand_error_to_launcher(error: Exception) -> bool:
+    """In a rank started by :func:`_launch`: record ``error`` for the launcher and return True (the rank should
+    then exit quietly with code 0). Elsewhere return False."""
+    path = os.environ.get(_ERROR_FILE_ENV)
+    if os.environ.get(_LAUNCHED_ENV) != "1" or not path:
+        return False
+    Path(f"{path}.{os.environ.get('RANK', '0')}").write_text(str(error))
+    return True
+
+
+@contextmanager
+def quiet_hub_progress(quiet: bool = True) -> Iterator[None]:
+    """Within the block, hide the Hugging Face loading bars (``Loading weights``, downloads), as ``--no-progress``
+    promises; afterwards restore what was set before (an API call must not silence later ones)."""
+    if not quiet:
+        yield
+        return
+    from huggingface_hub import utils as hub_utils  # imported first: it reads the variable below at import
+
+    env_before = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
+    hub_was_disabled = hub_utils.are_progress_bars_disabled()
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when transformers is imported inside the block
+    hub_utils.disable_progress_bars()
+    tf_was_enabled = not hub_was_disabled  # transformers, if imported inside the block, starts disabled
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        tf_was_enabled = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if env_before is None:
+            os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+        else:
+            os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = env_before
+        if not hub_was_disabled:
+            hub_utils.enable_progress_bars()
+        if tf_was_enabled and "transformers" in sys.modules:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.enable_progress_bar()
+
+
+def _launch(recipe: Any, out: Path, overrides: Sequence[str], resume: bool, nproc: int,
+            progress: bool = True) -> dict[str, Any]:
+    import tempfile
+
     if not isinstance(recipe, (str, Path, type(None))):
         raise KDistillError("run(nproc > 1) needs a recipe path or name, not a dict (it relaunches the CLI).")
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
     cmd = [torchrun, "--standalone", f"--nproc_per_node={nproc}", "-m", "kdistill.cli", "run"]
     cmd += ([str(recipe)] if recipe is not None else []) + ["--output", str(out)] + (["--resume"] if resume else [])
-    cmd += list(overrides)
-    subprocess.run(cmd, check=True)
+    cmd += ([] if progress else ["--no-progress"]) + list(overrides)
+    with tempfile.TemporaryDirectory(prefix="kdistill-launch-") as tmp:
+        errors = Path(tmp) / "error"
+        proc = subprocess.run(cmd, env={**os.environ, _LAUNCHED_ENV: "1", _ERROR_FILE_ENV: str(errors)})
+        reported = sorted(Path(tmp).glob("error.*"))
+        if reported:
+            raise KDistillError(reported[0].read_text())
+    if proc.returncode != 0:
+        raise KDistillError(f"run --nproc {nproc}: torchrun exited with code {proc.returncode}; a process failed "
+                            "(its messages are above). Fix what they report, then run again (add --resume to continue).")
     return json.loads((out / "report.json").read_text())
 
 
 def evaluate(checkpoint: str | Path) -> dict[str, Any]:
-    """Evaluate a saved classifier (a model folder such as ``<run>/student``, or a run folder) on the test
-    split of the data it was trained on."""
+    """Evaluate a saved student on the held-out data of the run that trained it.
+
+    ``checkpoint`` is a run folder or its ``student`` folder. Classification and tabular runs: test metrics
+    (and agreement with the run's teacher); llm runs: held-out perplexity on the recipe's held-out texts;
+    embedding runs: retrieval metrics on the recipe's test pairs."""
     from .data.classification import load_dataset
     from .eval.metrics import agreement, classification_metrics
     from .exporters.classifier import load_classifier, read_meta
     from .models.classifiers import predict_logits
 
     p = Path(checkpoint)
+    if not p.exists():
+        raise KDistillError(f"eval: {str(p)!r} does not exist; expected a run folder (e.g. runs/mnist1d_default) "
+                            "or its student folder.")
     if (p / "student" / "model.json").is_file():
         p = p / "student"
+    if not (p / "model.json").is_file():
+        run_dir = p if (p / "config.json").is_file() and (p / "student").is_dir() else p.parent
+        return _evaluate_run(run_dir, p)
     meta = read_meta(p)
     if "data" not in meta:
         raise KDistillError(f"{str(p)!r}: model.json names no dataset; evaluate it with your own data.")
@@ -100,6 +194,40 @@ def evaluate(checkpoint: str | Path) -> dict[str, Any]:
         teacher, _ = load_classifier(teacher_dir)
         result["agreement"] = agreement(logits, predict_logits(teacher, data.x_test))
     return result
+
+
+def _evaluate_run(run_dir: Path, given: Path) -> dict[str, Any]:
+    """``kdistill eval`` for the runs whose student is not a kdistill classifier folder (llm, embedding)."""
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.is_file() or not (run_dir / "student").is_dir():
+        raise KDistillError(f"eval: {str(given)!r} is neither a classifier folder (model.json) nor a run folder "
+                            "(config.json + student/); expected the output folder of `kdistill run` or its student "
+                            "folder. Supported tasks: classification, tabular, llm, embedding.")
+    cfg = load_config(json.loads(cfg_path.read_text()))
+    task = getattr(cfg, "task", "classification")
+    student_dir = run_dir / "student"
+    if task == "llm":
+        from .tasks.llm import corpus, lm_metrics, token_blocks
+        from .teachers.lm import load_causal_lm
+
+        model, tok = load_causal_lm(str(student_dir))
+        train_texts, eval_texts = corpus(cfg)
+        _, held = token_blocks(cfg, tok, train_texts, eval_texts)
+        metrics = lm_metrics(model, held, batch_size=cfg.eval.batch_size)
+        return {"checkpoint": str(student_dir), "task": task, "metrics": metrics,
+                "params": sum(p.numel() for p in model.parameters()), "held_out_tokens": int(held[:, 1:].numel())}
+    if task == "embedding":
+        from .eval.retrieval import evaluate_encoder
+        from .exporters.sentence_transformers import load_student
+        from .tasks.embedding import load_pairs
+
+        student = load_student(student_dir)
+        _, _, test = load_pairs(cfg.data)
+        metrics = evaluate_encoder(student, [q.query for q in test], [q.candidate for q in test],
+                                   batch_size=cfg.eval.batch_size)
+        return {"checkpoint": str(student_dir), "task": task, "metrics": metrics, "test_pairs": len(test)}
+    raise KDistillError(f"eval: the run in {str(run_dir)!r} is a {task!r} run; `kdistill eval` supports "
+                        "classification, tabular, llm and embedding runs. Its report.json holds the run's figures.")
 
 
 def export(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
@@ -143,7 +271,10 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key_env:
           max_tokens_limit: int = 512, max_prompt_tokens: int = 2048, max_request_bytes: int = 1_000_000,
           max_batch_size: int = 8, threads: int | None = None) -> None:
     """Serve a local causal LM (zoo name such as ``smollm2-135m`` or a saved model folder) over an
-    OpenAI-compatible HTTP API (``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``). Blocks."""
+    OpenAI-compatible HTTP API (``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``). Blocks.
+
+    Every option (``port`` 1..65535, the ``max_*`` limits and ``threads`` >= 1, ``api_key_env`` a variable
+    name) is checked, and the port bound, before the model loads; a bad one raises ``KDistillError``."""
     from .teachers.serve import serve as _serve
 
     _serve(model, host=host, port=port, api_key_env=api_key_env, max_tokens_limit=max_tokens_limit,
@@ -152,7 +283,9 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key_env:
 
 
 def _doc(obj: Any) -> str:
-    return (inspect.getdoc(obj) or "").strip().splitlines()[0] if inspect.getdoc(obj) else ""
+    """The summary paragraph of ``obj``'s docstring (up to the first blank line) on one line; '' if none."""
+    doc = (inspect.getdoc(obj) or "").strip()
+    return " ".join(doc.split("\n\n", 1)[0].split()).replace("``", "`")
 
 
 def list_methods() -> list[str]:
@@ -162,14 +295,26 @@ def list_methods() -> list[str]:
 
 
 def list_all() -> dict[str, dict[str, str]]:
-    """Everything registered: methods, models, datasets, tasks, recipes (name -> one-line description)."""
-    from . import methods, tasks  # noqa: F401
-    from .data import augment, classification  # noqa: F401
+    """Everything registered: methods, loop-level augmentations, models, datasets, tasks and built-in recipes
+    (name -> description on one line: a docstring's summary paragraph, a task's or a recipe's ``description``)."""
+    import yaml
+
+    from . import data, methods, tasks  # noqa: F401  (importing registers every entry)
+    from .recipes import find_recipe
+    from .registry import AUGMENTS
+
+    def recipe_description(name: str) -> str:
+        try:
+            spec = yaml.safe_load(find_recipe(name).read_text())
+        except (OSError, yaml.YAMLError) as e:
+            return f"(unreadable: {type(e).__name__})"
+        return " ".join(str(spec.get("description", "")).split()) if isinstance(spec, dict) else ""
 
     return {
         "methods": {n: _doc(c) for n, c in METHODS.items()},
+        "augmentations": {n: _doc(c) for n, c in AUGMENTS.items()},
         "models": {n: _doc(c) for n, c in MODELS.items()},
         "datasets": {n: _doc(c) for n, c in DATASETS.items()},
         "tasks": {n: t.description for n, t in TASKS.items()},
-        "recipes": {n: "" for n in list_recipes()},
+        "recipes": {n: recipe_description(n) for n in list_recipes()},
     }

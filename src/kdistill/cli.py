@@ -11,7 +11,10 @@ import typer
 from . import api
 from .errors import KDistillError
 
-app = typer.Typer(add_completion=False, no_args_is_help=False, help="kdistill: knowledge distillation toolkit.")
+# rich_markup_mode=None: plain help text. typer's rich help prints a type such as `<bool>` after every flag,
+# --help included, as though the flag took a value; the plain formatter shows flags bare.
+app = typer.Typer(add_completion=False, no_args_is_help=False, rich_markup_mode=None,
+                  help="kdistill: knowledge distillation toolkit.")
 
 
 def _fail(e: Exception) -> None:
@@ -41,25 +44,50 @@ def run_cmd(
                 progress=not no_progress)
         end_distributed(exit_code=0)  # a torchrun rank whose work is done and written leaves here
     except KDistillError as e:
+        if api.hand_error_to_launcher(e):  # a rank of `--nproc N`: the launcher prints it once
+            end_distributed(exit_code=0)
+            raise typer.Exit(0) from None
         _fail(e)
     finally:
         end_distributed()
 
 
+_ABBREVIATIONS = ("e.g", "i.e", "al", "vs", "cf", "etc", "approx")
+
+
+def _first_sentence(text: str) -> str:
+    """``text`` up to the end of its first sentence: the first ``.``, ``!`` or ``?`` followed by a space (or the
+    end) that is outside backticks and brackets and does not close an abbreviation such as ``e.g.``."""
+    depth, in_code = 0, False
+    for i, ch in enumerate(text):
+        if ch == "`":
+            in_code = not in_code
+        elif in_code:
+            continue
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth = max(0, depth - 1)
+        elif ch in ".!?" and depth == 0 and (i + 1 == len(text) or text[i + 1].isspace()):
+            word = text[:i].rsplit(None, 1)[-1].lower() if text[:i].strip() else ""
+            if word.lstrip("(\"'") not in _ABBREVIATIONS:
+                return text[: i + 1]
+    return text
+
+
 @app.command("list")
-def list_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
-    """List methods, models, datasets, tasks and built-in recipes."""
+def list_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print JSON (full descriptions).")] = False) -> None:
+    """List methods, augmentations, models, datasets, tasks and built-in recipes."""
     everything = api.list_all()
     if as_json:
         typer.echo(json.dumps(everything, indent=2))
         return
-    from rich.console import Console
-
-    console = Console()
+    # Plain lines, one entry each, never wrapped, so the listing reads the same in a terminal, a pipe or grep.
+    width = max((len(name) for items in everything.values() for name in items), default=0) + 2
     for section, items in everything.items():
-        console.print(f"[bold]{section}[/] ({len(items)})")
+        typer.echo(f"{section} ({len(items)})")
         for name, doc in items.items():
-            console.print(f"  {name:<32} {doc}")
+            typer.echo(f"  {name:<{width}}{_first_sentence(doc)}".rstrip())
 
 
 @app.command("eval")
@@ -100,17 +128,18 @@ def cache_cmd(
 
 @app.command("serve")
 def serve_cmd(
-    model: Annotated[str, typer.Argument(help="Zoo name (smollm2-135m) or a saved Hugging Face causal LM folder.")],
+    model: Annotated[str, typer.Argument(help="Zoo name (smollm2-135m), a saved Hugging Face causal LM folder, or (online) a hub id.")],
     host: Annotated[str, typer.Option(help="Bind address (loopback by default).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    api_key_env: Annotated[Optional[str], typer.Option(help="Env var holding a bearer token clients must send.")] = None,
-    max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 512,
-    max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt accepted (tokens).")] = 2048,
-    max_request_bytes: Annotated[int, typer.Option(help="Largest request body accepted (bytes).")] = 1_000_000,
-    max_batch_size: Annotated[int, typer.Option(help="Sequences decoded together in one batch.")] = 8,
-    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (1 helps on a busy, shared CPU).")] = None,
+    port: Annotated[int, typer.Option(help="TCP port (1-65535).")] = 8000,
+    api_key_env: Annotated[Optional[str], typer.Option(help="NAME of the env var holding a bearer token clients must send (not the token).")] = None,
+    max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for (>= 1).")] = 512,
+    max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt accepted (tokens, >= 1).")] = 2048,
+    max_request_bytes: Annotated[int, typer.Option(help="Largest request body accepted (bytes, >= 1).")] = 1_000_000,
+    max_batch_size: Annotated[int, typer.Option(help="Sequences decoded together in one batch (>= 1).")] = 8,
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (>= 1; 1 helps on a busy, shared CPU).")] = None,
 ) -> None:
-    """Serve a local causal LM over an OpenAI-compatible HTTP API (for black-box distillation)."""
+    """Serve a local causal LM over an OpenAI-compatible HTTP API (for black-box distillation).
+    Options are checked before the model loads; a bad one exits with code 2 and one line."""
     try:
         api.serve(model, host=host, port=port, api_key_env=api_key_env, max_tokens_limit=max_tokens_limit,
                   max_prompt_tokens=max_prompt_tokens, max_request_bytes=max_request_bytes,

@@ -73,6 +73,27 @@ def test_tiny_run_writes_report_and_loadable_student(tmp_path):
     assert "the student's queries against the teacher's index" in (tmp_path / "report.md").read_text()
     student = load_student(tmp_path / "student")
     assert student.encode(["light"]).shape == (1, 32)
+    from kdistill.api import evaluate  # `kdistill eval` on an embedding run: the recipe's test pairs again
+
+    ev = evaluate(tmp_path)
+    assert ev["task"] == "embedding" and ev["test_pairs"] == 60
+    assert ev["metrics"]["recall_at_1"] == pytest.approx(on_disk["student"]["metrics"]["recall_at_1"])
+
+
+def test_no_progress_hides_the_hugging_face_loading_bars(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(TINY))
+    cmd = [sys.executable, "-m", "kdistill.cli", "run", str(recipe), "--output", str(tmp_path / "run")]
+    quiet = subprocess.run(cmd + ["--no-progress"], capture_output=True, text=True, timeout=600)
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    assert "Loading weights" not in quiet.stderr + quiet.stdout
+    shown = subprocess.run(cmd, capture_output=True, text=True, timeout=600)  # the bars this option hides
+    assert shown.returncode == 0 and "Loading weights" in shown.stderr + shown.stdout
 
 
 def test_static_least_squares_projection_moves_student_towards_teacher():

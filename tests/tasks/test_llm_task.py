@@ -33,6 +33,9 @@ def test_tiny_recipe_runs_and_exports(tmp_path):
     saved = json.loads((tmp_path / "run" / "report.json").read_text())
     assert saved["student"]["metrics"] == r["student"]["metrics"]
     assert "Generations" in (tmp_path / "run" / "report.md").read_text()
+    # `kdistill eval` on the run recomputes the student's held-out perplexity from the saved config and folder
+    ev = api.evaluate(tmp_path / "run")
+    assert ev["task"] == "llm" and ev["metrics"]["perplexity"] == pytest.approx(r["student"]["metrics"]["perplexity"])
     # plain Hugging Face loading of the exported student, no kdistill needed
     res = api.export(tmp_path / "run", tmp_path / "export")
     assert res["format"] == "huggingface" and res["max_abs_logit_diff"] <= 1e-5
@@ -59,6 +62,10 @@ def test_cache_then_train_without_teacher_and_refuse_mismatch(tmp_path):
     with pytest.raises(KDistillError, match="kdistill cache"):
         api.run("llm/tiny", output=tmp_path / "run3", progress=False, quiet=True,
                 overrides=[f"cache.dir={tmp_path / 'missing'}", "baseline=false"])
+    # targets of another teacher (same name, tokenizer and data, other weights) are refused
+    with pytest.raises(KDistillError, match="teacher_fingerprint"):
+        api.run("llm/tiny", output=tmp_path / "run4", progress=False, quiet=True,
+                overrides=[f"cache.dir={cache_dir}", "baseline=false", "teacher.tiny_layers=6"])
 
 
 def test_gkd_on_policy_end_to_end(tmp_path):

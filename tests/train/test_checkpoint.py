@@ -48,3 +48,16 @@ def test_truncated_weights_file_gives_clear_error(tmp_path):
         load_state_dict(p)
     with pytest.raises(KDistillError, match="does not exist"):
         load_state_dict(tmp_path / "nope.safetensors")
+
+
+def test_unreadable_pointer_or_state_is_one_clear_error(tmp_path):
+    m = CheckpointManager(tmp_path / "ck")
+    d = m.save(3, {"w": torch.ones(2), "step": 3})
+    (tmp_path / "ck" / "latest.json").write_text("{garbage")
+    with pytest.raises(KDistillError, match="latest.json' is unreadable"):
+        m.load()
+    (tmp_path / "ck" / "latest.json").write_text('{"step": 3, "dir": "%s"}' % d.name)
+    assert m.load()["step"] == 3
+    (d / "state.json").write_text((d / "state.json").read_text()[:20])  # truncated
+    with pytest.raises(KDistillError, match="state.json' is unreadable or truncated"):
+        m.load()

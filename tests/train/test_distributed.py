@@ -1,4 +1,4 @@
-"""2 processes x batch b must give the same update as 1 process x batch 2b (CPU, gloo, torchrun)."""
+"""2 processes must give the same update as 1 process with the same global batch_size (CPU, gloo, torchrun)."""
 
 import os
 import shutil
@@ -28,9 +28,9 @@ def _run(nproc: int, batch: int, out: Path) -> dict:
 
 
 @pytest.mark.distributed
-def test_two_processes_equal_one_process_with_double_batch(tmp_path):
+def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
     one = _run(1, 16, tmp_path / "one.safetensors")
-    two = _run(2, 8, tmp_path / "two.safetensors")
+    two = _run(2, 16, tmp_path / "two.safetensors")  # batch_size is global: 8 a process
     assert one.keys() == two.keys() and any(k.startswith("method.") for k in one)
     for k in one:
         assert torch.allclose(one[k], two[k], atol=1e-5), f"{k}: max diff {(one[k] - two[k]).abs().max()}"

@@ -40,10 +40,11 @@ def comparison_rows(report: dict[str, Any], metric: str = "accuracy") -> list[di
         m = r.get("metrics", {}).get(metric, float("nan"))
         params = r.get("params", report["student"].get("params"))
         lat = r.get("latency_ms", report["student"].get("latency_ms"))
+        t_lat = teacher.get("latency_ms")
         out.append({
             "name": r["name"], metric: m, "params": params, "latency_ms": lat,
-            "compression": teacher["params"] / params if params else float("nan"),
-            "speedup": teacher["latency_ms"] / lat if lat else float("nan"),
+            "compression": teacher["params"] / params if params and teacher.get("params") else float("nan"),
+            "speedup": t_lat / lat if lat and t_lat else float("nan"),
             "gain_vs_baseline": sign * (m - base) if base is not None and r["name"] not in ("teacher",) and
             not r["name"].startswith("baseline") else float("nan"),
             "baseline_value": base,

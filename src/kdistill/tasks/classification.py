@@ -203,7 +203,6 @@ def _get_teacher(cfg: ClassificationConfig, data: ClassificationData, accelerato
 def run_classification(cfg: ClassificationConfig, ctx: RunContext) -> dict[str, Any]:
     t_start = time.perf_counter()
     ctx.output.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(ctx.output / "config.json", cfg.model_dump())
     data = load_dataset(cfg.data.name, **cfg.data.kwargs)
     accelerator = make_accelerator(cfg.train.mixed_precision)
     teacher, teacher_hist, teacher_secs, teacher_source = _get_teacher(cfg, data, accelerator, ctx)

@@ -42,7 +42,7 @@ from ..students.encoders import (
     trim_padding,
 )
 from ..students.static import StaticEncoder, static_from_teacher
-from ..train.checkpoint import load_state_dict, save_state_dict_atomic, write_json_atomic
+from ..train.checkpoint import load_state_dict, save_state_dict_atomic
 from ..train.loop import fit, make_accelerator
 from .base import RunContext, Task
 
@@ -387,7 +387,6 @@ def run_embedding(cfg: EmbeddingConfig, ctx: RunContext) -> dict[str, Any]:
 
     t_start = time.perf_counter()
     ctx.output.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(ctx.output / "config.json", cfg.model_dump())
     _seed(cfg.seed)
     sentences, dev, test = load_pairs(cfg.data)
     teacher = load_teacher(cfg.teacher).eval()

@@ -285,12 +285,14 @@ def _params(model: nn.Module) -> int:
 
 # ------------------------------------------------------------------------------------------------ run
 
-def open_cache(cfg: LLMConfig, tok: Any, train_blocks: Tensor):
-    from ..teachers.cache import TopKCache, data_hash, tokenizer_hash
+def open_cache(cfg: LLMConfig, tok: Any, train_blocks: Tensor, teacher: nn.Module):
+    from ..teachers.cache import TopKCache, data_hash, model_fingerprint, tokenizer_hash
 
     kd_t = float(cfg.method.kwargs.get("kd_temperature", 1.0))
+    # the teacher's fingerprint: its config and a strided sample + sum of every weight (milliseconds, no full hash)
     expect = {"tokenizer_hash": tokenizer_hash(tok), "k": cfg.cache.k, "kd_temperature": kd_t,
-              "dtype": cfg.cache.dtype, "data_hash": data_hash(train_blocks.tolist()), **cache_identity(cfg)}
+              "dtype": cfg.cache.dtype, "data_hash": data_hash(train_blocks.tolist()),
+              "teacher_fingerprint": model_fingerprint(teacher), **cache_identity(cfg)}
     return TopKCache(cfg.cache.dir, expect=expect)
 
 
@@ -326,7 +328,6 @@ def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
     t_start = time.perf_counter()
     out = ctx.output
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "config.json", cfg.model_dump())
     torch.manual_seed(cfg.seed)
     train_texts, eval_texts = corpus(cfg)
     teacher, tok = load_teacher(cfg, train_texts)
@@ -340,7 +341,7 @@ def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
     del probe_student
 
     accelerator = make_accelerator(cfg.train.mixed_precision)
-    cache = open_cache(cfg, tok, train_blocks) if cfg.cache is not None else None
+    cache = open_cache(cfg, tok, train_blocks, teacher) if cfg.cache is not None else None
     sequences_info = None
     if cache is not None:
         dataset = cache_dataset(cache)

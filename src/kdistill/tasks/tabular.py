@@ -21,7 +21,6 @@ from ..data.classification import load_dataset
 from ..eval.report import write_report
 from ..registry import METHODS, TASKS
 from ..teachers.sklearn import _estimators, estimator_size, fit_sklearn_teacher
-from ..train.checkpoint import write_json_atomic
 from ..train.loop import make_accelerator
 from .base import RunContext, Task
 from .classification import DataSpec, EvalSpec, ModelSpec, VariantSpec, build_report, seed_everything, train_students
@@ -85,7 +84,6 @@ class TabularConfig(StrictModel):
 def run_tabular(cfg: TabularConfig, ctx: RunContext) -> dict[str, Any]:
     t_start = time.perf_counter()
     ctx.output.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(ctx.output / "config.json", cfg.model_dump())
     data = load_dataset(cfg.data.name, **cfg.data.kwargs)
     accelerator = make_accelerator(cfg.train.mixed_precision)
     seed_everything(cfg.seed)

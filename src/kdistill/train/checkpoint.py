@@ -189,14 +189,27 @@ class CheckpointManager:
         pointer = self.root / "latest.json"
         if not pointer.is_file():
             return None
-        d = self.root / json.loads(pointer.read_text())["dir"]
+        try:
+            d = self.root / json.loads(pointer.read_text())["dir"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise KDistillError(
+                f"checkpoint pointer {str(pointer)!r} is unreadable ({type(e).__name__}: {e}); expected the JSON kdistill "
+                f"writes ({{\"step\": N, \"dir\": \"step-...\"}}). Fix: delete it and write "
+                f"{{\"step\": N, \"dir\": \"step-...\"}} naming one of the step-* folders in {str(self.root)!r}, or run "
+                "without --resume to start over.") from None
         return d if d.is_dir() else None
 
     def load(self, path: Path | None = None) -> dict[str, Any] | None:
         path = path or self.latest()
         if path is None:
             return None
-        meta = json.loads((path / "state.json").read_text())
+        try:
+            meta = json.loads((path / "state.json").read_text())
+        except (OSError, ValueError) as e:
+            raise KDistillError(
+                f"checkpoint {str(path / 'state.json')!r} is unreadable or truncated ({type(e).__name__}: {e}). Fix: "
+                f"delete the folder {str(path)!r} and point latest.json at an earlier step-* folder to resume from "
+                "there, or run without --resume to start over.") from None
         if meta.get("format_version") != FORMAT_VERSION:
             raise KDistillError(f"checkpoint {str(path)!r} has format {meta.get('format_version')}, expected "
                                 f"{FORMAT_VERSION}; it was written by another kdistill version. Start a fresh run.")

@@ -55,7 +55,7 @@ def _cache_accelerate_probes() -> None:
 def make_accelerator(mixed_precision: str = "no", *, find_unused_parameters: bool = False):
     """An ``accelerate.Accelerator``. Accelerate keeps process-wide state; when a later run in the same
     process asks for another precision, that state is reset (never the process group)."""
-    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
     from accelerate.state import AcceleratorState, GradientState
 
     _cache_accelerate_probes()
@@ -69,7 +69,10 @@ def make_accelerator(mixed_precision: str = "no", *, find_unused_parameters: boo
     kwargs = [DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)]
     # On a CPU-only machine Accelerate forms the gloo process group from torchrun's environment only when
     # told cpu=True; without it every process would silently train alone on all the data.
-    return Accelerator(mixed_precision=mixed_precision, kwargs_handlers=kwargs, cpu=not torch.cuda.is_available())
+    # split_batches: a loader's batch_size is the global batch, divided across processes, so `--nproc 2` takes the
+    # same number of steps of the same batches as one process (Accelerate's default gives each process a batch).
+    return Accelerator(mixed_precision=mixed_precision, kwargs_handlers=kwargs, cpu=not torch.cuda.is_available(),
+                       dataloader_config=DataLoaderConfiguration(split_batches=True))
 
 
 def end_distributed(exit_code: int | None = None) -> None:
@@ -260,6 +263,11 @@ def fit(
     step_module = DistillStep(student, method, student_forward)
     opt = build_optimizer(step_module.parameters(), optimizer=optimizer, lr=lr, weight_decay=weight_decay,
                           momentum=momentum)
+    per_batch = train_loader.batch_size
+    if accelerator.num_processes > 1 and per_batch is not None and per_batch % accelerator.num_processes:
+        raise KDistillError(f"batch_size: got {per_batch} with {accelerator.num_processes} processes; expected a multiple "
+                            "of the process count (batch_size is the global batch, split across the processes). "
+                            f"Fix: train.batch_size={per_batch - per_batch % accelerator.num_processes or accelerator.num_processes}.")
     step_module, opt, loader = accelerator.prepare(step_module, opt, train_loader)
     steps_per_epoch = math.ceil(len(loader) / grad_accum)
     total_steps = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
