@@ -24,6 +24,16 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """Where a module's weights live (the first parameter or buffer); the CPU for a module with neither (e.g. a
+    scikit-learn teacher wrapped as a module). Evaluation inputs are moved here."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
 def resolve_modules(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
     """Map layer names to submodules of the unwrapped model; unknown names raise with close matches."""
     model = unwrap(model)

@@ -59,3 +59,15 @@ def test_hard_augment_is_bound_by_the_runner(tmp_path):
                "train": {"epochs": 1, "batch_size": 16, "lr": 0.01}}, output=tmp_path, progress=False, quiet=True)
     assert rep["student"]["augment"]["name"] == "hard_augment"
     assert 0 <= rep["student"]["metrics"]["accuracy"] <= 1
+
+
+@pytest.mark.gpu
+def test_classification_run_on_cuda(tmp_path, monkeypatch):
+    """Teacher, baseline and students train on the GPU; evaluation and latency follow the weights there."""
+    monkeypatch.setenv("KDISTILL_CACHE", str(tmp_path / "cache"))
+    report = run({**RECIPE, "variants": {"feat": {"method": {"name": "fitnet", "kwargs": {
+        "student_layer": "blocks.0", "teacher_layer": "blocks.1"}}}}}, output=tmp_path / "run", progress=False,
+        quiet=True)
+    for who in ("teacher", "student", "baseline"):
+        assert 0.0 <= report[who]["metrics"]["accuracy"] <= 1.0
+    assert report["student"]["latency_ms"] > 0 and "feat" in report["variants"]

@@ -255,3 +255,11 @@ def test_pair_term_trains_on_pairs_and_needs_them(tmp_path):
     # 8 pairs per batch: a random student scores about 0.5 * log(8); the term is logged at every step
     assert len(pairs) == 4 and all(0.0 < v < 0.5 * 2 * torch.log(torch.tensor(8.0)) for v in pairs)
     assert 0.0 <= report["student"]["metrics"]["recall_at_1"] <= 1.0
+
+
+@pytest.mark.gpu
+def test_tiny_embedding_run_on_cuda(tmp_path):
+    from kdistill.api import run
+
+    report = run(TINY, output=tmp_path, progress=False, quiet=True)
+    assert 0.0 <= report["student"]["metrics"]["recall_at_1"] <= 1.0

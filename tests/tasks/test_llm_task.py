@@ -107,3 +107,18 @@ def test_fused_llm_kd_runs_in_the_task(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "run" / "work" / "student" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(math.isfinite(row["kd"]) for row in rows)
     assert math.isfinite(r["student"]["metrics"]["perplexity"])
+
+
+@pytest.mark.gpu
+def test_tiny_recipe_on_cuda_in_bf16(tmp_path):
+    r = api.run("llm/tiny", output=tmp_path / "run", progress=False, quiet=True,
+                overrides=["train.mixed_precision=bf16", "baseline=false"])
+    assert math.isfinite(r["student"]["metrics"]["perplexity"]) and r["student"]["steps"] == 3
+
+
+@pytest.mark.gpu
+def test_on_policy_gkd_on_cuda(tmp_path):
+    r = api.run("llm/tiny", output=tmp_path / "run", progress=False, quiet=True,
+                overrides=["method={name: gkd, kwargs: {lmbda: 1.0, beta: 0.5}}", "data.prompt_tokens=8",
+                           "baseline=false"])
+    assert r["method"] == "gkd" and math.isfinite(r["student"]["metrics"]["perplexity"])

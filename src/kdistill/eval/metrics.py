@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..capture import device_of
 from ..losses.logits import forward_kl
 
 
@@ -32,13 +33,17 @@ def agreement(student_logits: Tensor, teacher_logits: Tensor) -> dict[str, float
 
 @torch.no_grad()
 def latency_ms(fn: Callable[[], object], *, repeats: int = 30, warmup: int = 5) -> float:
-    """Median wall time of ``fn()`` in milliseconds, after ``warmup`` untimed calls."""
+    """Median wall time of ``fn()`` in milliseconds, after ``warmup`` untimed calls. On a CUDA device the clock
+    stops after the queued kernels finish (a synchronisation), not when they are launched."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else (lambda: None)
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        sync()
         t = time.perf_counter()
         fn()
+        sync()
         times.append((time.perf_counter() - t) * 1e3)
     return float(statistics.median(times))
 
@@ -47,6 +52,7 @@ def model_latency_ms(model: nn.Module, example: Tensor, repeats: int = 30) -> fl
     was = model.training
     model.eval()
     try:
+        example = example.to(device_of(model))
         return latency_ms(lambda: model(example), repeats=repeats)
     finally:
         model.train(was)

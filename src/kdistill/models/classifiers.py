@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..capture import device_of
 from ..errors import expect
 from ..registry import MODELS
 
@@ -105,6 +106,7 @@ def predict_logits(model: nn.Module, x: Tensor, batch_size: int = 1024) -> Tenso
     """Logits for a whole tensor of inputs, in eval mode, batched."""
     was_training = model.training
     model.eval()
-    outs = [model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+    dev = device_of(model)  # inputs follow the weights; logits come back on the CPU
+    outs = [model(x[i:i + batch_size].to(dev)).cpu() for i in range(0, len(x), batch_size)]
     model.train(was_training)
     return torch.cat(outs) if outs else torch.empty(0)

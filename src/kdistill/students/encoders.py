@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..capture import device_of
 from ..errors import KDistillError, expect
 from ..models.classifiers import count_params  # noqa: F401  (re-exported)
 
@@ -102,7 +103,9 @@ class SentenceEncoder(nn.Module):
     @torch.no_grad()
     def encode(self, sentences: Sequence[str], batch_size: int = 64) -> Tensor:
         """``(N, D)`` float32 CPU embeddings; sentences are sorted by length for speed, output in input order."""
-        return _encode_sorted(self, sentences, batch_size, lambda chunk: self(**self.tokenize(chunk)))
+        dev = device_of(self)  # token ids follow the weights
+        return _encode_sorted(self, sentences, batch_size,
+                              lambda chunk: self(**{k: v.to(dev) for k, v in self.tokenize(chunk).items()}))
 
 
 def _encode_sorted(model: nn.Module, sentences: Sequence[str], batch_size: int, run) -> Tensor:

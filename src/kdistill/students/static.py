@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..capture import device_of
 from ..errors import KDistillError, expect
 from .encoders import SentenceEncoder, _encode_sorted
 
@@ -108,7 +109,9 @@ class StaticEncoder(nn.Module):
 
     @torch.no_grad()
     def encode(self, sentences: Sequence[str], batch_size: int = 64) -> Tensor:
-        return _encode_sorted(self, sentences, batch_size, lambda chunk: self.forward_bag(**self.tokenize_bag(chunk)))
+        dev = device_of(self)  # token ids follow the weights
+        return _encode_sorted(self, sentences, batch_size, lambda chunk: self.forward_bag(
+            **{k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in self.tokenize_bag(chunk).items()}))
 
 
 def token_counts(tokenizer: Any, corpus: Sequence[str]) -> Tensor:

@@ -22,6 +22,7 @@ import torch
 from pydantic import field_validator, model_validator
 from torch import Tensor, nn
 
+from ..capture import device_of
 from ..config import MethodSpec, StrictModel, TrainSpec
 from ..data.classification import make_loader
 from ..data.lm import cache_dataset, lm_dataset, pack_blocks, tokenize_texts
@@ -213,16 +214,17 @@ def cache_identity(cfg: LLMConfig) -> dict[str, Any]:
 def teacher_eval_targets(teacher: nn.Module, blocks: Tensor, *, k: int, batch_size: int) -> dict[str, Any]:
     """Teacher perplexity on held-out blocks plus its top-k log-probs (T = 1) for agreement / KL."""
     nll, count, lps, idxs, ress = 0.0, 0, [], [], []
+    dev = device_of(teacher)
     for b in range(0, len(blocks), batch_size):
-        ids = blocks[b:b + batch_size]
+        ids = blocks[b:b + batch_size].to(dev)
         logits = teacher(input_ids=ids).logits.float()
         lp_all = torch.log_softmax(logits[:, :-1], -1)
         nll += float(-lp_all.gather(-1, ids[:, 1:].unsqueeze(-1)).sum())
         count += ids[:, 1:].numel()
         lp, idx, res = teacher_topk(logits[:, :-1], k=min(k, logits.shape[-1]))
-        lps.append(lp)
-        idxs.append(idx)
-        ress.append(res)
+        lps.append(lp.cpu())
+        idxs.append(idx.cpu())
+        ress.append(res.cpu())
     return {"perplexity": math.exp(nll / count), "loss": nll / count,
             "topk": (torch.cat(lps), torch.cat(idxs), torch.cat(ress))}
 
@@ -236,14 +238,15 @@ def lm_metrics(model: nn.Module, blocks: Tensor, *, batch_size: int, teacher_tar
     was = model.training
     model.eval()
     nll, count, agree, kl = 0.0, 0, 0.0, 0.0
+    dev = device_of(model)
     for b in range(0, len(blocks), batch_size):
-        ids = blocks[b:b + batch_size]
+        ids = blocks[b:b + batch_size].to(dev)
         logits = model(input_ids=ids).logits.float()[:, :-1]
         lp = torch.log_softmax(logits, -1)
         nll += float(-lp.gather(-1, ids[:, 1:].unsqueeze(-1)).sum())
         count += ids[:, 1:].numel()
         if teacher_targets is not None:
-            tlp, tidx, tres = (x[b:b + batch_size] for x in teacher_targets["topk"])
+            tlp, tidx, tres = (x[b:b + batch_size].to(dev) for x in teacher_targets["topk"])
             agree += float((logits.argmax(-1) == tidx[..., 0]).float().sum())
             kl += float(topk_loss(logits, tlp, tidx, tres).sum())
     model.train(was)
@@ -260,7 +263,7 @@ def generate_texts(model: nn.Module, tok: Any, prompts: list[str], max_new_token
     model.eval()
     outs = []
     for p in prompts:
-        ids = torch.tensor([tok(p, add_special_tokens=False)["input_ids"]])
+        ids = torch.tensor([tok(p, add_special_tokens=False)["input_ids"]], device=device_of(model))
         gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                              max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
         outs.append(tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
@@ -274,7 +277,8 @@ def _latency_ms(model: nn.Module, ids: Tensor, repeats: int = 5) -> float:
     was = model.training
     model.eval()
     try:
-        return latency_ms(lambda: model(input_ids=ids), repeats=repeats, warmup=1)
+        ids_on = ids.to(device_of(model))
+        return latency_ms(lambda: model(input_ids=ids_on), repeats=repeats, warmup=1)
     finally:
         model.train(was)
 

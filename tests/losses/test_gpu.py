@@ -1,0 +1,76 @@
+"""The losses on a CUDA device: the same values and gradients as on the CPU (the blocked vocabulary paths take
+other branches there), bf16 in / fp32 out, and the infinite-divergence error. Skipped without CUDA."""
+
+import math
+
+import pytest
+import torch
+
+from kdistill.errors import KDistillError
+from kdistill.losses.chunked import chunked, fused_linear_loss
+from kdistill.losses.logits import forward_kl, reverse_kl
+from kdistill.losses.topk import teacher_topk, topk_loss
+from kdistill.methods.llm_kd import LOSSES
+
+pytestmark = pytest.mark.gpu
+
+
+def _pair(shape=(4, 64, 4096), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g) * 3, torch.randn(*shape, generator=g) * 3
+
+
+def _value_and_grad(fn, student_logits, teacher_logits, **kw):
+    x = student_logits.clone().requires_grad_(True)
+    v = fn(x, teacher_logits, **kw)
+    w = torch.linspace(0.5, 1.5, v.numel(), device=v.device).reshape(v.shape)  # distinct weights per row
+    (v * w).sum().backward()
+    return v.detach().cpu(), x.grad.cpu()
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_every_divergence_matches_the_cpu(name):
+    s, t = _pair()
+    kw = {"kd_temperature": 2.0, **({"t": 0.6} if name == "taid" else {})}
+    v_cpu, g_cpu = _value_and_grad(LOSSES[name], s, t, **kw)
+    v_gpu, g_gpu = _value_and_grad(LOSSES[name], s.cuda(), t.cuda(), **kw)
+    torch.testing.assert_close(v_gpu, v_cpu, rtol=2e-4, atol=2e-5)
+    if name == "uld":
+        # ULD's gradient pairs the i-th largest student probability with the i-th largest teacher one: two
+        # student probabilities within rounding of each other may sort in another order on the GPU, which moves
+        # their gradient entries. Compare the gradient as a whole.
+        assert float((g_gpu - g_cpu).norm() / g_cpu.norm()) < 5e-2
+    else:
+        torch.testing.assert_close(g_gpu, g_cpu, rtol=2e-3, atol=1e-6)
+
+
+def test_bf16_in_fp32_out_and_chunked_equals_whole():
+    s, t = (x.cuda() for x in _pair())
+    for fn in (forward_kl, reverse_kl):
+        assert fn(s.bfloat16(), t.bfloat16()).dtype == torch.float32
+        torch.testing.assert_close(chunked(fn, 64)(s, t), fn(s, t), rtol=1e-5, atol=1e-6)
+
+
+def test_topk_and_fused_losses_match_on_cuda():
+    s, t = (x.cuda() for x in _pair((2, 32, 2048)))
+    lp, idx, res = teacher_topk(t, k=2048)  # k = V: the top-k loss is the full forward KL
+    torch.testing.assert_close(topk_loss(s, lp, idx, res), forward_kl(s, t), rtol=1e-4, atol=1e-5)
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2, 32, 64, generator=g).cuda().requires_grad_(True)
+    weight = (torch.randn(2048, 64, generator=g) * 0.1).cuda().requires_grad_(True)
+    fused = fused_linear_loss(forward_kl, hidden, weight, t, chunk_size=16, kd_temperature=2.0)
+    fused.sum().backward()
+    gh, gw = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    eager = forward_kl(hidden @ weight.T, t, kd_temperature=2.0)
+    eager.sum().backward()
+    torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gh, hidden.grad, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(gw, weight.grad, rtol=1e-3, atol=1e-5)
+
+
+def test_infinite_divergence_is_an_error_on_cuda():
+    s, t = (x.cuda() for x in _pair((2, 3, 7)))
+    s[1, 2, 4] = -math.inf
+    with pytest.raises(KDistillError, match=r"position \(1, 2\): vocabulary entry 4"):
+        forward_kl(s.requires_grad_(), t)
