@@ -9,7 +9,8 @@ when index ``v`` is the same token for both. :func:`check_vocab` decides:
   (``len(tokenizer) <= min(rows)``); :meth:`VocabAlignment.align` then pads the narrower logits with
   ``-inf`` columns and sets every row the tokenizer cannot produce to ``-inf`` on both sides, so they
   carry probability 0 (the losses are exact and NaN-free on ``-inf``, see ``tests/losses``);
-* **different tokenizers** -> a clear error naming the cross-tokenizer loss ``uld``.
+* **different tokenizers** -> a clear error (the llm task has no cross-tokenizer path yet; the ``uld`` loss
+  compares such logits once the sequences are aligned).
 
 Unlike tools that silently truncate mismatched vocabularies, nothing here changes a distribution without
 checking that the dropped rows are unreachable.
@@ -104,8 +105,9 @@ def check_vocab(teacher: Any, student: Any, teacher_tokenizer: Any, student_toke
             raise KDistillError(
                 f"teacher and student use different tokenizers (teacher {_tok_size(teacher_tokenizer)} tokens, "
                 f"student {_tok_size(student_tokenizer)} tokens): token-level losses would compare unrelated "
-                "entries. Fix: use the cross-tokenizer loss `uld` (method llm_kd with loss: uld), or give the "
-                "student the teacher's tokenizer (layer_subset_copy / smaller_config_student do).")
+                "entries. Fix: give the student the teacher's tokenizer (layer_subset_copy / smaller_config_student "
+                "do). The llm task has no cross-tokenizer path yet; the loss kdistill.losses.uld compares logits of "
+                "different vocabularies once you have aligned the two token sequences yourself.")
     size = _tok_size(teacher_tokenizer)
     if size > min(t_rows, s_rows):
         who = "student" if s_rows < t_rows else "teacher"
