@@ -85,7 +85,7 @@ def student_for(name: str, setting: str = "mnist1d_mlp") -> str:
 
 
 def train(model_spec, method_name: str, kwargs: dict, teacher, data, *, seed: int, epochs: int, lr: float,
-          batch_size: int, mixup: bool) -> tuple[float, float, torch.nn.Module]:
+          batch_size: int, mixup: bool) -> tuple[float, float, torch.nn.Module, float]:
     torch.manual_seed(seed)
     model = MODELS.get(model_spec[0])(data.input_shape, data.num_classes, **model_spec[1])
     method = METHODS.get(method_name)(**kwargs)
@@ -97,7 +97,8 @@ def train(model_spec, method_name: str, kwargs: dict, teacher, data, *, seed: in
               accelerator=make_accelerator("no"), augment=augment, progress=False, seed=seed, epochs=epochs, lr=lr,
               weight_decay=1e-4, log_every=10_000)
     acc = accuracy(predict_logits(res.student, data.x_test), data.y_test)
-    return acc, res.seconds / epochs, res.student
+    val = accuracy(predict_logits(res.student, data.x_val), data.y_val)  # for choosing settings, never the test split
+    return acc, res.seconds / epochs, res.student, val
 
 
 def load_partial(paths: list[Path], seeds: list[int], rerun: set[str]) -> tuple[dict, dict]:
@@ -158,8 +159,9 @@ def run_setting(args) -> dict[str, Any]:
     def done(key: str, seed: int) -> bool:
         return seed in rows.get(key, {}).get("seeds", [])
 
-    def add(key: str, acc: float, sec: float, seed: int) -> None:
-        r = rows.setdefault(key, {"acc": [], "sec": [], "seeds": []})
+    def add(key: str, acc: float, sec: float, seed: int, val: float) -> None:
+        r = rows.setdefault(key, {"acc": [], "sec": [], "seeds": [], "val": []})
+        r.setdefault("val", []).append(val)
         r["acc"].append(acc)
         r["sec"].append(sec)
         r["seeds"].append(seed)
@@ -195,10 +197,10 @@ def run_setting(args) -> dict[str, Any]:
                 if done(key, seed) and (mix or st != default_student
                                         or "gt_guided_self_distillation" not in args.methods):
                     continue
-                acc, sec, model = train(STUDENTS[st], "none", {}, None, data, seed=seed, epochs=args.epochs,
-                                        lr=args.lr, batch_size=args.batch_size, mixup=mix)
+                acc, sec, model, val = train(STUDENTS[st], "none", {}, None, data, seed=seed, epochs=args.epochs,
+                                             lr=args.lr, batch_size=args.batch_size, mixup=mix)
                 if not done(key, seed):
-                    add(key, acc, sec, seed)
+                    add(key, acc, sec, seed, val)
                 if not mix:
                     baselines[st] = model.eval()
         if "token_relation_graph" in args.methods and not all(
@@ -210,20 +212,24 @@ def run_setting(args) -> dict[str, Any]:
                 seed, accuracy(predict_logits(teachers["transformer1d"], data.x_test), data.y_test))
         for name in args.methods:
             st = student_for(name, args.setting)
-            kwargs = method_kwargs(name)
-            if name == "dkd":
+            kwargs = {**method_kwargs(name), **setting.get("method_kwargs", {}).get(name, {}),
+                      **args.overrides.get(name, {})}
+            if name == "dkd" and "warmup_steps" not in setting.get("method_kwargs", {}).get(name, {}):
                 kwargs["warmup_steps"] = int(0.2 * n_steps)  # the recipe's 20 % of training, at this budget
             teacher = {"gt_guided_self_distillation": baselines[default_student],
                        "token_relation_graph": teachers.get("transformer1d")}.get(name, teachers["cnn"])
-            for mix in variants:
-                if done(f"{name}[{st}]" + (" +mixup" if mix else ""), seed):
-                    continue
-                t0 = time.perf_counter()
-                acc, sec, _ = train(STUDENTS[st], name, kwargs, teacher, data, seed=seed, epochs=args.epochs,
-                                    lr=args.lr, batch_size=args.batch_size, mixup=mix)
-                add(f"{name}[{st}]" + (" +mixup" if mix else ""), acc, sec, seed)
-                print(f"seed {seed} {name}[{st}]{' +mixup' if mix else ''}: acc {acc:.4f} "
-                      f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+            # --sweep: one row per value, labelled "name{key=value}[student]" (kept out of the summary table)
+            for label, extra in args.sweep.get(name, [("", {})]):
+                for mix in variants:
+                    key = f"{name}{label}[{st}]" + (" +mixup" if mix else "")
+                    if done(key, seed):
+                        continue
+                    t0 = time.perf_counter()
+                    acc, sec, _, val = train(STUDENTS[st], name, {**kwargs, **extra}, teacher, data, seed=seed,
+                                             epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, mixup=mix)
+                    add(key, acc, sec, seed, val)
+                    print(f"seed {seed} {key}: acc {acc:.4f} val {val:.4f} ({time.perf_counter() - t0:.1f} s)",
+                          file=sys.stderr, flush=True)
 
     results = {}
     for key, r in rows.items():
@@ -231,6 +237,7 @@ def run_setting(args) -> dict[str, Any]:
         base_key = f"baseline[{st}]" + (" +mixup" if key.endswith("+mixup") else "")
         base_sec = statistics.fmean(rows[base_key]["sec"])
         results[key] = {"test_accuracy": summary(r["acc"]), "seeds": r.get("seeds"),
+                        **({"val_accuracy": summary(r["val"])} if r.get("val") else {}),
                         "seconds_per_epoch": statistics.fmean(r["sec"]),
                         "time_vs_baseline": statistics.fmean(r["sec"]) / base_sec if base_sec > 0 else float("nan")}
     return {"teacher_test_accuracy": {k: summary([v[sd] for sd in sorted(v)]) for k, v in teacher_acc.items() if v},
@@ -252,8 +259,8 @@ def run_tabular(args) -> dict[str, Any]:
             for key, method, kw, mix in (("baseline", "none", {}, False),
                                          ("distilled", "hinton_kd", {"kd_temperature": 2.0, "alpha": 0.5}, False),
                                          ("distilled +mixup", "hinton_kd", {"kd_temperature": 2.0, "alpha": 1.0}, True)):
-                acc, _, _ = train(spec, method, kw, teacher, data, seed=seed, epochs=args.tabular_epochs, lr=3e-3,
-                                  batch_size=32, mixup=mix)
+                acc, _, _, _ = train(spec, method, kw, teacher, data, seed=seed, epochs=args.tabular_epochs, lr=3e-3,
+                                     batch_size=32, mixup=mix)
                 accs[key].append(acc)
         out[name] = {k: summary(v) for k, v in accs.items()}
     return out
@@ -316,6 +323,22 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge_reports(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One report per setting: a later file's rows (e.g. a rerun of some methods) replace an earlier file's rows
+    of the same key; the later file's teacher figures and method settings are kept beside them."""
+    merged: dict[str, dict[str, Any]] = {}
+    for rep in reports:
+        have = merged.get(rep["setting"])
+        if have is None:
+            merged[rep["setting"]] = json.loads(json.dumps(rep))
+            continue
+        have["results"]["results"].update(rep["results"]["results"])
+        have.setdefault("reruns", []).append({"rows": sorted(rep["results"]["results"]),
+                                              "teacher_test_accuracy": rep["results"]["teacher_test_accuracy"],
+                                              "method_kwargs": rep["config"].get("method_kwargs", {})})
+    return list(merged.values())
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--setting", choices=sorted(SETTINGS), default="mnist1d_mlp",
@@ -331,12 +354,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="keep the measurements of interrupted runs' <out>.partial.json files (merged) and run only "
                         "the rest")
     p.add_argument("--rerun", nargs="+", default=None, help="with --resume: methods to measure again (code changed)")
+    p.add_argument("--set", dest="overrides_raw", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="override one method hyper-parameter (repeatable), e.g. dkd.beta=2 (a YAML value)")
+    p.add_argument("--sweep", dest="sweep_raw", action="append", default=[], metavar="METHOD.KEY=V1,V2,...",
+                   help="run METHOD once per value (rows 'METHOD{KEY=V}'); choose on val_accuracy, never the test split")
     p.add_argument("--markdown", type=Path, default=None, help="also write the results table as Markdown")
     p.add_argument("--from-json", type=Path, nargs="+", default=None,
                    help="only render --markdown from saved JSON files (several: per-setting tables + a summary)")
     args = p.parse_args(argv)
+    def method_value(flag: str, item: str) -> tuple[str, str, str]:
+        key, _, value = item.partition("=")
+        method, _, name = key.partition(".")
+        if not value or method not in ZOO or not name:
+            p.error(f"{flag} {item!r}: expected METHOD.KEY=VALUE[,VALUE...] with METHOD one of the zoo, e.g. dkd.beta=2")
+        return method, name, value
+
+    args.overrides, args.sweep = {}, {}
+    for item in args.overrides_raw:
+        method, name, value = method_value("--set", item)
+        args.overrides.setdefault(method, {})[name] = yaml.safe_load(value)
+    for item in args.sweep_raw:
+        method, name, values = method_value("--sweep", item)
+        args.sweep[method] = [(f"{{{name}={v}}}", {name: yaml.safe_load(v)}) for v in values.split(",")]
     if args.from_json is not None:
-        reports = [json.loads(Path(f).read_text()) for f in args.from_json]
+        reports = merge_reports([json.loads(Path(f).read_text()) for f in args.from_json])
         text = "\n".join(markdown(r) for r in reports)
         if len(reports) > 1:
             text = summary_markdown(reports) + "\n" + text
@@ -363,6 +404,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "teacher_epochs": args.teacher_epochs, "teacher": list(setting["teacher"]),
                    "student": setting["student"], "students": STUDENTS, "batch_size": args.batch_size,
                    "lr": args.lr, "mixup": args.mixup, "torch": torch.__version__,
+                   "method_kwargs": {m: {**setting.get("method_kwargs", {}).get(m, {}), **args.overrides.get(m, {})}
+                                     for m in args.methods
+                                     if setting.get("method_kwargs", {}).get(m) or args.overrides.get(m)},
                    "threads": torch.get_num_threads()},
         "results": run_setting(args),
     }
