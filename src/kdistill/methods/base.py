@@ -52,12 +52,22 @@ class SetupInfo:
 
 
 class Method(nn.Module):
-    """Base class. Subclasses set ``student_layers`` / ``teacher_layers`` (layer names to hook),
-    and the class flags ``cacheable`` (teacher targets can be precomputed offline) and
-    ``needs_teacher``."""
+    """Base class. Subclasses set ``student_layers`` / ``teacher_layers`` (layer names to hook), and the class
+    flags ``cacheable`` (teacher targets can be precomputed offline), ``needs_teacher`` and ``needs_prompts``.
+
+    What a method needs from the run it declares through the hooks below (no-op defaults), so that a task never
+    tests a method's name or reads its keyword arguments:
+
+    * ``needs_prompts``: batches of (prompt, continuation) (on-policy methods generate continuations);
+    * :meth:`prepare_batch`: rewrite a batch before the forward pass, e.g. generate from the student;
+    * :meth:`set_total_steps`: the run's number of optimizer steps (schedules);
+    * :meth:`cache_identity`: what offline teacher targets must have been written with (e.g. its temperature);
+    * ``uses_token_states`` / ``needs_pairs`` / ``fused_head``: the forward outputs and data layout it reads.
+    """
 
     cacheable: ClassVar[bool] = False
     needs_teacher: ClassVar[bool] = True
+    needs_prompts: ClassVar[bool] = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -67,6 +77,33 @@ class Method(nn.Module):
 
     def setup(self, info: SetupInfo) -> None:
         """Create shape-dependent parameters. Called once, before the optimizer is built."""
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """The run's number of optimizer steps, before training (schedules that span the run use it)."""
+
+    def prepare_batch(self, student: nn.Module, batch: dict[str, Any], *, pad_id: int | None = None,
+                      eos_id: int | None = None) -> dict[str, Any]:
+        """The batch the step trains on, given the current student (on-policy methods generate here)."""
+        return batch
+
+    def cache_identity(self) -> dict[str, Any]:
+        """What precomputed teacher targets must match to serve this method (e.g. ``{"kd_temperature": 2.0}``)."""
+        return {}
+
+    @property
+    def uses_token_states(self) -> bool:
+        """True when the forward reads per-token hidden states (``features["tokens"]``) of both models."""
+        return False
+
+    @property
+    def needs_pairs(self) -> bool:
+        """True when a batch must hold (query, candidate) pairs in consecutive rows."""
+        return False
+
+    @property
+    def fused_head(self) -> bool:
+        """True when the student forward hands over hidden states and its LM head instead of logits."""
+        return False
 
     def log(self, name: str, value: Tensor | float) -> None:
         """Record a diagnostic (not a loss term); the loop collects it with :meth:`pop_metrics`."""

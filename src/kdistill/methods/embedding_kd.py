@@ -149,6 +149,11 @@ class EmbeddingKD(Method):
         return self.token_weight > 0
 
     @property
+    def needs_pairs(self) -> bool:
+        """True with ``pair_weight > 0``: the term reads (query, candidate) rows ``[q1, c1, q2, c2, ...]``."""
+        return self.pair_weight > 0
+
+    @property
     def _pointwise(self) -> bool:  # terms that compare student vectors with teacher vectors directly
         return self.mse_weight > 0 or self.cosine_weight > 0 or self.cross_weight > 0 or self.candidate_weight > 0
 

@@ -61,6 +61,7 @@ class GKD(Method):
     """On-policy generalised-JSD distillation (see the module docstring for the formula)."""
 
     cacheable = False
+    needs_prompts = True  # it generates continuations of the batch's prompts
 
     def __init__(self, lmbda: float = 0.5, beta: float = 0.5, kd_temperature: float = 1.0,
                  sampling_temperature: float = 1.0, max_new_tokens: int | None = None, seed: int = 0,

@@ -133,6 +133,14 @@ class LLMKD(Method):
         extra = {"t": 0.5} if loss == "taid" else {}
         LOSSES[loss](probe, probe, kd_temperature=self.kd_temperature, **self.loss_kwargs, **extra)
 
+    @property
+    def fused_head(self) -> bool:
+        return self.fused
+
+    def cache_identity(self) -> dict[str, Any]:
+        """Top-k targets are stored at the loss temperature: a cache must have been written at this one."""
+        return {"kd_temperature": self.kd_temperature}
+
     def set_total_steps(self, total_steps: int) -> None:
         """Called by the task runner with the run's number of optimizer steps (TAID's linear floor)."""
         if self.schedule is not None and not self._taid_total_set:

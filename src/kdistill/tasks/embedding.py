@@ -242,17 +242,18 @@ class EmbeddingConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> EmbeddingConfig:
-        if METHODS.get(self.method.name).needs_teacher is False and self.method.name != "none":
+        cls = METHODS.get(self.method.name)
+        if not cls.needs_teacher and self.distill:
             raise ValueError(f"method {self.method.name!r} does not use a teacher; embedding distillation needs one "
-                             "(use embedding_kd)")
-        if self.student.name == "static" and float(self.method.kwargs.get("token_weight", 0) or 0) > 0:
-            raise ValueError("method.kwargs.token_weight > 0 needs a transformer student with token states (got "
-                             "student 'static', which has none): use layer_subset or narrow, or set token_weight: 0.")
-        pair_weight = float(self.method.kwargs.get("pair_weight", 0) or 0)
-        if pair_weight > 0 and not self.data.pairs:
-            raise ValueError(f"method.kwargs.pair_weight={pair_weight} trains on (query, candidate) pairs, but "
-                             "data.pairs is false, so a batch holds unrelated texts: set data.pairs: true (keep the "
-                             "training pairs together) or pair_weight: 0.")
+                             "(use embedding_kd, or distill: false for the student alone)")
+        method = cls(**self.method.kwargs)  # its declared needs, checked before any model loads
+        if self.student.name == "static" and method.uses_token_states:
+            raise ValueError(f"method {self.method.name!r} as configured reads token states (e.g. token_weight > 0), "
+                             "but student 'static' has none: use layer_subset or narrow, or drop the token term.")
+        if method.needs_pairs and not self.data.pairs:
+            raise ValueError(f"method {self.method.name!r} as configured trains on (query, candidate) pairs (e.g. "
+                             "pair_weight > 0), but data.pairs is false, so a batch holds unrelated texts: set "
+                             "data.pairs: true (keep the training pairs together) or drop the pair term.")
         return self
 
 
@@ -350,7 +351,7 @@ def _training_forwards(method: Any, teacher: SentenceEncoder, keys: list[str], *
     def cached(b: dict[str, torch.Tensor]) -> torch.Tensor:
         return b["teacher_emb"].flatten(0, 1) if pairs else b["teacher_emb"]
 
-    if not getattr(method, "uses_token_states", False):
+    if not method.uses_token_states:
         return (lambda model, b: encoder_forward(model, texts(b))), {"teacher_targets": lambda b: ModelOutput(
             logits=cached(b))}
 

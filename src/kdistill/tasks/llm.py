@@ -131,8 +131,9 @@ class LLMConfig(StrictModel):
         if self.cache is not None and not cls.cacheable:
             raise ValueError(f"method {self.method.name!r} is not cacheable (its targets depend on the student); "
                              "remove `cache:` or use llm_kd")
-        if self.method.name == "gkd" and self.data.prompt_tokens <= 0:
-            raise ValueError("method gkd needs (prompt, continuation) data: set data.prompt_tokens > 0, e.g. 32")
+        if cls.needs_prompts and self.data.prompt_tokens <= 0:
+            raise ValueError(f"method {self.method.name!r} continues prompts: set data.prompt_tokens > 0, e.g. 32, "
+                             "so each block is (prompt, continuation)")
         if self.data.prompt_tokens >= self.data.block_length - 1:
             raise ValueError(f"data.prompt_tokens ({self.data.prompt_tokens}) must be < block_length - 1")
         if self.data.sequence_kd is not None and (self.data.prompt_tokens <= 0 or self.cache is not None):
@@ -289,15 +290,17 @@ def _params(model: nn.Module) -> int:
 
 # ------------------------------------------------------------------------------------------------ run
 
-def open_cache(cfg: LLMConfig, tok: Any, train_blocks: Tensor, teacher: nn.Module):
+def open_cache(cache_dir: str | Path, *, tokenizer: Any, train_blocks: Tensor, teacher: nn.Module, k: int, dtype: str,
+               identity: dict[str, Any]):
+    """The top-k cache in ``cache_dir``, refused unless it was written for this tokenizer, data, teacher (its
+    fingerprint: config plus a strided sample and sum of every weight, milliseconds) and ``identity`` (the
+    method's :meth:`~kdistill.methods.base.Method.cache_identity` and the teacher's name)."""
     from ..teachers.cache import TopKCache, data_hash, model_fingerprint, tokenizer_hash
 
-    kd_t = float(cfg.method.kwargs.get("kd_temperature", 1.0))
-    # the teacher's fingerprint: its config and a strided sample + sum of every weight (milliseconds, no full hash)
-    expect = {"tokenizer_hash": tokenizer_hash(tok), "k": cfg.cache.k, "kd_temperature": kd_t,
-              "dtype": cfg.cache.dtype, "data_hash": data_hash(train_blocks.tolist()),
-              "teacher_fingerprint": model_fingerprint(teacher), **cache_identity(cfg)}
-    return TopKCache(cfg.cache.dir, expect=expect)
+    expect = {"tokenizer_hash": tokenizer_hash(tokenizer), "k": k, "kd_temperature": 1.0, "dtype": dtype,
+              "data_hash": data_hash(train_blocks.tolist()), "teacher_fingerprint": model_fingerprint(teacher),
+              **identity}
+    return TopKCache(cache_dir, expect=expect)
 
 
 def write_cache(cfg: LLMConfig, output: Path | None = None, *, progress: bool = True) -> Path:
@@ -312,7 +315,7 @@ def write_cache(cfg: LLMConfig, output: Path | None = None, *, progress: bool = 
     train_texts, eval_texts = corpus(cfg)
     teacher, tok = load_teacher(cfg, train_texts)
     train_blocks, _ = token_blocks(cfg, tok, train_texts, eval_texts)
-    kd_t = float(cfg.method.kwargs.get("kd_temperature", 1.0))
+    kd_t = float(METHODS.get(cfg.method.name)(**cfg.method.kwargs).cache_identity().get("kd_temperature", 1.0))
 
     def teacher_fn(ids: Tensor, attn: Tensor) -> Tensor:
         return teacher(input_ids=ids, attention_mask=attn).logits
@@ -345,7 +348,11 @@ def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
     del probe_student
 
     accelerator = make_accelerator(cfg.train.mixed_precision)
-    cache = open_cache(cfg, tok, train_blocks, teacher) if cfg.cache is not None else None
+    main_method = METHODS.get(cfg.method.name)(**cfg.method.kwargs)
+    cache = None
+    if cfg.cache is not None:
+        cache = open_cache(cfg.cache.dir, tokenizer=tok, train_blocks=train_blocks, teacher=teacher, k=cfg.cache.k,
+                           dtype=cfg.cache.dtype, identity={**main_method.cache_identity(), **cache_identity(cfg)})
     sequences_info = None
     if cache is not None:
         dataset = cache_dataset(cache)
@@ -378,16 +385,17 @@ def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
         logits = hf_forward(model, batch)
         return ModelOutput(logits if plan.is_identity else plan.align_teacher(logits))
 
-    fused = bool(cfg.method.kwargs.get("fused", False)) and cfg.method.name == "llm_kd"
-    if fused and not plan.is_identity:
-        raise KDistillError("llm_kd fused: true needs identical teacher/student vocabularies (no padded rows); "
-                            "set fused: false.")
+    if main_method.fused_head and not plan.is_identity:
+        raise KDistillError(f"method {cfg.method.name!r} with a fused head (fused: true) needs identical teacher and "
+                            "student vocabularies (no padded rows); set fused: false.")
 
-    def student_forward(model: nn.Module, batch: dict[str, Any]) -> Tensor | ModelOutput:
-        if fused and model.training:  # hidden states + LM head: the loss builds the logits chunk by chunk
-            return fused_student_output(model, batch)
-        logits = hf_forward(model, batch)
-        return logits if plan.is_identity else plan.align_student(logits)
+    def student_forward_for(method: Any):
+        def student_forward(model: nn.Module, batch: dict[str, Any]) -> Tensor | ModelOutput:
+            if method.fused_head and model.training:  # hidden states + LM head: the loss builds logits by chunks
+                return fused_student_output(model, batch)
+            logits = hf_forward(model, batch)
+            return logits if plan.is_identity else plan.align_student(logits)
+        return student_forward
 
     def targets(batch: dict[str, Any]) -> ModelOutput:
         return ModelOutput(None, extra={"topk_logprobs": batch["topk_logprobs"], "topk_indices": batch["topk_indices"],
@@ -402,10 +410,9 @@ def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
             shutil.rmtree(work)
         student = build_student(cfg, teacher)   # the same initial weights for baseline and student
         method = METHODS.get(method_spec.name)(**method_spec.kwargs)
-        if hasattr(method, "set_total_steps"):
-            method.set_total_steps(total_steps * cfg.train.grad_accum)
+        method.set_total_steps(total_steps * cfg.train.grad_accum)
         augment = None
-        if method_spec.name == "gkd":
+        if method.needs_prompts:  # it rewrites each batch from the current student (on-policy generation)
             pad = int(tok.pad_token_id) if tok.pad_token_id is not None else None
 
             def augment(batch: dict[str, Any], rng: Any) -> dict[str, Any]:
@@ -416,7 +423,7 @@ def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
                   accelerator=accelerator,
                   teacher=teacher if uses_teacher and cache is None else None,
                   teacher_targets=targets if uses_teacher and cache is not None else None,
-                  student_forward=student_forward, teacher_forward=teacher_forward, augment=augment,
+                  student_forward=student_forward_for(method), teacher_forward=teacher_forward, augment=augment,
                   evaluate=evaluate, output_dir=work, resume=ctx.resume, phase=name, progress=ctx.progress,
                   seed=cfg.seed, **cfg.train.model_dump(exclude={"batch_size", "mixed_precision"}))
         if accelerator.is_main_process:
