@@ -18,7 +18,6 @@ from .errors import KDistillError
 from .recipes import list_recipes
 from .registry import DATASETS, METHODS, MODELS, TASKS
 
-
 #: the metric each task's summary table shows (the report holds them all)
 _SUMMARY_METRIC = {"classification": "accuracy", "tabular": "accuracy", "blackbox": "accuracy",
                    "llm": "perplexity", "embedding": "recall_at_1"}

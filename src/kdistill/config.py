@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError, close_matches
-from .registry import AUGMENTS, METHODS, TASKS, Registry
+from .registry import AUGMENTS, METHODS, TASKS
 
 
 class StrictModel(BaseModel):
@@ -87,16 +87,6 @@ class AugmentSpec(NamedSpec):
     def _validate(self) -> AugmentSpec:
         check_kwargs("augmentation", self.name, AUGMENTS.get(self.name), self.kwargs, provided=("num_classes",))
         return self
-
-
-def registry_spec(registry: Registry, provided: Sequence[str] = ()) -> Callable[[NamedSpec], NamedSpec]:
-    """Validator factory: the spec's name must be in ``registry`` and its kwargs fit the factory."""
-
-    def check(spec: NamedSpec) -> NamedSpec:
-        check_kwargs(registry.kind, spec.name, registry.get(spec.name), spec.kwargs, provided)
-        return spec
-
-    return check
 
 
 class TrainSpec(StrictModel):

@@ -1,9 +1,9 @@
 import json
 
+import torch
+
 from kdistill.eval.metrics import agreement, classification_metrics, latency_ms
 from kdistill.eval.report import comparison_rows, verdicts, write_report
-
-import torch
 
 
 def fake_report():

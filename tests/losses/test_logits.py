@@ -6,7 +6,12 @@ import torch.nn.functional as F
 
 from kdistill.errors import KDistillError
 from kdistill.losses import (
-    cross_entropy, forward_kl, generalized_jsd, masked_mean, reverse_kl, soft_cross_entropy,
+    cross_entropy,
+    forward_kl,
+    generalized_jsd,
+    masked_mean,
+    reverse_kl,
+    soft_cross_entropy,
 )
 
 

@@ -11,7 +11,7 @@ from kdistill.errors import KDistillError
 from kdistill.losses import logits as L
 from kdistill.losses.reduce import kd_scale
 from kdistill.methods.base import ModelOutput
-from kdistill.methods.llm_kd import LOSSES, LLMKD
+from kdistill.methods.llm_kd import LLMKD, LOSSES
 
 
 def _grad_norm(name: str, kd_temperature: float, power: int) -> float:

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from kdistill.errors import KDistillError
-
 from kdistill.losses.relations import contrastive_nce
 from kdistill.methods.base import ModelOutput, SetupInfo
 from kdistill.methods.crd import CRD

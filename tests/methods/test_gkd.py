@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kdistill.data.classification import make_loader
@@ -14,8 +15,6 @@ from kdistill.methods.gkd import GKD
 from kdistill.students.llm import layer_subset_copy
 from kdistill.teachers.tiny import tiny_llama
 from kdistill.train import fit, make_accelerator
-
-import pytest
 
 V = 64
 

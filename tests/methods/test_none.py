@@ -2,11 +2,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kdistill.data import TensorDictDataset, make_loader
 from kdistill.methods.base import ModelOutput
 from kdistill.methods.none import NoTeacher
-from kdistill.train import fit, make_accelerator
-from kdistill.data import TensorDictDataset, make_loader
 from kdistill.models import build_mlp
+from kdistill.train import fit, make_accelerator
 
 from ._tiny import tiny_data
 

@@ -1,11 +1,10 @@
-import json
 
 import pytest
 import torch
 
 from kdistill import run
-from kdistill.errors import ConfigError
 from kdistill.config import load_config
+from kdistill.errors import ConfigError
 from kdistill.train.checkpoint import load_state_dict
 
 RECIPE = {

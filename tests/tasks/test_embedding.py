@@ -1,7 +1,7 @@
 import json
-import torch
 
 import pytest
+import torch
 
 from kdistill.config import load_config
 from kdistill.errors import ConfigError
@@ -97,7 +97,6 @@ def test_no_progress_hides_the_hugging_face_loading_bars(tmp_path):
 
 
 def test_static_least_squares_projection_moves_student_towards_teacher():
-    import torch
 
     from kdistill.students.encoders import tiny_corpus, tiny_encoder
     from kdistill.tasks.embedding import build_static

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -131,7 +130,7 @@ def test_fingerprints():
     with torch.no_grad():
         b.head.bias[3] += 1e-3
     assert model_fingerprint(a) != model_fingerprint(b)
-    tokenizers = pytest.importorskip("tokenizers")
+    pytest.importorskip("tokenizers")
     from tokenizers import Tokenizer, models
     t1 = Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
     t2 = Tokenizer(models.WordLevel({"a": 0, "c": 1, "[UNK]": 2}, unk_token="[UNK]"))

@@ -5,7 +5,8 @@ import httpx
 import pytest
 
 from kdistill.errors import KDistillError
-from kdistill.teachers.serve import ServeLimits, serve as serve_fn
+from kdistill.teachers.serve import ServeLimits
+from kdistill.teachers.serve import serve as serve_fn
 
 
 def chat(h, **kw):

@@ -3,8 +3,15 @@ import pytest
 import torch
 
 from kdistill.errors import KDistillError
-from kdistill.train.checkpoint import (CheckpointManager, flatten_state, load_state_dict, rng_state,
-                                       save_state_dict_atomic, set_rng_state, unflatten_state)
+from kdistill.train.checkpoint import (
+    CheckpointManager,
+    flatten_state,
+    load_state_dict,
+    rng_state,
+    save_state_dict_atomic,
+    set_rng_state,
+    unflatten_state,
+)
 
 
 def test_nested_state_roundtrip_without_pickle():

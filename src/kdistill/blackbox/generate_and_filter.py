@@ -16,7 +16,6 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-
 from ..errors import expect
 from ..teachers.api import APITeacher
 from .data import TextData

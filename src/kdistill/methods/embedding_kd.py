@@ -79,8 +79,16 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import KDistillError, expect
-from ..losses.embeddings import (cosine, embedding_mse, listwise_kl, margin_mse, rkd_angle, rkd_distance,
-                                similarity, token_cosine)
+from ..losses.embeddings import (
+    cosine,
+    embedding_mse,
+    listwise_kl,
+    margin_mse,
+    rkd_angle,
+    rkd_distance,
+    similarity,
+    token_cosine,
+)
 from ..losses.reduce import masked_mean
 from ..losses.relations import contrastive_nce
 from ..modules.banks import FifoQueue

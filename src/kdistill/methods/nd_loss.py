@@ -29,8 +29,7 @@ from ..errors import KDistillError
 from ..losses.reduce import masked_mean
 from ..losses.relations import nd_loss
 from ..registry import METHODS
-from ._zoo import (feature, flat_size, kd_and_ce_terms, labels_of, non_negative, positive, row_mask,
-                   teacher_pass)
+from ._zoo import feature, flat_size, kd_and_ce_terms, labels_of, non_negative, positive, row_mask, teacher_pass
 from .base import Method, ModelOutput, SetupInfo, require_teacher
 
 

@@ -1,10 +1,12 @@
 """Task runners; importing this module registers every task in ``TASKS``."""
 
-from . import classification  # noqa: F401
-from . import blackbox  # noqa: F401
-from . import embedding  # noqa: F401
-from . import llm  # noqa: F401
-from . import tabular  # noqa: F401
+from . import (
+    blackbox,  # noqa: F401
+    classification,  # noqa: F401
+    embedding,  # noqa: F401
+    llm,  # noqa: F401
+    tabular,  # noqa: F401
+)
 from .base import RunContext, Task
 
 __all__ = ["RunContext", "Task"]

@@ -23,8 +23,8 @@ from ..data.classification import ClassificationData, TensorDictDataset, load_da
 from ..eval.metrics import agreement, classification_metrics, model_latency_ms
 from ..eval.report import write_report
 from ..exporters.classifier import load_classifier, save_classifier
-from ..models.classifiers import count_params, predict_logits
 from ..methods.base import ModelOutput
+from ..models.classifiers import count_params, predict_logits
 from ..registry import DATASETS, METHODS, MODELS, TASKS
 from ..train.checkpoint import load_state_dict, write_json_atomic
 from ..train.loop import fit, make_accelerator

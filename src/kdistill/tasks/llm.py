@@ -11,7 +11,6 @@ Hugging Face folders (``save_pretrained`` + tokenizer) under ``<output>/student`
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -30,11 +29,11 @@ from ..errors import KDistillError
 from ..eval.report import write_report
 from ..losses.topk import teacher_topk, topk_loss
 from ..methods.base import ModelOutput
+from ..models.classifiers import count_params
 from ..registry import METHODS, TASKS
 from ..train.checkpoint import write_json_atomic
 from ..train.loop import fit, make_accelerator
 from .base import RunContext, Task
-from ..models.classifiers import count_params
 
 
 class LMTeacherSpec(StrictModel):

@@ -231,7 +231,6 @@ def fit(
     log_every: int = 50,
     checkpoint_every: int = 0,
     tensorboard: bool = False,
-    setup_extra: dict[str, Any] | None = None,
 ) -> FitResult:
     """Train ``student`` (and ``method``'s own parameters) against ``teacher`` or ``teacher_targets``.
 
@@ -256,7 +255,7 @@ def fit(
     student.to(device)
     probe_batch = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in next(iter(train_loader)).items()}
     info = probe(student, method, probe_batch, student_forward, teacher_fn, len(train_loader.dataset),
-                 train_loader=train_loader, teacher_targets_fn=teacher_fn, device=device, **(setup_extra or {}))
+                 train_loader=train_loader, teacher_targets_fn=teacher_fn, device=device)
     method.setup(info)
     method.to(device)
 
