@@ -15,6 +15,7 @@ demo: $(STAMP)
 	$(BIN)/kdistill run
 
 test: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -x --durations=15
 
 test-fast: $(STAMP)

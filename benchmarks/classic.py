@@ -204,7 +204,8 @@ def run_setting(args) -> dict[str, Any]:
                 if not mix:
                     baselines[st] = model.eval()
         if "token_relation_graph" in args.methods and not all(
-                done("token_relation_graph[transformer1d]" + sfx, seed) for sfx in [" +mixup" if m else "" for m in variants]):
+                done("token_relation_graph[transformer1d]" + sfx, seed)
+                for sfx in [" +mixup" if m else "" for m in variants]):
             teachers["transformer1d"] = train(SEQ_TEACHER, "none", {}, None, data, seed=1000 + seed,
                                               epochs=args.teacher_epochs, lr=1e-3, batch_size=args.batch_size,
                                               mixup=False)[2].eval()
@@ -258,7 +259,8 @@ def run_tabular(args) -> dict[str, Any]:
             spec = ("mlp", {"width": 64, "depth": 2})
             for key, method, kw, mix in (("baseline", "none", {}, False),
                                          ("distilled", "hinton_kd", {"kd_temperature": 2.0, "alpha": 0.5}, False),
-                                         ("distilled +mixup", "hinton_kd", {"kd_temperature": 2.0, "alpha": 1.0}, True)):
+                                         ("distilled +mixup", "hinton_kd", {"kd_temperature": 2.0, "alpha": 1.0},
+                                          True)):
                 acc, _, _, _ = train(spec, method, kw, teacher, data, seed=seed, epochs=args.tabular_epochs, lr=3e-3,
                                      batch_size=32, mixup=mix)
                 accs[key].append(acc)
@@ -357,7 +359,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--set", dest="overrides_raw", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="override one method hyper-parameter (repeatable), e.g. dkd.beta=2 (a YAML value)")
     p.add_argument("--sweep", dest="sweep_raw", action="append", default=[], metavar="METHOD.KEY=V1,V2,...",
-                   help="run METHOD once per value (rows 'METHOD{KEY=V}'); choose on val_accuracy, never the test split")
+                   help="run METHOD once per value (rows 'METHOD{KEY=V}'); choose on val_accuracy, never the "
+                        "test split")
     p.add_argument("--markdown", type=Path, default=None, help="also write the results table as Markdown")
     p.add_argument("--from-json", type=Path, nargs="+", default=None,
                    help="only render --markdown from saved JSON files (several: per-setting tables + a summary)")
@@ -366,7 +369,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         key, _, value = item.partition("=")
         method, _, name = key.partition(".")
         if not value or method not in ZOO or not name:
-            p.error(f"{flag} {item!r}: expected METHOD.KEY=VALUE[,VALUE...] with METHOD one of the zoo, e.g. dkd.beta=2")
+            p.error(f"{flag} {item!r}: expected METHOD.KEY=VALUE[,VALUE...] with METHOD one of the zoo, "
+                    "e.g. dkd.beta=2")
         return method, name, value
 
     args.overrides, args.sweep = {}, {}

@@ -216,8 +216,8 @@ def main() -> None:
 
     # ---- kdistill static -----------------------------------------------------------------------------
     log("kdistill: minilm_to_static")
-    rep = api.run("embedding/minilm_to_static", output=out / "kd_static", overrides=common + ["eval.eval_untrained=true"],
-                  progress=False, quiet=True)
+    rep = api.run("embedding/minilm_to_static", output=out / "kd_static",
+                  overrides=common + ["eval.eval_untrained=true"], progress=False, quiet=True)
     models["kdistill_static"] = load_student(out / "kd_static" / "student")
     extra["kdistill_static"] = {"train_seconds": rep["student"]["train_seconds"],
                                 "st_export_max_abs_diff": rep["export"]["st_max_abs_diff"],

@@ -72,10 +72,12 @@ def main() -> None:
     V = 8192
     torch.manual_seed(0)
     tcfg = LlamaConfig(vocab_size=V, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       tie_word_embeddings=True)
     teacher = LlamaForCausalLM(tcfg).eval().requires_grad_(False)
     scfg = LlamaConfig(vocab_size=V, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       tie_word_embeddings=True)
     student = LlamaForCausalLM(scfg).train()
     ids = torch.randint(0, V, (args.batch, args.length))
     labels = torch.full_like(ids, -100)
@@ -206,8 +208,8 @@ def make_trl_step(args):
             cfg = GKDConfig(output_dir=out_dir, per_device_train_batch_size=n, gradient_accumulation_steps=1,
                             max_steps=1, lmbda=0.0, beta=0.0, temperature=2.0, learning_rate=1e-5,
                             lr_scheduler_type="constant", logging_steps=10_000, save_strategy="no", report_to=[],
-                            use_cpu=True, bf16=False, fp16=False, disable_dropout=True, dataloader_num_workers=0, disable_tqdm=True,
-                            max_length=batch["input_ids"].shape[1])
+                            use_cpu=True, bf16=False, fp16=False, disable_dropout=True, dataloader_num_workers=0,
+                            disable_tqdm=True, max_length=batch["input_ids"].shape[1])
             timer = StepTimer()
             state["timer"] = timer
             state["trainer"] = GKDTrainer(model=student, teacher_model=teacher, args=cfg, train_dataset=rows,

@@ -93,7 +93,8 @@ def test_resume_after_kill_9_matches_uninterrupted(tmp_path):
     recipe = write_recipe(tmp_path, epochs=12)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "kdistill.cli", "run", str(recipe), "--no-progress"]
-    ref = subprocess.run(cmd + ["--output", str(tmp_path / "ref")], env=env, capture_output=True, text=True, timeout=300)
+    ref = subprocess.run(cmd + ["--output", str(tmp_path / "ref")], env=env, capture_output=True, text=True,
+                         timeout=300)
     assert ref.returncode == 0, ref.stderr[-2000:]
 
     out = tmp_path / "killed"

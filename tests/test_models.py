@@ -6,7 +6,8 @@ from kdistill.models import build_cnn, build_mlp, count_params
 
 
 def test_width_depth_knobs_change_size():
-    small, wide, deep = build_mlp((40,), 10, width=32, depth=1), build_mlp((40,), 10, width=64, depth=1), build_mlp((40,), 10, width=32, depth=3)
+    small, wide, deep = (build_mlp((40,), 10, width=32, depth=1), build_mlp((40,), 10, width=64, depth=1),
+                         build_mlp((40,), 10, width=32, depth=3))
     assert count_params(small) < count_params(wide) and count_params(small) < count_params(deep)
     assert count_params(build_mlp((40,), 10, width=128, depth=2)) == 40 * 128 + 128 + 128 * 128 + 128 + 128 * 10 + 10
 

@@ -39,7 +39,8 @@ def _print_summary(report: dict[str, Any], output: Path) -> None:
     timed = all(r["latency_ms"] == r["latency_ms"] and r["latency_ms"] is not None for r in rows)
     table = Table(title=f"kdistill: {report['recipe']} (seed {report['seed']}, {report.get('wall_seconds', 0):.0f} s)")
     cols = ["model", metric.replace("_", " "), "params"]
-    cols += [f"ms/batch of {report.get('latency_batch_size', '')}", "compression", "speed-up"] if timed else ["compression"]
+    cols += ([f"ms/batch of {report.get('latency_batch_size', '')}", "compression", "speed-up"] if timed
+             else ["compression"])
     cols.append("vs baseline")
     for col in cols:
         table.add_column(col, justify="left" if col == "model" else "right")
@@ -156,7 +157,8 @@ def _launch(recipe: Any, out: Path, overrides: Sequence[str], resume: bool, npro
             raise KDistillError(reported[0].read_text())
     if proc.returncode != 0:
         raise KDistillError(f"run --nproc {nproc}: torchrun exited with code {proc.returncode}; a process failed "
-                            "(its messages are above). Fix what they report, then run again (add --resume to continue).")
+                            "(its messages are above). Fix what they report, then run again "
+                            "(add --resume to continue).")
     return json.loads((out / "report.json").read_text())
 
 

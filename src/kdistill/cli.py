@@ -24,7 +24,8 @@ def _fail(e: Exception) -> None:
 
 @app.command("run")
 def run_cmd(
-    config: Annotated[Optional[str], typer.Argument(help="Recipe file or built-in name (default: classic/mnist1d).")] = None,
+    config: Annotated[Optional[str],
+                      typer.Argument(help="Recipe file or built-in name (default: classic/mnist1d).")] = None,
     overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value overrides, e.g. train.epochs=5")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run folder (default runs/<name>).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed (overrides the recipe's).")] = None,
@@ -91,7 +92,9 @@ def list_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print JSON (f
 
 
 @app.command("eval")
-def eval_cmd(checkpoint: Annotated[Path, typer.Argument(help="A model folder (e.g. runs/x/student) or a run folder.")]) -> None:
+def eval_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="A model folder (e.g. runs/x/student) or a run folder.")],
+) -> None:
     """Evaluate a saved student on its dataset's test split."""
     try:
         typer.echo(json.dumps(api.evaluate(checkpoint), indent=2))
@@ -115,7 +118,8 @@ def export_cmd(
 def cache_cmd(
     config: Annotated[str, typer.Argument(help="An llm recipe file or built-in name (e.g. llm/smollm2_kjv).")],
     overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value overrides")] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Cache folder (default: the recipe's cache.dir).")] = None,
+    output: Annotated[Optional[Path],
+                      typer.Option("--output", "-o", help="Cache folder (default: the recipe's cache.dir).")] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide progress.")] = False,
 ) -> None:
     """Run the teacher once and store its top-k log-probs (resumable, verified) for training without it."""
@@ -128,15 +132,18 @@ def cache_cmd(
 
 @app.command("serve")
 def serve_cmd(
-    model: Annotated[str, typer.Argument(help="Zoo name (smollm2-135m), a saved Hugging Face causal LM folder, or (online) a hub id.")],
+    model: Annotated[str, typer.Argument(help="Zoo name (smollm2-135m), a saved Hugging Face causal LM folder, "
+                                              "or (online) a hub id.")],
     host: Annotated[str, typer.Option(help="Bind address (loopback by default).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port (1-65535).")] = 8000,
-    api_key_env: Annotated[Optional[str], typer.Option(help="NAME of the env var holding a bearer token clients must send (not the token).")] = None,
+    api_key_env: Annotated[Optional[str], typer.Option(help="NAME of the env var holding a bearer token clients "
+                                                            "must send (not the token).")] = None,
     max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for (>= 1).")] = 512,
     max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt accepted (tokens, >= 1).")] = 2048,
     max_request_bytes: Annotated[int, typer.Option(help="Largest request body accepted (bytes, >= 1).")] = 1_000_000,
     max_batch_size: Annotated[int, typer.Option(help="Sequences decoded together in one batch (>= 1).")] = 8,
-    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (>= 1; 1 helps on a busy, shared CPU).")] = None,
+    threads: Annotated[Optional[int],
+                       typer.Option(help="torch CPU threads (>= 1; 1 helps on a busy, shared CPU).")] = None,
 ) -> None:
     """Serve a local causal LM over an OpenAI-compatible HTTP API (for black-box distillation).
     Options are checked before the model loads; a bad one exits with code 2 and one line."""

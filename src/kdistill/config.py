@@ -37,7 +37,8 @@ def check_kwargs(kind: str, name: str, factory: Callable[..., Any], kwargs: Mapp
                                                                inspect.Parameter.VAR_KEYWORD)]
     for key in kwargs:
         if key in provided:
-            raise ConfigError(f"{kind} {name!r}: argument {key!r} is set by kdistill itself; remove it from the recipe.")
+            raise ConfigError(f"{kind} {name!r}: argument {key!r} is set by kdistill itself; "
+                              "remove it from the recipe.")
         if key not in params and not accepts_any:
             m = close_matches(key, [a for a in allowed if a not in provided])
             hint = f" Did you mean {' or '.join(repr(x) for x in m)}?" if m else ""
@@ -205,7 +206,8 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
             if nxt is None:
                 nxt = {}
             if not isinstance(nxt, dict):
-                raise ConfigError(f"override {text!r}: {part!r} holds {nxt!r}, not a section; cannot set a key inside it.")
+                raise ConfigError(f"override {text!r}: {part!r} holds {nxt!r}, not a section; "
+                                  "cannot set a key inside it.")
             cur[part] = nxt
             cur = nxt
         cur[path[-1]] = value

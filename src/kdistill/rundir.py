@@ -64,7 +64,8 @@ def prepare_run_folder(output: str | Path, config: dict[str, Any], *, resume: bo
     ``"nothing to resume"``. Raises :class:`KDistillError` when the folder cannot be used."""
     out = Path(output)
     if out.exists() and not out.is_dir():
-        raise KDistillError(f"output {str(out)!r} is a file; expected a folder for the run. Fix: choose another --output.")
+        raise KDistillError(f"output {str(out)!r} is a file; expected a folder for the run. "
+                            "Fix: choose another --output.")
     present = out.is_dir() and any(out.iterdir())
     is_run = present and any((out / m).exists() for m in RUN_MARKERS)
     if present and not is_run:

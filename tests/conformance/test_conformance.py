@@ -209,7 +209,8 @@ def test_tvd(name):
 
 @pytest.mark.parametrize("name", _cases("taid"))
 def test_taid(name):
-    """TAID(t) = KL(softmax(((1 - t) sg(z_s) + t z_t) / T) || softmax(z_s / T)) at t = 0.3 and 1.0 (t = 1 is forward KL).
+    """TAID(t) = KL(softmax(((1 - t) sg(z_s) + t z_t) / T) || softmax(z_s / T)) at t = 0.3 and 1.0
+    (t = 1 is forward KL).
 
     Checked against the TAID authors' code (SakanaAI ``TAID.compute_loss``: ``(1 - t) * logits.detach() + t *
     teacher_logits``, softmax, then their ``forward_kl``): same interpolation in logit space with the student

@@ -37,12 +37,12 @@ def test_bank_size_from_num_train_and_state_dict():
     assert m.teacher_bank.items.shape == (100, 8)
     assert "teacher_bank.items" in m.state_dict() and "student_bank.ptr" in m.state_dict()
     m.train()
-    m(ModelOutput(torch.randn(4, 3), {"embed": torch.randn(4, 5)}), ModelOutput(torch.randn(4, 3), {"embed": torch.randn(4, 7)}),
-      {"labels": torch.zeros(4).long()})
+    m(ModelOutput(torch.randn(4, 3), {"embed": torch.randn(4, 5)}),
+      ModelOutput(torch.randn(4, 3), {"embed": torch.randn(4, 7)}), {"labels": torch.zeros(4).long()})
     assert int(m.teacher_bank.filled) == 4
     m.eval()
-    m(ModelOutput(torch.randn(4, 3), {"embed": torch.randn(4, 5)}), ModelOutput(torch.randn(4, 3), {"embed": torch.randn(4, 7)}),
-      {"labels": torch.zeros(4).long()})
+    m(ModelOutput(torch.randn(4, 3), {"embed": torch.randn(4, 5)}),
+      ModelOutput(torch.randn(4, 3), {"embed": torch.randn(4, 7)}), {"labels": torch.zeros(4).long()})
     assert int(m.teacher_bank.filled) == 4  # evaluation never writes the bank
 
 

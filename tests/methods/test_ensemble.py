@@ -44,5 +44,6 @@ def test_discriminator_and_teacher_ensemble_fit(zoo):
     assert set(losses) == {"kd", "adversarial"}
     zoo["assert_grads"](losses, s, t, m)
     res, t, before = zoo["fit3"](Ensemble(discriminator_weight=0.5, ce_weight=0.5),
-                                 teacher_model=TeacherEnsemble([zoo["tiny_model"]("cnn", 2), zoo["tiny_model"]("cnn", 4)]))
+                                 teacher_model=TeacherEnsemble([zoo["tiny_model"]("cnn", 2),
+                                                                zoo["tiny_model"]("cnn", 4)]))
     zoo["assert_fit_ok"](res, t, before)

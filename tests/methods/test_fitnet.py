@@ -13,7 +13,8 @@ def test_projector_shapes_and_zero_hint_when_matched():
     f_s = torch.randn(4, 16)
     proj = m.projector(f_s)
     assert proj.shape == (4, 8, 20)
-    terms = m(ModelOutput(torch.randn(4, 10), {"blocks.0": f_s}), ModelOutput(torch.randn(4, 10), {"blocks.1": proj.detach()}),
+    terms = m(ModelOutput(torch.randn(4, 10), {"blocks.0": f_s}),
+              ModelOutput(torch.randn(4, 10), {"blocks.1": proj.detach()}),
               {"labels": torch.zeros(4, dtype=torch.long)})
     assert terms["hint"].item() < 1e-10
 

@@ -70,6 +70,6 @@ def test_exact_means_in_fit_gradients_reach_projector(zoo):
     with torch.no_grad(), capture(t, ["embed"]) as feats:
         t(data["inputs"])
     emb = feats["embed"]
-    expected = torch.stack([emb[data["labels"] == c].mean(0) if (data["labels"] == c).any() else torch.zeros(emb.shape[1])
-                            for c in range(10)])
+    expected = torch.stack([emb[data["labels"] == c].mean(0) if (data["labels"] == c).any()
+                            else torch.zeros(emb.shape[1]) for c in range(10)])
     torch.testing.assert_close(res.method.class_means(), expected, rtol=1e-4, atol=1e-5)

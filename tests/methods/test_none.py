@@ -13,7 +13,8 @@ from ._tiny import tiny_data
 
 def test_is_cross_entropy_and_needs_no_teacher():
     s, y = torch.randn(6, 4), torch.randint(0, 4, (6,))
-    assert NoTeacher()(ModelOutput(s), None, {"labels": y})["ce"].item() == pytest.approx(F.cross_entropy(s, y).item(), rel=1e-6)
+    assert (NoTeacher()(ModelOutput(s), None, {"labels": y})["ce"].item()
+            == pytest.approx(F.cross_entropy(s, y).item(), rel=1e-6))
     assert NoTeacher.needs_teacher is False
 
 

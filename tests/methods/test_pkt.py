@@ -31,7 +31,8 @@ def test_zero_for_same_cosine_geometry_any_width():
 def test_method_and_fit(zoo):
     fs, ft = torch.randn(4, 3), torch.randn(4, 6)
     out = PKT(pkt_weight=5.0, ce_weight=0.0)(ModelOutput(torch.randn(4, 2), {"embed": fs}),
-                                             ModelOutput(torch.randn(4, 2), {"embed": ft}), {"labels": torch.zeros(4).long()})
+                                             ModelOutput(torch.randn(4, 2), {"embed": ft}),
+                                             {"labels": torch.zeros(4).long()})
     assert out["pkt"].item() == pytest.approx(5.0 * pkt(fs, ft).mean().item(), rel=1e-5)
     losses, s, t = zoo["one_backward"](PKT())
     zoo["assert_grads"](losses, s, t)

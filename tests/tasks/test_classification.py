@@ -10,7 +10,8 @@ from kdistill.train.checkpoint import load_state_dict
 RECIPE = {
     "name": "tiny", "task": "classification", "seed": 1,
     "data": {"name": "wine"},
-    "teacher": {"model": {"name": "mlp", "kwargs": {"width": 32}}, "train": {"epochs": 8, "batch_size": 16, "lr": 0.01}},
+    "teacher": {"model": {"name": "mlp", "kwargs": {"width": 32}},
+                "train": {"epochs": 8, "batch_size": 16, "lr": 0.01}},
     "student": {"name": "mlp", "kwargs": {"width": 4, "depth": 1}},
     "method": {"name": "hinton_kd", "kwargs": {"kd_temperature": 2.0}},
     "train": {"epochs": 3, "batch_size": 16, "lr": 0.01},

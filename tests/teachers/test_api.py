@@ -72,7 +72,8 @@ def test_500s_and_malformed_bodies_are_retried(serve):
 
 def test_timeouts_are_retried(serve):
     h = serve(faults=Faults(delay_every=3, delay_s=6.0))
-    t = APITeacher(h.base_url, "tiny-llama", timeout=2.0, backoff_base=0.01, backoff_max=0.05, max_retries=30)  # see test_500s_and_malformed_bodies_are_retried
+    # see test_500s_and_malformed_bodies_are_retried
+    t = APITeacher(h.base_url, "tiny-llama", timeout=2.0, backoff_base=0.01, backoff_max=0.05, max_retries=30)
     out = t.run(reqs(6))
     assert all(r.ok for r in out)
     assert t.cost()["retries"] >= 1

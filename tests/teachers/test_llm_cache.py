@@ -28,7 +28,8 @@ class ToyLM(nn.Module):
 
 def _seqs(n=10, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, V, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
+    return [torch.randint(0, V, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
 
 
 def _write(path, model, seqs, fingerprint_of=None, **kw):

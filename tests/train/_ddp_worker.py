@@ -1,7 +1,7 @@
 """Run by tests/train/test_distributed.py under `torchrun --nproc_per_node N` (and once with N=1).
 
-Trains an MLP student with fitnet for a few steps with global batch ``B`` (split across the processes) and writes the final
-student weights (rank 0) to ``OUT``. No batch norm / dropout: the update must not depend on how the
+Trains an MLP student with fitnet for a few steps with global batch ``B`` (split across the processes) and writes
+the final student weights (rank 0) to ``OUT``. No batch norm / dropout: the update must not depend on how the
 global batch is split across processes.
 """
 

@@ -56,7 +56,8 @@ def test_naive_mean_of_means_would_differ():
 
 def test_batch_count_uses_mask():
     assert batch_count({"inputs": torch.zeros(5, 3)}) == 5
-    assert batch_count({"inputs": torch.zeros(2, 3), "mask": torch.tensor([[True, False, True], [False, False, True]])}) == 3
+    assert batch_count({"inputs": torch.zeros(2, 3),
+                        "mask": torch.tensor([[True, False, True], [False, False, True]])}) == 3
 
 
 def test_resume_equals_uninterrupted(tmp_path, interrupt_at):
@@ -70,7 +71,8 @@ def test_resume_equals_uninterrupted(tmp_path, interrupt_at):
     for (k, a), b in zip(full.student.state_dict().items(), resumed.student.state_dict().values()):
         assert torch.equal(a, b), k
     # the metrics log holds each step once
-    steps = [__import__("json").loads(ln)["step"] for ln in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    steps = [__import__("json").loads(ln)["step"]
+             for ln in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps))
 
 

@@ -5,7 +5,8 @@ LLM annotation: the teacher gets an instruction listing the fixed label set and 
 label. A strict parser accepts an answer only when it names exactly one label (malformed answers are
 counted, never guessed). When the server returns ``top_logprobs``, the first answer token's
 distribution is mapped onto the labels whose names begin with that token and renormalised: a soft
-label ``q(c | x)`` (kept when the label tokens hold at least ``min_label_mass`` of that position). The student is trained with soft cross-entropy on ``q`` (soft) or on the parsed
+label ``q(c | x)`` (kept when the label tokens hold at least ``min_label_mass`` of that position).
+The student is trained with soft cross-entropy on ``q`` (soft) or on the parsed
 label (one-hot); texts without a usable answer are left out and counted.
 """
 

@@ -11,4 +11,5 @@ from .classification import (
     make_loader,
 )
 
-__all__ = ["ClassificationData", "EpochSampler", "NeighbourGroupSampler", "TensorDictDataset", "debian_files", "load_dataset", "make_loader"]
+__all__ = ["ClassificationData", "EpochSampler", "NeighbourGroupSampler", "TensorDictDataset", "debian_files",
+           "load_dataset", "make_loader"]

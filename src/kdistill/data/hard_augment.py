@@ -50,7 +50,8 @@ def _augment(x: Tensor, op: str, rng: np.random.Generator, strength: float) -> T
         last = x.shape[-1]
         max_shift = max(1, int(round(0.25 * strength * last)))
         shifts = rng.integers(-max_shift, max_shift + 1, b)
-        idx = (torch.arange(last, device=x.device).unsqueeze(0) - torch.as_tensor(shifts, device=x.device).unsqueeze(1)) % last
+        idx = (torch.arange(last, device=x.device).unsqueeze(0)
+               - torch.as_tensor(shifts, device=x.device).unsqueeze(1)) % last
         idx = idx.view(b, *([1] * (x.dim() - 2)), last).expand_as(x)
         return torch.gather(x, -1, idx)
     elif op == "mask":

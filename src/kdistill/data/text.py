@@ -32,7 +32,8 @@ class Pair:
 
 @functools.lru_cache(maxsize=4)
 def _wordnet_rows(pos: tuple[str, ...]) -> tuple[tuple[str, tuple[str, ...], str, str], ...]:
-    files = {f.rsplit(".", 1)[1]: f for f in debian_files("wordnet-base") if re.search(r"/data\.(noun|verb|adj|adv)$", f)}
+    files = {f.rsplit(".", 1)[1]: f for f in debian_files("wordnet-base")
+             if re.search(r"/data\.(noun|verb|adj|adv)$", f)}
     rows = []
     for p in pos:
         if p not in files:

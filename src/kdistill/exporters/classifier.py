@@ -56,7 +56,8 @@ def export_classifier(source: str | Path, out: str | Path, example: torch.Tensor
     """Copy the student (weights + config only, no method parameters) to ``out``, reload it and compare
     outputs with the source on ``example`` inputs (random ones if none). Returns the check's figures."""
     model, meta = load_classifier(source)
-    extra = {k: v for k, v in meta.items() if k not in ("format", "model", "kwargs", "input_shape", "num_classes", "params")}
+    extra = {k: v for k, v in meta.items()
+             if k not in ("format", "model", "kwargs", "input_shape", "num_classes", "params")}
     save_classifier(out, model, model_name=meta["model"], model_kwargs=meta["kwargs"],
                     input_shape=tuple(meta["input_shape"]), num_classes=meta["num_classes"], extra=extra)
     reloaded, _ = load_classifier(out)

@@ -24,7 +24,8 @@ def is_lm_folder(path: str | Path) -> bool:
 
 
 @torch.no_grad()
-def export_lm(source: str | Path, out: str | Path, *, probe_text: str = "In the beginning God created") -> dict[str, Any]:
+def export_lm(source: str | Path, out: str | Path, *,
+              probe_text: str = "In the beginning God created") -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src, dst = Path(source), Path(out)

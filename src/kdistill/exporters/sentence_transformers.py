@@ -180,7 +180,8 @@ def export_onnx(model: SentenceEncoder, path: str | Path, *,
     lookup table: export them to sentence-transformers instead).
     """
     expect(isinstance(model, SentenceEncoder), "ONNX export model", type(model).__name__,
-           "a SentenceEncoder (transformer student)", "Static students need no ONNX: use the sentence-transformers export.")
+           "a SentenceEncoder (transformer student)",
+           "Static students need no ONNX: use the sentence-transformers export.")
     try:
         import onnxruntime as ort
     except ImportError:

@@ -139,7 +139,8 @@ class _FusedLinearLoss(torch.autograd.Function):
         g_hidden = torch.zeros_like(hidden) if need_h else None
         # the weight gradient is a sum over chunks: accumulate in fp32, cast once at the end
         g_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        g_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if (need_b and bias is not None) else None
+        g_bias = (torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if (need_b and bias is not None)
+                  else None)
         g_others = [torch.zeros_like(x) if need else None for x, need in zip(others, need_o)]
         w = weight.detach().requires_grad_(need_w)
         b = bias.detach().requires_grad_(bool(need_b)) if bias is not None else None

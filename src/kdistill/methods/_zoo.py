@@ -108,7 +108,8 @@ def kd_and_ce_terms(student: Any, teacher: Any, batch: dict[str, Any], *, kd_wei
     out: dict[str, Tensor] = {}
     if kd_weight > 0:
         t = kd_temperature
-        out["kd"] = kd_weight * kd_scale(t) * masked_mean(forward_kl(student.logits, teacher.logits, kd_temperature=t), mask)
+        out["kd"] = kd_weight * kd_scale(t) * masked_mean(forward_kl(student.logits, teacher.logits, kd_temperature=t),
+                                                          mask)
     if ce_weight > 0:
         out["ce"] = ce_weight * label_loss(student.logits, batch)
     return out

@@ -240,7 +240,8 @@ class EmbeddingKD(Method):
         if st is None or tt is None or am is None:
             missing = [n for n, v in (("student.features['tokens']", st), ("teacher.features['tokens']", tt),
                                       ("student.extra['attention_mask']", am)) if v is None]
-            raise KDistillError(f"embedding_kd token_weight={self.token_weight}: the forward got no {', '.join(missing)}; "
+            raise KDistillError(f"embedding_kd token_weight={self.token_weight}: "
+                                f"the forward got no {', '.join(missing)}; "
                                 "expected (B, T, H) token states from both models and the (B, T) attention mask. "
                                 "The embedding task provides them for transformer students (layer_subset, narrow); "
                                 "elsewhere return them in ModelOutput, or set token_weight: 0.")

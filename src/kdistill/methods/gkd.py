@@ -76,7 +76,8 @@ class GKD(Method):
                "None (= the length of the dataset's continuation) or an integer >= 1")
         expect(isinstance(chunk_size, int) and chunk_size >= 0, "gkd chunk_size", chunk_size, "an integer >= 0")
         self.lmbda, self.beta, self.kd_temperature = float(lmbda), float(beta), float(kd_temperature)
-        self.sampling_temperature, self.max_new_tokens, self.seed = float(sampling_temperature), max_new_tokens, int(seed)
+        self.sampling_temperature, self.max_new_tokens, self.seed = (float(sampling_temperature), max_new_tokens,
+                                                                     int(seed))
         self.chunk_size = chunk_size
         self.register_buffer("coin_counter", torch.zeros((), dtype=torch.int64))
 

@@ -39,7 +39,8 @@ class GTGuidedSelfDistillation(Method):
 
     def __init__(self, label_weight: float = 0.5, kd_temperature: float = 1.0, weight: float = 1.0) -> None:
         super().__init__()
-        expect(0.0 <= label_weight <= 1.0, "gt_guided_self_distillation label_weight", label_weight, "a number in [0, 1]")
+        expect(0.0 <= label_weight <= 1.0, "gt_guided_self_distillation label_weight", label_weight,
+               "a number in [0, 1]")
         positive("gt_guided_self_distillation", kd_temperature=kd_temperature)
         non_negative("gt_guided_self_distillation", weight=weight)
         self.label_weight, self.kd_temperature, self.weight = float(label_weight), float(kd_temperature), float(weight)

@@ -76,7 +76,8 @@ class LELP(Method):
         non_negative("lelp", lelp_weight=lelp_weight, ce_weight=ce_weight)
         self.student_layers, self.teacher_layers = (student_layer,), (teacher_layer,)
         self.k, self.subclass_scale = int(num_directions), float(subclass_scale)
-        self.kd_temperature, self.lelp_weight, self.ce_weight = float(kd_temperature), float(lelp_weight), float(ce_weight)
+        self.kd_temperature, self.lelp_weight, self.ce_weight = (float(kd_temperature), float(lelp_weight),
+                                                                 float(ce_weight))
         self.within_head: nn.Linear | None = None
 
     def setup(self, info: SetupInfo) -> None:

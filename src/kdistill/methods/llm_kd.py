@@ -118,7 +118,8 @@ class LLMKD(Method):
             raise KDistillError(f"llm_kd fused=True: got alpha={alpha}, chunk_size={chunk_size}; expected alpha = 1 "
                                 "(the CE term would need the full logits) and chunk_size >= 1 (e.g. 256).")
         self.fused = bool(fused)
-        self.loss_name, self.kd_temperature, self.alpha, self.chunk_size = loss, float(kd_temperature), float(alpha), chunk_size
+        self.loss_name, self.kd_temperature, self.alpha, self.chunk_size = (loss, float(kd_temperature), float(alpha),
+                                                                            chunk_size)
         self.loss_kwargs, sched_kwargs = _check_loss_kwargs(loss, dict(loss_kwargs or {}))
         self.schedule: L.TAIDSchedule | None = None
         if loss == "taid":
@@ -191,8 +192,9 @@ class LLMKD(Method):
     def fused_per_token(self, student: ModelOutput, teacher: ModelOutput) -> Tensor:
         ex = student.extra
         if "hidden" not in ex or "lm_head_weight" not in ex:
-            raise KDistillError("llm_kd fused=True: the student output has no extra['hidden'] / extra['lm_head_weight']; "
-                                "expected the llm task's fused student forward (or set fused: false).")
+            raise KDistillError("llm_kd fused=True: the student output has no extra['hidden'] / "
+                                "extra['lm_head_weight']; expected the llm task's fused student forward "
+                                "(or set fused: false).")
         if teacher.logits is None:
             raise KDistillError("llm_kd fused=True needs teacher logits; with a top-k cache set fused: false "
                                 "(the top-k loss over chunks is already cheap).")

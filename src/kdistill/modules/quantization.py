@@ -53,7 +53,8 @@ class ProductQuantizer(nn.Module):
 
     def _split(self, x: Tensor) -> Tensor:
         if x.dim() != 2 or x.shape[1] != self.dim:
-            raise KDistillError(f"ProductQuantizer: got embeddings of shape {tuple(x.shape)}, expected (N, {self.dim}).")
+            raise KDistillError(f"ProductQuantizer: got embeddings of shape {tuple(x.shape)}, "
+                                f"expected (N, {self.dim}).")
         return x.float().reshape(len(x), self.m, self.sub).transpose(0, 1)  # (M, N, sub)
 
     @torch.no_grad()
@@ -72,7 +73,8 @@ class ProductQuantizer(nn.Module):
     def decode(self, codes: Tensor) -> Tensor:
         """``(N, D)`` vectors from ``(N, M)`` codes (differentiable with respect to the codebooks)."""
         if codes.dim() != 2 or codes.shape[1] != self.m:
-            raise KDistillError(f"ProductQuantizer.decode: got codes of shape {tuple(codes.shape)}, expected (N, {self.m}).")
+            raise KDistillError(f"ProductQuantizer.decode: got codes of shape {tuple(codes.shape)}, "
+                                f"expected (N, {self.m}).")
         rows = torch.arange(self.m, device=codes.device)
         return self.codebooks[rows, codes].reshape(len(codes), self.dim)  # (N, M, sub) -> (N, D)
 

@@ -97,9 +97,11 @@ def layer_subset_copy(teacher: nn.Module, *, keep_layers: Sequence[int] | None =
         else:
             mapped[key] = value
     missing, unexpected = student.load_state_dict(mapped, strict=False)
-    tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(config, "tie_word_embeddings", False) else set()
+    tied = ({k for k in missing if k.endswith("lm_head.weight")} if getattr(config, "tie_word_embeddings", False)
+            else set())
     if set(missing) - tied or unexpected:
-        raise KDistillError(f"layer_subset_copy: weights did not map cleanly (missing {sorted(set(missing) - tied)[:5]}, "
+        raise KDistillError("layer_subset_copy: weights did not map cleanly "
+                            f"(missing {sorted(set(missing) - tied)[:5]}, "
                             f"unexpected {sorted(unexpected)[:5]}); this architecture is not supported yet.")
     if hasattr(student, "tie_weights"):
         student.tie_weights()

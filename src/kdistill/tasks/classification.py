@@ -153,8 +153,8 @@ def _train_phase(name: str, *, cfg: ClassificationConfig, data: ClassificationDa
         return classification_metrics(predict_logits(m, data.x_val), data.y_val)
 
     res = fit(student=model, method=method, teacher=teacher, train_loader=loader, accelerator=accelerator,
-              augment=augment, teacher_targets=teacher_targets, evaluate=evaluate, output_dir=work, resume=ctx.resume, phase=name,
-              progress=ctx.progress, seed=cfg.seed,
+              augment=augment, teacher_targets=teacher_targets, evaluate=evaluate, output_dir=work, resume=ctx.resume,
+              phase=name, progress=ctx.progress, seed=cfg.seed,
               **train.model_dump(exclude={"batch_size", "mixed_precision"}))
     if accelerator.is_main_process:
         save_classifier(pdir, res.student, model_name=model_spec.name, model_kwargs=model_spec.kwargs,
@@ -177,7 +177,8 @@ def _get_teacher(cfg: ClassificationConfig, data: ClassificationData, accelerato
         return model, [], 0.0, "checkpoint"
     fp = teacher_fingerprint(cfg)
     tdir, cached = ctx.output / "teacher", cache_root() / "teachers" / fp
-    if _phase_done(tdir) and json.loads((tdir / "model.json").read_text()).get("fingerprint") == fp and (ctx.resume or spec.reuse):
+    if _phase_done(tdir) and json.loads((tdir / "model.json").read_text()).get("fingerprint") == fp \
+            and (ctx.resume or spec.reuse):
         model, _ = load_classifier(tdir)
         h = json.loads((tdir / "history.json").read_text())
         return model, h["history"], h["seconds"], "reused (run folder)"

@@ -171,8 +171,8 @@ class APITeacher:
         self.max_tokens_budget = max_tokens_budget
         self.transport = transport
         self.counters = {"requests_sent": 0, "responses_ok": 0, "cached": 0, "retries": 0, "errors": 0,
-                         "skipped_budget": 0, "deduplicated": 0, "prompt_tokens": 0, "completion_tokens": 0, "http_statuses": {},
-                         "latency_seconds_sum": 0.0}
+                         "skipped_budget": 0, "deduplicated": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                         "http_statuses": {}, "latency_seconds_sum": 0.0}
         self._reserved = 0  # requests sent or in flight, for the request budget
         self._inflight: dict[str, asyncio.Future] = {}
 

@@ -64,7 +64,8 @@ class SklearnTeacher(nn.Module):
         expect(np.issubdtype(classes.dtype, np.integer) and classes.min() >= 0 and classes.max() < num_classes,
                "sklearn teacher classes_", classes.tolist(), f"integer class ids in [0, {num_classes - 1}]",
                "Fit the estimator on integer labels 0..C-1 (as kdistill's datasets provide).")
-        expect(0 < min_prob < 1.0 / num_classes, "sklearn teacher min_prob", min_prob, f"a number in (0, 1/{num_classes})")
+        expect(0 < min_prob < 1.0 / num_classes, "sklearn teacher min_prob", min_prob,
+               f"a number in (0, 1/{num_classes})")
         self.estimator = estimator
         self.num_classes = int(num_classes)
         self.min_prob = float(min_prob)

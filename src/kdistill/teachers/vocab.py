@@ -91,7 +91,8 @@ def _tok_size(tokenizer: Any) -> int:
         return int(tokenizer.get_vocab_size(with_added_tokens=True))  # tokenizers.Tokenizer
 
 
-def check_vocab(teacher: Any, student: Any, teacher_tokenizer: Any, student_tokenizer: Any | None = None) -> VocabAlignment:
+def check_vocab(teacher: Any, student: Any, teacher_tokenizer: Any,
+                student_tokenizer: Any | None = None) -> VocabAlignment:
     """Check that teacher and student can be compared token by token; return how to align their logits.
 
     ``teacher`` / ``student``: models (the LM head's rows are counted) or row counts. ``student_tokenizer``
@@ -112,7 +113,8 @@ def check_vocab(teacher: Any, student: Any, teacher_tokenizer: Any, student_toke
     if size > min(t_rows, s_rows):
         who = "student" if s_rows < t_rows else "teacher"
         raise KDistillError(
-            f"the tokenizer produces ids up to {size - 1}, but the {who}'s LM head has only {min(t_rows, s_rows)} rows. "
+            f"the tokenizer produces ids up to {size - 1}, but the {who}'s LM head has only "
+            f"{min(t_rows, s_rows)} rows. "
             f"Expected both models to cover every token id. Fix: resize the {who}'s embeddings "
             f"(model.resize_token_embeddings({size})) before distilling.")
     return VocabAlignment(tokenizer_size=size, student_rows=s_rows, teacher_rows=t_rows)

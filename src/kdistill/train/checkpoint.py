@@ -74,7 +74,8 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def save_state_dict_atomic(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def save_state_dict_atomic(path: str | Path, tensors: dict[str, torch.Tensor],
+                           metadata: dict[str, str] | None = None) -> None:
     """``safetensors`` file written atomically (serialised in memory, then :func:`write_bytes_atomic`)."""
     clean = {k: v.detach().contiguous().clone().cpu() for k, v in tensors.items()}  # shared storage is cloned
     write_bytes_atomic(path, save(clean, metadata=metadata))
@@ -83,7 +84,8 @@ def save_state_dict_atomic(path: str | Path, tensors: dict[str, torch.Tensor], m
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
-        raise KDistillError(f"weights file {str(path)!r} does not exist; expected a .safetensors file written by kdistill.")
+        raise KDistillError(f"weights file {str(path)!r} does not exist; "
+                            "expected a .safetensors file written by kdistill.")
     try:
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own error types on truncation
@@ -105,7 +107,8 @@ def flatten_state(obj: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tens
         if isinstance(o, dict):
             return {"__dict__": [[walk(k, f"{key}.k{i}"), walk(v, f"{key}.{i}")] for i, (k, v) in enumerate(o.items())]}
         if isinstance(o, (list, tuple)):
-            return {"__list__" if isinstance(o, list) else "__tuple__": [walk(v, f"{key}.{i}") for i, v in enumerate(o)]}
+            return {"__list__" if isinstance(o, list) else "__tuple__":
+                    [walk(v, f"{key}.{i}") for i, v in enumerate(o)]}
         if isinstance(o, np.ndarray):
             tensors[key] = torch.from_numpy(o.astype(np.int64) if o.dtype.kind in "ui" else o.astype(np.float64))
             return {"__ndarray__": key, "dtype": o.dtype.str}
@@ -193,10 +196,10 @@ class CheckpointManager:
             d = self.root / json.loads(pointer.read_text())["dir"]
         except (ValueError, KeyError, TypeError) as e:
             raise KDistillError(
-                f"checkpoint pointer {str(pointer)!r} is unreadable ({type(e).__name__}: {e}); expected the JSON kdistill "
-                f"writes ({{\"step\": N, \"dir\": \"step-...\"}}). Fix: delete it and write "
-                f"{{\"step\": N, \"dir\": \"step-...\"}} naming one of the step-* folders in {str(self.root)!r}, or run "
-                "without --resume to start over.") from None
+                f"checkpoint pointer {str(pointer)!r} is unreadable ({type(e).__name__}: {e}); "
+                f"expected the JSON kdistill writes ({{\"step\": N, \"dir\": \"step-...\"}}). "
+                f"Fix: delete it and write {{\"step\": N, \"dir\": \"step-...\"}} naming one of the step-* folders "
+                f"in {str(self.root)!r}, or run without --resume to start over.") from None
         return d if d.is_dir() else None
 
     def load(self, path: Path | None = None) -> dict[str, Any] | None:

@@ -108,7 +108,8 @@ def as_output(out: Tensor | ModelOutput | Any) -> ModelOutput:
     logits = getattr(out, "logits", None)  # Hugging Face ModelOutput
     if isinstance(logits, Tensor):
         return ModelOutput(logits=logits, extra={"model_output": out})
-    raise KDistillError(f"a forward function returned {type(out).__name__}; expected a Tensor of logits or a ModelOutput.")
+    raise KDistillError(f"a forward function returned {type(out).__name__}; "
+                        "expected a Tensor of logits or a ModelOutput.")
 
 
 def batch_count(batch: Batch) -> float:
@@ -119,7 +120,8 @@ def batch_count(batch: Batch) -> float:
     for v in batch.values():
         if isinstance(v, Tensor) and v.ndim > 0:
             return float(v.shape[0])
-    raise KDistillError("cannot count examples in a batch with no tensors; expected e.g. {'inputs': ..., 'labels': ...}.")
+    raise KDistillError("cannot count examples in a batch with no tensors; "
+                        "expected e.g. {'inputs': ..., 'labels': ...}.")
 
 
 class DistillStep(nn.Module):
@@ -264,9 +266,10 @@ def fit(
                           momentum=momentum)
     per_batch = train_loader.batch_size
     if accelerator.num_processes > 1 and per_batch is not None and per_batch % accelerator.num_processes:
-        raise KDistillError(f"batch_size: got {per_batch} with {accelerator.num_processes} processes; expected a multiple "
-                            "of the process count (batch_size is the global batch, split across the processes). "
-                            f"Fix: train.batch_size={per_batch - per_batch % accelerator.num_processes or accelerator.num_processes}.")
+        raise KDistillError(f"batch_size: got {per_batch} with {accelerator.num_processes} processes; "
+                            "expected a multiple of the process count (batch_size is the global batch, split across "
+                            "the processes). Fix: train.batch_size="
+                            f"{per_batch - per_batch % accelerator.num_processes or accelerator.num_processes}.")
     step_module, opt, loader = accelerator.prepare(step_module, opt, train_loader)
     steps_per_epoch = math.ceil(len(loader) / grad_accum)
     total_steps = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
@@ -375,7 +378,8 @@ def fit(
                 counts = [batch_count(b) for b in window]
                 n_global = float(sum(counts))
                 if world > 1:
-                    n_global = float(accelerator.reduce(torch.tensor(n_global, dtype=torch.float64, device=device), "sum"))
+                    n_global = float(accelerator.reduce(torch.tensor(n_global, dtype=torch.float64, device=device),
+                                                        "sum"))
                 n_global = max(n_global, 1.0)
                 step_terms: dict[str, Tensor] = {}
                 for i, mb in enumerate(window):
@@ -398,7 +402,8 @@ def fit(
                         v = v.detach() if w == 1.0 else w * v.detach()
                         step_terms[k] = step_terms[k] + v if k in step_terms else v
                 if max_grad_norm is not None:
-                    step_terms["grad_norm"] = accelerator.clip_grad_norm_(step_module.parameters(), max_grad_norm).detach().float()
+                    step_terms["grad_norm"] = accelerator.clip_grad_norm_(step_module.parameters(),
+                                                                          max_grad_norm).detach().float()
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
