@@ -159,6 +159,66 @@ def fashion_mnist(num_train: int | None = None, val_fraction: float = 0.1, data_
     return _pack("fashion_mnist", x_tr, y_tr, x_va, y_va, x_te, y_te, 10, FASHION_CLASSES)
 
 
+def _label_ids(values_by_split: dict[str, list[Any]], column: str) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Label values -> class ids, once for every split. Integers (or integer strings, as CSV gives them) keep
+    their numeric order; other values are sorted as strings. Returns (ids per split, class names)."""
+    every = [v for vals in values_by_split.values() for v in vals]
+    for v in every:
+        if v is None or isinstance(v, (bool, list, dict)) or (isinstance(v, float) and not v.is_integer()):
+            raise KDistillError(f"data.label_column {column!r}: got a label {v!r}, expected class names (strings) "
+                                "or integer class ids.")
+    kinds = {"string" if isinstance(v, str) else "integer" for v in every}
+    if len(kinds) > 1:
+        raise KDistillError(f"data.label_column {column!r}: labels mix strings and numbers; expected one type. "
+                            "Fix the data so every label is a class name, or every label an integer id.")
+
+    def as_int(v: Any) -> int | None:
+        text = str(int(v) if isinstance(v, float) else v).strip()
+        return int(text) if text.lstrip("-").isdigit() else None
+
+    numeric = all(as_int(v) is not None for v in every)
+    norm = as_int if numeric else str
+    values = sorted({norm(v) for v in every})
+    key = {v: i for i, v in enumerate(values)}
+    ids = {s: np.array([key[norm(v)] for v in vals], dtype=np.int64) for s, vals in values_by_split.items()}
+    return ids, [str(v) for v in values]
+
+
+@DATASETS.register("files")
+def table_files(files: Any = None, label_column: str = "label", feature_columns: list[str] | None = None,
+                format: str = "auto", hf_dataset: dict[str, Any] | None = None, validation_fraction: float = 0.1,
+                test_fraction: float = 0.1, data_seed: int = 0, standardise: bool = True) -> ClassificationData:
+    """Your own table (``data.files``: CSV, TSV, JSON lines, JSON, Parquet; or ``data.hf_dataset``): numeric
+    ``feature_columns`` (default: every column but the label) and a ``label_column`` of class names or ids.
+    Held-out splits not given as files are cut from the training rows (seeded); features are standardised with
+    the training split's statistics; class names are kept (``kdistill eval`` and the report use them)."""
+    from .files import load_rows
+
+    rows = load_rows(files=files, format=format, hf_dataset=hf_dataset, validation_fraction=validation_fraction,
+                     test_fraction=test_fraction, seed=data_seed, columns=[label_column, *(feature_columns or [])])
+    features = list(feature_columns) if feature_columns else [c for c in rows["train"][0] if c != label_column]
+    if not features:
+        raise KDistillError(f"data: no feature columns besides the label {label_column!r}; expected numeric "
+                            "feature columns (data.feature_columns).")
+    xs = {}
+    for split, part in rows.items():
+        x = np.empty((len(part), len(features)), dtype=np.float32)
+        for i, row in enumerate(part):
+            for j, col in enumerate(features):
+                try:
+                    x[i, j] = float(row[col])
+                except (TypeError, ValueError):
+                    raise KDistillError(
+                        f"data ({split} split), row {i + 1}, column {col!r}: got {row[col]!r}, expected a number. "
+                        "Fix: name only numeric columns in data.feature_columns (text needs a text model).") from None
+        xs[split] = x
+    ids, names = _label_ids({s: [r[label_column] for r in part] for s, part in rows.items()}, label_column)
+    x_tr, x_va, x_te = xs["train"], xs["validation"], xs["test"]
+    if standardise:
+        x_tr, x_va, x_te = _standardise(x_tr, x_va, x_te)
+    return _pack("files", x_tr, ids["train"], x_va, ids["validation"], x_te, ids["test"], len(names), names)
+
+
 def load_dataset(name: str, **kwargs: Any) -> ClassificationData:
     return DATASETS.get(name)(**kwargs)
 

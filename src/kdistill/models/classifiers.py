@@ -97,6 +97,63 @@ def build_cnn(input_shape: Sequence[int], num_classes: int, width: int = 32, dep
     return CNN(input_shape, num_classes, width=width, depth=depth, kernel_size=kernel_size)
 
 
+def import_object(target: str, what: str = "factory") -> object:
+    """The object named ``"package.module:attribute"`` (the working folder is searched too, as ``python -m``
+    does), or one clear error."""
+    import importlib
+    import os
+    import sys
+
+    from ..errors import KDistillError
+
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise KDistillError(f"{what}: got {target!r}, expected 'package.module:function' (a module you can import "
+                            "and a function in it).")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if os.getcwd() in sys.path or e.name != module_name.split(".")[0]:
+            raise KDistillError(f"{what} {target!r}: cannot import {module_name!r} ({e}). Fix: install it, or run "
+                                "from the folder that holds it.") from None
+        sys.path.insert(0, os.getcwd())
+        return import_object(target, what)
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise KDistillError(f"{what} {target!r}: module {module_name!r} has no {attr!r}.")
+        obj = getattr(obj, part)
+    return obj
+
+
+@MODELS.register("factory")
+def build_from_factory(input_shape: Sequence[int], num_classes: int, factory: str = "",
+                       kwargs: dict | None = None) -> nn.Module:
+    """Your own ``nn.Module``: ``factory: "package.module:function"`` called with ``kwargs`` (and with
+    ``input_shape`` / ``num_classes`` when it takes parameters of those names). Its layer names are yours to hook
+    (``student_layers`` of a feature method); a saved student rebuilds it the same way."""
+    import inspect
+
+    from ..errors import KDistillError
+
+    fn = import_object(factory, "model factory")
+    if not callable(fn):
+        raise KDistillError(f"model factory {factory!r}: got a {type(fn).__name__}, expected a function or class.")
+    call = dict(kwargs or {})
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        params = {}
+    for name, value in (("input_shape", tuple(input_shape)), ("num_classes", int(num_classes))):
+        if name in params and name not in call:
+            call[name] = value
+    model = fn(**call)
+    if not isinstance(model, nn.Module):
+        raise KDistillError(f"model factory {factory!r} returned a {type(model).__name__}, expected a torch "
+                            "nn.Module that maps a batch of inputs to logits (B, num_classes).")
+    return model
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -31,8 +31,23 @@ from ..train.loop import fit, make_accelerator
 from .base import RunContext, Task
 
 
+#: the fields of your own data (``data: {files: ..., label_column: ...}``), read by the ``files`` dataset
+_FILE_FIELDS = ("files", "hf_dataset", "format", "label_column", "feature_columns", "validation_fraction",
+                "test_fraction", "data_seed", "standardise")
+
+
 class DataSpec(NamedSpec):
-    """A dataset from ``DATASETS`` (``kdistill list``) and its keyword arguments."""
+    """A dataset from ``DATASETS`` (``kdistill list``) and its keyword arguments, or your own table:
+    ``{files: ..., label_column: ..., feature_columns: [...]}`` (or ``hf_dataset: {path: ...}``), which is the
+    ``files`` dataset with those keyword arguments."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _own_data(cls, v: Any) -> Any:
+        if isinstance(v, dict) and ("files" in v or "hf_dataset" in v) and "name" not in v:
+            rest = {k: x for k, x in v.items() if k not in _FILE_FIELDS}
+            return {"name": "files", "kwargs": {k: x for k, x in v.items() if k in _FILE_FIELDS}, **rest}
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> DataSpec:
@@ -41,7 +56,16 @@ class DataSpec(NamedSpec):
 
 
 class ModelSpec(NamedSpec):
-    """A model family from ``MODELS``; ``input_shape`` and ``num_classes`` come from the data."""
+    """A model family from ``MODELS``; ``input_shape`` and ``num_classes`` come from the data. Your own module:
+    ``{factory: "package.module:function", kwargs: {...}}`` (the ``factory`` model)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _own_model(cls, v: Any) -> Any:
+        if isinstance(v, dict) and "factory" in v and "name" not in v:
+            rest = {k: x for k, x in v.items() if k not in ("factory", "kwargs")}
+            return {"name": "factory", "kwargs": {"factory": v["factory"], "kwargs": v.get("kwargs", {})}, **rest}
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
@@ -159,7 +183,8 @@ def _train_phase(name: str, *, cfg: ClassificationConfig, data: ClassificationDa
     if accelerator.is_main_process:
         save_classifier(pdir, res.student, model_name=model_spec.name, model_kwargs=model_spec.kwargs,
                         input_shape=data.input_shape, num_classes=data.num_classes,
-                        extra={"data": cfg.data.model_dump(), "phase": name, **(extra_meta or {})})
+                        extra={"data": cfg.data.model_dump(), "phase": name, "class_names": data.class_names,
+                               **(extra_meta or {})})
         write_json_atomic(pdir / "history.json", {"history": res.history, "seconds": res.seconds, "steps": res.steps})
     accelerator.wait_for_everyone()
     return res.student, res.history, res.seconds
@@ -205,6 +230,7 @@ def run_classification(cfg: ClassificationConfig, ctx: RunContext) -> dict[str, 
     t_start = time.perf_counter()
     ctx.output.mkdir(parents=True, exist_ok=True)
     data = load_dataset(cfg.data.name, **cfg.data.kwargs)
+    _build(cfg.student, data)  # a student that cannot be built fails now, not after the teacher has trained
     accelerator = make_accelerator(cfg.train.mixed_precision)
     teacher, teacher_hist, teacher_secs, teacher_source = _get_teacher(cfg, data, accelerator, ctx)
     teacher.eval()
