@@ -30,7 +30,6 @@ from ..train.checkpoint import load_state_dict, write_json_atomic
 from ..train.loop import fit, make_accelerator
 from .base import RunContext, Task
 
-
 #: the fields of your own data (``data: {files: ..., label_column: ...}``), read by the ``files`` dataset
 _FILE_FIELDS = ("files", "hf_dataset", "format", "label_column", "feature_columns", "validation_fraction",
                 "test_fraction", "data_seed", "standardise")
