@@ -181,7 +181,8 @@ def evaluate(checkpoint: str | Path) -> dict[str, Any]:
         p = p / "student"
     if not (p / "model.json").is_file():
         run_dir = p if (p / "config.json").is_file() and (p / "student").is_dir() else p.parent
-        return _evaluate_run(run_dir, p)
+        with quiet_hub_progress():  # the result is the output; loading bars would only interleave with it
+            return _evaluate_run(run_dir, p)
     meta = read_meta(p)
     if "data" not in meta:
         raise KDistillError(f"{str(p)!r}: model.json names no dataset; evaluate it with your own data.")
@@ -208,15 +209,15 @@ def _evaluate_run(run_dir: Path, given: Path) -> dict[str, Any]:
     task = getattr(cfg, "task", "classification")
     student_dir = run_dir / "student"
     if task == "llm":
-        from .tasks.llm import corpus, lm_metrics, token_blocks
+        from .tasks.llm import corpus, held_out_tensors, lm_metrics
         from .teachers.lm import load_causal_lm
 
         model, tok = load_causal_lm(str(student_dir))
-        train_texts, eval_texts = corpus(cfg)
-        _, held = token_blocks(cfg, tok, train_texts, eval_texts)
+        train_items, eval_items = corpus(cfg)
+        held = held_out_tensors(cfg, tok, train_items, eval_items)[1]
         metrics = lm_metrics(model, held, batch_size=cfg.eval.batch_size)
         return {"checkpoint": str(student_dir), "task": task, "metrics": metrics,
-                "params": sum(p.numel() for p in model.parameters()), "held_out_tokens": int(held[:, 1:].numel())}
+                "params": sum(p.numel() for p in model.parameters()), "held_out_tokens": int(held["mask"].sum())}
     if task == "embedding":
         from .eval.retrieval import evaluate_encoder
         from .exporters.sentence_transformers import load_student

@@ -202,8 +202,8 @@ def load_rows(*, files: str | Sequence[str] | Mapping[str, str | Sequence[str]] 
               test_fraction: float = 0.1, seed: int = 0, columns: Iterable[str | None] = (),
               base: Path | None = None) -> dict[str, list[Row]]:
     """``{"train", "validation", "test"}`` rows from ``files`` (one source, or ``{split: source}``) or a Hugging
-    Face dataset (``{"path", "name", "split"}``). Splits not given are cut from train (seeded). ``columns`` must
-    exist in every split."""
+    Face dataset (``{"path", "name", "split"}``). Splits not given are cut from train (seeded); a fraction of 0
+    leaves that split out. ``columns`` must exist in every split."""
     if (files is None) == (hf_dataset is None):
         raise KDistillError("data: expected exactly one of data.files and data.hf_dataset.")
     if hf_dataset is not None:
@@ -216,7 +216,8 @@ def load_rows(*, files: str | Sequence[str] | Mapping[str, str | Sequence[str]] 
         given = {k: read_rows(resolve_files(v, base=base), format=format) for k, v in files.items()}
     else:
         given = {"train": read_rows(resolve_files(files, base=base), format=format)}
-    missing = [k for k in ("validation", "test") if k not in given]
+    fractions = {"validation": validation_fraction, "test": test_fraction}
+    missing = [k for k in ("validation", "test") if k not in given and fractions[k] > 0]  # 0: no such split
     if missing:
         cut = split_rows(given["train"], validation_fraction=validation_fraction, test_fraction=test_fraction,
                          seed=seed, need=missing)

@@ -75,3 +75,66 @@ def cache_dataset(cache: Any) -> TensorDictDataset:
     """All sequences of a :class:`kdistill.teachers.cache.TopKCache` as one dataset (inputs + targets)."""
     batch = cache.collate(list(cache))
     return TensorDictDataset(**batch)
+
+
+def _template_ids(tokenizer: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+    if isinstance(out, dict) or hasattr(out, "keys"):  # a BatchEncoding in recent transformers
+        out = out["input_ids"]
+    return list(out)
+
+
+def check_conversation(messages: Any, where: str) -> list[dict[str, str]]:
+    """``messages`` as OpenAI-style turns ``[{role, content}, ...]`` with at least one assistant turn."""
+    if not isinstance(messages, list) or not messages:
+        raise KDistillError(f"{where}: got {type(messages).__name__}, expected a non-empty list of "
+                            '{"role": ..., "content": ...} turns.')
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise KDistillError(f"{where}, turn {j + 1}: got {str(m)[:80]!r}, expected an object with string "
+                                "'role' and 'content'.")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise KDistillError(f"{where}: the conversation has no assistant turn; expected at least one (the loss is on "
+                            "assistant tokens). Fix: drop the row or add the reply.")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def chat_tensors(tokenizer: Any, conversations: Sequence[list[dict[str, str]]], *, max_length: int,
+                 where: str = "data") -> dict[str, Tensor]:
+    """Conversations formatted with the tokenizer's chat template, right-padded to ``max_length``; ``labels``
+    (and so ``mask``) only on the assistant turns' tokens, so the losses train the replies, never the prompts.
+
+    An assistant turn's tokens are the difference between the template of the turns before it (with the
+    generation prompt) and the template including it; a template that does not extend its own prefixes this
+    way is refused. A conversation cut by ``max_length`` before its first assistant token is refused too."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise KDistillError("data.messages_column: the tokenizer has no chat template; expected a chat model's "
+                            "tokenizer (tokenizer.chat_template). Fix: use text_column, or a tokenizer with one.")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    n = len(conversations)
+    ids = torch.full((n, max_length), int(pad if pad is not None else 0), dtype=torch.long)
+    attn = torch.zeros((n, max_length), dtype=torch.long)
+    labels = torch.full((n, max_length), -100, dtype=torch.long)
+    for row, messages in enumerate(conversations):
+        full = _template_ids(tokenizer, messages, add_generation_prompt=False)
+        train = torch.zeros(len(full), dtype=torch.bool)  # True where the token is part of an assistant reply
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            start = len(_template_ids(tokenizer, messages[:i], add_generation_prompt=True))
+            upto = _template_ids(tokenizer, messages[: i + 1], add_generation_prompt=False)
+            if full[: len(upto)] != upto or start > len(upto):
+                raise KDistillError(f"{where}, row {row + 1}: the chat template does not extend its own prefixes "
+                                    "(the tokens of the first turns change when a turn is added), so the assistant "
+                                    "tokens cannot be told apart. Fix: use a tokenizer whose template appends turns.")
+            train[start:len(upto)] = True
+        length = min(len(full), max_length)
+        seq = torch.tensor(full[:length], dtype=torch.long)
+        ids[row, :length], attn[row, :length] = seq, 1
+        targets = train[1:length].clone()  # position t predicts token t + 1
+        labels[row, : length - 1] = torch.where(targets, seq[1:], torch.full_like(seq[1:], -100))
+        if not bool(targets.any()):
+            raise KDistillError(f"{where}, row {row + 1}: nothing of the assistant's reply fits in data.block_length "
+                                f"= {max_length} tokens (the conversation has {len(full)}). Fix: raise block_length "
+                                "or shorten the conversation.")
+    return {"input_ids": ids, "attention_mask": attn, "labels": labels, "mask": labels != -100}

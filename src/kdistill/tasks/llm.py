@@ -23,8 +23,8 @@ from torch import Tensor, nn
 
 from ..capture import device_of
 from ..config import MethodSpec, StrictModel, TrainSpec
-from ..data.classification import make_loader
-from ..data.lm import cache_dataset, lm_dataset, pack_blocks, tokenize_texts
+from ..data.classification import TensorDictDataset, make_loader
+from ..data.lm import cache_dataset, lm_dataset, lm_tensors, pack_blocks, tokenize_texts
 from ..errors import KDistillError
 from ..eval.report import write_report
 from ..losses.topk import teacher_topk, topk_loss
@@ -51,13 +51,24 @@ class LMStudentSpec(StrictModel):
     """``layer_subset``: ``num_layers`` evenly spaced (or ``keep_layers``) of the teacher, weights copied;
     ``smaller_config``: fresh model with ``config`` overrides (e.g. ``{num_hidden_layers: 4}``)."""
 
-    kind: Literal["layer_subset", "smaller_config"] = "layer_subset"
+    kind: Literal["layer_subset", "smaller_config", "pretrained"] = "layer_subset"
     num_layers: int | None = 6
     keep_layers: list[int] | None = None
     config: dict[str, Any] = {}
+    pretrained: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pretrained(cls, v: Any) -> Any:
+        if isinstance(v, dict) and "pretrained" in v and "kind" not in v:
+            return {**v, "kind": "pretrained"}
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> LMStudentSpec:
+        if (self.kind == "pretrained") != (self.pretrained is not None):
+            raise ValueError("student.pretrained (a zoo name, model folder or hub id) goes with kind 'pretrained'; "
+                             "give `pretrained: PATH_OR_ID` alone, or another kind without it")
         if self.kind == "layer_subset" and self.keep_layers is not None:
             self.__dict__["num_layers"] = None
         return self
@@ -74,10 +85,19 @@ class SequenceKDSpec(StrictModel):
 
 class LMDataSpec(StrictModel):
     """``kjv``: the King James Bible (Debian ``bible-kjv``), held-out = the last verses (Revelation end);
-    ``texts``: the strings in ``texts`` (tests). Text is packed into ``block_length``-token blocks."""
+    ``texts``: the strings in ``texts`` (tests); ``files``: your own data (``data: {files: ..., text_column: ...}``
+    or ``hf_dataset: {path: ...}``): a ``text_column`` of documents, packed into ``block_length``-token blocks like
+    the others, or a ``messages_column`` of chat conversations (``[{role, content}, ...]``), each formatted with the
+    tokenizer's chat template and trained on its assistant tokens only. Held-out rows: a ``validation`` file, or
+    ``eval_fraction`` of the rows (seeded)."""
 
-    name: Literal["kjv", "texts"] = "kjv"
+    name: Literal["kjv", "texts", "files"] = "kjv"
     texts: list[str] = []
+    files: str | list[str] | dict[str, str | list[str]] | None = None
+    format: str = "auto"
+    hf_dataset: dict[str, Any] | None = None
+    text_column: str = "text"
+    messages_column: str | None = None
     block_length: int = 128
     train_tokens: int = 200_000
     eval_tokens: int = 4_096
@@ -91,6 +111,22 @@ class LMDataSpec(StrictModel):
         if v < 4:
             raise ValueError(f"must be >= 4 (got {v})")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _own_data(cls, v: Any) -> Any:
+        if isinstance(v, dict) and ("files" in v or "hf_dataset" in v) and "name" not in v:
+            return {**v, "name": "files"}
+        return v
+
+    @model_validator(mode="after")
+    def _files(self) -> LMDataSpec:
+        if self.name == "files" and (self.files is None) == (self.hf_dataset is None):
+            raise ValueError("data.name 'files' needs exactly one of data.files and data.hf_dataset")
+        if self.messages_column is not None and (self.prompt_tokens or self.sequence_kd is not None):
+            raise ValueError("data.messages_column trains on the assistant turns of each conversation; "
+                             "prompt_tokens and sequence_kd apply to text blocks (text_column). Remove them.")
+        return self
 
 
 class LMCacheSpec(StrictModel):
@@ -133,6 +169,9 @@ class LLMConfig(StrictModel):
         if cls.needs_prompts and self.data.prompt_tokens <= 0:
             raise ValueError(f"method {self.method.name!r} continues prompts: set data.prompt_tokens > 0, e.g. 32, "
                              "so each block is (prompt, continuation)")
+        if self.data.messages_column is not None and self.cache is not None:
+            raise ValueError("cache: top-k caches hold packed text blocks; chat data (data.messages_column) trains "
+                             "from the live teacher. Remove `cache:`.")
         if self.data.prompt_tokens >= self.data.block_length - 1:
             raise ValueError(f"data.prompt_tokens ({self.data.prompt_tokens}) must be < block_length - 1")
         if self.data.sequence_kd is not None and (self.data.prompt_tokens <= 0 or self.cache is not None):
@@ -160,16 +199,31 @@ def load_teacher(cfg: LLMConfig, train_texts: list[str]) -> tuple[nn.Module, Any
 
 
 def build_student(cfg: LLMConfig, teacher: nn.Module) -> nn.Module:
+    return student_and_tokenizer(cfg, teacher)[0]
+
+
+def student_and_tokenizer(cfg: LLMConfig, teacher: nn.Module) -> tuple[nn.Module, Any | None]:
+    """The student at its initial weights (the same every call), and a pretrained student's own tokenizer (to be
+    checked against the teacher's; None when the student is built from the teacher and shares its tokenizer)."""
     from ..students.llm import layer_subset_copy, smaller_config_student
 
     torch.manual_seed(cfg.seed)
+    if cfg.student.kind == "pretrained":
+        from ..teachers.lm import load_causal_lm
+
+        return load_causal_lm(cfg.student.pretrained, dtype=cfg.teacher.dtype, eval_mode=False)
     if cfg.student.kind == "layer_subset":
-        return layer_subset_copy(teacher, keep_layers=cfg.student.keep_layers, num_layers=cfg.student.num_layers)
-    return smaller_config_student(teacher, seed=cfg.seed, **cfg.student.config)
+        return layer_subset_copy(teacher, keep_layers=cfg.student.keep_layers,
+                                 num_layers=cfg.student.num_layers), None
+    return smaller_config_student(teacher, seed=cfg.seed, **cfg.student.config), None
 
 
-def corpus(cfg: LLMConfig) -> tuple[list[str], list[str]]:
-    """(train texts, held-out texts): the held-out part is the *end* of the corpus (never shuffled in)."""
+def corpus(cfg: LLMConfig) -> tuple[list[Any], list[Any]]:
+    """(train items, held-out items): texts, or conversations with ``data.messages_column``. For the built-in
+    corpora the held-out part is the *end* of the corpus (never shuffled in); for files, a ``validation`` file or
+    a seeded ``eval_fraction`` of the rows."""
+    if cfg.data.name == "files":
+        return _file_corpus(cfg.data)
     if cfg.data.name == "kjv":
         from ..data.text import kjv_verses
 
@@ -181,6 +235,48 @@ def corpus(cfg: LLMConfig) -> tuple[list[str], list[str]]:
         raise KDistillError(f"data: {len(texts)} texts leave nothing to train on with eval_fraction "
                             f"{cfg.data.eval_fraction}; expected more texts or a smaller fraction.")
     return texts[:-n_eval], texts[-n_eval:]
+
+
+def _file_corpus(spec: LMDataSpec) -> tuple[list[Any], list[Any]]:
+    from ..data.files import load_rows
+    from ..data.lm import check_conversation
+
+    column = spec.messages_column or spec.text_column
+    rows = load_rows(files=spec.files, format=spec.format, hf_dataset=spec.hf_dataset,
+                     validation_fraction=spec.eval_fraction, test_fraction=0.0, seed=0, columns=[column])
+    out = []
+    for split in ("train", "validation"):
+        items = []
+        for i, row in enumerate(rows[split], start=1):
+            where = f"data ({split} split), row {i}, column {column!r}"
+            if spec.messages_column is not None:
+                items.append(check_conversation(row[column], where))
+            elif not isinstance(row[column], str):
+                raise KDistillError(f"{where}: got {type(row[column]).__name__}, expected a text string. For chat "
+                                    "conversations set data.messages_column instead of text_column.")
+            else:
+                items.append(row[column])
+        out.append(items)
+    return out[0], out[1]
+
+
+def texts_of(items: list[Any]) -> list[str]:
+    """Plain texts of corpus items (a conversation's turns are joined), e.g. to train a tiny tokenizer on."""
+    return [x if isinstance(x, str) else "\n".join(m["content"] for m in x) for x in items]
+
+
+def held_out_tensors(cfg: LLMConfig, tok: Any, train_items: list[Any], eval_items: list[Any]
+                     ) -> tuple[Tensor | None, dict[str, Tensor], dict[str, Tensor] | None]:
+    """``(train_blocks, eval_tensors, train_tensors)``: packed blocks of text (``train_tensors`` None), or for chat
+    data no blocks and padded conversations with labels on the assistant tokens."""
+    if cfg.data.messages_column is not None:
+        from ..data.lm import chat_tensors
+
+        L = cfg.data.block_length
+        return (None, chat_tensors(tok, eval_items, max_length=L, where="data (validation split)"),
+                chat_tensors(tok, train_items, max_length=L, where="data (train split)"))
+    train_blocks, eval_blocks = token_blocks(cfg, tok, train_items, eval_items)
+    return train_blocks, lm_tensors(eval_blocks), None
 
 
 def token_blocks(cfg: LLMConfig, tok: Any, train_texts: list[str], eval_texts: list[str]) -> tuple[Tensor, Tensor]:
@@ -210,43 +306,49 @@ def cache_identity(cfg: LLMConfig) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------- evaluation
 
-@torch.no_grad()
-def teacher_eval_targets(teacher: nn.Module, blocks: Tensor, *, k: int, batch_size: int) -> dict[str, Any]:
-    """Teacher perplexity on held-out blocks plus its top-k log-probs (T = 1) for agreement / KL."""
-    nll, count, lps, idxs, ress = 0.0, 0, [], [], []
-    dev = device_of(teacher)
-    for b in range(0, len(blocks), batch_size):
-        ids = blocks[b:b + batch_size].to(dev)
-        logits = teacher(input_ids=ids).logits.float()
-        lp_all = torch.log_softmax(logits[:, :-1], -1)
-        nll += float(-lp_all.gather(-1, ids[:, 1:].unsqueeze(-1)).sum())
-        count += ids[:, 1:].numel()
-        lp, idx, res = teacher_topk(logits[:, :-1], k=min(k, logits.shape[-1]))
-        lps.append(lp.cpu())
-        idxs.append(idx.cpu())
-        ress.append(res.cpu())
-    return {"perplexity": math.exp(nll / count), "loss": nll / count,
-            "topk": (torch.cat(lps), torch.cat(idxs), torch.cat(ress))}
+def _eval_batches(data: dict[str, Tensor], batch_size: int, device: torch.device):
+    """``(input_ids, attention_mask, labels, mask)`` batches of held-out LM tensors on ``device``."""
+    n = len(data["input_ids"])
+    for b in range(0, n, batch_size):
+        ids, attn, labels = (data[k][b:b + batch_size].to(device) for k in ("input_ids", "attention_mask", "labels"))
+        yield ids, attn, labels, labels != -100
 
 
 @torch.no_grad()
-def lm_metrics(model: nn.Module, blocks: Tensor, *, batch_size: int, teacher_targets: dict[str, Any] | None = None
-               ) -> dict[str, float]:
-    """Held-out ``perplexity`` / ``loss`` (mean next-token CE), and with teacher targets the top-1 agreement
-    and the KL(teacher || student) on the teacher's top-k coarsened distributions (a lower bound of the
-    full KL that is exact when k = V)."""
+def teacher_eval_targets(teacher: nn.Module, data: dict[str, Tensor], *, k: int, batch_size: int) -> dict[str, Any]:
+    """Teacher perplexity on held-out LM tensors (the positions of ``mask``) plus its top-k log-probs there
+    (T = 1), one entry per batch of ``batch_size`` rows, for agreement / KL."""
+    nll, count, topk = 0.0, 0, []
+    for ids, attn, labels, mask in _eval_batches(data, batch_size, device_of(teacher)):
+        logits = teacher(input_ids=ids, attention_mask=attn).logits.float()[mask]
+        lp_all = torch.log_softmax(logits, -1)
+        nll += float(-lp_all.gather(-1, labels[mask].unsqueeze(-1)).sum())
+        count += int(mask.sum())
+        topk.append(tuple(x.cpu() for x in teacher_topk(logits, k=min(k, logits.shape[-1]))))
+    return {"perplexity": math.exp(nll / count), "loss": nll / count, "topk": topk, "batch_size": batch_size}
+
+
+@torch.no_grad()
+def lm_metrics(model: nn.Module, data: dict[str, Tensor] | Tensor, *, batch_size: int,
+               teacher_targets: dict[str, Any] | None = None) -> dict[str, float]:
+    """Held-out ``perplexity`` / ``loss`` (mean next-token CE over the positions of ``mask``; ``data`` may also be
+    a ``(N, L)`` tensor of text blocks), and with teacher targets the top-1 agreement and the KL(teacher ||
+    student) on the teacher's top-k coarsened distributions (a lower bound of the full KL, exact when k = V)."""
+    if isinstance(data, Tensor):
+        data = lm_tensors(data)
+    if teacher_targets is not None and teacher_targets["batch_size"] != batch_size:
+        raise KDistillError(f"lm_metrics: teacher targets were made in batches of {teacher_targets['batch_size']}, "
+                            f"got batch_size {batch_size}; expected the same.")
     was = model.training
     model.eval()
     nll, count, agree, kl = 0.0, 0, 0.0, 0.0
-    dev = device_of(model)
-    for b in range(0, len(blocks), batch_size):
-        ids = blocks[b:b + batch_size].to(dev)
-        logits = model(input_ids=ids).logits.float()[:, :-1]
+    for i, (ids, attn, labels, mask) in enumerate(_eval_batches(data, batch_size, device_of(model))):
+        logits = model(input_ids=ids, attention_mask=attn).logits.float()[mask]
         lp = torch.log_softmax(logits, -1)
-        nll += float(-lp.gather(-1, ids[:, 1:].unsqueeze(-1)).sum())
-        count += ids[:, 1:].numel()
+        nll += float(-lp.gather(-1, labels[mask].unsqueeze(-1)).sum())
+        count += int(mask.sum())
         if teacher_targets is not None:
-            tlp, tidx, tres = (x[b:b + batch_size].to(dev) for x in teacher_targets["topk"])
+            tlp, tidx, tres = (x.to(logits.device) for x in teacher_targets["topk"][i])
             agree += float((logits.argmax(-1) == tidx[..., 0]).float().sum())
             kl += float(topk_loss(logits, tlp, tidx, tres).sum())
     model.train(was)
@@ -255,6 +357,15 @@ def lm_metrics(model: nn.Module, blocks: Tensor, *, batch_size: int, teacher_tar
         out["top1_agreement"] = agree / count
         out["kl_teacher_student_topk"] = kl / count
     return out
+
+
+def generation_prompt(tokenizer: Any, item: Any, prompt_words: int) -> str:
+    """The text a generation starts from: a held-out text's first words, or a conversation up to its first
+    assistant turn, formatted by the chat template with the generation prompt."""
+    if isinstance(item, str):
+        return " ".join(item.split()[:prompt_words])
+    first = next(i for i, m in enumerate(item) if m["role"] == "assistant")
+    return tokenizer.apply_chat_template(item[:first], tokenize=False, add_generation_prompt=True)
 
 
 @torch.no_grad()
@@ -312,7 +423,7 @@ def write_cache(cfg: LLMConfig, output: Path | None = None, *, progress: bool = 
     spec = cfg.cache or LMCacheSpec(dir=str(output))
     out = Path(output) if output is not None else Path(spec.dir)
     train_texts, eval_texts = corpus(cfg)
-    teacher, tok = load_teacher(cfg, train_texts)
+    teacher, tok = load_teacher(cfg, texts_of(train_texts))
     train_blocks, _ = token_blocks(cfg, tok, train_texts, eval_texts)
     kd_t = float(METHODS.get(cfg.method.name)(**cfg.method.kwargs).cache_identity().get("kd_temperature", 1.0))
 
@@ -335,15 +446,15 @@ def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
     out = ctx.output
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    train_texts, eval_texts = corpus(cfg)
-    teacher, tok = load_teacher(cfg, train_texts)
+    train_items, eval_items = corpus(cfg)
+    teacher, tok = load_teacher(cfg, texts_of(train_items))
     teacher.eval().requires_grad_(False)
-    train_blocks, eval_blocks = token_blocks(cfg, tok, train_texts, eval_texts)
+    train_blocks, eval_t, train_t = held_out_tensors(cfg, tok, train_items, eval_items)
 
     from ..teachers.vocab import check_vocab
 
-    probe_student = build_student(cfg, teacher)
-    plan = check_vocab(teacher, probe_student, tok)
+    probe_student, probe_tok = student_and_tokenizer(cfg, teacher)
+    plan = check_vocab(teacher, probe_student, tok, probe_tok)
     del probe_student
 
     accelerator = make_accelerator(cfg.train.mixed_precision)
@@ -369,11 +480,13 @@ def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
         seq_blocks = torch.tensor([r["prompt_ids"] + r["completion_ids"] for r in records], dtype=torch.long)
         dataset = lm_dataset(seq_blocks, prompt_length=P)
         sequences_info = {"store": str(store), "sequences": len(records)}
+    elif train_t is not None:  # chat: padded conversations, loss on the assistant tokens
+        dataset = TensorDictDataset(**train_t)
     else:
         dataset = lm_dataset(train_blocks, prompt_length=cfg.data.prompt_tokens)
     loader = make_loader(dataset, cfg.train.batch_size, seed=cfg.seed)
     # the baseline always learns next-token CE on the original text blocks (every position counts)
-    plain = cache is None and cfg.data.sequence_kd is None and cfg.data.prompt_tokens == 0
+    plain = (cache is None and cfg.data.sequence_kd is None and cfg.data.prompt_tokens == 0) or train_t is not None
     base_loader = loader if plain else make_loader(lm_dataset(train_blocks), cfg.train.batch_size, seed=cfg.seed)
     steps_per_epoch = math.ceil(len(loader) / cfg.train.grad_accum)
     total_steps = cfg.train.epochs * steps_per_epoch
@@ -401,7 +514,7 @@ def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
                                         "log_residual": batch["log_residual"], "kd_temperature": cache.kd_temperature})
 
     def evaluate(m: nn.Module) -> dict[str, float]:
-        return lm_metrics(m, eval_blocks, batch_size=cfg.eval.batch_size)
+        return lm_metrics(m, eval_t, batch_size=cfg.eval.batch_size)
 
     def phase(name: str, method_spec: MethodSpec) -> tuple[nn.Module, list[dict], float, int]:
         pdir, work = out / name, out / "work" / name
@@ -439,11 +552,11 @@ def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
     phases["student"] = phase("student", cfg.method)
 
     # ---- held-out evaluation -----------------------------------------------------------------------
-    tt = teacher_eval_targets(teacher, eval_blocks, k=cfg.eval.agreement_k, batch_size=cfg.eval.batch_size)
-    lat_ids = eval_blocks[:1]
+    tt = teacher_eval_targets(teacher, eval_t, k=cfg.eval.agreement_k, batch_size=cfg.eval.batch_size)
+    lat_ids = eval_t["input_ids"][:1]
 
     def entry(model: nn.Module, secs: float, steps: int) -> dict[str, Any]:
-        m = lm_metrics(model, eval_blocks, batch_size=cfg.eval.batch_size, teacher_targets=tt)
+        m = lm_metrics(model, eval_t, batch_size=cfg.eval.batch_size, teacher_targets=tt)
         agreement = {k: m.pop(k) for k in ("top1_agreement", "kl_teacher_student_topk")}
         return {"params": _params(model), "metrics": m, "agreement": agreement, "train_seconds": secs,
                 "steps": steps, "latency_ms": _latency_ms(model, lat_ids)}
@@ -453,8 +566,9 @@ def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
     student_entry = entry(*[phases["student"][i] for i in (0, 2, 3)])
     report: dict[str, Any] = {
         "recipe": cfg.name, "task": "llm", "method": cfg.method.name, "seed": cfg.seed,
-        "data": {"name": cfg.data.name, "train_tokens": int(train_blocks.numel()),
-                 "eval_tokens": int(eval_blocks.numel()), "block_length": cfg.data.block_length,
+        "data": {"name": cfg.data.name, "format": "chat" if train_t is not None else "text",
+                 "train_tokens": int(train_blocks.numel()) if train_blocks is not None else int(train_t["mask"].sum()),
+                 "eval_tokens": int(eval_t["mask"].sum()), "block_length": cfg.data.block_length,
                  "cache": cfg.cache.dir if cfg.cache else None, "sequence_kd": sequences_info},
         "teacher": teacher_entry, "student": student_entry, "agreement": student_entry["agreement"], "variants": {},
         "vocab": {"tokenizer_size": plan.tokenizer_size, "student_rows": plan.student_rows,
@@ -464,7 +578,7 @@ def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
         report["baseline"] = entry(*[phases["baseline"][i] for i in (0, 2, 3)])
 
     # ---- a few generations side by side ------------------------------------------------------------
-    prompts = [" ".join(t.split()[: cfg.eval.prompt_words]) for t in eval_texts[: cfg.eval.generations]]
+    prompts = [generation_prompt(tok, item, cfg.eval.prompt_words) for item in eval_items[: cfg.eval.generations]]
     gens: dict[str, list[str]] = {"teacher": generate_texts(teacher, tok, prompts, cfg.eval.max_new_tokens)}
     for name in phases:
         gens[name] = generate_texts(phases[name][0], tok, prompts, cfg.eval.max_new_tokens)
