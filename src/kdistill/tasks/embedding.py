@@ -96,15 +96,27 @@ def _narrow(teacher: SentenceEncoder, *, corpus: list[str], hidden_size: int, nu
                           intermediate_size=intermediate_size, init=init, seed=seed, dropout=dropout)
 
 
-STUDENTS = {"layer_subset": _layer_subset, "narrow": _narrow, "static": build_static}
+def _pretrained(teacher: SentenceEncoder, *, corpus: list[str], path: str) -> SentenceEncoder:
+    return load_sentence_encoder(path)
+
+
+STUDENTS = {"layer_subset": _layer_subset, "narrow": _narrow, "static": build_static, "pretrained": _pretrained}
 
 
 class StudentSpec(StrictModel):
-    """``name``: ``layer_subset`` (kwargs ``layers``), ``narrow`` (``hidden_size``, ``num_layers``, ...) or
-    ``static`` (``dim``, ``weighting``, ``projection``, ...)."""
+    """``name``: ``layer_subset`` (kwargs ``layers``), ``narrow`` (``hidden_size``, ``num_layers``, ...),
+    ``static`` (``dim``, ``weighting``, ``projection``, ...), or your own encoder: ``{pretrained: PATH_OR_ID}``
+    (a sentence-transformers or Hugging Face encoder folder, a zoo name, or online a hub id)."""
 
-    name: Literal["layer_subset", "narrow", "static"]
+    name: Literal["layer_subset", "narrow", "static", "pretrained"]
     kwargs: dict[str, Any] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _own_student(cls, v: Any) -> Any:
+        if isinstance(v, dict) and "pretrained" in v and "name" not in v:
+            return {"name": "pretrained", "kwargs": {"path": v["pretrained"]}}
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> StudentSpec:
@@ -135,7 +147,14 @@ class EmbeddingDataSpec(StrictModel):
     so the in-batch list-wise / margin terms rank near ties, where a small student loses top-1 retrieval.
     Every row is still seen once per epoch."""
 
-    name: Literal["wordnet", "kjv", "tiny"] = "wordnet"
+    name: Literal["wordnet", "kjv", "tiny", "files"] = "wordnet"
+    files: str | list[str] | dict[str, str | list[str]] | None = None
+    format: str = "auto"
+    hf_dataset: dict[str, Any] | None = None
+    query_column: str = "query"
+    positive_column: str = "positive"
+    validation_fraction: float = 0.1
+    test_fraction: float = 0.1
     num_eval: int = 2000
     num_dev: int = 500
     num_train: int | None = 20000
@@ -152,6 +171,19 @@ class EmbeddingDataSpec(StrictModel):
         if v < 1:
             raise ValueError(f"must be >= 1 (got {v}; neighbour_group 1 = plain shuffled batches)")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _own_data(cls, v: Any) -> Any:
+        if isinstance(v, dict) and ("files" in v or "hf_dataset" in v) and "name" not in v:
+            return {**v, "name": "files"}
+        return v
+
+    @model_validator(mode="after")
+    def _files(self) -> EmbeddingDataSpec:
+        if self.name == "files" and (self.files is None) == (self.hf_dataset is None):
+            raise ValueError("data.name 'files' needs exactly one of data.files and data.hf_dataset")
+        return self
 
     @model_validator(mode="after")
     def _synonyms_need_wordnet(self) -> EmbeddingDataSpec:
@@ -262,14 +294,18 @@ class EmbeddingConfig(StrictModel):
 
 def load_pairs(spec: EmbeddingDataSpec) -> tuple[list[str], list[Pair], list[Pair]]:
     """``(train_sentences, dev_pairs, test_pairs)``, deterministic in the spec."""
-    if spec.name == "wordnet":
-        pairs = wordnet_pairs()
-    elif spec.name == "kjv":
-        pairs = kjv_pairs()
-    else:  # tiny: prefix -> full sentence
-        pairs = [Pair(" ".join(s.split()[: max(1, len(s.split()) // 2)]), s) for s in tiny_corpus(600, seed=11)]
-    rest, test = retrieval_split(pairs, num_eval=spec.num_eval, seed=spec.data_seed)
-    train_pairs, dev = retrieval_split(rest, num_eval=min(spec.num_dev, len(rest) // 2), seed=spec.data_seed + 1)
+    if spec.name == "files":
+        train_pairs, dev, test = _file_pairs(spec)
+    else:
+        if spec.name == "wordnet":
+            pairs = wordnet_pairs()
+        elif spec.name == "kjv":
+            pairs = kjv_pairs()
+        else:  # tiny: prefix -> full sentence
+            pairs = [Pair(" ".join(s.split()[: max(1, len(s.split()) // 2)]), s) for s in tiny_corpus(600, seed=11)]
+        rest, test = retrieval_split(pairs, num_eval=spec.num_eval, seed=spec.data_seed)
+        train_pairs, dev = retrieval_split(rest, num_eval=min(spec.num_dev, len(rest) // 2),
+                                           seed=spec.data_seed + 1)
     if spec.synonym_queries:  # wordnet only (checked by the spec)
         held_q = {p.query.lower() for p in (*test, *dev)}
         held_c = {p.candidate.lower() for p in (*test, *dev)}
@@ -292,6 +328,31 @@ def load_pairs(spec: EmbeddingDataSpec) -> tuple[list[str], list[Pair], list[Pai
         raise KDistillError(f"data {spec.name!r}: no training sentences left after holding out {spec.num_eval} + "
                             f"{spec.num_dev} pairs; lower data.num_eval / data.num_dev.")
     return sentences, dev, test
+
+
+def _file_pairs(spec: EmbeddingDataSpec) -> tuple[list[Pair], list[Pair], list[Pair]]:
+    """(train, dev, test) pairs of your (query, positive) rows; held-out splits from files or seeded fractions."""
+    from ..data.files import load_rows
+
+    q, c = spec.query_column, spec.positive_column
+    rows = load_rows(files=spec.files, format=spec.format, hf_dataset=spec.hf_dataset,
+                     validation_fraction=spec.validation_fraction, test_fraction=spec.test_fraction,
+                     seed=spec.data_seed, columns=[q, c])
+    out = []
+    for split in ("train", "validation", "test"):
+        pairs = []
+        for i, row in enumerate(rows.get(split, []), start=1):
+            for col in (q, c):
+                if not isinstance(row[col], str) or not row[col].strip():
+                    raise KDistillError(f"data ({split} split), row {i}, column {col!r}: got {row[col]!r}, "
+                                        "expected a non-empty text.")
+            pairs.append(Pair(row[q], row[c]))
+        out.append(pairs)
+    for split, pairs, name in ((2, "test", "test_fraction"), (1, "validation", "validation_fraction")):
+        if not out[split]:
+            raise KDistillError(f"data: no {pairs} pairs; expected a {pairs} file or data.{name} > 0 (retrieval "
+                                "is measured on held-out pairs, learning curves on validation pairs).")
+    return out[0], out[1], out[2]
 
 
 def load_teacher(name: str) -> SentenceEncoder:
