@@ -71,3 +71,22 @@ def test_classification_run_on_cuda(tmp_path, monkeypatch):
     for who in ("teacher", "student", "baseline"):
         assert 0.0 <= report[who]["metrics"]["accuracy"] <= 1.0
     assert report["student"]["latency_ms"] > 0 and "feat" in report["variants"]
+
+
+def test_two_teachers_are_distilled_from_their_weighted_mixture(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDISTILL_CACHE", str(tmp_path / "cache"))
+    two = {k: v for k, v in RECIPE.items() if k != "teacher"}
+    two["teachers"] = [RECIPE["teacher"], {**RECIPE["teacher"], "model": {"name": "mlp", "kwargs": {"width": 16}}}]
+    two["teacher_weights"] = [2.0, 1.0]
+    rep = run(two, output=tmp_path / "run", progress=False, quiet=True)
+    members = rep["teacher"]["members"]
+    assert len(members) == 2 and rep["teacher"]["weights"] == pytest.approx([2 / 3, 1 / 3])
+    assert rep["teacher"]["params"] == sum(m["params"] for m in members)
+    assert (tmp_path / "run" / "teacher_0").is_dir() and (tmp_path / "run" / "teacher_1").is_dir()
+    with pytest.raises(ConfigError, match="exactly one of `teacher:`"):
+        load_config({**two, "teacher": RECIPE["teacher"]})
+    with pytest.raises(ConfigError, match="teacher_weights"):
+        load_config({**two, "teacher_weights": [1.0]})
+    with pytest.raises(ConfigError, match="reads teacher features"):
+        load_config({**two, "method": {"name": "fitnet", "kwargs": {"student_layer": "blocks.0",
+                                                                    "teacher_layer": "blocks.0"}}})

@@ -100,7 +100,9 @@ class ClassificationConfig(StrictModel):
     description: str = ""
     seed: int = 0
     data: DataSpec
-    teacher: TeacherSpec
+    teacher: TeacherSpec | None = None
+    teachers: list[TeacherSpec] = []
+    teacher_weights: list[float] | None = None
     student: ModelSpec
     method: MethodSpec = MethodSpec()
     augment: AugmentSpec | None = None
@@ -111,9 +113,27 @@ class ClassificationConfig(StrictModel):
     eval: EvalSpec = EvalSpec()
 
     @model_validator(mode="after")
+    def _teachers(self) -> ClassificationConfig:
+        if (self.teacher is None) == (not self.teachers):
+            raise ValueError("expected exactly one of `teacher:` (one model) and `teachers:` (a list, distilled "
+                             "from the weighted mean of their predicted distributions)")
+        if self.teacher_weights is not None:
+            if len(self.teacher_weights) != len(self.teachers) or any(not w > 0 for w in self.teacher_weights):
+                raise ValueError(f"teacher_weights: got {self.teacher_weights}, expected {len(self.teachers)} "
+                                 "positive numbers, one per entry of `teachers:`")
+        if len(self.teachers) > 1:
+            for spec in [self.method, *(v.method for v in self.variants.values())]:
+                if METHODS.get(spec.name)(**spec.kwargs).teacher_layers:
+                    raise ValueError(f"method {spec.name!r} reads teacher features, which several teachers do not "
+                                     "share; with `teachers:` use a method on the teachers' predictions (e.g. "
+                                     "hinton_kd, dkd, dist)")
+        return self
+
+    @model_validator(mode="after")
     def _names(self) -> ClassificationConfig:
         for name in self.variants:
-            if name in ("teacher", "baseline", "student", "work") or not name.replace("_", "").isalnum():
+            if name in ("baseline", "student", "work") or name.startswith("teacher") \
+                    or not name.replace("_", "").isalnum():
                 raise ValueError(f"variant name {name!r} is reserved or not snake_case; pick e.g. 'kd_plain'")
         return self
 
@@ -128,9 +148,13 @@ def cache_root() -> Path:
     return Path(os.environ.get("KDISTILL_CACHE", Path.home() / ".cache" / "kdistill"))
 
 
-def teacher_fingerprint(cfg: ClassificationConfig) -> str:
-    blob = json.dumps({"data": cfg.data.model_dump(), "model": cfg.teacher.model.model_dump(),
-                       "train": cfg.teacher.train.model_dump(), "seed": cfg.seed,
+def teacher_specs(cfg: Any) -> list[TeacherSpec]:
+    """The run's teachers: ``[cfg.teacher]`` or ``cfg.teachers``."""
+    return list(cfg.teachers) or [cfg.teacher]
+
+
+def teacher_fingerprint(*, data: dict[str, Any], model: dict[str, Any], train: dict[str, Any], seed: int) -> str:
+    blob = json.dumps({"data": data, "model": model, "train": train, "seed": seed,
                        "torch": torch.__version__.split("+")[0], "kdistill": __version__}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -189,8 +213,8 @@ def _train_phase(name: str, *, cfg: ClassificationConfig, data: ClassificationDa
     return res.student, res.history, res.seconds
 
 
-def _get_teacher(cfg: ClassificationConfig, data: ClassificationData, accelerator: Any, ctx: RunContext):
-    spec = cfg.teacher
+def _get_teacher(cfg: ClassificationConfig, spec: TeacherSpec, folder: str, data: ClassificationData,
+                 accelerator: Any, ctx: RunContext):
     if spec.checkpoint:
         p = Path(spec.checkpoint)
         if p.is_dir():
@@ -199,8 +223,9 @@ def _get_teacher(cfg: ClassificationConfig, data: ClassificationData, accelerato
             model = _build(spec.model, data)
             model.load_state_dict(load_state_dict(p))
         return model, [], 0.0, "checkpoint"
-    fp = teacher_fingerprint(cfg)
-    tdir, cached = ctx.output / "teacher", cache_root() / "teachers" / fp
+    fp = teacher_fingerprint(data=cfg.data.model_dump(), model=spec.model.model_dump(), train=spec.train.model_dump(),
+                             seed=cfg.seed)
+    tdir, cached = ctx.output / folder, cache_root() / "teachers" / fp
     if _phase_done(tdir) and json.loads((tdir / "model.json").read_text()).get("fingerprint") == fp \
             and (ctx.resume or spec.reuse):
         model, _ = load_classifier(tdir)
@@ -212,7 +237,7 @@ def _get_teacher(cfg: ClassificationConfig, data: ClassificationData, accelerato
             shutil.copytree(cached, tdir, dirs_exist_ok=True)
         h = json.loads((cached / "history.json").read_text())
         return model, h["history"], h["seconds"], f"reused (cache {fp})"
-    model, hist, secs = _train_phase("teacher", cfg=cfg, data=data, model_spec=spec.model, train=spec.train,
+    model, hist, secs = _train_phase(folder, cfg=cfg, data=data, model_spec=spec.model, train=spec.train,
                                      method_spec=MethodSpec(name="none"), augment_spec=None, teacher=None,
                                      accelerator=accelerator, ctx=RunContext(ctx.output, False, ctx.progress),
                                      extra_meta={"fingerprint": fp})
@@ -231,12 +256,28 @@ def run_classification(cfg: ClassificationConfig, ctx: RunContext) -> dict[str, 
     data = load_dataset(cfg.data.name, **cfg.data.kwargs)
     _build(cfg.student, data)  # a student that cannot be built fails now, not after the teacher has trained
     accelerator = make_accelerator(cfg.train.mixed_precision)
-    teacher, teacher_hist, teacher_secs, teacher_source = _get_teacher(cfg, data, accelerator, ctx)
+    specs = teacher_specs(cfg)
+    got = [_get_teacher(cfg, spec, "teacher" if len(specs) == 1 else f"teacher_{i}", data, accelerator, ctx)
+           for i, spec in enumerate(specs)]
+    if len(got) == 1:
+        teacher, teacher_hist, teacher_secs, teacher_source = got[0]
+    else:
+        from ..teachers.mixture import TeacherMixture
+
+        teacher = TeacherMixture([g[0] for g in got], weights=cfg.teacher_weights)
+        teacher_hist, teacher_secs = got[0][1], sum(g[2] for g in got)
+        teacher_source = ", ".join(g[3] for g in got)
     teacher.eval()
 
     trained = train_students(cfg, data, teacher, accelerator, ctx)
-    teacher_entry = {"params": count_params(teacher), "model": cfg.teacher.model.model_dump(),
-                     "source": teacher_source, "train_seconds": teacher_secs}
+    teacher_entry = {"params": count_params(teacher), "source": teacher_source, "train_seconds": teacher_secs,
+                     "model": specs[0].model.model_dump() if len(specs) == 1 else [s.model.model_dump() for s in specs]}
+    if len(got) > 1:
+        teacher_entry["members"] = [
+            {"model": s.model.model_dump(), "params": count_params(g[0]),
+             "metrics": classification_metrics(predict_logits(g[0], data.x_test), data.y_test)}
+            for s, g in zip(specs, got)]
+        teacher_entry["weights"] = teacher.weights.tolist()
     report, curves = build_report(cfg, data, "classification", teacher, teacher_entry, trained, t_start)
     curves = {"teacher": teacher_hist, **curves}
     if accelerator.is_main_process:
