@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from kdistill.cli import app
-from kdistill.train.checkpoint import load_state_dict
+from kdistill.io import load_state_dict
 
 TINY = """
 name: tiny_digits

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import KDistillError
-from .train.checkpoint import write_json_atomic
+from .io import write_json_atomic
 
 CONFIG_FILE = "config.json"
 #: files and folders a kdistill run writes at the top of its output folder (any one marks a run folder)

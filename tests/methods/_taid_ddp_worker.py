@@ -9,9 +9,9 @@ import sys
 import torch
 import torch.distributed as dist
 
+from kdistill.io import save_state_dict_atomic
 from kdistill.methods.base import ModelOutput
 from kdistill.methods.llm_kd import LLMKD
-from kdistill.train.checkpoint import save_state_dict_atomic
 from kdistill.train.loop import end_distributed
 
 

@@ -5,7 +5,7 @@ import torch
 from kdistill import run
 from kdistill.config import load_config
 from kdistill.errors import ConfigError
-from kdistill.train.checkpoint import load_state_dict
+from kdistill.io import load_state_dict
 
 RECIPE = {
     "name": "tiny", "task": "classification", "seed": 1,

@@ -116,7 +116,7 @@ def test_static_least_squares_projection_moves_student_towards_teacher():
 
 def test_quantize_stage_reports_pq_retrieval_and_saves_codebooks(tmp_path):
     from kdistill.api import run
-    from kdistill.train.checkpoint import load_state_dict
+    from kdistill.io import load_state_dict
 
     cfg = {**TINY, "quantize": {"num_subspaces": 8, "num_centroids": 16, "kmeans_iters": 5, "epochs": 2,
                                 "batch_size": 64, "neighbours": 0, "max_train": 100},

@@ -10,10 +10,10 @@ import sys
 import torch
 
 from kdistill.data import TensorDictDataset, make_loader
+from kdistill.io import save_state_dict_atomic
 from kdistill.methods.fitnet import FitNet
 from kdistill.models import build_mlp
 from kdistill.train import end_distributed, fit, make_accelerator
-from kdistill.train.checkpoint import save_state_dict_atomic
 
 
 def main(batch: int, out: str) -> None:

@@ -3,15 +3,8 @@ import pytest
 import torch
 
 from kdistill.errors import KDistillError
-from kdistill.train.checkpoint import (
-    CheckpointManager,
-    flatten_state,
-    load_state_dict,
-    rng_state,
-    save_state_dict_atomic,
-    set_rng_state,
-    unflatten_state,
-)
+from kdistill.io import load_state_dict, save_state_dict_atomic
+from kdistill.train.checkpoint import CheckpointManager, flatten_state, rng_state, set_rng_state, unflatten_state
 
 
 def test_nested_state_roundtrip_without_pickle():

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..train.checkpoint import write_bytes_atomic, write_json_atomic
+from ..io import write_bytes_atomic, write_json_atomic
 
 
 def _fmt(v: Any, nd: int = 4) -> str:

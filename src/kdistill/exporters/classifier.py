@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from ..errors import KDistillError
+from ..io import load_state_dict, save_state_dict_atomic, write_json_atomic
 from ..models.classifiers import count_params
 from ..registry import MODELS
-from ..train.checkpoint import load_state_dict, save_state_dict_atomic, write_json_atomic
 
 FORMAT = "kdistill-classifier/1"
 

@@ -203,7 +203,7 @@ def cached_token_vectors(teacher: SentenceEncoder, cache_dir: str | Path | None,
         return teacher_token_vectors(teacher, batch_size=batch_size)
     from safetensors.torch import load_file
 
-    from ..train.checkpoint import save_state_dict_atomic
+    from ..io import save_state_dict_atomic
 
     path = Path(cache_dir) / f"{teacher_fingerprint(teacher)}.safetensors"
     if path.is_file():

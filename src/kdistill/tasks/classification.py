@@ -6,13 +6,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from pydantic import model_validator
 
@@ -23,10 +21,10 @@ from ..data.classification import ClassificationData, TensorDictDataset, load_da
 from ..eval.metrics import agreement, classification_metrics, model_latency_ms
 from ..eval.report import write_report
 from ..exporters.classifier import load_classifier, save_classifier
+from ..io import cache_root, load_state_dict, seed_everything, write_json_atomic
 from ..methods.base import ModelOutput
 from ..models.classifiers import count_params, predict_logits
 from ..registry import DATASETS, METHODS, MODELS, TASKS
-from ..train.checkpoint import load_state_dict, write_json_atomic
 from ..train.loop import fit, make_accelerator
 from .base import RunContext, Task
 
@@ -136,16 +134,6 @@ class ClassificationConfig(StrictModel):
                     or not name.replace("_", "").isalnum():
                 raise ValueError(f"variant name {name!r} is reserved or not snake_case; pick e.g. 'kd_plain'")
         return self
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("KDISTILL_CACHE", Path.home() / ".cache" / "kdistill"))
 
 
 def teacher_specs(cfg: Any) -> list[TeacherSpec]:

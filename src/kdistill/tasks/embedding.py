@@ -11,8 +11,6 @@ folder (``<output>/student``), checked by reloading it in plain sentence-transfo
 
 from __future__ import annotations
 
-import os
-import random
 import shutil
 import time
 from pathlib import Path
@@ -28,6 +26,7 @@ from ..data.text import Pair, kjv_pairs, pair_texts, retrieval_split, wordnet_pa
 from ..errors import KDistillError
 from ..eval.report import write_report
 from ..eval.retrieval import evaluate_encoder, retrieval_metrics
+from ..io import cache_root, load_state_dict, save_state_dict_atomic, seed_everything
 from ..methods.base import ModelOutput
 from ..registry import METHODS, TASKS
 from ..students.encoders import (
@@ -42,13 +41,8 @@ from ..students.encoders import (
     trim_padding,
 )
 from ..students.static import StaticEncoder, static_from_teacher
-from ..train.checkpoint import load_state_dict, save_state_dict_atomic
 from ..train.loop import fit, make_accelerator
 from .base import RunContext, Task
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("KDISTILL_CACHE", Path.home() / ".cache" / "kdistill"))
 
 
 def build_static(teacher: SentenceEncoder, *, corpus: list[str], dim: int | None = 256, weighting: str = "zipf",
@@ -426,12 +420,6 @@ def _training_forwards(method: Any, teacher: SentenceEncoder, keys: list[str], *
 # ------------------------------------------------------------------------------------------------- run
 
 
-def _seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def _entry(model: Any, test: list[Pair], *, teacher_emb: tuple[torch.Tensor, torch.Tensor] | None,
            spec: EmbeddingEvalSpec, throughput: list[str],
            embeddings: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, Any]:
@@ -449,11 +437,11 @@ def run_embedding(cfg: EmbeddingConfig, ctx: RunContext) -> dict[str, Any]:
 
     t_start = time.perf_counter()
     ctx.output.mkdir(parents=True, exist_ok=True)
-    _seed(cfg.seed)
+    seed_everything(cfg.seed)
     sentences, dev, test = load_pairs(cfg.data)
     teacher = load_teacher(cfg.teacher).eval()
 
-    _seed(cfg.seed)
+    seed_everything(cfg.seed)
     student = STUDENTS[cfg.student.name](teacher, corpus=sentences, **cfg.student.kwargs)
     if cfg.quantize is not None:  # a width the subspaces do not divide fails now, not after training
         from ..modules.quantization import ProductQuantizer

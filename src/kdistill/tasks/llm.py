@@ -27,11 +27,11 @@ from ..data.classification import TensorDictDataset, make_loader
 from ..data.lm import cache_dataset, lm_dataset, lm_tensors, pack_blocks, tokenize_texts
 from ..errors import KDistillError
 from ..eval.report import write_report
+from ..io import write_json_atomic
 from ..losses.topk import teacher_topk, topk_loss
 from ..methods.base import ModelOutput
 from ..models.classifiers import count_params
 from ..registry import METHODS, TASKS
-from ..train.checkpoint import write_json_atomic
 from ..train.loop import fit, make_accelerator
 from .base import RunContext, Task
 

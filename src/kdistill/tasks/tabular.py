@@ -19,11 +19,12 @@ from pydantic import field_validator, model_validator
 from ..config import AugmentSpec, MethodSpec, StrictModel, TrainSpec
 from ..data.classification import load_dataset
 from ..eval.report import write_report
+from ..io import seed_everything
 from ..registry import METHODS, TASKS
 from ..teachers.sklearn import _estimators, estimator_size, fit_sklearn_teacher
 from ..train.loop import make_accelerator
 from .base import RunContext, Task
-from .classification import DataSpec, EvalSpec, ModelSpec, VariantSpec, build_report, seed_everything, train_students
+from .classification import DataSpec, EvalSpec, ModelSpec, VariantSpec, build_report, train_students
 
 
 class SklearnTeacherSpec(StrictModel):

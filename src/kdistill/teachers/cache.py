@@ -49,8 +49,8 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from ..errors import KDistillError
+from ..io import save_state_dict_atomic, write_json_atomic
 from ..losses.topk import teacher_topk
-from ..train.checkpoint import save_state_dict_atomic, write_json_atomic
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import KDistillError
-from ..train.checkpoint import write_bytes_atomic, write_json_atomic
+from ..io import write_bytes_atomic, write_json_atomic
 
 
 def _prompts_hash(prompts: Sequence[Sequence[int]]) -> str:

@@ -29,8 +29,9 @@ from torch import Tensor, nn
 
 from ..capture import capture
 from ..errors import KDistillError, expect
+from ..io import write_bytes_atomic
 from ..methods.base import Method, ModelOutput, SetupInfo
-from .checkpoint import CheckpointManager, rng_state, set_rng_state, write_bytes_atomic
+from .checkpoint import CheckpointManager, rng_state, set_rng_state
 from .optim import build_optimizer, build_scheduler
 
 Batch = dict[str, Any]
