@@ -40,8 +40,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import kdistill.methods  # noqa: E402,F401
 import kdistill.models  # noqa: E402,F401
+from kdistill.data import TensorDictDataset, load_dataset, make_loader  # noqa: E402
 from kdistill.data.augment import build_augment  # noqa: E402
-from kdistill.data.classification import TensorDictDataset, load_dataset, make_loader  # noqa: E402
 from kdistill.eval.metrics import accuracy  # noqa: E402
 from kdistill.models.classifiers import predict_logits  # noqa: E402
 from kdistill.registry import METHODS, MODELS  # noqa: E402

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdistill.data.classification import TensorDictDataset, make_loader
+from kdistill.data.loaders import TensorDictDataset, make_loader
 from kdistill.data.hard_augment import HardAugment, _augment
 from kdistill.errors import KDistillError
 from kdistill.methods.hinton_kd import HintonKD

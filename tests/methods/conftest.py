@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from kdistill.data.classification import TensorDictDataset, make_loader
+from kdistill.data.loaders import TensorDictDataset, make_loader
 from kdistill.methods.base import Method
 from kdistill.models.classifiers import build_cnn, build_mlp
 

@@ -92,7 +92,7 @@ def test_index_memory_bank_momentum_update_and_auto_mode():
 
 
 def test_fit_with_dataset_indices_uses_the_index_bank(zoo):
-    from kdistill.data.classification import TensorDictDataset, make_loader
+    from kdistill.data.loaders import TensorDictDataset, make_loader
     from kdistill.train.loop import fit, make_accelerator
 
     data = zoo["random_data"]()

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from kdistill.config import load_config
-from kdistill.data.classification import TensorDictDataset, make_loader
+from kdistill.data.loaders import TensorDictDataset, make_loader
 from kdistill.errors import ConfigError, KDistillError
 from kdistill.losses.embeddings import cosine, listwise_kl, similarity, token_cosine
 from kdistill.methods.base import ModelOutput, SetupInfo

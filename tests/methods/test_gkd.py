@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdistill.data.classification import make_loader
 from kdistill.data.lm import lm_dataset, lm_tensors, pack_blocks
+from kdistill.data.loaders import make_loader
 from kdistill.errors import KDistillError
 from kdistill.losses import logits as L
 from kdistill.losses.reduce import masked_mean

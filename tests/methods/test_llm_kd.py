@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from kdistill.config import MethodSpec
-from kdistill.data.classification import make_loader
 from kdistill.data.lm import cache_dataset, lm_dataset, pack_blocks
+from kdistill.data.loaders import make_loader
 from kdistill.errors import KDistillError, UnknownNameError
 from kdistill.losses import logits as L
 from kdistill.losses.reduce import masked_mean

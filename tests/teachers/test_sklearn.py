@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdistill.data.classification import TensorDictDataset, load_dataset, make_loader
+from kdistill.data import TensorDictDataset, load_dataset, make_loader
 from kdistill.errors import KDistillError
 from kdistill.methods.hinton_kd import HintonKD
 from kdistill.models.classifiers import build_mlp, predict_logits

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..data.classification import TensorDictDataset, make_loader
+from ..data.loaders import TensorDictDataset, make_loader
 from ..errors import expect
 from ..losses.logits import soft_cross_entropy
 from ..methods.base import ModelOutput

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..errors import KDistillError
-from .classification import TensorDictDataset
+from .loaders import TensorDictDataset
 
 
 def tokenize_texts(tokenizer: Any, texts: Iterable[str]) -> list[list[int]]:

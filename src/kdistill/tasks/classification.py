@@ -17,7 +17,8 @@ from pydantic import model_validator
 from .. import __version__
 from ..config import AugmentSpec, MethodSpec, NamedSpec, StrictModel, TrainSpec, check_kwargs
 from ..data.augment import build_augment
-from ..data.classification import ClassificationData, TensorDictDataset, load_dataset, make_loader
+from ..data.classification import ClassificationData, load_dataset
+from ..data.loaders import TensorDictDataset, make_loader
 from ..eval.metrics import agreement, classification_metrics, model_latency_ms
 from ..eval.report import write_report
 from ..exporters.classifier import load_classifier, save_classifier

@@ -21,7 +21,7 @@ import torch
 from pydantic import field_validator, model_validator
 
 from ..config import MethodSpec, StrictModel, TrainSpec, check_kwargs
-from ..data.classification import NeighbourGroupSampler, TensorDictDataset, make_loader
+from ..data.loaders import NeighbourGroupSampler, TensorDictDataset, make_loader
 from ..data.text import Pair, kjv_pairs, pair_texts, retrieval_split, wordnet_pairs, wordnet_synonym_gloss_pairs
 from ..errors import KDistillError
 from ..eval.report import write_report

@@ -23,8 +23,8 @@ from torch import Tensor, nn
 
 from ..capture import device_of
 from ..config import MethodSpec, StrictModel, TrainSpec
-from ..data.classification import TensorDictDataset, make_loader
 from ..data.lm import cache_dataset, lm_dataset, lm_tensors, pack_blocks, tokenize_texts
+from ..data.loaders import TensorDictDataset, make_loader
 from ..errors import KDistillError
 from ..eval.report import write_report
 from ..io import write_json_atomic
