@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from kdistill.data.loaders import TensorDictDataset, make_loader
 from kdistill.data.hard_augment import HardAugment, _augment
+from kdistill.data.loaders import TensorDictDataset, make_loader
 from kdistill.errors import KDistillError
 from kdistill.methods.hinton_kd import HintonKD
 from kdistill.models.classifiers import build_cnn, build_mlp
