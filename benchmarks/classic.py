@@ -327,15 +327,20 @@ def markdown(report: dict[str, Any]) -> str:
 
 def merge_reports(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One report per setting: a later file's rows (e.g. a rerun of some methods) replace an earlier file's rows
-    of the same key; the later file's teacher figures and method settings are kept beside them."""
+    of the same key, except the baselines (the first file's unchanged rows were measured against its own); the
+    later file's teacher figures, baselines and method settings are kept beside them under ``reruns``."""
     merged: dict[str, dict[str, Any]] = {}
     for rep in reports:
         have = merged.get(rep["setting"])
         if have is None:
             merged[rep["setting"]] = json.loads(json.dumps(rep))
             continue
-        have["results"]["results"].update(rep["results"]["results"])
+        # the first file's baselines stay: they are what its unchanged rows were measured against
+        have["results"]["results"].update({k: v for k, v in rep["results"]["results"].items()
+                                           if not k.startswith("baseline[")})
         have.setdefault("reruns", []).append({"rows": sorted(rep["results"]["results"]),
+                                              "baselines": {k: v for k, v in rep["results"]["results"].items()
+                                                            if k.startswith("baseline[")},
                                               "teacher_test_accuracy": rep["results"]["teacher_test_accuracy"],
                                               "method_kwargs": rep["config"].get("method_kwargs", {})})
     return list(merged.values())

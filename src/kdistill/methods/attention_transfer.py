@@ -12,7 +12,9 @@ Channel counts may differ (maps are channel-averaged); spatial sizes may differ 
 pooled to the teacher's). When to use: conv teacher and conv student with stages of matching
 resolution; no extra parameters. ``at_weight = 1000`` is the authors' code (szagoruyko/attention-transfer):
 ``beta * sum_k at_loss_k`` with ``beta = 1e3``, where ``at_loss`` is the mean over batch and map positions
-of the squared difference of the normalised maps, the same per-element mean as here. Needs ``(B, C, L)``
+of the squared difference of the normalised maps, the same per-element mean as here. Because it is a mean
+per position, one mismatch weighs more on smaller maps: the authors' maps have 64-1024 positions, and on maps of
+10-200 positions 1000 swamps the label loss (docs/benchmarks.md); the classic recipe uses 1. Needs ``(B, C, L)``
 or ``(B, C, H, W)`` features: not applicable to MLPs.
 """
 

@@ -12,7 +12,8 @@ with ``TCKD = KL(b_t || b_s)`` on the binary ``[p_y, 1 - p_y]`` and ``NCKD = KL(
 over non-target classes, both at temperature ``T``. ``warmup(step)`` ramps linearly from 0 to 1 over
 ``warmup_steps`` optimizer-side calls in training mode (the paper warms up over 20 epochs; pass
 ``20 * steps_per_epoch``). When to use: any classifier with labels; beta in 1-8 (larger for more
-confident teachers). Paper defaults (CIFAR-100): alpha 1, beta 8, T 4.
+confident teachers). Paper defaults (CIFAR-100): alpha 1, beta 8, T 4; ImageNet: alpha 0.5, beta 0.5. With
+10-class teachers and small students beta 8 lost 0.9-13.5 points (docs/benchmarks.md); the classic recipe uses 0.5.
 """
 
 from __future__ import annotations
