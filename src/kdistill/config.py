@@ -65,6 +65,29 @@ class NamedSpec(StrictModel):
         return {"name": v} if isinstance(v, str) else v
 
 
+class FileSource(StrictModel):
+    """Your own data for a task's ``data`` section: ``files`` (a path, a glob, a list, or ``{train, validation,
+    test}``) or ``hf_dataset`` (``{path, name, split}``), read by :func:`kdistill.data.files.load_rows`. A section
+    that gives either and no ``name`` is ``name: files``."""
+
+    files: str | list[str] | dict[str, str | list[str]] | None = None
+    format: str = "auto"
+    hf_dataset: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _own_data(cls, v: Any) -> Any:
+        if isinstance(v, dict) and ("files" in v or "hf_dataset" in v) and "name" not in v:
+            return {**v, "name": "files"}
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> FileSource:
+        if getattr(self, "name", "files") == "files" and (self.files is None) == (self.hf_dataset is None):
+            raise ValueError("data.name 'files' needs exactly one of data.files and data.hf_dataset")
+        return self
+
+
 class MethodSpec(NamedSpec):
     """A distillation method from ``METHODS``; kwargs go to its constructor."""
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from pydantic import field_validator, model_validator
 
-from ..config import MethodSpec, StrictModel, TrainSpec, check_kwargs
+from ..config import FileSource, MethodSpec, StrictModel, TrainSpec, check_kwargs
 from ..data.loaders import NeighbourGroupSampler, TensorDictDataset, make_loader
 from ..data.text import Pair, kjv_pairs, pair_texts, retrieval_split, wordnet_pairs, wordnet_synonym_gloss_pairs
 from ..errors import KDistillError
@@ -118,7 +118,7 @@ class StudentSpec(StrictModel):
         return self
 
 
-class EmbeddingDataSpec(StrictModel):
+class EmbeddingDataSpec(FileSource):
     """Pair set (``wordnet`` lemma -> gloss, ``kjv`` verse -> next verse, ``tiny`` for smoke tests), the
     held-out test pairs, a dev subset for learning curves, and the training sentences (texts of the
     remaining pairs, optionally capped at ``num_train``).
@@ -142,9 +142,6 @@ class EmbeddingDataSpec(StrictModel):
     Every row is still seen once per epoch."""
 
     name: Literal["wordnet", "kjv", "tiny", "files"] = "wordnet"
-    files: str | list[str] | dict[str, str | list[str]] | None = None
-    format: str = "auto"
-    hf_dataset: dict[str, Any] | None = None
     query_column: str = "query"
     positive_column: str = "positive"
     validation_fraction: float = 0.1
@@ -165,19 +162,6 @@ class EmbeddingDataSpec(StrictModel):
         if v < 1:
             raise ValueError(f"must be >= 1 (got {v}; neighbour_group 1 = plain shuffled batches)")
         return v
-
-    @model_validator(mode="before")
-    @classmethod
-    def _own_data(cls, v: Any) -> Any:
-        if isinstance(v, dict) and ("files" in v or "hf_dataset" in v) and "name" not in v:
-            return {**v, "name": "files"}
-        return v
-
-    @model_validator(mode="after")
-    def _files(self) -> EmbeddingDataSpec:
-        if self.name == "files" and (self.files is None) == (self.hf_dataset is None):
-            raise ValueError("data.name 'files' needs exactly one of data.files and data.hf_dataset")
-        return self
 
     @model_validator(mode="after")
     def _synonyms_need_wordnet(self) -> EmbeddingDataSpec:

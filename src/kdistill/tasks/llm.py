@@ -22,7 +22,7 @@ from pydantic import field_validator, model_validator
 from torch import Tensor, nn
 
 from ..capture import device_of
-from ..config import MethodSpec, StrictModel, TrainSpec
+from ..config import FileSource, MethodSpec, StrictModel, TrainSpec
 from ..data.lm import cache_dataset, lm_dataset, lm_tensors, pack_blocks, tokenize_texts
 from ..data.loaders import TensorDictDataset, make_loader
 from ..errors import KDistillError
@@ -83,7 +83,7 @@ class SequenceKDSpec(StrictModel):
     sampling_temperature: float = 0.0
 
 
-class LMDataSpec(StrictModel):
+class LMDataSpec(FileSource):
     """``kjv``: the King James Bible (Debian ``bible-kjv``), held-out = the last verses (Revelation end);
     ``texts``: the strings in ``texts`` (tests); ``files``: your own data (``data: {files: ..., text_column: ...}``
     or ``hf_dataset: {path: ...}``): a ``text_column`` of documents, packed into ``block_length``-token blocks like
@@ -93,9 +93,6 @@ class LMDataSpec(StrictModel):
 
     name: Literal["kjv", "texts", "files"] = "kjv"
     texts: list[str] = []
-    files: str | list[str] | dict[str, str | list[str]] | None = None
-    format: str = "auto"
-    hf_dataset: dict[str, Any] | None = None
     text_column: str = "text"
     messages_column: str | None = None
     block_length: int = 128
@@ -112,17 +109,8 @@ class LMDataSpec(StrictModel):
             raise ValueError(f"must be >= 4 (got {v})")
         return v
 
-    @model_validator(mode="before")
-    @classmethod
-    def _own_data(cls, v: Any) -> Any:
-        if isinstance(v, dict) and ("files" in v or "hf_dataset" in v) and "name" not in v:
-            return {**v, "name": "files"}
-        return v
-
     @model_validator(mode="after")
-    def _files(self) -> LMDataSpec:
-        if self.name == "files" and (self.files is None) == (self.hf_dataset is None):
-            raise ValueError("data.name 'files' needs exactly one of data.files and data.hf_dataset")
+    def _chat(self) -> LMDataSpec:
         if self.messages_column is not None and (self.prompt_tokens or self.sequence_kd is not None):
             raise ValueError("data.messages_column trains on the assistant turns of each conversation; "
                              "prompt_tokens and sequence_kd apply to text blocks (text_column). Remove them.")
