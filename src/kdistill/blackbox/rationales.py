@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data.lm import IGNORE_INDEX, label_mask
 from ..errors import expect
 from ..losses.logits import cross_entropy
 from ..losses.reduce import masked_mean
@@ -52,11 +53,11 @@ def _pairs(tok: Any, prompts: Sequence[str], targets: Sequence[str], max_len: in
     for p, t in zip(prompts, targets, strict=True):
         tids = tok(t, add_special_tokens=False)["input_ids"][: max_len // 2] + [tok.eos_token_id]
         pids = tok(p, add_special_tokens=False)["input_ids"][: max_len - len(tids)]
-        rows.append((pids + tids, [-100] * len(pids) + tids))
+        rows.append((pids + tids, [IGNORE_INDEX] * len(pids) + tids))
     n = max(len(r[0]) for r in rows)
     ids = torch.full((len(rows), n), tok.pad_token_id, dtype=torch.long)
     attn = torch.zeros((len(rows), n), dtype=torch.long)
-    labels = torch.full((len(rows), n), -100, dtype=torch.long)
+    labels = torch.full((len(rows), n), IGNORE_INDEX, dtype=torch.long)
     for i, (a, b) in enumerate(rows):
         ids[i, : len(a)] = torch.tensor(a)
         attn[i, : len(a)] = 1
@@ -67,7 +68,7 @@ def _pairs(tok: Any, prompts: Sequence[str], targets: Sequence[str], max_len: in
 def _target_loss(model: Any, ids: torch.Tensor, attn: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
     tgt = labels[:, 1:]
-    return masked_mean(cross_entropy(logits, tgt), tgt >= 0)
+    return masked_mean(cross_entropy(logits, tgt), label_mask(tgt))
 
 
 class RationaleStudent:
@@ -129,7 +130,7 @@ class RationaleStudent:
                                        [" " + self.class_names[c] for _, c in chunk], self.max_len)
             logp = torch.log_softmax(self.model(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
             tgt = labels[:, 1:]
-            tok_lp = logp.gather(-1, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1) * (tgt >= 0)
+            tok_lp = torch.where(label_mask(tgt), logp.gather(-1, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1), 0.0)
             for (i, c), v in zip(chunk, tok_lp.sum(-1).tolist(), strict=True):
                 scores[i, c] = v
         return scores.argmax(-1)

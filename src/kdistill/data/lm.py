@@ -23,6 +23,14 @@ from torch import Tensor
 from ..errors import KDistillError
 from .loaders import TensorDictDataset
 
+#: the label of a position where nothing is predicted (the Hugging Face convention)
+IGNORE_INDEX = -100
+
+
+def label_mask(labels: Tensor) -> Tensor:
+    """The bool ``mask`` (True = counts) of a ``labels`` tensor: the one place ``IGNORE_INDEX`` becomes a mask."""
+    return labels != IGNORE_INDEX
+
 
 def tokenize_texts(tokenizer: Any, texts: Iterable[str]) -> list[list[int]]:
     """Token ids of each text (no special tokens)."""
@@ -57,11 +65,11 @@ def lm_tensors(blocks: Tensor, *, prompt_length: int = 0) -> dict[str, Tensor]:
     N, L = blocks.shape
     if not 0 <= prompt_length < L:
         raise KDistillError(f"prompt_length: got {prompt_length}, expected in [0, {L - 1}] (block length {L}).")
-    labels = torch.full_like(blocks, -100)
+    labels = torch.full_like(blocks, IGNORE_INDEX)
     labels[:, :-1] = blocks[:, 1:]
     if prompt_length:
-        labels[:, : prompt_length - 1] = -100
-    out = {"input_ids": blocks, "attention_mask": torch.ones_like(blocks), "labels": labels, "mask": labels != -100}
+        labels[:, : prompt_length - 1] = IGNORE_INDEX
+    out = {"input_ids": blocks, "attention_mask": torch.ones_like(blocks), "labels": labels, "mask": label_mask(labels)}
     if prompt_length:
         out["prompt_length"] = torch.full((N,), prompt_length, dtype=torch.long)
     return out
@@ -114,7 +122,7 @@ def chat_tensors(tokenizer: Any, conversations: Sequence[list[dict[str, str]]], 
     n = len(conversations)
     ids = torch.full((n, max_length), int(pad if pad is not None else 0), dtype=torch.long)
     attn = torch.zeros((n, max_length), dtype=torch.long)
-    labels = torch.full((n, max_length), -100, dtype=torch.long)
+    labels = torch.full((n, max_length), IGNORE_INDEX, dtype=torch.long)
     for row, messages in enumerate(conversations):
         full = _template_ids(tokenizer, messages, add_generation_prompt=False)
         train = torch.zeros(len(full), dtype=torch.bool)  # True where the token is part of an assistant reply
@@ -132,9 +140,9 @@ def chat_tensors(tokenizer: Any, conversations: Sequence[list[dict[str, str]]], 
         seq = torch.tensor(full[:length], dtype=torch.long)
         ids[row, :length], attn[row, :length] = seq, 1
         targets = train[1:length].clone()  # position t predicts token t + 1
-        labels[row, : length - 1] = torch.where(targets, seq[1:], torch.full_like(seq[1:], -100))
+        labels[row, : length - 1] = torch.where(targets, seq[1:], torch.full_like(seq[1:], IGNORE_INDEX))
         if not bool(targets.any()):
             raise KDistillError(f"{where}, row {row + 1}: nothing of the assistant's reply fits in data.block_length "
                                 f"= {max_length} tokens (the conversation has {len(full)}). Fix: raise block_length "
                                 "or shorten the conversation.")
-    return {"input_ids": ids, "attention_mask": attn, "labels": labels, "mask": labels != -100}
+    return {"input_ids": ids, "attention_mask": attn, "labels": labels, "mask": label_mask(labels)}

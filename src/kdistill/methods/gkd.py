@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..data.lm import IGNORE_INDEX, label_mask
 from ..errors import KDistillError, expect
 from ..losses.chunked import chunked
 from ..losses.logits import generalized_jsd
@@ -45,14 +46,14 @@ def continuation_batch(input_ids: Tensor, prompt_length: int, pad_id: int | None
     """Labels / mask for a (prompt + continuation) batch: position ``i`` predicts token ``i + 1`` and counts
     when that token belongs to the continuation (and is not padding)."""
     B, Lt = input_ids.shape
-    labels = torch.full_like(input_ids, -100)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
     labels[:, :-1] = input_ids[:, 1:]
     pos = torch.arange(Lt, device=input_ids.device).unsqueeze(0).expand(B, Lt)
-    labels = torch.where(pos >= prompt_length - 1, labels, torch.full_like(labels, -100))
+    labels = torch.where(pos >= prompt_length - 1, labels, torch.full_like(labels, IGNORE_INDEX))
     if pad_id is not None:
-        labels = torch.where(labels == pad_id, torch.full_like(labels, -100), labels)
+        labels = torch.where(labels == pad_id, torch.full_like(labels, IGNORE_INDEX), labels)
     attn = torch.ones_like(input_ids)
-    return {"input_ids": input_ids, "attention_mask": attn, "labels": labels, "mask": labels != -100,
+    return {"input_ids": input_ids, "attention_mask": attn, "labels": labels, "mask": label_mask(labels),
             "prompt_length": torch.full((B,), prompt_length, dtype=torch.long, device=input_ids.device)}
 
 

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..capture import device_of
 from ..config import FileSource, MethodSpec, StrictModel, TrainSpec
-from ..data.lm import cache_dataset, lm_dataset, lm_tensors, pack_blocks, tokenize_texts
+from ..data.lm import cache_dataset, label_mask, lm_dataset, lm_tensors, pack_blocks, tokenize_texts
 from ..data.loaders import TensorDictDataset, make_loader
 from ..errors import KDistillError
 from ..eval.report import write_report
@@ -299,7 +299,7 @@ def _eval_batches(data: dict[str, Tensor], batch_size: int, device: torch.device
     n = len(data["input_ids"])
     for b in range(0, n, batch_size):
         ids, attn, labels = (data[k][b:b + batch_size].to(device) for k in ("input_ids", "attention_mask", "labels"))
-        yield ids, attn, labels, labels != -100
+        yield ids, attn, labels, label_mask(labels)
 
 
 @torch.no_grad()

@@ -48,6 +48,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from ..data.lm import IGNORE_INDEX, label_mask
 from ..errors import KDistillError
 from ..io import save_state_dict_atomic, write_json_atomic
 from ..losses.topk import teacher_topk
@@ -369,10 +370,10 @@ class TopKCache:
         L = ids.shape[1]
         pos = torch.arange(L).unsqueeze(0)
         attn = (pos < lens.unsqueeze(1)).long()
-        labels = torch.full_like(ids, -100)
-        labels[:, :-1] = torch.where(pos[:, 1:] < lens.unsqueeze(1), ids[:, 1:], -100)
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        labels[:, :-1] = torch.where(pos[:, 1:] < lens.unsqueeze(1), ids[:, 1:], IGNORE_INDEX)
         idx = torch.stack([it["topk_indices"] for it in items])
-        return {"input_ids": ids, "attention_mask": attn, "labels": labels, "mask": labels != -100,
+        return {"input_ids": ids, "attention_mask": attn, "labels": labels, "mask": label_mask(labels),
                 "topk_logprobs": torch.stack([it["topk_logprobs"] for it in items]),
                 "topk_indices": idx.to(torch.int64) if idx.dtype != torch.int64 else idx,
                 "log_residual": torch.stack([it["log_residual"] for it in items])}
