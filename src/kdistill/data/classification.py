@@ -18,7 +18,8 @@ from ..registry import DATASETS
 
 @dataclass
 class ClassificationData:
-    """Train / validation / test tensors. ``x_*`` float32, ``y_*`` int64."""
+    """Train / validation / test tensors. ``x_*`` float32 features, or int64 ``(N, 2, L)`` token ids and attention
+    masks for text; ``y_*`` int64 class ids."""
 
     name: str
     x_train: Tensor
@@ -55,7 +56,8 @@ def _standardise(x_train: np.ndarray, *others: np.ndarray, per_feature: bool = T
 
 
 def _pack(name, x_tr, y_tr, x_va, y_va, x_te, y_te, num_classes, class_names=()) -> ClassificationData:
-    f = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32)  # noqa: E731
+    kind = torch.long if np.asarray(x_tr).dtype.kind in "iu" else torch.float32  # token ids stay integers
+    f = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=kind)  # noqa: E731
     i = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.long)  # noqa: E731
     return ClassificationData(name, f(x_tr), i(y_tr), f(x_va), i(y_va), f(x_te), i(y_te), int(num_classes),
                               list(class_names))
@@ -183,18 +185,50 @@ def _label_ids(values_by_split: dict[str, list[Any]], column: str) -> tuple[dict
     return ids, [str(v) for v in values]
 
 
+def _tokenized(tokenizer: str, rows: dict[str, list[dict[str, Any]]], column: str,
+               max_length: int) -> dict[str, np.ndarray]:
+    """``(N, 2, max_length)`` int64 arrays (token ids, attention mask) of a text column, per split."""
+    from ..models.hf import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    out = {}
+    for split, part in rows.items():
+        texts = []
+        for i, row in enumerate(part, start=1):
+            if not isinstance(row[column], str):
+                raise KDistillError(f"data ({split} split), row {i}, column {column!r}: got {row[column]!r}, expected "
+                                    "a text.")
+            texts.append(row[column])
+        enc = tok(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="np")
+        out[split] = np.stack([enc["input_ids"], enc["attention_mask"]], axis=1).astype(np.int64)
+    return out
+
+
 @DATASETS.register("files")
 def table_files(files: Any = None, label_column: str = "label", feature_columns: list[str] | None = None,
+                text_column: str | None = None, tokenizer: str | None = None, max_length: int = 128,
                 format: str = "auto", hf_dataset: dict[str, Any] | None = None, validation_fraction: float = 0.1,
                 test_fraction: float = 0.1, data_seed: int = 0, standardise: bool = True) -> ClassificationData:
-    """Your own table (``data.files``: CSV, TSV, JSON lines, JSON, Parquet; or ``data.hf_dataset``): numeric
-    ``feature_columns`` (default: every column but the label) and a ``label_column`` of class names or ids.
-    Held-out splits not given as files are cut from the training rows (seeded); features are standardised with
-    the training split's statistics; class names are kept (``kdistill eval`` and the report use them)."""
+    """Your own table (``data.files``: CSV, TSV, JSON lines, JSON, Parquet; or ``data.hf_dataset``) with a
+    ``label_column`` of class names or ids, and either numeric ``feature_columns`` (default: every column but
+    the label; standardised with the training split's statistics) or a ``text_column`` tokenized by
+    ``tokenizer`` (a Hugging Face folder or hub id; by default the recipe's ``hf`` model's) to ``max_length``
+    tokens, giving ``(2, max_length)`` inputs (ids, attention mask) for ``hf`` models. Held-out splits not given
+    as files are cut from the training rows (seeded); class names are kept (``kdistill eval`` uses them)."""
     from .files import load_rows
 
+    if text_column is not None and (feature_columns or tokenizer is None):
+        raise KDistillError("data.text_column: got " + ("feature_columns too" if feature_columns else "no tokenizer")
+                            + "; expected a text column alone, with a tokenizer (data.tokenizer, or an hf teacher or "
+                            "student whose folder carries one).")
     rows = load_rows(files=files, format=format, hf_dataset=hf_dataset, validation_fraction=validation_fraction,
-                     test_fraction=test_fraction, seed=data_seed, columns=[label_column, *(feature_columns or [])])
+                     test_fraction=test_fraction, seed=data_seed,
+                     columns=[label_column, text_column, *(feature_columns or [])])
+    ids, names = _label_ids({s: [r[label_column] for r in part] for s, part in rows.items()}, label_column)
+    if text_column is not None:
+        x = _tokenized(tokenizer, rows, text_column, max_length)
+        return _pack("files", x["train"], ids["train"], x["validation"], ids["validation"], x["test"], ids["test"],
+                     len(names), names)
     features = list(feature_columns) if feature_columns else [c for c in rows["train"][0] if c != label_column]
     if not features:
         raise KDistillError(f"data: no feature columns besides the label {label_column!r}; expected numeric "
@@ -211,7 +245,6 @@ def table_files(files: Any = None, label_column: str = "label", feature_columns:
                         f"data ({split} split), row {i + 1}, column {col!r}: got {row[col]!r}, expected a number. "
                         "Fix: name only numeric columns in data.feature_columns (text needs a text model).") from None
         xs[split] = x
-    ids, names = _label_ids({s: [r[label_column] for r in part] for s, part in rows.items()}, label_column)
     x_tr, x_va, x_te = xs["train"], xs["validation"], xs["test"]
     if standardise:
         x_tr, x_va, x_te = _standardise(x_tr, x_va, x_te)

@@ -26,6 +26,8 @@ def save_classifier(directory: str | Path, model: nn.Module, *, model_name: str,
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     save_state_dict_atomic(d / "model.safetensors", model.state_dict(), metadata={"format": FORMAT})
+    if hasattr(model, "save_hf"):  # a Hugging Face classifier: also a plain folder that transformers loads
+        model.save_hf(d / "hf")
     write_json_atomic(d / "model.json", {
         "format": FORMAT, "model": model_name, "kwargs": model_kwargs, "input_shape": list(input_shape),
         "num_classes": int(num_classes), "params": count_params(model), **(extra or {}),
@@ -61,6 +63,8 @@ def export_classifier(source: str | Path, out: str | Path, example: torch.Tensor
     save_classifier(out, model, model_name=meta["model"], model_kwargs=meta["kwargs"],
                     input_shape=tuple(meta["input_shape"]), num_classes=meta["num_classes"], extra=extra)
     reloaded, _ = load_classifier(out)
+    if example is None and hasattr(model, "example_inputs"):  # token ids, not Gaussian vectors
+        example = model.example_inputs(16, int(meta["input_shape"][-1]))
     if example is None:
         example = torch.randn(16, *meta["input_shape"], generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

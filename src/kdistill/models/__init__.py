@@ -2,6 +2,7 @@
 ``students/`` and ``zoo.py``)."""
 
 from .classifiers import CNN, MLP, build_cnn, build_mlp, count_params, predict_logits
+from .hf import HFSequenceClassifier, build_hf  # noqa: F401  (registers "hf")
 from .transformer1d import Transformer1D, build_transformer1d  # noqa: F401  (registers "transformer1d")
 
 __all__ = ["CNN", "MLP", "build_cnn", "build_mlp", "count_params", "predict_logits"]

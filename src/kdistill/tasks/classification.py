@@ -30,8 +30,8 @@ from ..train.loop import fit, make_accelerator
 from .base import RunContext, Task
 
 #: the fields of your own data (``data: {files: ..., label_column: ...}``), read by the ``files`` dataset
-_FILE_FIELDS = ("files", "hf_dataset", "format", "label_column", "feature_columns", "validation_fraction",
-                "test_fraction", "data_seed", "standardise")
+_FILE_FIELDS = ("files", "hf_dataset", "format", "label_column", "feature_columns", "text_column", "tokenizer",
+                "max_length", "validation_fraction", "test_fraction", "data_seed", "standardise")
 
 
 class DataSpec(NamedSpec):
@@ -55,7 +55,8 @@ class DataSpec(NamedSpec):
 
 class ModelSpec(NamedSpec):
     """A model family from ``MODELS``; ``input_shape`` and ``num_classes`` come from the data. Your own module:
-    ``{factory: "package.module:function", kwargs: {...}}`` (the ``factory`` model)."""
+    ``{factory: "package.module:function", kwargs: {...}}`` (the ``factory`` model); a Hugging Face sequence
+    classifier: ``{hf: PATH_OR_ID}`` (the ``hf`` model, for text data)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -63,6 +64,8 @@ class ModelSpec(NamedSpec):
         if isinstance(v, dict) and "factory" in v and "name" not in v:
             rest = {k: x for k, x in v.items() if k not in ("factory", "kwargs")}
             return {"name": "factory", "kwargs": {"factory": v["factory"], "kwargs": v.get("kwargs", {})}, **rest}
+        if isinstance(v, dict) and "hf" in v and "name" not in v:
+            return {"name": "hf", "kwargs": {"path": v["hf"]}, **{k: x for k, x in v.items() if k != "hf"}}
         return v
 
     @model_validator(mode="after")
@@ -72,13 +75,21 @@ class ModelSpec(NamedSpec):
 
 
 class TeacherSpec(StrictModel):
-    """The teacher: trained here (and cached by fingerprint) unless ``checkpoint`` names a model folder
-    or a ``.safetensors`` state dict for ``model``."""
+    """The teacher: trained here (and cached by fingerprint) unless ``checkpoint`` names a model folder or a
+    ``.safetensors`` state dict for ``model``, or ``train: null`` uses a pretrained ``model`` as it is (e.g. your
+    fine-tuned ``{hf: PATH}`` classifier)."""
 
     model: ModelSpec
-    train: TrainSpec = TrainSpec()
+    train: TrainSpec | None = TrainSpec()
     checkpoint: str | None = None
     reuse: bool = True
+
+    @model_validator(mode="after")
+    def _given(self) -> TeacherSpec:
+        if self.train is None and self.checkpoint is None and "path" not in self.model.kwargs:
+            raise ValueError("teacher.train: null uses the teacher as it is, which needs trained weights: a "
+                             "pretrained model ({hf: PATH}) or a checkpoint. Otherwise give train settings.")
+        return self
 
 
 class VariantSpec(StrictModel):
@@ -112,6 +123,22 @@ class ClassificationConfig(StrictModel):
     eval: EvalSpec = EvalSpec()
 
     @model_validator(mode="after")
+    def _text(self) -> ClassificationConfig:
+        if self.data.name != "files" or self.data.kwargs.get("text_column") is None:
+            return self
+        if self.augment is not None or any(v.augment is not None for v in self.variants.values()):
+            raise ValueError("augment: mixes or perturbs input vectors, which token ids are not; remove augment "
+                             "for text data (data.text_column)")
+        if self.data.kwargs.get("tokenizer") is None:
+            paths = [s.model.kwargs["path"] for s in (self.teachers or [self.teacher]) if s.model.name == "hf"]
+            paths += [self.student.kwargs["path"]] if self.student.name == "hf" else []
+            if not paths:
+                raise ValueError("data.text_column needs a tokenizer: set data.tokenizer, or use an hf teacher or "
+                                 "student ({hf: PATH}) whose folder carries one")
+            self.data.kwargs["tokenizer"] = paths[0]
+        return self
+
+    @model_validator(mode="after")
     def _teachers(self) -> ClassificationConfig:
         if (self.teacher is None) == (not self.teachers):
             raise ValueError("expected exactly one of `teacher:` (one model) and `teachers:` (a list, distilled "
@@ -140,6 +167,17 @@ class ClassificationConfig(StrictModel):
 def teacher_specs(cfg: Any) -> list[TeacherSpec]:
     """The run's teachers: ``[cfg.teacher]`` or ``cfg.teachers``."""
     return list(cfg.teachers) or [cfg.teacher]
+
+
+def _model_identity(spec: ModelSpec) -> dict[str, Any]:
+    """The model spec, plus size and time of every file of a local ``path`` it builds from (a changed folder
+    is another teacher)."""
+    out = spec.model_dump()
+    path = spec.kwargs.get("path")
+    if isinstance(path, str) and Path(path).is_dir():
+        out["files"] = sorted((f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in Path(path).iterdir()
+                              if f.is_file())
+    return out
 
 
 def teacher_fingerprint(*, data: dict[str, Any], model: dict[str, Any], train: dict[str, Any], seed: int) -> str:
@@ -212,8 +250,13 @@ def _get_teacher(cfg: ClassificationConfig, spec: TeacherSpec, folder: str, data
             model = _build(spec.model, data)
             model.load_state_dict(load_state_dict(p))
         return model, [], 0.0, "checkpoint"
-    fp = teacher_fingerprint(data=cfg.data.model_dump(), model=spec.model.model_dump(), train=spec.train.model_dump(),
-                             seed=cfg.seed)
+    if spec.train is None:  # a pretrained teacher, used as it is
+        model = _build(spec.model, data)
+        if hasattr(model, "match_labels"):
+            model.match_labels(data.class_names)
+        return model, [], 0.0, "given"
+    fp = teacher_fingerprint(data=cfg.data.model_dump(), model=_model_identity(spec.model),
+                             train=spec.train.model_dump(), seed=cfg.seed)
     tdir, cached = ctx.output / folder, cache_root() / "teachers" / fp
     if _phase_done(tdir) and json.loads((tdir / "model.json").read_text()).get("fingerprint") == fp \
             and (ctx.resume or spec.reuse):
@@ -243,11 +286,17 @@ def run_classification(cfg: ClassificationConfig, ctx: RunContext) -> dict[str, 
     t_start = time.perf_counter()
     ctx.output.mkdir(parents=True, exist_ok=True)
     data = load_dataset(cfg.data.name, **cfg.data.kwargs)
-    _build(cfg.student, data)  # a student that cannot be built fails now, not after the teacher has trained
+    probe = _build(cfg.student, data)  # a student that cannot be built fails now, not after the teacher trained
+    tokenizer = cfg.data.kwargs.get("tokenizer")
+    if tokenizer and hasattr(probe, "check_tokenizer"):
+        probe.check_tokenizer(tokenizer)
     accelerator = make_accelerator(cfg.train.mixed_precision)
     specs = teacher_specs(cfg)
     got = [_get_teacher(cfg, spec, "teacher" if len(specs) == 1 else f"teacher_{i}", data, accelerator, ctx)
            for i, spec in enumerate(specs)]
+    for model, *_ in got:
+        if tokenizer and hasattr(model, "check_tokenizer"):
+            model.check_tokenizer(tokenizer)
     if len(got) == 1:
         teacher, teacher_hist, teacher_secs, teacher_source = got[0]
     else:
