@@ -59,20 +59,26 @@ _TINY_TEXTS = [
 
 @pytest.fixture(scope="session")
 def tiny_lm_dir(tmp_path_factory):
-    from kdistill.teachers.tiny import save_tiny_lm
+    """A tiny random Llama and its BPE tokenizer (trained on a few glosses), saved as a Hugging Face folder."""
+    from kdistill.teachers.tiny import build_tiny_lm
 
-    return save_tiny_lm(tmp_path_factory.mktemp("tiny") / "tiny-llama", _TINY_TEXTS, vocab_size=300)
+    d = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    lm, tok = build_tiny_lm(_TINY_TEXTS, vocab_size=300)
+    lm.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
 
 
 @pytest.fixture
 def serve(tiny_lm_dir):
     """serve(**create_app kwargs) -> running ServerHandle on 127.0.0.1:<free port>; stopped at teardown."""
-    from kdistill.teachers.tiny import serve_tiny
+    from kdistill.teachers.serve import ServerHandle, create_app, load_served_lm
 
     handles = []
 
     def start(**kw):
-        h = serve_tiny(tiny_lm_dir, **kw)
+        lm, tok, name = load_served_lm(str(tiny_lm_dir))
+        h = ServerHandle(create_app(lm, tok, name, **kw), "127.0.0.1", 0)
         handles.append(h)
         return h
 

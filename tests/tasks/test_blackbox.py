@@ -46,14 +46,12 @@ def test_unreachable_teacher_fails_before_any_work(tmp_path):
 
 
 @pytest.mark.resources
-def test_label_task_end_to_end_with_launched_tiny_server(tmp_path):
+def test_label_task_end_to_end_with_launched_tiny_server(tmp_path, tiny_lm_dir):
     """teacher.launch starts `kdistill serve <dir>` in-process; report.json has the contract's keys; a rerun
     answers everything from the store (no request sent)."""
     from kdistill.tasks.blackbox import run_blackbox
-    from kdistill.teachers.tiny import save_tiny_lm
 
-    lm_dir = save_tiny_lm(tmp_path / "tiny-llama", ["a dog is an animal", "an oak is a plant"] * 20, vocab_size=300)
-    cfg2 = load_config(recipe(model=str(lm_dir), launch=True))
+    cfg2 = load_config(recipe(model=str(tiny_lm_dir), launch=True))
     rep = run_blackbox(cfg2, RunContext(output=tmp_path / "run"))
     on_disk = json.loads((tmp_path / "run" / "report.json").read_text())
     assert on_disk["task"] == "blackbox" and on_disk["method"] == "label"

@@ -5,7 +5,6 @@ LM student of the ``rationales`` pipeline."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
@@ -49,22 +48,3 @@ def build_tiny_lm(texts: Iterable[str], *, vocab_size: int = 1024, hidden_size: 
     lm = tiny_llama(len(tok), hidden_size=hidden_size, num_layers=num_layers, seed=seed,
                     pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     return lm, tok
-
-
-def save_tiny_lm(directory: str | Path, texts: Iterable[str], **kwargs: Any) -> Path:
-    """Build a tiny LM and ``save_pretrained`` it (model + tokenizer) into ``directory``."""
-    d = Path(directory)
-    lm, tok = build_tiny_lm(texts, **kwargs)
-    lm.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
-
-def serve_tiny(directory: str | Path, **app_kwargs: Any) -> Any:
-    """Serve a saved tiny LM on a free loopback port in a background thread (returns a ``ServerHandle``;
-    call ``stop()``). ``app_kwargs`` go to :func:`kdistill.teachers.serve.create_app` (limits, faults,
-    api_key)."""
-    from .serve import ServerHandle, create_app, load_served_lm
-
-    lm, tok, name = load_served_lm(str(directory))
-    return ServerHandle(create_app(lm, tok, name, **app_kwargs), "127.0.0.1", 0)
