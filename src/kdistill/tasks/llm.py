@@ -451,27 +451,7 @@ def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
     if cfg.cache is not None:
         cache = open_cache(cfg.cache.dir, tokenizer=tok, train_blocks=train_blocks, teacher=teacher, k=cfg.cache.k,
                            dtype=cfg.cache.dtype, identity={**main_method.cache_identity(), **cache_identity(cfg)})
-    sequences_info = None
-    if cache is not None:
-        dataset = cache_dataset(cache)
-    elif cfg.data.sequence_kd is not None:
-        from ..teachers.cache import model_fingerprint, tokenizer_hash
-        from ..teachers.generations import generate_store
-
-        P, spec = cfg.data.prompt_tokens, cfg.data.sequence_kd
-        store = Path(spec.store) if spec.store else out / "teacher_generations.jsonl"
-        records = generate_store(store, teacher, train_blocks[:, :P].tolist(),
-                                 max_new_tokens=cfg.data.block_length - P,
-                                 sampling_temperature=spec.sampling_temperature, seed=cfg.seed,
-                                 teacher_fingerprint=model_fingerprint(teacher), tokenizer_hash=tokenizer_hash(tok),
-                                 pad_id=tok.pad_token_id)
-        seq_blocks = torch.tensor([r["prompt_ids"] + r["completion_ids"] for r in records], dtype=torch.long)
-        dataset = lm_dataset(seq_blocks, prompt_length=P)
-        sequences_info = {"store": str(store), "sequences": len(records)}
-    elif train_t is not None:  # chat: padded conversations, loss on the assistant tokens
-        dataset = TensorDictDataset(**train_t)
-    else:
-        dataset = lm_dataset(train_blocks, prompt_length=cfg.data.prompt_tokens)
+    dataset, sequences_info = training_set(cfg, tok, teacher, train_blocks, train_t, cache, out)
     loader = make_loader(dataset, cfg.train.batch_size, seed=cfg.seed)
     # the baseline always learns next-token CE on the original text blocks (every position counts)
     plain = (cache is None and cfg.data.sequence_kd is None and cfg.data.prompt_tokens == 0) or train_t is not None
@@ -539,7 +519,49 @@ def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
         phases["baseline"] = phase("baseline", MethodSpec(name="none"))
     phases["student"] = phase("student", cfg.method)
 
-    # ---- held-out evaluation -----------------------------------------------------------------------
+    report = evaluate_phases(cfg, teacher, tok, phases, eval_t, eval_items)
+    report["data"] = {"name": cfg.data.name, "format": "chat" if train_t is not None else "text",
+                      "train_tokens": int(train_blocks.numel()) if train_blocks is not None
+                      else int(train_t["mask"].sum()),
+                      "eval_tokens": int(eval_t["mask"].sum()), "block_length": cfg.data.block_length,
+                      "cache": cfg.cache.dir if cfg.cache else None, "sequence_kd": sequences_info}
+    report["vocab"] = {"tokenizer_size": plan.tokenizer_size, "student_rows": plan.student_rows,
+                       "teacher_rows": plan.teacher_rows}
+    report["wall_seconds"] = time.perf_counter() - t_start
+    if accelerator.is_main_process:
+        write_report(report, out, curves={n: phases[n][1] for n in phases}, metric="perplexity",
+                     extra_md=report_markdown(report))
+    return report
+
+
+def training_set(cfg: LLMConfig, tok: Any, teacher: nn.Module, train_blocks: Tensor | None,
+                 train_t: dict[str, Tensor] | None, cache: Any, out: Path) -> tuple[Any, dict[str, Any] | None]:
+    """``(dataset, sequence-KD info)``: cached top-k targets, the teacher's stored completions of the blocks'
+    prompts (sequence-level KD), chat conversations, or text blocks (with ``prompt_tokens``: prompt data)."""
+    if cache is not None:
+        return cache_dataset(cache), None
+    if cfg.data.sequence_kd is not None:
+        from ..teachers.cache import model_fingerprint, tokenizer_hash
+        from ..teachers.generations import generate_store
+
+        P, spec = cfg.data.prompt_tokens, cfg.data.sequence_kd
+        store = Path(spec.store) if spec.store else out / "teacher_generations.jsonl"
+        records = generate_store(store, teacher, train_blocks[:, :P].tolist(),
+                                 max_new_tokens=cfg.data.block_length - P,
+                                 sampling_temperature=spec.sampling_temperature, seed=cfg.seed,
+                                 teacher_fingerprint=model_fingerprint(teacher), tokenizer_hash=tokenizer_hash(tok),
+                                 pad_id=tok.pad_token_id)
+        seq_blocks = torch.tensor([r["prompt_ids"] + r["completion_ids"] for r in records], dtype=torch.long)
+        return lm_dataset(seq_blocks, prompt_length=P), {"store": str(store), "sequences": len(records)}
+    if train_t is not None:  # chat: padded conversations, loss on the assistant tokens
+        return TensorDictDataset(**train_t), None
+    return lm_dataset(train_blocks, prompt_length=cfg.data.prompt_tokens), None
+
+
+def evaluate_phases(cfg: LLMConfig, teacher: nn.Module, tok: Any, phases: dict[str, tuple], eval_t: dict[str, Tensor],
+                    eval_items: list[Any]) -> dict[str, Any]:
+    """The report's model entries: held-out perplexity of teacher, baseline and student, the students' top-1
+    agreement and top-k KL with the teacher, latency, and a few greedy generations side by side."""
     tt = teacher_eval_targets(teacher, eval_t, k=cfg.eval.agreement_k, batch_size=cfg.eval.batch_size)
     lat_ids = eval_t["input_ids"][:1]
 
@@ -549,47 +571,37 @@ def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
         return {"params": _params(model), "metrics": m, "agreement": agreement, "train_seconds": secs,
                 "steps": steps, "latency_ms": _latency_ms(model, lat_ids)}
 
-    teacher_entry = {"params": _params(teacher), "metrics": {"perplexity": tt["perplexity"], "loss": tt["loss"]},
-                     "latency_ms": _latency_ms(teacher, lat_ids), "model": cfg.teacher.name}
     student_entry = entry(*[phases["student"][i] for i in (0, 2, 3)])
     report: dict[str, Any] = {
         "recipe": cfg.name, "task": "llm", "method": cfg.method.name, "seed": cfg.seed,
-        "data": {"name": cfg.data.name, "format": "chat" if train_t is not None else "text",
-                 "train_tokens": int(train_blocks.numel()) if train_blocks is not None else int(train_t["mask"].sum()),
-                 "eval_tokens": int(eval_t["mask"].sum()), "block_length": cfg.data.block_length,
-                 "cache": cfg.cache.dir if cfg.cache else None, "sequence_kd": sequences_info},
-        "teacher": teacher_entry, "student": student_entry, "agreement": student_entry["agreement"], "variants": {},
-        "vocab": {"tokenizer_size": plan.tokenizer_size, "student_rows": plan.student_rows,
-                  "teacher_rows": plan.teacher_rows},
+        "teacher": {"params": _params(teacher), "metrics": {"perplexity": tt["perplexity"], "loss": tt["loss"]},
+                    "latency_ms": _latency_ms(teacher, lat_ids), "model": cfg.teacher.name},
+        "student": student_entry, "agreement": student_entry["agreement"], "variants": {},
     }
-    if cfg.baseline:
+    if "baseline" in phases:
         report["baseline"] = entry(*[phases["baseline"][i] for i in (0, 2, 3)])
-
-    # ---- a few generations side by side ------------------------------------------------------------
     prompts = [generation_prompt(tok, item, cfg.eval.prompt_words) for item in eval_items[: cfg.eval.generations]]
-    gens: dict[str, list[str]] = {"teacher": generate_texts(teacher, tok, prompts, cfg.eval.max_new_tokens)}
-    for name in phases:
-        gens[name] = generate_texts(phases[name][0], tok, prompts, cfg.eval.max_new_tokens)
+    gens = {"teacher": generate_texts(teacher, tok, prompts, cfg.eval.max_new_tokens)}
+    gens.update({name: generate_texts(phases[name][0], tok, prompts, cfg.eval.max_new_tokens) for name in phases})
     report["generations"] = [{"prompt": p, **{k: v[i] for k, v in gens.items()}} for i, p in enumerate(prompts)]
-    report["wall_seconds"] = time.perf_counter() - t_start
+    return report
 
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """The llm task's report.md sections: held-out language modelling and the generations."""
     md = ["## Held-out language modelling", "", "| model | perplexity | top-1 agreement | KL(t‖s), top-k | params |",
           "|---|---:|---:|---:|---:|",
-          f"| teacher | {tt['perplexity']:.3f} | | | {teacher_entry['params']:,} |"]
-    for name in (["baseline"] if cfg.baseline else []) + ["student"]:
+          f"| teacher | {report['teacher']['metrics']['perplexity']:.3f} | | | {report['teacher']['params']:,} |"]
+    for name in [n for n in ("baseline", "student") if n in report]:
         e = report[name]
         md.append(f"| {name} | {e['metrics']['perplexity']:.3f} | {e['agreement']['top1_agreement']:.4f} | "
                   f"{e['agreement']['kl_teacher_student_topk']:.4f} | {e['params']:,} |")
     md += ["", "## Generations (greedy)", ""]
     for g in report["generations"]:
         md.append(f"**prompt:** {g['prompt']}")
-        for k in gens:
-            md.append(f"- *{k}*: {g[k]!r}")
+        md += [f"- *{k}*: {v!r}" for k, v in g.items() if k != "prompt"]
         md.append("")
-    curves = {n: phases[n][1] for n in phases}
-    if accelerator.is_main_process:
-        write_report(report, out, curves=curves, metric="perplexity", extra_md="\n".join(md))
-    return report
+    return "\n".join(md)
 
 
 TASKS.register("llm")(Task("llm", LLMConfig, run_llm,

@@ -253,25 +253,9 @@ def fit(
         # Frozen for good: eval mode (dropout off, BN statistics fixed), no gradients, never optimised.
         teacher.eval().requires_grad_(False).to(device)
     teacher_fn = _teacher_fn(teacher, method, teacher_forward, teacher_targets)
-
-    # Size the method's own modules (projectors, banks) from one probe batch, before the optimizer exists.
-    student.to(device)
-    probe_batch = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in next(iter(train_loader)).items()}
-    info = probe(student, method, probe_batch, student_forward, teacher_fn, len(train_loader.dataset),
-                 train_loader=train_loader, teacher_targets_fn=teacher_fn, device=device)
-    method.setup(info)
-    method.to(device)
-
-    step_module = DistillStep(student, method, student_forward)
-    opt = build_optimizer(step_module.parameters(), optimizer=optimizer, lr=lr, weight_decay=weight_decay,
-                          momentum=momentum)
-    per_batch = train_loader.batch_size
-    if accelerator.num_processes > 1 and per_batch is not None and per_batch % accelerator.num_processes:
-        raise KDistillError(f"batch_size: got {per_batch} with {accelerator.num_processes} processes; "
-                            "expected a multiple of the process count (batch_size is the global batch, split across "
-                            "the processes). Fix: train.batch_size="
-                            f"{per_batch - per_batch % accelerator.num_processes or accelerator.num_processes}.")
-    step_module, opt, loader = accelerator.prepare(step_module, opt, train_loader)
+    _setup_method(student, method, train_loader, student_forward, teacher_fn, device)
+    step_module, opt, loader = _prepare(accelerator, DistillStep(student, method, student_forward), train_loader,
+                                        optimizer=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum)
     steps_per_epoch = math.ceil(len(loader) / grad_accum)
     total_steps = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
     # The scheduler is stepped by us once per optimizer step (not prepared: Accelerate would step it once
@@ -280,187 +264,269 @@ def fit(
                             step_size=step_size, gamma=gamma, steps_per_epoch=steps_per_epoch)
     inner = accelerator.unwrap_model(step_module)
     aug_rng = np.random.default_rng([int(seed), accelerator.process_index, 7])
-
     out_dir = Path(output_dir) if output_dir is not None else None
     ckpt = CheckpointManager(out_dir / "checkpoints") if out_dir is not None else None
-    log_path = out_dir / "metrics.jsonl" if out_dir is not None else None
-    step, start_epoch, skip, history, elapsed0 = 0, 0, 0, [], 0.0
-    resumed_rng = None
+    pos = _Position()
     if resume and ckpt is not None and ckpt.latest() is not None:
-        state = ckpt.load()
-        inner.student.load_state_dict(state["student"])
-        inner.method.load_state_dict(state["method"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        resumed_rng = state["rng"]
-        aug_rng.bit_generator.state = state["aug_rng"]
-        step, start_epoch, skip = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
-        history, elapsed0 = list(state["history"]), float(state["elapsed"])
-        if skip >= len(loader):
-            start_epoch, skip = start_epoch + 1, 0
-        if accelerator.is_main_process and log_path is not None:
-            _truncate_jsonl(log_path, step)
-        accelerator.print(f"[{phase}] resumed at step {step} (epoch {start_epoch}, batch {skip})")
-
-    tb = None
-    if tensorboard and accelerator.is_main_process and out_dir is not None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise KDistillError("train.tensorboard: true needs the `tensorboard` package; "
-                                "`pip install tensorboard` or set it to false.") from None
-        tb = SummaryWriter(str(out_dir / "tensorboard"))
-
-    world = accelerator.num_processes
+        pos = _restore(ckpt, inner, opt, sched, aug_rng, len(loader))
+        if accelerator.is_main_process and out_dir is not None:
+            _truncate_jsonl(out_dir / "metrics.jsonl", pos.step)
+        accelerator.print(f"[{phase}] resumed at step {pos.step} (epoch {pos.epoch}, batch {pos.skip})")
+    log = _Log(accelerator, phase, out_dir, tensorboard=tensorboard, progress=progress, total_steps=total_steps,
+               done_steps=pos.step)
     t0 = time.perf_counter()
-    running: dict[str, Any] = {}
-    check_finite = device.type == "cpu"  # a per-step check costs a host sync on accelerators
     # fp32: no autocast context at all (entering Accelerate's costs a few microseconds per call)
     autocast = accelerator.autocast if accelerator.mixed_precision != "no" else nullcontext
-    running_steps = 0
-    bar = None
-    if progress and accelerator.is_main_process:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        bar = Progress(TextColumn(f"[bold]{phase}[/]"), BarColumn(), MofNCompleteColumn(),
-                       TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False)
-        task_id = bar.add_task(phase, total=total_steps, completed=step, info="")
-        bar.start()
+    check_finite = device.type == "cpu"  # a per-step check costs a host sync on accelerators
 
     def do_eval(epoch: int) -> None:
-        if evaluate is None:
-            return
-        was = inner.student.training
-        inner.student.eval()
-        with torch.no_grad():
-            metrics = evaluate(inner.student)
-        inner.student.train(was)
-        history.append({"step": step, "epoch": epoch, **{k: float(v) for k, v in metrics.items()}})
+        if evaluate is not None:
+            pos.history.append({"step": pos.step, "epoch": epoch, **_evaluated(inner.student, evaluate)})
+            log.eval_row(pos.history[-1])
 
     def do_checkpoint(epoch: int, batch_in_epoch: int) -> None:
-        if ckpt is None:
-            return
         if accelerator.is_main_process:
-            ckpt.save(step, {
+            ckpt.save(pos.step, {
                 "student": inner.student.state_dict(), "method": inner.method.state_dict(),
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state(),
-                "aug_rng": aug_rng.bit_generator.state, "step": step, "epoch": epoch,
-                "batch_in_epoch": batch_in_epoch, "history": history,
-                "elapsed": elapsed0 + time.perf_counter() - t0,
+                "aug_rng": aug_rng.bit_generator.state, "step": pos.step, "epoch": epoch,
+                "batch_in_epoch": batch_in_epoch, "history": pos.history,
+                "elapsed": pos.elapsed + time.perf_counter() - t0,
             })
         accelerator.wait_for_everyone()
 
     step_module.train()
-    done = step >= total_steps
     try:
-        for epoch in range(start_epoch, epochs):
-            if done:
+        for epoch in range(pos.epoch, epochs):
+            if pos.step >= total_steps:
                 break
-            loader.set_epoch(epoch)
-            it = accelerator.skip_first_batches(loader, skip) if skip else loader
-            if skip and resumed_rng is not None:
-                # Starting a DataLoader iteration (its first batch) draws from the global torch RNG. The
-                # uninterrupted run drew for this epoch before the checkpoint: fetch the first batch, then
-                # restore, so dropout and other random ops in the remaining steps see the same numbers.
-                it = iter(it)
-                first = next(it, None)
-                set_rng_state(resumed_rng)
-                it = it if first is None else itertools.chain([first], it)
-            resumed_rng = None
-            n_in_epoch, window = skip, []
-            skip = 0
-            for batch in it:
+            n_in_epoch, window = pos.skip, []
+            for batch in _epoch_batches(accelerator, loader, epoch, pos):
                 window.append(batch)
                 n_in_epoch += 1
                 if len(window) < grad_accum and n_in_epoch < len(loader):
                     continue
                 # ---- one optimizer step over the window --------------------------------------------
-                counts = [batch_count(b) for b in window]
-                n_global = float(sum(counts))
-                if world > 1:
-                    n_global = float(accelerator.reduce(torch.tensor(n_global, dtype=torch.float64, device=device),
-                                                        "sum"))
-                n_global = max(n_global, 1.0)
-                step_terms: dict[str, Tensor] = {}
-                for i, mb in enumerate(window):
-                    if augment is not None:
-                        mb = augment(mb, aug_rng)
-                    t_out = teacher_fn(mb)
-                    sync = i == len(window) - 1  # only the last micro-batch all-reduces gradients
-                    with (nullcontext() if sync else accelerator.no_sync(step_module)), autocast():
-                        losses = step_module(mb, t_out)
-                        if not losses:
-                            raise KDistillError(f"method {type(method).__name__} returned no loss terms.")
-                        total = sum(losses.values())
-                    if check_finite and not torch.isfinite(total):
-                        raise _non_finite(phase, step, losses)
-                    scale = counts[i] * world / n_global
-                    accelerator.backward(total if scale == 1.0 else total * scale)
-                    # Detached tensors, not floats: no host sync per step (it would stall a GPU).
-                    w = counts[i] / max(sum(counts), 1.0)
-                    for k, v in (*losses.items(), ("loss", total)):
-                        v = v.detach() if w == 1.0 else w * v.detach()
-                        step_terms[k] = step_terms[k] + v if k in step_terms else v
+                terms = _window_step(window, accelerator, step_module, teacher_fn, augment, aug_rng, autocast,
+                                     check_finite=check_finite, phase=phase, step=pos.step)
                 if max_grad_norm is not None:
-                    step_terms["grad_norm"] = accelerator.clip_grad_norm_(step_module.parameters(),
-                                                                          max_grad_norm).detach().float()
+                    terms["grad_norm"] = accelerator.clip_grad_norm_(step_module.parameters(),
+                                                                     max_grad_norm).detach().float()
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 window = []
-                step += 1
-                for k, v in step_terms.items():
-                    running[k] = running[k] + v if k in running else v
-                running_steps += 1
-                for k, v in inner.method.pop_metrics().items():
-                    running[k] = running.get(k, 0.0) + v
+                pos.step += 1
+                log.add(terms, inner.method.pop_metrics())
 
                 # ---- log / eval / checkpoint --------------------------------------------------------
-                last = step >= total_steps
-                if running_steps and (step % max(1, log_every) == 0 or last):
-                    keys = sorted(running)
-                    vals = torch.stack([torch.as_tensor(running[k], dtype=torch.float32, device=device) / running_steps
-                                        for k in keys])
-                    if not torch.isfinite(vals).all():  # on accelerators finiteness is checked here, not per step
-                        raise _non_finite(phase, step, {k: v for k, v in zip(keys, vals)})
-                    if world > 1:
-                        vals = accelerator.reduce(vals, "mean")
-                    row = {"phase": phase, "step": step, "epoch": epoch, "lr": sched.get_last_lr()[0],
-                           **{k: float(v) for k, v in zip(keys, vals.tolist())}}
-                    running, running_steps = {}, 0
-                    if accelerator.is_main_process:
-                        if log_path is not None:
-                            log_path.parent.mkdir(parents=True, exist_ok=True)
-                            with open(log_path, "a") as f:
-                                f.write(json.dumps(row) + "\n")
-                        if tb is not None:
-                            for k, v in row.items():
-                                if isinstance(v, float):
-                                    tb.add_scalar(f"{phase}/{k}", v, step)
-                        if bar is not None:
-                            bar.update(task_id, info=f"loss {row.get('loss', float('nan')):.4f}")
+                last = pos.step >= total_steps
+                if pos.step % max(1, log_every) == 0 or last:
+                    log.write(pos.step, epoch, sched.get_last_lr()[0])
                 end_of_epoch = n_in_epoch >= len(loader)
-                if (eval_every and step % eval_every == 0) or (not eval_every and end_of_epoch) or last:
+                if (eval_every and pos.step % eval_every == 0) or (not eval_every and end_of_epoch) or last:
                     do_eval(epoch)
-                    if tb is not None and history:
-                        for k, v in history[-1].items():
-                            if k not in ("step", "epoch"):
-                                tb.add_scalar(f"{phase}/eval_{k}", v, step)
-                if ckpt is not None and ((checkpoint_every and step % checkpoint_every == 0)
+                if ckpt is not None and ((checkpoint_every and pos.step % checkpoint_every == 0)
                                          or (not checkpoint_every and end_of_epoch) or last):
                     do_checkpoint(epoch, n_in_epoch)
-                if bar is not None:
-                    bar.update(task_id, completed=step)
+                log.progress(pos.step)
                 if last:
-                    done = True
                     break
     finally:
-        if bar is not None:
-            bar.stop()
-        if tb is not None:
-            tb.close()
-    if evaluate is not None and (not history or history[-1]["step"] != step):
+        log.close()
+    if evaluate is not None and (not pos.history or pos.history[-1]["step"] != pos.step):
         do_eval(epochs - 1)
-    return FitResult(student=inner.student, method=inner.method, history=history, steps=step,
-                     seconds=elapsed0 + time.perf_counter() - t0)
+    return FitResult(student=inner.student, method=inner.method, history=pos.history, steps=pos.step,
+                     seconds=pos.elapsed + time.perf_counter() - t0)
+
+
+@dataclass
+class _Position:
+    """Where a run stands: optimizer steps done, the epoch and batch to continue from, and what a resumed run
+    brings back (evaluation history, seconds trained, the RNG state to restore after the first batch)."""
+
+    step: int = 0
+    epoch: int = 0
+    skip: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    elapsed: float = 0.0
+    resumed_rng: dict[str, Any] | None = None
+
+
+def _setup_method(student: nn.Module, method: Method, train_loader: Any, student_forward: Forward,
+                  teacher_fn: Callable[[Batch], ModelOutput | None], device: torch.device) -> None:
+    """Size the method's own modules (projectors, banks) from one probe batch, before the optimizer exists."""
+    student.to(device)
+    probe_batch = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in next(iter(train_loader)).items()}
+    info = probe(student, method, probe_batch, student_forward, teacher_fn, len(train_loader.dataset),
+                 train_loader=train_loader, teacher_targets_fn=teacher_fn, device=device)
+    method.setup(info)
+    method.to(device)
+
+
+def _prepare(accelerator: Any, step_module: DistillStep, train_loader: Any, **optim: Any) -> tuple[Any, Any, Any]:
+    """The optimizer over ``student + method``, and Accelerate's prepared module, optimizer and loader."""
+    opt = build_optimizer(step_module.parameters(), **optim)
+    per_batch, world = train_loader.batch_size, accelerator.num_processes
+    if world > 1 and per_batch is not None and per_batch % world:
+        raise KDistillError(f"batch_size: got {per_batch} with {world} processes; expected a multiple of the "
+                            "process count (batch_size is the global batch, split across the processes). Fix: "
+                            f"train.batch_size={per_batch - per_batch % world or world}.")
+    return accelerator.prepare(step_module, opt, train_loader)
+
+
+def _restore(ckpt: CheckpointManager, inner: DistillStep, opt: Any, sched: Any, aug_rng: np.random.Generator,
+             batches_per_epoch: int) -> _Position:
+    """Load the newest checkpoint into the models, optimizer, scheduler and RNGs; return where to continue."""
+    state = ckpt.load()
+    inner.student.load_state_dict(state["student"])
+    inner.method.load_state_dict(state["method"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    aug_rng.bit_generator.state = state["aug_rng"]
+    pos = _Position(step=int(state["step"]), epoch=int(state["epoch"]), skip=int(state["batch_in_epoch"]),
+                    history=list(state["history"]), elapsed=float(state["elapsed"]), resumed_rng=state["rng"])
+    if pos.skip >= batches_per_epoch:
+        pos.epoch, pos.skip = pos.epoch + 1, 0
+    return pos
+
+
+def _epoch_batches(accelerator: Any, loader: Any, epoch: int, pos: _Position):
+    """The epoch's batches, after the ``pos.skip`` a resumed run already trained on."""
+    loader.set_epoch(epoch)
+    it = accelerator.skip_first_batches(loader, pos.skip) if pos.skip else loader
+    if pos.skip and pos.resumed_rng is not None:
+        # Starting a DataLoader iteration (its first batch) draws from the global torch RNG. The uninterrupted
+        # run drew for this epoch before the checkpoint: fetch the first batch, then restore, so dropout and
+        # other random ops in the remaining steps see the same numbers.
+        it = iter(it)
+        first = next(it, None)
+        set_rng_state(pos.resumed_rng)
+        it = it if first is None else itertools.chain([first], it)
+    pos.resumed_rng, pos.skip = None, 0
+    return it
+
+
+def _window_step(window: list[Batch], accelerator: Any, step_module: Any, teacher_fn: Callable, augment: Any,
+                 aug_rng: np.random.Generator, autocast: Any, *, check_finite: bool, phase: str,
+                 step: int) -> dict[str, Tensor]:
+    """Forward and backward of the micro-batches of one optimizer step, each scaled by its share of the
+    window's examples (or tokens) over all ranks; returns the window's loss terms as detached tensors."""
+    world, device = accelerator.num_processes, accelerator.device
+    counts = [batch_count(b) for b in window]
+    n_global = float(sum(counts))
+    if world > 1:
+        n_global = float(accelerator.reduce(torch.tensor(n_global, dtype=torch.float64, device=device), "sum"))
+    n_global = max(n_global, 1.0)
+    terms: dict[str, Tensor] = {}
+    for i, mb in enumerate(window):
+        if augment is not None:
+            mb = augment(mb, aug_rng)
+        t_out = teacher_fn(mb)
+        sync = i == len(window) - 1  # only the last micro-batch all-reduces gradients
+        with (nullcontext() if sync else accelerator.no_sync(step_module)), autocast():
+            losses = step_module(mb, t_out)
+            if not losses:
+                raise KDistillError(f"method {type(accelerator.unwrap_model(step_module).method).__name__} "
+                                    "returned no loss terms.")
+            total = sum(losses.values())
+        if check_finite and not torch.isfinite(total):
+            raise _non_finite(phase, step, losses)
+        scale = counts[i] * world / n_global
+        accelerator.backward(total if scale == 1.0 else total * scale)
+        # Detached tensors, not floats: no host sync per step (it would stall a GPU).
+        w = counts[i] / max(sum(counts), 1.0)
+        for k, v in (*losses.items(), ("loss", total)):
+            v = v.detach() if w == 1.0 else w * v.detach()
+            terms[k] = terms[k] + v if k in terms else v
+    return terms
+
+
+def _evaluated(student: nn.Module, evaluate: Callable[[nn.Module], dict[str, float]]) -> dict[str, float]:
+    was = student.training
+    student.eval()
+    with torch.no_grad():
+        metrics = evaluate(student)
+    student.train(was)
+    return {k: float(v) for k, v in metrics.items()}
+
+
+class _Log:
+    """Running means of the loss terms between log steps, written to ``metrics.jsonl`` (main process), to
+    TensorBoard and to the progress bar."""
+
+    def __init__(self, accelerator: Any, phase: str, out_dir: Path | None, *, tensorboard: bool, progress: bool,
+                 total_steps: int, done_steps: int) -> None:
+        self.accelerator, self.phase = accelerator, phase
+        self.path = out_dir / "metrics.jsonl" if out_dir is not None else None
+        self.running: dict[str, Any] = {}
+        self.steps = 0
+        main = accelerator.is_main_process
+        self.tb = None
+        if tensorboard and main and out_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise KDistillError("train.tensorboard: true needs the `tensorboard` package; "
+                                    "`pip install tensorboard` or set it to false.") from None
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+        self.bar = None
+        if progress and main:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn(f"[bold]{phase}[/]"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False)
+            self.task_id = self.bar.add_task(phase, total=total_steps, completed=done_steps, info="")
+            self.bar.start()
+
+    def add(self, terms: dict[str, Tensor], metrics: dict[str, float]) -> None:
+        for k, v in terms.items():
+            self.running[k] = self.running[k] + v if k in self.running else v
+        for k, v in metrics.items():
+            self.running[k] = self.running.get(k, 0.0) + v
+        self.steps += 1
+
+    def write(self, step: int, epoch: int, lr: float) -> None:
+        if not self.steps:
+            return
+        device = self.accelerator.device
+        keys = sorted(self.running)
+        vals = torch.stack([torch.as_tensor(self.running[k], dtype=torch.float32, device=device) / self.steps
+                            for k in keys])
+        if not torch.isfinite(vals).all():  # on accelerators finiteness is checked here, not per step
+            raise _non_finite(self.phase, step, {k: v for k, v in zip(keys, vals)})
+        if self.accelerator.num_processes > 1:
+            vals = self.accelerator.reduce(vals, "mean")
+        row = {"phase": self.phase, "step": step, "epoch": epoch, "lr": lr,
+               **{k: float(v) for k, v in zip(keys, vals.tolist())}}
+        self.running, self.steps = {}, 0
+        if not self.accelerator.is_main_process:
+            return
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, float):
+                    self.tb.add_scalar(f"{self.phase}/{k}", v, step)
+        if self.bar is not None:
+            self.bar.update(self.task_id, info=f"loss {row.get('loss', float('nan')):.4f}")
+
+    def eval_row(self, row: dict[str, Any]) -> None:
+        if self.tb is not None:
+            for k, v in row.items():
+                if k not in ("step", "epoch"):
+                    self.tb.add_scalar(f"{self.phase}/eval_{k}", v, row["step"])
+
+    def progress(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task_id, completed=step)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+        if self.tb is not None:
+            self.tb.close()
+        self.bar = self.tb = None
