@@ -88,10 +88,17 @@ class FileSource(StrictModel):
         return self
 
 
+#: The method each task distils with when a recipe names none, and the one that trains a student (or a teacher)
+#: alone on its labels. Config is where defaults live: the tasks never spell a method's name.
+DEFAULT_METHODS = {"classification": "hinton_kd", "tabular": "hinton_kd", "llm": "llm_kd",
+                   "embedding": "embedding_kd"}
+ALONE = "none"
+
+
 class MethodSpec(NamedSpec):
     """A distillation method from ``METHODS``; kwargs go to its constructor."""
 
-    name: str = "hinton_kd"
+    name: str = DEFAULT_METHODS["classification"]
 
     @model_validator(mode="after")
     def _validate(self) -> MethodSpec:

@@ -15,7 +15,7 @@ import torch
 from pydantic import model_validator
 
 from .. import __version__
-from ..config import AugmentSpec, MethodSpec, NamedSpec, StrictModel, TrainSpec, check_kwargs
+from ..config import ALONE, DEFAULT_METHODS, AugmentSpec, MethodSpec, NamedSpec, StrictModel, TrainSpec, check_kwargs
 from ..data.augment import build_augment
 from ..data.classification import ClassificationData, load_dataset
 from ..data.loaders import TensorDictDataset, make_loader
@@ -152,7 +152,7 @@ class ClassificationConfig(StrictModel):
                 if METHODS.get(spec.name)(**spec.kwargs).teacher_layers:
                     raise ValueError(f"method {spec.name!r} reads teacher features, which several teachers do not "
                                      "share; with `teachers:` use a method on the teachers' predictions (e.g. "
-                                     "hinton_kd, dkd, dist)")
+                                     f"{DEFAULT_METHODS['classification']})")
         return self
 
     @model_validator(mode="after")
@@ -270,7 +270,7 @@ def _get_teacher(cfg: ClassificationConfig, spec: TeacherSpec, folder: str, data
         h = json.loads((cached / "history.json").read_text())
         return model, h["history"], h["seconds"], f"reused (cache {fp})"
     model, hist, secs = _train_phase(folder, cfg=cfg, data=data, model_spec=spec.model, train=spec.train,
-                                     method_spec=MethodSpec(name="none"), augment_spec=None, teacher=None,
+                                     method_spec=MethodSpec(name=ALONE), augment_spec=None, teacher=None,
                                      accelerator=accelerator, ctx=RunContext(ctx.output, False, ctx.progress),
                                      extra_meta={"fingerprint": fp})
     if spec.reuse and accelerator.is_main_process:
@@ -331,7 +331,7 @@ def train_students(cfg: Any, data: ClassificationData, teacher: torch.nn.Module,
     """Train the baseline (if asked), the main student and every variant: same data, seed and budget."""
     phases: list[tuple[str, MethodSpec, AugmentSpec | None]] = []
     if cfg.baseline:
-        phases.append(("baseline", MethodSpec(name="none"), None))
+        phases.append(("baseline", MethodSpec(name=ALONE), None))
     phases.append(("student", cfg.method, cfg.augment))
     phases += [(n, v.method, v.augment) for n, v in cfg.variants.items()]
     trained: Trained = {}

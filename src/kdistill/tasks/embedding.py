@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from pydantic import field_validator, model_validator
 
-from ..config import FileSource, MethodSpec, StrictModel, TrainSpec, check_kwargs
+from ..config import ALONE, DEFAULT_METHODS, FileSource, MethodSpec, StrictModel, TrainSpec, check_kwargs
 from ..data.loaders import NeighbourGroupSampler, TensorDictDataset, make_loader
 from ..data.text import Pair, kjv_pairs, pair_texts, retrieval_split, wordnet_pairs, wordnet_synonym_gloss_pairs
 from ..errors import KDistillError
@@ -243,7 +243,7 @@ class EmbeddingConfig(StrictModel):
     teacher: str = "minilm-l6"
     student: StudentSpec
     data: EmbeddingDataSpec = EmbeddingDataSpec()
-    method: MethodSpec = MethodSpec(name="embedding_kd")
+    method: MethodSpec = MethodSpec(name=DEFAULT_METHODS["embedding"])
     distill: bool = True
     train: TrainSpec = TrainSpec(epochs=1, batch_size=64, lr=1e-4, warmup_steps=20)
     eval: EmbeddingEvalSpec = EmbeddingEvalSpec()
@@ -255,14 +255,14 @@ class EmbeddingConfig(StrictModel):
         cls = METHODS.get(self.method.name)
         if not cls.needs_teacher and self.distill:
             raise ValueError(f"method {self.method.name!r} does not use a teacher; embedding distillation needs one "
-                             "(use embedding_kd, or distill: false for the student alone)")
+                             f"(use {DEFAULT_METHODS['embedding']}, or distill: false for the student alone)")
         method = cls(**self.method.kwargs)  # its declared needs, checked before any model loads
         if self.student.name == "static" and method.uses_token_states:
-            raise ValueError(f"method {self.method.name!r} as configured reads token states (e.g. token_weight > 0), "
+            raise ValueError(f"method {self.method.name!r} as configured reads token states, "
                              "but student 'static' has none: use layer_subset or narrow, or drop the token term.")
         if method.needs_pairs and not self.data.pairs:
-            raise ValueError(f"method {self.method.name!r} as configured trains on (query, candidate) pairs (e.g. "
-                             "pair_weight > 0), but data.pairs is false, so a batch holds unrelated texts: set "
+            raise ValueError(f"method {self.method.name!r} as configured trains on (query, candidate) pairs "
+                             "(its pair term), but data.pairs is false, so a batch holds unrelated texts: set "
                              "data.pairs: true (keep the training pairs together) or drop the pair term.")
         return self
 
@@ -370,7 +370,7 @@ def _row_neighbours(t_train: torch.Tensor, k: int) -> torch.Tensor:
 def token_forward(model: SentenceEncoder, batch: dict[str, torch.Tensor]) -> ModelOutput:
     """Like :func:`~kdistill.students.encoders.encoder_forward` (padding columns trimmed), but also returns the
     last hidden states: ``ModelOutput(logits=(B, D) embeddings, features={"tokens": (B, T, H)},
-    extra={"attention_mask": (B, T) bool})`` - what ``embedding_kd``'s token term reads."""
+    extra={"attention_mask": (B, T) bool})`` - what a method's token term reads (``uses_token_states``)."""
     kwargs = trim_padding(batch)
     tokens = model.backbone(**kwargs).last_hidden_state
     return ModelOutput(logits=model.head(tokens, kwargs["attention_mask"]), features={"tokens": tokens},
@@ -435,7 +435,7 @@ def run_embedding(cfg: EmbeddingConfig, ctx: RunContext) -> dict[str, Any]:
     t_test = (teacher_embeddings_cached(teacher, [p.query for p in test], batch_size=cfg.eval.batch_size),
               teacher_embeddings_cached(teacher, [p.candidate for p in test], batch_size=cfg.eval.batch_size))
     report: dict[str, Any] = {
-        "recipe": cfg.name, "task": "embedding", "method": cfg.method.name if cfg.distill else "none",
+        "recipe": cfg.name, "task": "embedding", "method": cfg.method.name if cfg.distill else ALONE,
         "seed": cfg.seed,
         "data": {"name": cfg.data.name, "train_sentences": len(sentences), "dev_pairs": len(dev),
                  "test_pairs": len(test), "throughput_sentences": len(throughput),

@@ -22,7 +22,7 @@ from pydantic import field_validator, model_validator
 from torch import Tensor, nn
 
 from ..capture import device_of
-from ..config import FileSource, MethodSpec, StrictModel, TrainSpec
+from ..config import ALONE, DEFAULT_METHODS, FileSource, MethodSpec, StrictModel, TrainSpec
 from ..data.lm import cache_dataset, label_mask, lm_dataset, lm_tensors, pack_blocks, tokenize_texts
 from ..data.loaders import TensorDictDataset, make_loader
 from ..errors import KDistillError
@@ -142,7 +142,7 @@ class LLMConfig(StrictModel):
     teacher: LMTeacherSpec = LMTeacherSpec()
     student: LMStudentSpec = LMStudentSpec()
     data: LMDataSpec = LMDataSpec()
-    method: MethodSpec = MethodSpec(name="llm_kd")
+    method: MethodSpec = MethodSpec(name=DEFAULT_METHODS["llm"])
     cache: LMCacheSpec | None = None
     train: TrainSpec = TrainSpec(epochs=1, batch_size=8, lr=3e-4, log_every=10)
     baseline: bool = True
@@ -153,7 +153,7 @@ class LLMConfig(StrictModel):
         cls = METHODS.get(self.method.name)
         if self.cache is not None and not cls.cacheable:
             raise ValueError(f"method {self.method.name!r} is not cacheable (its targets depend on the student); "
-                             "remove `cache:` or use llm_kd")
+                             f"remove `cache:` or use {DEFAULT_METHODS['llm']}")
         if cls.needs_prompts and self.data.prompt_tokens <= 0:
             raise ValueError(f"method {self.method.name!r} continues prompts: set data.prompt_tokens > 0, e.g. 32, "
                              "so each block is (prompt, continuation)")
@@ -516,7 +516,7 @@ def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
 
     phases: dict[str, tuple[nn.Module, list[dict], float, int]] = {}
     if cfg.baseline:
-        phases["baseline"] = phase("baseline", MethodSpec(name="none"))
+        phases["baseline"] = phase("baseline", MethodSpec(name=ALONE))
     phases["student"] = phase("student", cfg.method)
 
     report = evaluate_phases(cfg, teacher, tok, phases, eval_t, eval_items)

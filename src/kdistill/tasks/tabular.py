@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import field_validator, model_validator
 
-from ..config import AugmentSpec, MethodSpec, StrictModel, TrainSpec
+from ..config import DEFAULT_METHODS, AugmentSpec, MethodSpec, StrictModel, TrainSpec
 from ..data.classification import load_dataset
 from ..eval.report import write_report
 from ..io import seed_everything
@@ -52,8 +52,8 @@ def _logit_only(spec: MethodSpec) -> None:
     method = METHODS.get(spec.name)(**spec.kwargs)
     if method.teacher_layers:
         raise ValueError(f"method {spec.name!r} needs teacher features {list(method.teacher_layers)}, but a "
-                         "scikit-learn teacher has no layers; pick a logit-based method (hinton_kd, dkd, dist, "
-                         "logit_standardization, alpha_divergence, sinkhorn_kd, ensemble, ofa, ...)")
+                         "scikit-learn teacher has no layers; pick a method that reads only the teacher's "
+                         f"predictions, e.g. {DEFAULT_METHODS['tabular']}")
 
 
 class TabularConfig(StrictModel):
