@@ -122,3 +122,35 @@ def test_on_policy_gkd_on_cuda(tmp_path):
                 overrides=["method={name: gkd, kwargs: {lmbda: 1.0, beta: 0.5}}", "data.prompt_tokens=8",
                            "baseline=false"])
     assert r["method"] == "gkd" and math.isfinite(r["student"]["metrics"]["perplexity"])
+
+
+def test_two_teachers_are_distilled_from_their_mixture(tmp_path):
+    import yaml
+
+    from kdistill.recipes import find_recipe
+
+    recipe = yaml.safe_load(find_recipe("llm/tiny").read_text())
+    one = recipe.pop("teacher")
+    recipe.update(teachers=[one, {**one, "tiny_layers": 3}], teacher_weights=[3, 1], baseline=False)
+    r = api.run(recipe, output=tmp_path / "run", progress=False, quiet=True)
+    t = r["teacher"]
+    assert t["model"] == ["tiny", "tiny"] and t["weights"] == pytest.approx([0.75, 0.25])
+    assert len(t["members"]) == 2 and t["params"] == sum(m["params"] for m in t["members"])
+    assert all(math.isfinite(m["metrics"]["perplexity"]) for m in t["members"])
+    assert r["student"]["steps"] == 3 and len(r["generations"]) == 2
+    with pytest.raises(KDistillError, match="not both"):
+        api.run({**recipe, "teacher": one}, output=tmp_path / "r2", progress=False, quiet=True)
+
+
+def test_the_mixture_is_the_weighted_mean_of_next_token_distributions():
+    from kdistill.teachers.mixture import LMTeacherMixture
+    from kdistill.teachers.tiny import tiny_llama
+
+    a, b = tiny_llama(40, num_layers=1, seed=0), tiny_llama(40, num_layers=2, seed=1)
+    mix = LMTeacherMixture([a, b], [1.0, 3.0]).eval()
+    ids = torch.randint(0, 40, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = torch.softmax(mix(input_ids=ids).logits, -1)
+        want = 0.25 * torch.softmax(a(input_ids=ids).logits, -1) + 0.75 * torch.softmax(b(input_ids=ids).logits, -1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert mix.generate(ids[:, :2], max_new_tokens=3).shape == (2, 5)

@@ -140,6 +140,8 @@ class LLMConfig(StrictModel):
     description: str = ""
     seed: int = 0
     teacher: LMTeacherSpec = LMTeacherSpec()
+    teachers: list[LMTeacherSpec] = []
+    teacher_weights: list[float] | None = None
     student: LMStudentSpec = LMStudentSpec()
     data: LMDataSpec = LMDataSpec()
     method: MethodSpec = MethodSpec(name=DEFAULT_METHODS["llm"])
@@ -157,6 +159,19 @@ class LLMConfig(StrictModel):
         if cls.needs_prompts and self.data.prompt_tokens <= 0:
             raise ValueError(f"method {self.method.name!r} continues prompts: set data.prompt_tokens > 0, e.g. 32, "
                              "so each block is (prompt, continuation)")
+        if self.teachers:
+            if "teacher" in self.model_fields_set:
+                raise ValueError("expected one of `teacher:` (one model) and `teachers:` (a list, distilled from the "
+                                 "weighted mean of their next-token distributions), not both")
+            if len(self.teachers) < 2:
+                raise ValueError("teachers: give at least 2 (or use `teacher:` for one)")
+            if self.data.sequence_kd is not None:
+                raise ValueError("data.sequence_kd samples completions from one teacher; with `teachers:` distil "
+                                 "token by token instead (remove sequence_kd)")
+        if self.teacher_weights is not None and (len(self.teacher_weights) != len(self.teachers)
+                                                 or any(not w > 0 for w in self.teacher_weights)):
+            raise ValueError(f"teacher_weights: got {self.teacher_weights}, expected {len(self.teachers)} positive "
+                             "numbers, one per entry of `teachers:`")
         if self.data.messages_column is not None and self.cache is not None:
             raise ValueError("cache: top-k caches hold packed text blocks; chat data (data.messages_column) trains "
                              "from the live teacher. Remove `cache:`.")
@@ -173,17 +188,33 @@ class LLMConfig(StrictModel):
 # ------------------------------------------------------------------------------------------ building
 
 def load_teacher(cfg: LLMConfig, train_texts: list[str]) -> tuple[nn.Module, Any]:
-    if cfg.teacher.name == "tiny":
+    """The teacher and its tokenizer; with ``teachers:`` their mixture (one tokenizer, checked)."""
+    if not cfg.teachers:
+        return _load_one_teacher(cfg.teacher, seed=cfg.seed, train_texts=train_texts)
+    from ..teachers.cache import tokenizer_hash
+    from ..teachers.mixture import LMTeacherMixture
+
+    loaded = [_load_one_teacher(spec, seed=cfg.seed + i, train_texts=train_texts)
+              for i, spec in enumerate(cfg.teachers)]
+    hashes = {tokenizer_hash(tok) for _, tok in loaded}
+    if len(hashes) != 1:
+        raise KDistillError(f"teachers: {[s.name for s in cfg.teachers]} use different tokenizers; expected one "
+                            "tokenizer for all (their next-token distributions are averaged entry by entry).")
+    return LMTeacherMixture([m for m, _ in loaded], cfg.teacher_weights).eval(), loaded[0][1]
+
+
+def _load_one_teacher(spec: LMTeacherSpec, *, seed: int, train_texts: list[str]) -> tuple[nn.Module, Any]:
+    if spec.name == "tiny":
         from ..teachers.tiny import tiny_llama, train_tokenizer
 
-        tok = train_tokenizer(train_texts, vocab_size=cfg.teacher.tiny_vocab_size)
-        model = tiny_llama(len(tok), hidden_size=cfg.teacher.tiny_hidden_size, num_layers=cfg.teacher.tiny_layers,
-                           seed=cfg.seed, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        tok = train_tokenizer(train_texts, vocab_size=spec.tiny_vocab_size)
+        model = tiny_llama(len(tok), hidden_size=spec.tiny_hidden_size, num_layers=spec.tiny_layers,
+                           seed=seed, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                            eos_token_id=tok.eos_token_id)
         return model.eval(), tok
     from ..teachers.lm import load_causal_lm
 
-    return load_causal_lm(cfg.teacher.name, dtype=cfg.teacher.dtype)
+    return load_causal_lm(spec.name, dtype=spec.dtype)
 
 
 def build_student(cfg: LLMConfig, teacher: nn.Module) -> nn.Module:
@@ -200,10 +231,11 @@ def student_and_tokenizer(cfg: LLMConfig, teacher: nn.Module) -> tuple[nn.Module
         from ..teachers.lm import load_causal_lm
 
         return load_causal_lm(cfg.student.pretrained, dtype=cfg.teacher.dtype, eval_mode=False)
+    source = getattr(teacher, "base", teacher)  # several teachers: the student is built from the first
     if cfg.student.kind == "layer_subset":
-        return layer_subset_copy(teacher, keep_layers=cfg.student.keep_layers,
+        return layer_subset_copy(source, keep_layers=cfg.student.keep_layers,
                                  num_layers=cfg.student.num_layers), None
-    return smaller_config_student(teacher, seed=cfg.seed, **cfg.student.config), None
+    return smaller_config_student(source, seed=cfg.seed, **cfg.student.config), None
 
 
 def corpus(cfg: LLMConfig) -> tuple[list[Any], list[Any]]:
@@ -288,8 +320,14 @@ def fused_student_output(model: nn.Module, batch: dict[str, Any]) -> ModelOutput
                                     "lm_head_bias": getattr(head, "bias", None)})
 
 
+def report_teacher_name(cfg: LLMConfig) -> str | list[str]:
+    return [s.name for s in cfg.teachers] if cfg.teachers else cfg.teacher.name
+
+
 def cache_identity(cfg: LLMConfig) -> dict[str, Any]:
-    return {"teacher": f"{cfg.teacher.name}/{cfg.teacher.dtype}"}
+    specs = cfg.teachers or [cfg.teacher]
+    return {"teacher": "+".join(f"{s.name}/{s.dtype}" for s in specs)
+            + (f"@{cfg.teacher_weights}" if cfg.teacher_weights else "")}
 
 
 # ---------------------------------------------------------------------------------------- evaluation
@@ -510,7 +548,7 @@ def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
             res.student.save_pretrained(pdir)   # a plain Hugging Face folder: weights + config + tokenizer
             tok.save_pretrained(pdir)
             write_json_atomic(pdir / "kdistill.json", {"phase": name, "method": method_spec.model_dump(),
-                                                       "teacher": cfg.teacher.name, "steps": res.steps,
+                                                       "teacher": report_teacher_name(cfg), "steps": res.steps,
                                                        "seconds": res.seconds})
         return res.student, res.history, res.seconds, res.steps
 
@@ -575,11 +613,18 @@ def evaluate_phases(cfg: LLMConfig, teacher: nn.Module, tok: Any, phases: dict[s
     report: dict[str, Any] = {
         "recipe": cfg.name, "task": "llm", "method": cfg.method.name, "seed": cfg.seed,
         "teacher": {"params": _params(teacher), "metrics": {"perplexity": tt["perplexity"], "loss": tt["loss"]},
-                    "latency_ms": _latency_ms(teacher, lat_ids), "model": cfg.teacher.name},
+                    "latency_ms": _latency_ms(teacher, lat_ids),
+                    "model": report_teacher_name(cfg)},
         "student": student_entry, "agreement": student_entry["agreement"], "variants": {},
     }
     if "baseline" in phases:
         report["baseline"] = entry(*[phases["baseline"][i] for i in (0, 2, 3)])
+    if hasattr(teacher, "mixture"):  # several teachers: each one's held-out figures beside the mixture's
+        report["teacher"]["weights"] = teacher.weights.tolist()
+        report["teacher"]["members"] = [
+            {"model": spec.name, "params": _params(member),
+             "metrics": lm_metrics(member, eval_t, batch_size=cfg.eval.batch_size)}
+            for spec, member in zip(cfg.teachers, teacher.mixture.teachers)]
     prompts = [generation_prompt(tok, item, cfg.eval.prompt_words) for item in eval_items[: cfg.eval.generations]]
     gens = {"teacher": generate_texts(teacher, tok, prompts, cfg.eval.max_new_tokens)}
     gens.update({name: generate_texts(phases[name][0], tok, prompts, cfg.eval.max_new_tokens) for name in phases})

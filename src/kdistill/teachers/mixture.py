@@ -35,3 +35,50 @@ class TeacherMixture(nn.Module):
             raise KDistillError(f"TeacherMixture: the teachers predict {sorted(widths)} classes; expected the same.")
         stacked = torch.stack(logps, 0) + self.weights.log().view(-1, *([1] * logps[0].dim()))
         return torch.logsumexp(stacked, 0)
+
+
+class LMTeacherMixture(nn.Module):
+    """Several causal LM teachers with one tokenizer as one: ``forward(input_ids, attention_mask)`` returns an
+    output whose ``logits`` ``(B, T, V)`` are ``log sum_k w_k softmax(z_k)``, the weighted mean of their next-token
+    distributions. ``base`` is the first teacher (students built from a teacher copy it); ``generate`` decodes
+    the mixture greedily (the report's side-by-side generations)."""
+
+    def __init__(self, teachers: Sequence[nn.Module], weights: Sequence[float] | None = None) -> None:
+        super().__init__()
+        self.mixture = TeacherMixture(teachers, weights)
+        rows = {int(t.get_output_embeddings().weight.shape[0]) for t in teachers}
+        if len(rows) != 1:
+            raise KDistillError(f"teachers: their LM heads have {sorted(rows)} rows; expected the same vocabulary "
+                                "(teachers of one tokenizer, with the same number of logit rows).")
+
+    @property
+    def base(self) -> nn.Module:
+        return self.mixture.teachers[0]
+
+    @property
+    def config(self) -> object:
+        return self.base.config
+
+    @property
+    def weights(self) -> Tensor:
+        return self.mixture.weights
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.base.get_output_embeddings()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **_: object) -> object:
+        from types import SimpleNamespace
+
+        logps = [F.log_softmax(t(input_ids=input_ids, attention_mask=attention_mask).logits.float(), dim=-1)
+                 for t in self.mixture.teachers]
+        w = self.mixture.weights.log().view(-1, *([1] * logps[0].dim()))
+        return SimpleNamespace(logits=torch.logsumexp(torch.stack(logps, 0) + w, 0))
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, max_new_tokens: int = 16,
+                 **_: object) -> Tensor:
+        ids = input_ids
+        for _step in range(int(max_new_tokens)):
+            nxt = self(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], 1)
+        return ids
