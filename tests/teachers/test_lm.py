@@ -196,7 +196,7 @@ def test_llm_task_teacher_uses_the_one_loader(no_transformers_load):
 
     from kdistill.tasks.llm import load_teacher
 
-    cfg = SimpleNamespace(teacher=SimpleNamespace(name="smolm2-135m", dtype="float32"))
+    cfg = SimpleNamespace(teacher=SimpleNamespace(name="smolm2-135m", dtype="float32"), teachers=[], seed=0)
     with pytest.raises(KDistillError, match="Did you mean 'smollm2-135m'"):
         load_teacher(cfg, [])
 
