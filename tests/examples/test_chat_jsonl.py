@@ -5,9 +5,6 @@ import json
 import math
 
 import pytest
-from typer.testing import CliRunner
-
-from kdistill.cli import app
 
 QUESTIONS = ["what is the light", "who made the earth", "what is the firmament", "what did god see",
              "what came in the evening", "what is in the waters"]
@@ -36,19 +33,16 @@ def write_models_and_chats(folder):
     (folder / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def test_chat_jsonl_with_a_pretrained_student(tmp_path, monkeypatch):
+def test_chat_jsonl_with_a_pretrained_student(tmp_path, example):
     write_models_and_chats(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    runner = CliRunner()
-    r = runner.invoke(app, ["run", "examples/chat_jsonl", "-o", "run", "--no-progress"])
+    r, rep = example("examples/chat_jsonl")
     assert r.exit_code == 0, r.output
-    rep = json.loads((tmp_path / "run" / "report.json").read_text())
     assert rep["data"]["format"] == "chat" and rep["student"]["steps"] == 18  # 36 conversations, batch 4, 2 epochs
     assert rep["student"]["params"] < rep["teacher"]["params"]
     for who in ("teacher", "student", "baseline"):
         assert math.isfinite(rep[who]["metrics"]["perplexity"])
     assert rep["generations"][0]["prompt"].endswith("<s>assistant\n")  # a chat prompt, ready for the reply
-    ev = runner.invoke(app, ["eval", "run"])
+    ev = example.cli("eval", "run")
     assert ev.exit_code == 0, ev.output
     assert json.loads(ev.stdout)["metrics"]["perplexity"] == pytest.approx(rep["student"]["metrics"]["perplexity"])
 

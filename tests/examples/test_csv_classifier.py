@@ -3,9 +3,6 @@
 import json
 
 import pytest
-from typer.testing import CliRunner
-
-from kdistill.cli import app
 
 MODULE = '''
 import torch
@@ -38,35 +35,28 @@ def write_table(folder):
     (folder / "my_models.py").write_text(MODULE)
 
 
-def test_csv_table_with_a_factory_student_runs_evaluates_and_exports(tmp_path, monkeypatch):
+def test_csv_table_with_a_factory_student_runs_evaluates_and_exports(tmp_path, example):
     write_table(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("KDISTILL_CACHE", str(tmp_path / "cache"))
-    runner = CliRunner()
-    r = runner.invoke(app, ["run", "examples/csv_classifier", "-o", "run", "--no-progress"])
+    r, rep = example("examples/csv_classifier")
     assert r.exit_code == 0, r.output
-    rep = json.loads((tmp_path / "run" / "report.json").read_text())
     assert rep["data"]["train"] + rep["data"]["val"] + rep["data"]["test"] == 150
     assert rep["data"]["num_classes"] == 3 and rep["teacher"]["metrics"]["accuracy"] > 0.8
     assert rep["student"]["params"] == 4 * 8 + 8 + 8 * 3 + 3  # the user's module, as built by small_net
     meta = json.loads((tmp_path / "run" / "student" / "model.json").read_text())
     assert meta["class_names"] == ["setosa", "versicolor", "virginica"] and meta["model"] == "factory"
-    ev = runner.invoke(app, ["eval", "run"])
+    ev = example.cli("eval", "run")
     assert ev.exit_code == 0, ev.output
     assert json.loads(ev.output)["metrics"]["accuracy"] == pytest.approx(rep["student"]["metrics"]["accuracy"])
-    assert runner.invoke(app, ["export", "run", "--out", "exported"]).exit_code == 0
+    assert example.cli("export", "run", "--out", "exported").exit_code == 0
 
 
-def test_a_misspelt_column_or_factory_fails_before_training(tmp_path, monkeypatch):
+def test_a_misspelt_column_or_factory_fails_before_training(tmp_path, example):
     write_table(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    runner = CliRunner()
-    r = runner.invoke(app, ["run", "examples/csv_classifier", "-o", "run", "--no-progress", "data.label_column=specis"])
+    r, _ = example("examples/csv_classifier", "data.label_column=specis")
     assert r.exit_code == 2 and "Did you mean 'species'" in r.output and "Traceback" not in r.output
-    r = runner.invoke(app, ["run", "examples/csv_classifier", "-o", "run2", "--no-progress",
-                            "student.factory=my_models:tiny_net"])
+    r, _ = example("examples/csv_classifier", "student.factory=my_models:tiny_net", output="run2")
     assert r.exit_code == 2 and "has no 'tiny_net'" in r.output
     assert not (tmp_path / "run2" / "teacher").exists()  # refused before the teacher trained
     (tmp_path / "my_table.csv").write_text("sepal_length,species\n5.1,setosa\nbroken,virginica\n" * 10)
-    r = runner.invoke(app, ["run", "examples/csv_classifier", "-o", "run3", "--no-progress"])
+    r, _ = example("examples/csv_classifier", output="run3")
     assert r.exit_code == 2 and "expected a number" in r.output

@@ -3,9 +3,6 @@
 import json
 
 import pytest
-from typer.testing import CliRunner
-
-from kdistill.cli import app
 
 
 def write_encoder_and_pairs(folder):
@@ -20,31 +17,24 @@ def write_encoder_and_pairs(folder):
     return rows
 
 
-def test_pairs_jsonl_with_an_encoder_folder(tmp_path, monkeypatch):
+def test_pairs_jsonl_with_an_encoder_folder(tmp_path, example):
     rows = write_encoder_and_pairs(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("KDISTILL_CACHE", str(tmp_path / "cache"))
-    runner = CliRunner()
-    r = runner.invoke(app, ["run", "examples/pairs_jsonl", "-o", "run", "--no-progress"])
+    r, rep = example("examples/pairs_jsonl")
     assert r.exit_code == 0, r.output
-    rep = json.loads((tmp_path / "run" / "report.json").read_text())
     assert rep["student"]["params"] < rep["teacher"]["params"]
     for who in ("teacher", "student"):
         assert 0.0 <= rep[who]["metrics"]["recall_at_1"] <= rep[who]["metrics"]["recall_at_10"] <= 1.0
-    ev = runner.invoke(app, ["eval", "run"])
+    ev = example.cli("eval", "run")
     assert ev.exit_code == 0, ev.output
     got = json.loads(ev.stdout)
     assert got["test_pairs"] == round(len(rows) * 0.2)
     assert got["metrics"]["recall_at_1"] == pytest.approx(rep["student"]["metrics"]["recall_at_1"])
     # a pretrained student folder works the same way: the exported student, distilled again
-    again = runner.invoke(app, ["run", "examples/pairs_jsonl", "-o", "run2", "--no-progress",
-                                "student={pretrained: run/student}", "train.epochs=1"])
+    again, _ = example("examples/pairs_jsonl", "student={pretrained: run/student}", "train.epochs=1", output="run2")
     assert again.exit_code == 0, again.output
 
 
-def test_a_misspelt_pair_column_is_named_with_the_columns_found(tmp_path, monkeypatch):
+def test_a_misspelt_pair_column_is_named_with_the_columns_found(tmp_path, example):
     write_encoder_and_pairs(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    r = CliRunner().invoke(app, ["run", "examples/pairs_jsonl", "-o", "run", "--no-progress",
-                                 "data.positive_column=postive"])
+    r, _ = example("examples/pairs_jsonl", "data.positive_column=postive")
     assert r.exit_code == 2 and "Did you mean 'positive'" in r.output and "Columns found: positive, query" in r.output

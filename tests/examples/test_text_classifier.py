@@ -5,9 +5,6 @@ import random
 
 import pytest
 import torch
-from typer.testing import CliRunner
-
-from kdistill.cli import app
 
 GOOD, BAD = ["good", "great", "lovely", "fine"], ["bad", "awful", "boring", "dull"]
 
@@ -33,14 +30,10 @@ def write_models_and_reviews(folder, rows=160):
     (folder / "reviews.csv").write_text("\n".join(lines) + "\n")
 
 
-def test_texts_with_hugging_face_teacher_and_student(tmp_path, monkeypatch):
+def test_texts_with_hugging_face_teacher_and_student(tmp_path, example):
     write_models_and_reviews(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("KDISTILL_CACHE", str(tmp_path / "cache"))
-    runner = CliRunner()
-    r = runner.invoke(app, ["run", "examples/text_classifier", "-o", "run", "--no-progress"])
+    r, rep = example("examples/text_classifier")
     assert r.exit_code == 0, r.output
-    rep = json.loads((tmp_path / "run" / "report.json").read_text())
     assert rep["data"]["num_classes"] == 2 and rep["data"]["input_shape"] == [2, 32]
     assert rep["teacher"]["metrics"]["accuracy"] > 0.9  # the keyword task is easy once fine-tuned
     assert rep["student"]["params"] < rep["teacher"]["params"]
@@ -48,15 +41,14 @@ def test_texts_with_hugging_face_teacher_and_student(tmp_path, monkeypatch):
 
     hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "student" / "hf")
     assert hf.config.num_hidden_layers == 1
-    ev = runner.invoke(app, ["eval", "run"])
+    ev = example.cli("eval", "run")
     assert ev.exit_code == 0, ev.output
     assert json.loads(ev.stdout)["metrics"]["accuracy"] == pytest.approx(rep["student"]["metrics"]["accuracy"])
-    assert runner.invoke(app, ["export", "run", "--out", "exported"]).exit_code == 0
+    assert example.cli("export", "run", "--out", "exported").exit_code == 0
     # the fine-tuned teacher, given as it is (train: null): no training, the same test accuracy
-    again = runner.invoke(app, ["run", "examples/text_classifier", "-o", "run2", "--no-progress", "baseline=false",
-                                "teacher={model: {hf: run/teacher/hf}, train: null}", "train.epochs=1"])
+    again, rep2 = example("examples/text_classifier", "baseline=false",
+                          "teacher={model: {hf: run/teacher/hf}, train: null}", "train.epochs=1", output="run2")
     assert again.exit_code == 0, again.output
-    rep2 = json.loads((tmp_path / "run2" / "report.json").read_text())
     assert rep2["teacher"]["source"] == "given"
     assert rep2["teacher"]["metrics"]["accuracy"] == pytest.approx(rep["teacher"]["metrics"]["accuracy"])
 
@@ -83,13 +75,12 @@ def test_label_names_of_a_given_model_are_matched_or_refused(tmp_path):
         build_hf((2, 6), 2, path="./missing-folder")
 
 
-def test_a_student_with_another_tokenizer_is_refused_before_training(tmp_path, monkeypatch):
+def test_a_student_with_another_tokenizer_is_refused_before_training(tmp_path, example):
     from kdistill.teachers.tiny import train_tokenizer
 
     write_models_and_reviews(tmp_path, rows=40)
     train_tokenizer(["the film was good", "the film was bad"] * 5, vocab_size=300).save_pretrained(
         tmp_path / "student_bert")  # replaces the student's tokenizer files
-    monkeypatch.chdir(tmp_path)
-    r = CliRunner().invoke(app, ["run", "examples/text_classifier", "-o", "run", "--no-progress"])
+    r, _ = example("examples/text_classifier")
     assert r.exit_code == 2 and "another one; token ids would mean other words" in r.output
     assert not (tmp_path / "run" / "teacher").exists()
