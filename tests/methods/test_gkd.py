@@ -87,3 +87,24 @@ def test_three_on_policy_steps():
     assert res.steps == 3
     assert int(method.coin_counter) == 3  # one coin per training micro-batch (the probe batch draws none)
     assert any(not torch.equal(v, student.state_dict()[k]) for k, v in s0.items())
+
+
+def test_generation_stops_at_eos_and_the_eos_counts():
+    """A student that always says EOS: each continuation is that one token, which is trained on (the student
+    learns to stop); the positions after it are padding, outside the attention and the loss."""
+    student = tiny_llama(V, num_layers=1, seed=1)
+    head = torch.nn.Linear(student.config.hidden_size, V, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[2] = 50.0  # EOS (id 2) wins every step
+    student.lm_head = head
+    blocks = torch.randint(3, V, (3, 10), generator=torch.Generator().manual_seed(0))
+    batch = lm_tensors(blocks, prompt_length=4)
+    prompt_mask = torch.ones(3, 4, dtype=torch.long)
+    prompt_mask[0, :2] = 0  # a left-padded prompt
+    batch["attention_mask"] = torch.cat([prompt_mask, torch.ones(3, 6, dtype=torch.long)], 1)
+    out = GKD(lmbda=1.0).prepare_batch(student, batch, pad_id=0, eos_id=2)
+    assert out["input_ids"].shape == (3, 10) and (out["input_ids"][:, 4] == 2).all()
+    assert out["mask"].sum() == 3 and out["mask"][:, 3].all()  # position 3 predicts the EOS at 4
+    assert out["attention_mask"][:, 5:].sum() == 0 and torch.equal(out["attention_mask"][:, :4], prompt_mask)

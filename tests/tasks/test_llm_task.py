@@ -154,3 +154,35 @@ def test_the_mixture_is_the_weighted_mean_of_next_token_distributions():
         want = 0.25 * torch.softmax(a(input_ids=ids).logits, -1) + 0.75 * torch.softmax(b(input_ids=ids).logits, -1)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert mix.generate(ids[:, :2], max_new_tokens=3).shape == (2, 5)
+
+
+def test_prompt_and_completion_rows_on_policy(tmp_path):
+    """(prompt, completion) rows: prompts of different lengths left-padded to data.prompt_tokens, completions
+    (and their EOS) trained on; gkd continues the real prompts and stops at EOS."""
+    import yaml
+
+    from kdistill.data.lm import prompt_tensors
+    from kdistill.recipes import find_recipe
+    from kdistill.teachers.tiny import train_tokenizer
+
+    words = "the light the earth the waters the firmament the evening the morning heaven day night".split()
+    rows = [{"prompt": " ".join(words[i % 5: i % 5 + 1 + i % 3]), "completion": " ".join(words[i % 7: i % 7 + 4])}
+            for i in range(40)]
+    (tmp_path / "pc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = yaml.safe_load(find_recipe("llm/tiny").read_text())
+    recipe["data"] = {"files": str(tmp_path / "pc.jsonl"), "prompt_column": "prompt", "completion_column": "completion",
+                      "prompt_tokens": 8, "block_length": 24, "eval_fraction": 0.1}
+    recipe["method"] = {"name": "gkd", "kwargs": {"lmbda": 0.5, "beta": 0.5}}
+    r = api.run(recipe, output=tmp_path / "run", progress=False, quiet=True)
+    assert r["data"]["format"] == "prompts" and r["student"]["steps"] == 3 and "baseline" in r
+    assert math.isfinite(r["student"]["metrics"]["perplexity"])
+    assert r["generations"][0]["prompt"] in {x["prompt"] for x in rows}  # generation starts from a real prompt
+
+    tok = train_tokenizer([f"{x['prompt']} {x['completion']}" for x in rows], vocab_size=300)
+    t = prompt_tensors(tok, [("the light", "the earth")], prompt_width=6, max_length=12)
+    n = len(tok("the light", add_special_tokens=False)["input_ids"])
+    assert t["attention_mask"][0, : 6 - n].sum() == 0 and t["attention_mask"][0, 6 - n: 6].all()
+    trained = tok.decode(t["labels"][0][t["mask"][0]])
+    assert trained.startswith("the earth") and trained.endswith("</s>") and "light" not in trained
+    with pytest.raises(KDistillError, match="row 1: the prompt has"):
+        prompt_tensors(tok, [("the light the earth the waters the firmament", "x")], prompt_width=2, max_length=12)

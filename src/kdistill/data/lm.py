@@ -146,3 +146,38 @@ def chat_tensors(tokenizer: Any, conversations: Sequence[list[dict[str, str]]], 
                                 f"= {max_length} tokens (the conversation has {len(full)}). Fix: raise block_length "
                                 "or shorten the conversation.")
     return {"input_ids": ids, "attention_mask": attn, "labels": labels, "mask": label_mask(labels)}
+
+
+def prompt_tensors(tokenizer: Any, pairs: Sequence[tuple[str, str]], *, prompt_width: int, max_length: int,
+                   where: str = "data") -> dict[str, Tensor]:
+    """(prompt, completion) texts as ``(N, max_length)`` rows: the prompt left-padded to ``prompt_width`` tokens,
+    then the completion and an EOS, cut to the row and right-padded. Labels cover the completion and its EOS (the
+    student learns to stop), ``prompt_length`` is ``prompt_width`` for every row: the layout on-policy methods
+    continue from (see :func:`kdistill.methods.gkd.continuation_batch`). A prompt longer than ``prompt_width`` is
+    refused with its row."""
+    if not 1 <= prompt_width < max_length:
+        raise KDistillError(f"data.prompt_tokens: got {prompt_width}, expected 1 <= prompt_tokens < block_length "
+                            f"({max_length}).")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
+    n = len(pairs)
+    ids = torch.full((n, max_length), int(pad if pad is not None else 0), dtype=torch.long)
+    attn = torch.zeros((n, max_length), dtype=torch.long)
+    for row, (prompt, completion) in enumerate(pairs):
+        p_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if not p_ids or len(p_ids) > prompt_width:
+            raise KDistillError(f"{where}, row {row + 1}: the prompt has {len(p_ids)} tokens, expected 1 to "
+                                f"data.prompt_tokens = {prompt_width}. Fix: raise prompt_tokens (block_length "
+                                f"{max_length} holds prompt and completion) or shorten the prompt.")
+        c_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"]) + ([eos] if eos is not None else [])
+        c_ids = c_ids[: max_length - prompt_width]
+        ids[row, prompt_width - len(p_ids):prompt_width] = torch.tensor(p_ids)
+        attn[row, prompt_width - len(p_ids):prompt_width] = 1
+        ids[row, prompt_width:prompt_width + len(c_ids)] = torch.tensor(c_ids, dtype=torch.long)
+        attn[row, prompt_width:prompt_width + len(c_ids)] = 1
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    counts = attn[:, 1:].bool()
+    counts[:, : prompt_width - 1] = False  # the prompt is context, not a target
+    labels[:, :-1] = torch.where(counts, ids[:, 1:], torch.full_like(ids[:, 1:], IGNORE_INDEX))
+    return {"input_ids": ids, "attention_mask": attn, "labels": labels, "mask": label_mask(labels),
+            "prompt_length": torch.full((n,), prompt_width, dtype=torch.long)}

@@ -42,19 +42,28 @@ from ..registry import METHODS
 from .base import Method, ModelOutput, require_teacher
 
 
-def continuation_batch(input_ids: Tensor, prompt_length: int, pad_id: int | None = None) -> dict[str, Tensor]:
-    """Labels / mask for a (prompt + continuation) batch: position ``i`` predicts token ``i + 1`` and counts
-    when that token belongs to the continuation (and is not padding)."""
+def continuation_batch(input_ids: Tensor, prompt_length: int, pad_id: int | None = None, *,
+                       prompt_mask: Tensor | None = None, eos_id: int | None = None) -> dict[str, Tensor]:
+    """Labels / mask for a (prompt + continuation) batch: position ``i`` predicts token ``i + 1`` and counts when
+    that token belongs to the continuation. With ``eos_id`` the continuation ends at its first EOS (which counts:
+    the student learns to stop) and what follows is padding; ``prompt_mask`` marks the real tokens of left-padded
+    prompts. Without ``eos_id``, continuation tokens equal to ``pad_id`` do not count."""
     B, Lt = input_ids.shape
-    labels = torch.full_like(input_ids, IGNORE_INDEX)
-    labels[:, :-1] = input_ids[:, 1:]
-    pos = torch.arange(Lt, device=input_ids.device).unsqueeze(0).expand(B, Lt)
-    labels = torch.where(pos >= prompt_length - 1, labels, torch.full_like(labels, IGNORE_INDEX))
-    if pad_id is not None:
-        labels = torch.where(labels == pad_id, torch.full_like(labels, IGNORE_INDEX), labels)
+    P = int(prompt_length)
     attn = torch.ones_like(input_ids)
+    if prompt_mask is not None:
+        attn[:, :P] = prompt_mask.to(attn.dtype)
+    if eos_id is not None:
+        is_eos = (input_ids[:, P:] == eos_id).long()
+        attn[:, P:] = ((is_eos.cumsum(1) - is_eos) == 0).long()  # up to and including the first EOS
+    pos = torch.arange(Lt, device=input_ids.device).unsqueeze(0).expand(B, Lt)
+    counts = (pos[:, :-1] >= P - 1) & (attn[:, 1:] == 1)
+    if eos_id is None and pad_id is not None:
+        counts &= input_ids[:, 1:] != pad_id
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[:, :-1] = torch.where(counts, input_ids[:, 1:], torch.full_like(labels[:, :-1], IGNORE_INDEX))
     return {"input_ids": input_ids, "attention_mask": attn, "labels": labels, "mask": label_mask(labels),
-            "prompt_length": torch.full((B,), prompt_length, dtype=torch.long, device=input_ids.device)}
+            "prompt_length": torch.full((B,), P, dtype=torch.long, device=input_ids.device)}
 
 
 @METHODS.register("gkd")
@@ -95,7 +104,7 @@ class GKD(Method):
         if "prompt_length" not in batch:
             raise KDistillError("gkd: the batch has no 'prompt_length'; expected (prompt + continuation) batches "
                                 "from the llm task's prompt data (data.prompt_tokens > 0).")
-        on_policy = self.draw_coin()
+        on_policy = self.draw_coin() or not bool(batch["mask"].any())  # nothing to learn off-policy: generate
         self.log("on_policy", float(on_policy))
         if not on_policy:
             return batch
@@ -109,17 +118,21 @@ class GKD(Method):
         ids = batch["input_ids"]
         new = self.max_new_tokens or (ids.shape[1] - P)
         prompt = ids[:, :P]
+        prompt_mask = batch["attention_mask"][:, :P] if "attention_mask" in batch else torch.ones_like(prompt)
+        fill = pad_id if pad_id is not None else eos_id
         was = student.training
         student.eval()
-        try:
-            gen = student.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
-                                   temperature=self.sampling_temperature, top_k=0, top_p=1.0,
-                                   max_new_tokens=new, min_new_tokens=new,
-                                   pad_token_id=pad_id if pad_id is not None else eos_id)
+        try:  # sampled until EOS (or ``new`` tokens): the student learns where to stop, not only what to say
+            stop = {"eos_token_id": eos_id} if eos_id is not None else {"min_new_tokens": new}  # no EOS: full length
+            gen = student.generate(input_ids=prompt, attention_mask=prompt_mask, do_sample=True,
+                                   temperature=self.sampling_temperature, top_k=0, top_p=1.0, max_new_tokens=new,
+                                   pad_token_id=fill, **stop)
         finally:
             student.train(was)
+        if gen.shape[1] < P + new:  # every sequence stopped early: keep the batch's width
+            gen = torch.cat([gen, gen.new_full((gen.shape[0], P + new - gen.shape[1]), int(fill or 0))], 1)
         out = dict(batch)
-        out.update(continuation_batch(gen, P))
+        out.update(continuation_batch(gen, P, pad_id, prompt_mask=prompt_mask, eos_id=eos_id))
         return out
 
     def forward(self, student: ModelOutput, teacher: ModelOutput | None, batch: dict[str, Any]) -> dict[str, Tensor]:

@@ -95,6 +95,8 @@ class LMDataSpec(FileSource):
     texts: list[str] = []
     text_column: str = "text"
     messages_column: str | None = None
+    prompt_column: str | None = None
+    completion_column: str | None = None
     block_length: int = 128
     train_tokens: int = 200_000
     eval_tokens: int = 4_096
@@ -111,9 +113,16 @@ class LMDataSpec(FileSource):
 
     @model_validator(mode="after")
     def _chat(self) -> LMDataSpec:
-        if self.messages_column is not None and (self.prompt_tokens or self.sequence_kd is not None):
+        if self.messages_column is not None and (self.prompt_tokens or self.sequence_kd is not None
+                                                 or self.prompt_column is not None):
             raise ValueError("data.messages_column trains on the assistant turns of each conversation; "
-                             "prompt_tokens and sequence_kd apply to text blocks (text_column). Remove them.")
+                             "prompt_tokens, prompt_column and sequence_kd apply to other data. Remove them.")
+        if (self.prompt_column is None) != (self.completion_column is None):
+            raise ValueError("data.prompt_column and data.completion_column go together: (prompt, completion) rows, "
+                             "the completion being what the student learns (and what held-out perplexity measures)")
+        if self.prompt_column is not None and (self.prompt_tokens < 1 or self.sequence_kd is not None):
+            raise ValueError("data.prompt_column: set data.prompt_tokens (the longest prompt, in tokens; prompts are "
+                             "left-padded to it); sequence_kd does not take prompt rows yet (remove it)")
         return self
 
 
@@ -261,15 +270,22 @@ def _file_corpus(spec: LMDataSpec) -> tuple[list[Any], list[Any]]:
     from ..data.files import load_rows
     from ..data.lm import check_conversation
 
-    column = spec.messages_column or spec.text_column
+    column = spec.messages_column or spec.prompt_column or spec.text_column
     rows = load_rows(files=spec.files, format=spec.format, hf_dataset=spec.hf_dataset,
-                     validation_fraction=spec.eval_fraction, test_fraction=0.0, seed=0, columns=[column])
+                     validation_fraction=spec.eval_fraction, test_fraction=0.0, seed=0,
+                     columns=[column, spec.completion_column])
     out = []
     for split in ("train", "validation"):
         items = []
         for i, row in enumerate(rows[split], start=1):
             where = f"data ({split} split), row {i}, column {column!r}"
-            if spec.messages_column is not None:
+            if spec.prompt_column is not None:
+                pair = (row[spec.prompt_column], row[spec.completion_column])
+                if not all(isinstance(x, str) for x in pair):
+                    raise KDistillError(f"{where}: got prompt {pair[0]!r} and completion {pair[1]!r}, expected two "
+                                        "texts.")
+                items.append(pair)
+            elif spec.messages_column is not None:
                 items.append(check_conversation(row[column], where))
             elif not isinstance(row[column], str):
                 raise KDistillError(f"{where}: got {type(row[column]).__name__}, expected a text string. For chat "
@@ -282,19 +298,26 @@ def _file_corpus(spec: LMDataSpec) -> tuple[list[Any], list[Any]]:
 
 def texts_of(items: list[Any]) -> list[str]:
     """Plain texts of corpus items (a conversation's turns are joined), e.g. to train a tiny tokenizer on."""
-    return [x if isinstance(x, str) else "\n".join(m["content"] for m in x) for x in items]
+    return [x if isinstance(x, str) else " ".join(x) if isinstance(x, tuple) else "\n".join(m["content"] for m in x)
+            for x in items]
 
 
 def held_out_tensors(cfg: LLMConfig, tok: Any, train_items: list[Any], eval_items: list[Any]
                      ) -> tuple[Tensor | None, dict[str, Tensor], dict[str, Tensor] | None]:
     """``(train_blocks, eval_tensors, train_tensors)``: packed blocks of text (``train_tensors`` None), or for chat
     data no blocks and padded conversations with labels on the assistant tokens."""
+    L = cfg.data.block_length
     if cfg.data.messages_column is not None:
         from ..data.lm import chat_tensors
 
-        L = cfg.data.block_length
         return (None, chat_tensors(tok, eval_items, max_length=L, where="data (validation split)"),
                 chat_tensors(tok, train_items, max_length=L, where="data (train split)"))
+    if cfg.data.prompt_column is not None:
+        from ..data.lm import prompt_tensors
+
+        P = cfg.data.prompt_tokens
+        return (None, prompt_tensors(tok, eval_items, prompt_width=P, max_length=L, where="data (validation split)"),
+                prompt_tensors(tok, train_items, prompt_width=P, max_length=L, where="data (train split)"))
     train_blocks, eval_blocks = token_blocks(cfg, tok, train_items, eval_items)
     return train_blocks, lm_tensors(eval_blocks), None
 
@@ -390,6 +413,8 @@ def generation_prompt(tokenizer: Any, item: Any, prompt_words: int) -> str:
     assistant turn, formatted by the chat template with the generation prompt."""
     if isinstance(item, str):
         return " ".join(item.split()[:prompt_words])
+    if isinstance(item, tuple):  # (prompt, completion)
+        return item[0]
     first = next(i for i, m in enumerate(item) if m["role"] == "assistant")
     return tokenizer.apply_chat_template(item[:first], tokenize=False, add_generation_prompt=True)
 
@@ -558,7 +583,8 @@ def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
     phases["student"] = phase("student", cfg.method)
 
     report = evaluate_phases(cfg, teacher, tok, phases, eval_t, eval_items)
-    report["data"] = {"name": cfg.data.name, "format": "chat" if train_t is not None else "text",
+    report["data"] = {"name": cfg.data.name, "format": ("chat" if cfg.data.messages_column else "prompts"
+                                                        if cfg.data.prompt_column else "text"),
                       "train_tokens": int(train_blocks.numel()) if train_blocks is not None
                       else int(train_t["mask"].sum()),
                       "eval_tokens": int(eval_t["mask"].sum()), "block_length": cfg.data.block_length,
@@ -591,7 +617,7 @@ def training_set(cfg: LLMConfig, tok: Any, teacher: nn.Module, train_blocks: Ten
                                  pad_id=tok.pad_token_id)
         seq_blocks = torch.tensor([r["prompt_ids"] + r["completion_ids"] for r in records], dtype=torch.long)
         return lm_dataset(seq_blocks, prompt_length=P), {"store": str(store), "sequences": len(records)}
-    if train_t is not None:  # chat: padded conversations, loss on the assistant tokens
+    if train_t is not None:  # chat or (prompt, completion) rows: padded, loss on the replies / completions
         return TensorDictDataset(**train_t), None
     return lm_dataset(train_blocks, prompt_length=cfg.data.prompt_tokens), None
 
