@@ -49,7 +49,8 @@ from kdistill import api  # noqa: E402
 from kdistill.eval.retrieval import mixed_retrieval, retrieval_metrics, sentences_per_second  # noqa: E402
 from kdistill.exporters.sentence_transformers import load_student, save_sentence_transformer  # noqa: E402
 from kdistill.students.encoders import count_params, layer_subset, load_sentence_encoder  # noqa: E402
-from kdistill.tasks.embedding import build_static, load_pairs, teacher_embeddings_cached  # noqa: E402
+from kdistill.tasks.embedding import build_static, load_pairs  # noqa: E402
+from kdistill.teachers.cache import cached_embeddings  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -196,7 +197,7 @@ def main() -> None:
     st_runs = {"st_mse_2layer"} | ({"st_mse_pairs_2layer"} if pair_weight > 0 else set())
     if st_runs - set(args.skip):
         init = save_sentence_transformer(layer_subset(teacher, [0, 5]), out / "st_mse_init")
-        targets = teacher_embeddings_cached(teacher, sentences, batch_size=args.eval_batch_size)  # cache hit
+        targets = cached_embeddings(teacher, sentences, batch_size=args.eval_batch_size)  # cache hit
         tr = recipe_2l.train
     if "st_mse_2layer" not in args.skip:
         log("sentence-transformers MSELoss")
@@ -247,8 +248,8 @@ def main() -> None:
     encoded: dict[str, tuple] = {}
     for name, m in models.items():
         if name == "teacher":  # the runs above cached exactly these teacher embeddings
-            q = teacher_embeddings_cached(teacher, queries, batch_size=args.eval_batch_size)
-            c = teacher_embeddings_cached(teacher, cands, batch_size=args.eval_batch_size)
+            q = cached_embeddings(teacher, queries, batch_size=args.eval_batch_size)
+            c = cached_embeddings(teacher, cands, batch_size=args.eval_batch_size)
         else:
             q = m.encode(queries, batch_size=args.eval_batch_size)
             c = m.encode(cands, batch_size=args.eval_batch_size)

@@ -23,9 +23,9 @@ from ..eval.metrics import agreement, classification_metrics, model_latency_ms
 from ..eval.report import write_report
 from ..exporters.classifier import load_classifier, save_classifier
 from ..io import cache_root, load_state_dict, seed_everything, write_json_atomic
-from ..methods.base import ModelOutput
 from ..models.classifiers import count_params, predict_logits
 from ..registry import DATASETS, METHODS, MODELS, TASKS
+from ..teachers.cache import teacher_logits_table
 from ..train.loop import fit, make_accelerator
 from .base import RunContext, Task
 
@@ -219,9 +219,8 @@ def _train_phase(name: str, *, cfg: ClassificationConfig, data: ClassificationDa
     if teacher is not None and method.needs_teacher and method.cacheable and augment is None \
             and not method.teacher_layers and cfg.teacher_cache:
         # The inputs never change and the method reads only logits: one teacher pass over the training set
-        # replaces a teacher forward at every step (the same values, since the teacher is frozen in eval mode).
-        table = predict_logits(teacher, data.x_train)
-        teacher_targets = lambda batch: ModelOutput(logits=table.to(batch["index"].device)[batch["index"]])  # noqa: E731
+        # replaces a teacher forward at every step.
+        teacher_targets = teacher_logits_table(teacher, data.x_train)
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
         return classification_metrics(predict_logits(m, data.x_val), data.y_val)

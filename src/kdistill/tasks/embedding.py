@@ -26,7 +26,7 @@ from ..data.text import Pair, kjv_pairs, pair_texts, retrieval_split, wordnet_pa
 from ..errors import KDistillError
 from ..eval.report import write_report
 from ..eval.retrieval import evaluate_encoder, retrieval_metrics
-from ..io import cache_root, load_state_dict, save_state_dict_atomic, seed_everything
+from ..io import cache_root, save_state_dict_atomic, seed_everything
 from ..methods.base import ModelOutput
 from ..registry import METHODS, TASKS
 from ..students.encoders import (
@@ -41,6 +41,7 @@ from ..students.encoders import (
     trim_padding,
 )
 from ..students.static import StaticEncoder, static_from_teacher
+from ..teachers.cache import cached_embeddings
 from ..train.loop import fit, make_accelerator
 from .base import RunContext, Task
 
@@ -66,7 +67,7 @@ def build_static(teacher: SentenceEncoder, *, corpus: list[str], dim: int | None
         student.projection = torch.nn.Linear(student.token_dim, teacher.embedding_dim)
         with torch.no_grad():
             if x is not None:
-                y = teacher_embeddings_cached(teacher, list(corpus)).double()
+                y = cached_embeddings(teacher, list(corpus)).double()
                 sol = torch.linalg.lstsq(torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1), y).solution
                 student.projection.weight.copy_(sol[:-1].T.float())
                 student.projection.bias.copy_(sol[-1].float())
@@ -337,26 +338,6 @@ def load_teacher(name: str) -> SentenceEncoder:
     return tiny_encoder(num_layers=4, seed=1) if name == "tiny" else load_sentence_encoder(name)
 
 
-def teacher_embeddings_cached(teacher: SentenceEncoder, sentences: list[str], *, batch_size: int = 64) -> torch.Tensor:
-    """``teacher.encode(sentences)``, cached under ``$KDISTILL_CACHE/teacher_embeddings`` by teacher
-    fingerprint and a hash of the sentence list (the method is ``cacheable``: later runs and other students
-    of the same teacher and data skip the teacher pass). Written atomically."""
-    import hashlib
-
-    from ..students.static import teacher_fingerprint
-
-    h = hashlib.sha256("\x1f".join(sentences).encode()).hexdigest()[:16]
-    path = cache_root() / "teacher_embeddings" / f"{teacher_fingerprint(teacher)}-{h}.safetensors"
-    if path.is_file():
-        emb = load_state_dict(path)["embeddings"]
-        if emb.shape[0] == len(sentences):
-            return emb
-    emb = teacher.encode(sentences, batch_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_state_dict_atomic(path, {"embeddings": emb.contiguous()})
-    return emb
-
-
 def _row_neighbours(t_train: torch.Tensor, k: int) -> torch.Tensor:
     """``(N, k)`` nearest training rows by the teacher: rows of ``(N, D)`` sentence embeddings, or of
     ``(N, 2, D)`` pairs keyed by the sum of the two unit vectors."""
@@ -432,8 +413,8 @@ def run_embedding(cfg: EmbeddingConfig, ctx: RunContext) -> dict[str, Any]:
 
         ProductQuantizer(int(student.embedding_dim), cfg.quantize.num_subspaces, cfg.quantize.num_centroids)
     throughput = [p.candidate for p in test][: cfg.eval.throughput_sentences]
-    t_test = (teacher_embeddings_cached(teacher, [p.query for p in test], batch_size=cfg.eval.batch_size),
-              teacher_embeddings_cached(teacher, [p.candidate for p in test], batch_size=cfg.eval.batch_size))
+    t_test = (cached_embeddings(teacher, [p.query for p in test], batch_size=cfg.eval.batch_size),
+              cached_embeddings(teacher, [p.candidate for p in test], batch_size=cfg.eval.batch_size))
     report: dict[str, Any] = {
         "recipe": cfg.name, "task": "embedding", "method": cfg.method.name if cfg.distill else ALONE,
         "seed": cfg.seed,
@@ -455,7 +436,7 @@ def run_embedding(cfg: EmbeddingConfig, ctx: RunContext) -> dict[str, Any]:
         if not ctx.resume and work.exists():
             shutil.rmtree(work)
         work.mkdir(parents=True, exist_ok=True)
-        t_train = teacher_embeddings_cached(teacher, sentences, batch_size=cfg.eval.batch_size)
+        t_train = cached_embeddings(teacher, sentences, batch_size=cfg.eval.batch_size)
         enc = teacher.tokenize(sentences, max_length=cfg.data.max_length)
         tensors = {k: v for k, v in enc.items()}
         width = tensors["input_ids"].shape[1]
@@ -524,11 +505,11 @@ def quantize_student(cfg: EmbeddingConfig, student: Any, teacher: SentenceEncode
     if q.max_train is not None and len(sentences) > q.max_train:
         keep = sorted(np.random.default_rng(cfg.seed).permutation(len(sentences))[: q.max_train].tolist())
     if cfg.distill:  # training cached the teacher's embeddings of every training text: take the subset's rows
-        t_train = teacher_embeddings_cached(teacher, sentences, batch_size=bs)[keep]
+        t_train = cached_embeddings(teacher, sentences, batch_size=bs)[keep]
         sentences = [sentences[i] for i in keep]
     else:
         sentences = [sentences[i] for i in keep]
-        t_train = teacher_embeddings_cached(teacher, sentences, batch_size=bs)
+        t_train = cached_embeddings(teacher, sentences, batch_size=bs)
     with torch.no_grad():
         s_train = student.encode(sentences, bs)
         s_q, s_c = student.encode([p.query for p in test], bs), student.encode([p.candidate for p in test], bs)

@@ -1,4 +1,10 @@
-"""Offline teacher cache for language models: per-token top-k log-probs, sharded, verified, resumable.
+"""Every offline teacher target kdistill keeps, in one module:
+
+* :func:`teacher_logits_table` -- a classifier teacher's logits over fixed training inputs, computed once and
+  looked up by example index (in memory, for a run);
+* :func:`cached_embeddings` -- a sentence encoder's embeddings of a text list, on disk by teacher fingerprint
+  and text hash (reused across runs and students);
+* the language-model cache below: per-token top-k log-probs, sharded, verified, resumable.
 
 Layout of a cache directory::
 
@@ -50,8 +56,42 @@ from torch import Tensor, nn
 
 from ..data.lm import IGNORE_INDEX, label_mask
 from ..errors import KDistillError
-from ..io import save_state_dict_atomic, write_json_atomic
+from ..io import cache_root, load_state_dict, save_state_dict_atomic, write_json_atomic
 from ..losses.topk import teacher_topk
+
+# ------------------------------------------------------------------------------ classifier logits, embeddings
+
+
+def teacher_logits_table(teacher: nn.Module, inputs: Tensor) -> Callable[[dict[str, Any]], Any]:
+    """``teacher_targets`` for :func:`kdistill.train.loop.fit` when the inputs never change and the method reads
+    only logits: one pass of the frozen teacher over ``inputs`` (the same values as a teacher forward at every
+    step, since the teacher is in eval mode), then each batch looks its rows up by ``batch["index"]``."""
+    from ..methods.base import ModelOutput
+    from ..models.classifiers import predict_logits
+
+    table = predict_logits(teacher, inputs)
+    return lambda batch: ModelOutput(logits=table.to(batch["index"].device)[batch["index"]])
+
+
+def cached_embeddings(teacher: Any, sentences: list[str], *, batch_size: int = 64) -> Tensor:
+    """``teacher.encode(sentences)``, cached under ``$KDISTILL_CACHE/teacher_embeddings`` by teacher fingerprint
+    and a hash of the sentence list (later runs and other students of the same teacher and data skip the teacher
+    pass). Written atomically; a file for another number of sentences is recomputed."""
+    from ..students.static import teacher_fingerprint
+
+    h = hashlib.sha256("\x1f".join(sentences).encode()).hexdigest()[:16]
+    path = cache_root() / "teacher_embeddings" / f"{teacher_fingerprint(teacher)}-{h}.safetensors"
+    if path.is_file():
+        emb = load_state_dict(path)["embeddings"]
+        if emb.shape[0] == len(sentences):
+            return emb
+    emb = teacher.encode(sentences, batch_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_state_dict_atomic(path, {"embeddings": emb.contiguous()})
+    return emb
+
+
+# ----------------------------------------------------------------------------------- language-model top-k
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
