@@ -456,17 +456,17 @@ def open_cache(cache_dir: str | Path, *, tokenizer: Any, train_blocks: Tensor, t
     """The top-k cache in ``cache_dir``, refused unless it was written for this tokenizer, data, teacher (its
     fingerprint: config plus a strided sample and sum of every weight, milliseconds) and ``identity`` (the
     method's :meth:`~kdistill.methods.base.Method.cache_identity` and the teacher's name)."""
-    from ..teachers.cache import TopKCache, data_hash, model_fingerprint, tokenizer_hash
+    from ..teachers.cache import TopKCache, data_hash, expected_identity, model_fingerprint, tokenizer_hash
 
-    expect = {"tokenizer_hash": tokenizer_hash(tokenizer), "k": k, "kd_temperature": 1.0, "dtype": dtype,
+    expect = {"tokenizer_hash": tokenizer_hash(tokenizer), "k": k, "dtype": dtype,
               "data_hash": data_hash(train_blocks.tolist()), "teacher_fingerprint": model_fingerprint(teacher),
-              **identity}
+              **expected_identity(identity)}
     return TopKCache(cache_dir, expect=expect)
 
 
 def write_cache(cfg: LLMConfig, output: Path | None = None, *, progress: bool = True) -> Path:
     """Run the teacher once over the training blocks and store its top-k targets (resumable)."""
-    from ..teachers.cache import model_fingerprint, tokenizer_hash, write_topk_cache
+    from ..teachers.cache import model_fingerprint, targets_temperature, tokenizer_hash, write_topk_cache
 
     if cfg.cache is None and output is None:
         raise KDistillError("cache: the recipe has no `cache:` section and no --output was given; expected one "
@@ -476,7 +476,7 @@ def write_cache(cfg: LLMConfig, output: Path | None = None, *, progress: bool = 
     train_texts, eval_texts = corpus(cfg)
     teacher, tok = load_teacher(cfg, texts_of(train_texts))
     train_blocks, _ = token_blocks(cfg, tok, train_texts, eval_texts)
-    kd_t = float(METHODS.get(cfg.method.name)(**cfg.method.kwargs).cache_identity().get("kd_temperature", 1.0))
+    kd_t = targets_temperature(METHODS.get(cfg.method.name)(**cfg.method.kwargs).cache_identity())
 
     def teacher_fn(ids: Tensor, attn: Tensor) -> Tensor:
         return teacher(input_ids=ids, attention_mask=attn).logits
@@ -529,8 +529,9 @@ def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
         return ModelOutput(logits if plan.is_identity else plan.align_teacher(logits))
 
     if main_method.fused_head and not plan.is_identity:
-        raise KDistillError(f"method {cfg.method.name!r} with a fused head (fused: true) needs identical teacher and "
-                            "student vocabularies (no padded rows); set fused: false.")
+        raise KDistillError(f"method {cfg.method.name!r} as configured reads the student's hidden states and LM "
+                            "head (a fused head), which needs identical teacher and student vocabularies (no padded "
+                            "rows); configure it without the fused head.")
 
     def student_forward_for(method: Any):
         def student_forward(model: nn.Module, batch: dict[str, Any]) -> Tensor | ModelOutput:
@@ -539,10 +540,6 @@ def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
             logits = hf_forward(model, batch)
             return logits if plan.is_identity else plan.align_student(logits)
         return student_forward
-
-    def targets(batch: dict[str, Any]) -> ModelOutput:
-        return ModelOutput(None, extra={"topk_logprobs": batch["topk_logprobs"], "topk_indices": batch["topk_indices"],
-                                        "log_residual": batch["log_residual"], "kd_temperature": cache.kd_temperature})
 
     def evaluate(m: nn.Module) -> dict[str, float]:
         return lm_metrics(m, eval_t, batch_size=cfg.eval.batch_size)
@@ -565,7 +562,7 @@ def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
         res = fit(student=student, method=method, train_loader=base_loader if name == "baseline" else loader,
                   accelerator=accelerator,
                   teacher=teacher if uses_teacher and cache is None else None,
-                  teacher_targets=targets if uses_teacher and cache is not None else None,
+                  teacher_targets=cache.targets if uses_teacher and cache is not None else None,
                   student_forward=student_forward_for(method), teacher_forward=teacher_forward, augment=augment,
                   evaluate=evaluate, output_dir=work, resume=ctx.resume, phase=name, progress=ctx.progress,
                   seed=cfg.seed, **cfg.train.model_dump(exclude={"batch_size", "mixed_precision"}))

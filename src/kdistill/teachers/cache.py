@@ -93,6 +93,17 @@ def cached_embeddings(teacher: Any, sentences: list[str], *, batch_size: int = 6
 
 # ----------------------------------------------------------------------------------- language-model top-k
 
+
+def targets_temperature(identity: Mapping[str, Any]) -> float:
+    """The temperature top-k targets are stored at, from a method's ``cache_identity()`` (1 when it names none)."""
+    return float(identity.get("kd_temperature", 1.0))
+
+
+def expected_identity(identity: Mapping[str, Any]) -> dict[str, Any]:
+    """What a cache's manifest must hold for a method's ``cache_identity()``: it, with the temperature explicit."""
+    return {**identity, "kd_temperature": targets_temperature(identity)}
+
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -382,6 +393,14 @@ class TopKCache:
     @property
     def kd_temperature(self) -> float:
         return float(self.manifest["kd_temperature"])
+
+    def targets(self, batch: Mapping[str, Any]) -> Any:
+        """The teacher output of a batch built by :meth:`collate`: its top-k targets and the temperature they
+        were stored at (a method checks it against its own)."""
+        from ..methods.base import ModelOutput
+
+        return ModelOutput(None, extra={"topk_logprobs": batch["topk_logprobs"], "topk_indices": batch["topk_indices"],
+                                        "log_residual": batch["log_residual"], "kd_temperature": self.kd_temperature})
 
     def __len__(self) -> int:
         return len(self._index)
