@@ -48,27 +48,38 @@ def _check_temperature(kd_temperature: float) -> None:
         raise KDistillError(f"kd_temperature: got {kd_temperature!r}, expected a positive number.")
 
 
-def _raise_if_infinite(values: Tensor, log_weight: Tensor, log_other: Tensor, name: str, weight: str,
-                       other: str) -> None:
-    """Raise a clear error if a KL-type value is non-finite: ``log_weight`` is the log-distribution that weights
-    the sum (teacher for forward KL, student for reverse KL), ``log_other`` the one inside the log."""
-    if bool(torch.isfinite(values).all()):
-        return
-    bad = (~torch.isfinite(values)).nonzero()[0]
-    pos = tuple(int(i) for i in bad)
-    lw, lo = log_weight[pos].detach(), log_other[pos].detach()
+def _infinite_error(name: str, pos: tuple[int, ...], log_weight: Tensor, log_other: Tensor, weight: str,
+                    other: str) -> KDistillError:
+    """The error for a non-finite KL at ``pos``, given the two log-distributions ``(V,)`` of that position:
+    ``log_weight`` weights the sum (teacher for forward KL, student for reverse KL), ``log_other`` is inside the log."""
+    lw, lo = log_weight.detach(), log_other.detach()
     hit = (torch.isfinite(lw) & torch.isneginf(lo)).nonzero()
     where = f"position {pos if len(pos) > 1 else pos[0]}"
     if len(hit) == 0:
-        raise KDistillError(f"{name}: got a non-finite value at {where} (NaN or inf in the {weight} or {other} "
-                            "logits); expected finite logits, or -inf for entries both models exclude.")
+        return KDistillError(f"{name}: got a non-finite value at {where} (NaN or inf in the {weight} or {other} "
+                             "logits); expected finite logits, or -inf for entries both models exclude.")
     v = int(hit[0])
-    raise KDistillError(
+    return KDistillError(
         f"{name}: the divergence is infinite at {where}: vocabulary entry {v} has probability "
         f"{float(lw[v].exp()):.3g} under the {weight} but a -inf logit for the {other}. Expected -inf entries to be "
         f"shared by both models. Fix: set the same entries to -inf in the {weight} logits (e.g. "
         "kdistill.teachers.vocab.VocabAlignment), or use a divergence that stays finite there (generalized_jsd "
         "with 0 < beta < 1, skew_kl / skew_reverse_kl with skew > 0, tvd).")
+
+
+def _first_non_finite(values: Tensor) -> tuple[int, ...] | None:
+    """The index of the first non-finite value (one host sync), or None when all are finite."""
+    if bool(torch.isfinite(values).all()):
+        return None
+    return tuple(int(i) for i in (~torch.isfinite(values)).nonzero()[0])
+
+
+def _raise_if_infinite(values: Tensor, log_weight: Tensor, log_other: Tensor, name: str, weight: str,
+                       other: str) -> None:
+    """Raise :func:`_infinite_error` at the first non-finite value of a KL-type loss."""
+    pos = _first_non_finite(values)
+    if pos is not None:
+        raise _infinite_error(name, pos, log_weight[pos], log_other[pos], weight, other)
 
 
 #: Power of ``kd_temperature`` that keeps each divergence's gradient scale independent of the temperature
@@ -126,16 +137,13 @@ def _kl_parts(student_logits: Tensor, teacher_logits: Tensor, t: float) -> tuple
 
 
 def _check_forward_kl(kl: Tensor, student_logits: Tensor, teacher_logits: Tensor, t: float) -> None:
-    """One finiteness check per call; on failure, the offending row's error (see :func:`_raise_if_infinite`)."""
-    if bool(torch.isfinite(kl).all()):
-        return
-    pos = tuple(int(i) for i in (~torch.isfinite(kl)).nonzero()[0])
-    ls = F.log_softmax(student_logits[pos].float() / t, dim=-1)
-    lt = F.log_softmax(teacher_logits[pos].float() / t, dim=-1)
-    try:
-        _raise_if_infinite(kl[pos].reshape(1), lt.unsqueeze(0), ls.unsqueeze(0), "forward_kl", "teacher", "student")
-    except KDistillError as e:
-        raise KDistillError(str(e).replace("at position 0", f"at position {pos if len(pos) > 1 else pos[0]}")) from None
+    """One finiteness check per call; on failure, the offending row's error (the blocked path keeps no log-probs,
+    so that row's are recomputed)."""
+    pos = _first_non_finite(kl)
+    if pos is not None:
+        ls = F.log_softmax(student_logits[pos].float() / t, dim=-1)
+        lt = F.log_softmax(teacher_logits[pos].float() / t, dim=-1)
+        raise _infinite_error("forward_kl", pos, lt, ls, "teacher", "student")
 
 
 class _ForwardKL(torch.autograd.Function):

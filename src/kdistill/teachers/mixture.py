@@ -11,6 +11,15 @@ from torch import Tensor, nn
 from ..errors import KDistillError
 
 
+def mix_log_probs(logits: Sequence[Tensor], weights: Tensor) -> Tensor:
+    """``log sum_k w_k softmax(z_k)`` over the last axis, in fp32: the log of the teachers' weighted mixture."""
+    logps = [F.log_softmax(z.float(), dim=-1) for z in logits]
+    widths = {lp.shape[-1] for lp in logps}
+    if len(widths) != 1:
+        raise KDistillError(f"TeacherMixture: the teachers predict {sorted(widths)} classes; expected the same.")
+    return torch.logsumexp(torch.stack(logps, 0) + weights.log().view(-1, *([1] * logps[0].dim())), 0)
+
+
 class TeacherMixture(nn.Module):
     """Frozen teachers ``k`` with weights ``w_k`` (normalised to sum to 1) returning the log of their mixture,
     ``log sum_k w_k softmax(z_k)``, as logits ``(B, C)``: every logit-based method then distils the mean of the
@@ -29,12 +38,7 @@ class TeacherMixture(nn.Module):
         self.register_buffer("weights", w / w.sum())
 
     def forward(self, x: Tensor) -> Tensor:
-        logps = [F.log_softmax(t(x).float(), dim=-1) for t in self.teachers]
-        widths = {lp.shape[-1] for lp in logps}
-        if len(widths) != 1:
-            raise KDistillError(f"TeacherMixture: the teachers predict {sorted(widths)} classes; expected the same.")
-        stacked = torch.stack(logps, 0) + self.weights.log().view(-1, *([1] * logps[0].dim()))
-        return torch.logsumexp(stacked, 0)
+        return mix_log_probs([t(x) for t in self.teachers], self.weights)
 
 
 class LMTeacherMixture(nn.Module):
@@ -69,10 +73,8 @@ class LMTeacherMixture(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **_: object) -> object:
         from types import SimpleNamespace
 
-        logps = [F.log_softmax(t(input_ids=input_ids, attention_mask=attention_mask).logits.float(), dim=-1)
-                 for t in self.mixture.teachers]
-        w = self.mixture.weights.log().view(-1, *([1] * logps[0].dim()))
-        return SimpleNamespace(logits=torch.logsumexp(torch.stack(logps, 0) + w, 0))
+        logits = [t(input_ids=input_ids, attention_mask=attention_mask).logits for t in self.mixture.teachers]
+        return SimpleNamespace(logits=mix_log_probs(logits, self.mixture.weights))
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, max_new_tokens: int = 16,
