@@ -213,8 +213,7 @@ def _evaluate_run(run_dir: Path, given: Path) -> dict[str, Any]:
         from .teachers.lm import load_causal_lm
 
         model, tok = load_causal_lm(str(student_dir))
-        train_items, eval_items = corpus(cfg)
-        held = held_out_tensors(cfg, tok, train_items, eval_items)[1]
+        held = held_out_tensors(cfg, tok, None, corpus(cfg)[1])[1]  # the held-out rows alone
         metrics = lm_metrics(model, held, batch_size=cfg.eval.batch_size)
         return {"checkpoint": str(student_dir), "task": task, "metrics": metrics,
                 "params": sum(p.numel() for p in model.parameters()), "held_out_tokens": int(held["mask"].sum())}

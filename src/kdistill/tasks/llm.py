@@ -302,33 +302,37 @@ def texts_of(items: list[Any]) -> list[str]:
             for x in items]
 
 
-def held_out_tensors(cfg: LLMConfig, tok: Any, train_items: list[Any], eval_items: list[Any]
+def row_tensors(cfg: LLMConfig, tok: Any, items: list[Any], split: str) -> dict[str, Tensor]:
+    """Padded LM tensors of chat conversations or (prompt, completion) rows, labels on what the student learns."""
+    from ..data.lm import chat_tensors, prompt_tensors
+
+    L, where = cfg.data.block_length, f"data ({split} split)"
+    if cfg.data.messages_column is not None:
+        return chat_tensors(tok, items, max_length=L, where=where)
+    return prompt_tensors(tok, items, prompt_width=cfg.data.prompt_tokens, max_length=L, where=where)
+
+
+def held_out_tensors(cfg: LLMConfig, tok: Any, train_items: list[Any] | None, eval_items: list[Any]
                      ) -> tuple[Tensor | None, dict[str, Tensor], dict[str, Tensor] | None]:
     """``(train_blocks, eval_tensors, train_tensors)``: packed blocks of text (``train_tensors`` None), or for chat
-    data no blocks and padded conversations with labels on the assistant tokens."""
-    L = cfg.data.block_length
-    if cfg.data.messages_column is not None:
-        from ..data.lm import chat_tensors
-
-        return (None, chat_tensors(tok, eval_items, max_length=L, where="data (validation split)"),
-                chat_tensors(tok, train_items, max_length=L, where="data (train split)"))
-    if cfg.data.prompt_column is not None:
-        from ..data.lm import prompt_tensors
-
-        P = cfg.data.prompt_tokens
-        return (None, prompt_tensors(tok, eval_items, prompt_width=P, max_length=L, where="data (validation split)"),
-                prompt_tensors(tok, train_items, prompt_width=P, max_length=L, where="data (train split)"))
+    and prompt rows no blocks and padded rows. ``train_items`` None builds the held-out tensors alone."""
+    if cfg.data.messages_column is not None or cfg.data.prompt_column is not None:
+        train_t = row_tensors(cfg, tok, train_items, "train") if train_items is not None else None
+        return None, row_tensors(cfg, tok, eval_items, "validation"), train_t
+    if train_items is None:
+        return None, lm_tensors(_blocks(cfg, tok, eval_items, cfg.data.eval_tokens)), None
     train_blocks, eval_blocks = token_blocks(cfg, tok, train_items, eval_items)
     return train_blocks, lm_tensors(eval_blocks), None
 
 
 def token_blocks(cfg: LLMConfig, tok: Any, train_texts: list[str], eval_texts: list[str]) -> tuple[Tensor, Tensor]:
+    """(training blocks, held-out blocks) of ``block_length`` tokens, within the recipe's token budgets."""
+    return _blocks(cfg, tok, train_texts, cfg.data.train_tokens), _blocks(cfg, tok, eval_texts, cfg.data.eval_tokens)
+
+
+def _blocks(cfg: LLMConfig, tok: Any, texts: list[str], tokens: int) -> Tensor:
     L = cfg.data.block_length
-    eos = tok.eos_token_id
-    train = pack_blocks(tokenize_texts(tok, train_texts), L, eos_id=eos,
-                        max_blocks=max(1, cfg.data.train_tokens // L))
-    held = pack_blocks(tokenize_texts(tok, eval_texts), L, eos_id=eos, max_blocks=max(1, cfg.data.eval_tokens // L))
-    return train, held
+    return pack_blocks(tokenize_texts(tok, texts), L, eos_id=tok.eos_token_id, max_blocks=max(1, tokens // L))
 
 
 def hf_forward(model: nn.Module, batch: dict[str, Any]) -> Tensor:
