@@ -256,12 +256,8 @@ def fit(
     _setup_method(student, method, train_loader, student_forward, teacher_fn, device)
     step_module, opt, loader = _prepare(accelerator, DistillStep(student, method, student_forward), train_loader,
                                         optimizer=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum)
-    steps_per_epoch = math.ceil(len(loader) / grad_accum)
-    total_steps = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
-    # The scheduler is stepped by us once per optimizer step (not prepared: Accelerate would step it once
-    # per process).
-    sched = build_scheduler(opt, schedule=schedule, total_steps=total_steps, warmup_steps=warmup_steps,
-                            step_size=step_size, gamma=gamma, steps_per_epoch=steps_per_epoch)
+    total_steps, sched = _schedule(opt, len(loader), grad_accum=grad_accum, epochs=epochs, max_steps=max_steps,
+                                   schedule=schedule, warmup_steps=warmup_steps, step_size=step_size, gamma=gamma)
     inner = accelerator.unwrap_model(step_module)
     aug_rng = np.random.default_rng([int(seed), accelerator.process_index, 7])
     out_dir = Path(output_dir) if output_dir is not None else None
@@ -284,17 +280,6 @@ def fit(
             pos.history.append({"step": pos.step, "epoch": epoch, **_evaluated(inner.student, evaluate)})
             log.eval_row(pos.history[-1])
 
-    def do_checkpoint(epoch: int, batch_in_epoch: int) -> None:
-        if accelerator.is_main_process:
-            ckpt.save(pos.step, {
-                "student": inner.student.state_dict(), "method": inner.method.state_dict(),
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state(),
-                "aug_rng": aug_rng.bit_generator.state, "step": pos.step, "epoch": epoch,
-                "batch_in_epoch": batch_in_epoch, "history": pos.history,
-                "elapsed": pos.elapsed + time.perf_counter() - t0,
-            })
-        accelerator.wait_for_everyone()
-
     step_module.train()
     try:
         for epoch in range(pos.epoch, epochs):
@@ -309,12 +294,7 @@ def fit(
                 # ---- one optimizer step over the window --------------------------------------------
                 terms = _window_step(window, accelerator, step_module, teacher_fn, augment, aug_rng, autocast,
                                      check_finite=check_finite, phase=phase, step=pos.step)
-                if max_grad_norm is not None:
-                    terms["grad_norm"] = accelerator.clip_grad_norm_(step_module.parameters(),
-                                                                     max_grad_norm).detach().float()
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
+                _optimizer_step(accelerator, step_module, opt, sched, terms, max_grad_norm=max_grad_norm)
                 window = []
                 pos.step += 1
                 log.add(terms, inner.method.pop_metrics())
@@ -328,7 +308,8 @@ def fit(
                     do_eval(epoch)
                 if ckpt is not None and ((checkpoint_every and pos.step % checkpoint_every == 0)
                                          or (not checkpoint_every and end_of_epoch) or last):
-                    do_checkpoint(epoch, n_in_epoch)
+                    _save_checkpoint(accelerator, ckpt, inner, opt, sched, aug_rng, pos, epoch, n_in_epoch,
+                                     elapsed=pos.elapsed + time.perf_counter() - t0)
                 log.progress(pos.step)
                 if last:
                     break
@@ -338,6 +319,39 @@ def fit(
         do_eval(epochs - 1)
     return FitResult(student=inner.student, method=inner.method, history=pos.history, steps=pos.step,
                      seconds=pos.elapsed + time.perf_counter() - t0)
+
+
+def _schedule(opt: Any, batches_per_epoch: int, *, grad_accum: int, epochs: int, max_steps: int | None,
+              **schedule: Any) -> tuple[int, Any]:
+    """``(total optimizer steps, scheduler)``. The scheduler is stepped by the loop once per optimizer step (not
+    prepared: Accelerate would step it once per process)."""
+    steps_per_epoch = math.ceil(batches_per_epoch / grad_accum)
+    total_steps = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
+    return total_steps, build_scheduler(opt, total_steps=total_steps, steps_per_epoch=steps_per_epoch, **schedule)
+
+
+def _optimizer_step(accelerator: Any, step_module: Any, opt: Any, sched: Any, terms: dict[str, Tensor], *,
+                    max_grad_norm: float | None) -> None:
+    """Clip (recording the norm in ``terms``), step the optimizer and the scheduler, clear the gradients."""
+    if max_grad_norm is not None:
+        terms["grad_norm"] = accelerator.clip_grad_norm_(step_module.parameters(), max_grad_norm).detach().float()
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _save_checkpoint(accelerator: Any, ckpt: CheckpointManager, inner: DistillStep, opt: Any, sched: Any,
+                     aug_rng: np.random.Generator, pos: _Position, epoch: int, batch_in_epoch: int, *,
+                     elapsed: float) -> None:
+    """Everything a resumed run needs to end with the same weights as an uninterrupted one (main process)."""
+    if accelerator.is_main_process:
+        ckpt.save(pos.step, {
+            "student": inner.student.state_dict(), "method": inner.method.state_dict(),
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state(),
+            "aug_rng": aug_rng.bit_generator.state, "step": pos.step, "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch, "history": pos.history, "elapsed": elapsed,
+        })
+    accelerator.wait_for_everyone()
 
 
 @dataclass
