@@ -25,20 +25,30 @@ from .student import TextStudent, one_hot
 
 GENERATE_INSTRUCTION = ("Write one short dictionary entry for a word whose meaning belongs to the category "
                         "'{label}'. Use the form 'word: definition' on a single line.")
+#: the same request for any texts (your own data): a few training texts show their form
+TEXT_GENERATE_INSTRUCTION = ("Here are a few example texts (of any category; the categories are {labels}):\n"
+                             "{examples}\n"
+                             "Write one new, different text in the same style that belongs to the category "
+                             "'{label}'. Reply with the text only, on a single line.")
 
 
 def generate_and_filter(data: TextData, teacher: APITeacher, *, per_class: int = 20, critic: str = "teacher",
                         min_confidence: float = 0.0, max_tokens: int = 48, temperature: float = 1.0,
-                        instruction: str = GENERATE_INSTRUCTION, label_kwargs: Mapping[str, Any] | None = None,
-                        student_kwargs: Mapping[str, Any] | None = None, seed: int = 0) -> dict[str, Any]:
-    """Generate ``per_class`` examples per class, filter with ``critic``, train and test the student."""
+                        instruction: str = GENERATE_INSTRUCTION, examples_shown: int = 3,
+                        label_kwargs: Mapping[str, Any] | None = None, student_kwargs: Mapping[str, Any] | None = None,
+                        seed: int = 0) -> dict[str, Any]:
+    """Generate ``per_class`` examples per class, filter with ``critic``, train and test the student.
+    ``instruction`` may use ``{label}`` (the class to write), ``{labels}`` (all classes) and ``{examples}``
+    (the first ``examples_shown`` training texts, one a line, unlabelled: they show the form)."""
     expect(critic in ("teacher", "none"), "critic", critic, "'teacher' or 'none'")
     t0 = time.monotonic()
     C = len(data.class_names)
+    shown = "\n".join(f"- {t}" for t in data.train_texts[:examples_shown])
     reqs, req_class = [], []
     for c, name in enumerate(data.class_names):
         for k in range(per_class):
-            reqs.append({"messages": [{"role": "user", "content": instruction.format(label=name)}],
+            prompt = instruction.format(label=name, labels=", ".join(data.class_names), examples=shown)
+            reqs.append({"messages": [{"role": "user", "content": prompt}],
                          "max_tokens": max_tokens, "temperature": temperature, "seed": seed * 100_000 + c * 1000 + k})
             req_class.append(c)
     replies = teacher.run(reqs)
@@ -78,8 +88,9 @@ def generate_and_filter(data: TextData, teacher: APITeacher, *, per_class: int =
     if len({cand_y[i] for i in keep}) >= 2:
         st = TextStudent(C, seed=seed, **dict(student_kwargs or {}))
         st.fit([cand[i] for i in keep], one_hot([cand_y[i] for i in keep], C))
-        report["student"] = {"params": st.num_params(), "trained_on": len(keep),
-                             "metrics": {"accuracy": st.accuracy(data.test_texts, data.test_labels)}}
+        metrics = {data.test_metric: st.accuracy(data.test_texts, data.test_labels)} \
+            if data.test_texts and data.test_labels is not None else {}
+        report["student"] = {"params": st.num_params(), "trained_on": len(keep), "metrics": metrics}
     report["teacher"] = {"cost": teacher.cost()}
     report["seconds"] = time.monotonic() - t0
     return report

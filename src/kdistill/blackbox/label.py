@@ -16,7 +16,7 @@ import math
 import re
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -55,10 +55,18 @@ def label_request(text: str, class_names: Sequence[str], *, instruction: str = L
 
 def parse_label(answer: str, class_names: Sequence[str]) -> int | None:
     """Index of the single label named in ``answer`` (case-insensitive, whole words, plural 's' allowed),
-    or None when it names none or several."""
-    words = set(re.findall(r"[a-z]+", answer.lower()))
-    found = [i for i, c in enumerate(class_names)
-             if c.lower() in words or c.lower() + "s" in words]
+    or None when it names none or several. Labels may be phrases (``not spam``); a label found only inside a
+    longer one that was also found (``spam`` in ``not spam``) does not count as a second label."""
+    low = answer.lower()
+    spans: dict[int, list[tuple[int, int]]] = {}
+    for i, c in enumerate(class_names):
+        pat = r"(?<![a-z])" + re.escape(c.lower().strip()) + r"s?(?![a-z])"
+        hits = [m.span() for m in re.finditer(pat, low)]
+        if hits:
+            spans[i] = hits
+    found = [i for i, hits in spans.items()
+             if not all(any(j != i and a <= s and e <= b and (b - a) > (e - s) for j, other in spans.items()
+                            for a, b in other) for s, e in hits)]
     return found[0] if len(found) == 1 else None
 
 
@@ -174,21 +182,39 @@ def teacher_accuracy(result: LabelResult, gold: Sequence[int]) -> dict[str, floa
     return out
 
 
+def teacher_reference(data: TextData, teacher: APITeacher, *, label_kwargs: Mapping[str, Any] | None = None,
+                      seed: int = 0) -> TextData:
+    """For data without gold labels: the teacher labels the test texts (the same ``label`` request as for
+    training), and those labels become the reference the student is compared with (``teacher_agreement``).
+    Test texts without a usable answer are left out and counted (``data.extra["test_without_teacher_label"]``)."""
+    if data.has_gold or not data.test_texts:
+        return data
+    res = label(data.test_texts, data.class_names, teacher, seed=seed, **dict(label_kwargs or {}))
+    keep, q = res.targets(len(data.class_names), "argmax")
+    extra = {**data.extra, "test_without_teacher_label": len(data.test_texts) - len(keep),
+             "test_label_counts": res.counts}
+    return replace(data, test_texts=[data.test_texts[i] for i in keep], test_labels=[int(y) for y in q.argmax(-1)],
+                   extra=extra, reference="teacher")
+
+
 def run_label_pipeline(data: TextData, teacher: APITeacher, *, label_kwargs: Mapping[str, Any] | None = None,
                        student_kwargs: Mapping[str, Any] | None = None, targets: str = "soft",
                        variants: bool = True, baseline: bool = True, seed: int = 0) -> dict[str, Any]:
     """Label ``data.train_texts`` with the teacher, train a student on the usable labels (``targets``: see
-    :meth:`LabelResult.targets`), evaluate it on the gold test split. ``variants`` also trains the same
-    student on the other target kinds (no extra requests); ``baseline`` on the gold labels of the same
-    texts. Returns a report fragment (teacher / student / variants / baseline / counts / cost)."""
+    :meth:`LabelResult.targets`), evaluate it on the test split (gold labels, or the teacher's: see
+    :func:`teacher_reference`). ``variants`` also trains the same student on the other target kinds (no extra
+    requests); ``baseline`` on the gold labels of the same texts (only when there are gold labels). Returns a
+    report fragment (teacher / student / variants / baseline / counts / cost)."""
     from .student import TextStudent, one_hot  # torch / training imports only where a student trains
 
     t0 = time.monotonic()
     C = len(data.class_names)
     res = label(data.train_texts, data.class_names, teacher, seed=seed, **dict(label_kwargs or {}))
     keep, tgt = res.targets(C, targets)
-    metrics = teacher_accuracy(res, data.train_labels)
-    if keep:  # how often the targets the student actually trains on point at the gold class
+    metrics: dict[str, float] = {}
+    if data.train_labels is not None:  # gold labels: how good the teacher's labels are
+        metrics = teacher_accuracy(res, data.train_labels)
+    if keep and data.train_labels is not None:  # how often the student's targets point at the gold class
         metrics["target_accuracy"] = float((tgt.argmax(-1) == np.asarray(data.train_labels)[keep]).mean())
     report: dict[str, Any] = {
         "teacher": {"metrics": metrics, "counts": res.counts, "cost": teacher.cost()},
@@ -202,10 +228,13 @@ def run_label_pipeline(data: TextData, teacher: APITeacher, *, label_kwargs: Map
             return None
         st = TextStudent(C, seed=seed, **dict(student_kwargs or {}))
         st.fit([data.train_texts[i] for i in idx], q)
-        return {"params": st.num_params(), "trained_on": len(idx), "targets": kind,
-                "metrics": {"accuracy": st.accuracy(data.test_texts, data.test_labels),
-                            "val_accuracy": st.accuracy(data.val_texts, data.val_labels),
-                            "final_train_loss": st.history[-1]}}
+        m: dict[str, float] = {}
+        if data.test_texts and data.test_labels is not None:
+            m[data.test_metric] = st.accuracy(data.test_texts, data.test_labels)
+        if data.val_texts and data.val_labels is not None:
+            m["val_accuracy"] = st.accuracy(data.val_texts, data.val_labels)
+        m["final_train_loss"] = st.history[-1]
+        return {"params": st.num_params(), "trained_on": len(idx), "targets": kind, "metrics": m}
 
     main = train(targets)
     if main is not None:
@@ -214,14 +243,15 @@ def run_label_pipeline(data: TextData, teacher: APITeacher, *, label_kwargs: Map
         for kind in TARGET_KINDS:
             if kind != targets and (v := train(kind)) is not None:
                 report["variants"][f"targets_{kind}"] = v
-    if baseline:
+    if baseline and data.train_labels is not None and data.test_labels is not None:
         gold = TextStudent(C, seed=seed, **dict(student_kwargs or {}))
         gold.fit(data.train_texts, one_hot(data.train_labels, C))
         report["baseline"] = {"note": "same student trained on the gold labels of the same texts",
                               "trained_on": len(data.train_texts),
                               "metrics": {"accuracy": gold.accuracy(data.test_texts, data.test_labels)}}
     report["examples"] = [{"text": data.train_texts[i], "answer": res.answers[i], "parsed": res.labels[i],
-                           "gold": data.train_labels[i]} for i in range(min(5, len(res.answers)))]
+                           "gold": data.train_labels[i] if data.train_labels is not None else None}
+                          for i in range(min(5, len(res.answers)))]
     report["seconds"] = time.monotonic() - t0
     report["label_result"] = res
     return report

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import expect
 from ..teachers.api import APITeacher
 from .data import TextData
 from .student import TextStudent, one_hot
@@ -27,6 +28,12 @@ HARD_EXAMPLE_INSTRUCTION = (
     "These entries belong to the category '{label}' but the classifier got them wrong:\n{examples}\n"
     "Write {n} new, different dictionary entries that belong to the category '{label}', in the same style "
     "('word: definition'), one per line, with no numbering.")
+#: the same request for any texts (your own data): no assumption about their form
+TEXT_HARD_EXAMPLE_INSTRUCTION = (
+    "A classifier sorts short texts into these categories: {labels}.\n"
+    "These texts belong to the category '{label}' but the classifier got them wrong:\n{examples}\n"
+    "Write {n} new, different texts that belong to the category '{label}', in the same style, one per line, "
+    "with no numbering.")
 
 
 def parse_examples(text: str, *, min_chars: int = 8, max_chars: int = 300) -> list[str]:
@@ -46,6 +53,11 @@ def performance_guided(data: TextData, teacher: APITeacher, *, init_texts: Seque
                        instruction: str = HARD_EXAMPLE_INSTRUCTION, seed: int = 0) -> dict[str, Any]:
     """Run PGKD rounds starting from ``init_texts`` / ``init_targets`` (e.g. the ``label`` pipeline's output).
     Returns the report fragment with per-round history, counts and the best student's test accuracy."""
+    expect(data.val_labels is not None and data.test_labels is not None and len(data.val_texts) > 0,
+           "performance_guided data", f"{len(data.val_texts)} validation texts, gold labels: {data.has_gold}",
+           "a validation split with gold labels (every round picks the classes the student gets wrong on it)",
+           "Set data.label_column (and data.validation_fraction > 0 or a validation file), or use another pipeline.")
+    assert data.val_labels is not None and data.test_labels is not None
     t0 = time.monotonic()
     C = len(data.class_names)
     texts = list(init_texts)

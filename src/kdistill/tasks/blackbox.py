@@ -2,8 +2,10 @@
 
 Pipelines (``pipeline:``): ``label`` (TAIL-style labelling + student classifier), ``performance_guided``
 (PGKD rounds on top of ``label``), ``rationales`` (Distilling Step-by-Step, a tiny LM student) and
-``generate_and_filter`` (Symbolic KD). Every teacher answer is kept in ``<output>/responses.sqlite``
-(or ``teacher.store``), so re-running a killed job re-sends nothing already answered.
+``generate_and_filter`` (Symbolic KD). ``data``: your texts (``files`` or ``hf_dataset``, ``text_column``,
+``label_names``, optional gold ``label_column``) or the built-in ``wordnet_supersense``. Every teacher answer
+is kept in ``<output>/responses.sqlite`` (or ``teacher.store``), so re-running a killed job re-sends nothing
+already answered.
 ``teacher.launch: true`` starts ``kdistill serve <teacher.model>`` in-process on a free loopback port.
 """
 
@@ -18,15 +20,18 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import field_validator, model_validator
 
-from ..blackbox.data import wordnet_supersense
+from ..blackbox.data import TextData, check_label_names, text_files, wordnet_supersense
 from ..blackbox.label import LABEL_INSTRUCTION
 from ..blackbox.rationales import RationaleStudent
-from ..config import StrictModel, check_kwargs
+from ..config import FileSource, StrictModel, check_kwargs
 from ..errors import KDistillError
 from ..registry import TASKS
 from .base import RunContext, Task
 
 DATA_LOADERS = {"wordnet_supersense": wordnet_supersense}
+#: pipelines that cannot run without gold labels, and why
+NEEDS_GOLD = {"performance_guided": "every round picks the classes the student gets wrong on the labelled "
+                                    "validation split"}
 
 
 class TeacherSpec(StrictModel):
@@ -63,14 +68,68 @@ class TeacherSpec(StrictModel):
         return v
 
 
-class DataSpec(StrictModel):
-    name: Literal["wordnet_supersense"] = "wordnet_supersense"
+#: the fields of your own data (``data: {files: ..., label_names: [...]}``), the keyword arguments of ``text_files``
+_FILE_FIELDS = ("files", "format", "hf_dataset", "text_column", "label_names", "label_column",
+                "validation_fraction", "test_fraction", "data_seed")
+
+
+class DataSpec(FileSource):
+    """``wordnet_supersense`` (built in, with ``kwargs``), or your own texts: ``files`` (a path, a glob, a list or
+    ``{train, validation, test}``) or ``hf_dataset``, a ``text_column``, the ``label_names`` the teacher chooses
+    from and optionally a ``label_column`` of gold labels (strings among ``label_names``), used only to evaluate.
+    Held-out splits not given as files are cut from the rows (``validation_fraction``, ``test_fraction``,
+    seeded by ``data_seed``); without gold labels no validation split is cut and the teacher also labels the test
+    split, which the student is then compared with (``teacher_agreement``)."""
+
+    name: Literal["wordnet_supersense", "files"] = "wordnet_supersense"
     kwargs: dict[str, Any] = {}
+    text_column: str = "text"
+    label_names: list[str] | None = None
+    label_column: str | None = None
+    validation_fraction: float = 0.1
+    test_fraction: float = 0.1
+    data_seed: int = 0
+
+    @field_validator("label_names")
+    @classmethod
+    def _names(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        try:
+            return check_label_names(v)
+        except KDistillError as e:  # the config layer names the field and the value already
+            raise ValueError(str(e).removeprefix(f"data.label_names: got {v!r}, ").removeprefix("data.label_names: ")) \
+                from None
 
     @model_validator(mode="after")
     def _check(self) -> DataSpec:
+        if self.name == "files":
+            if self.kwargs:
+                raise ValueError(f"data.kwargs {self.kwargs} are for the built-in wordnet_supersense; your own data "
+                                 f"takes its fields directly under data ({', '.join(_FILE_FIELDS)}). Move them up "
+                                 "or remove data.kwargs")
+            if self.label_names is None:
+                raise ValueError("your own data needs data.label_names, the categories the teacher chooses from "
+                                 "(e.g. label_names: [positive, negative]); add them")
+            for name, frac in (("validation_fraction", self.validation_fraction),
+                               ("test_fraction", self.test_fraction)):
+                if not 0.0 <= frac < 0.5:
+                    raise ValueError(f"data.{name} must be in [0, 0.5) (got {frac!r})")
+            return self
+        own = sorted(f for f in self.model_fields_set if f in _FILE_FIELDS)
+        if own:
+            raise ValueError(f"data.name 'wordnet_supersense' is the built-in data set; {', '.join(own)} describe "
+                             "your own data. Remove data.name (a data section with files or hf_dataset reads your "
+                             "files) or remove those fields")
         check_kwargs("dataset", self.name, DATA_LOADERS[self.name], self.kwargs)
         return self
+
+    def has_gold(self) -> bool:
+        return self.name != "files" or self.label_column is not None
+
+    def loader_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`kdistill.blackbox.data.text_files` (your own data)."""
+        return {f: getattr(self, f) for f in _FILE_FIELDS}
 
 
 class LabelSpec(StrictModel):
@@ -105,7 +164,18 @@ class StudentSpec(StrictModel):
     batch_size: int = 64
 
 
+def _check_instruction(v: str | None, needed: tuple[str, ...]) -> str | None:
+    missing = [p for p in needed if "{" + p + "}" not in (v or "{" + p + "}")]
+    if missing:
+        raise ValueError(f"the instruction must contain the placeholder(s) {', '.join('{' + p + '}' for p in missing)}")
+    return v
+
+
 class PerformanceGuidedSpec(StrictModel):
+    """``instruction``: the request for new examples of a class (placeholders ``{labels}``, ``{label}``,
+    ``{examples}``, ``{n}``); None = a request for dictionary entries on the built-in data, for texts in the
+    style of the misclassified ones on yours."""
+
     rounds: int = 2
     patience: int = 1
     classes_per_round: int = 3
@@ -114,6 +184,12 @@ class PerformanceGuidedSpec(StrictModel):
     requests_per_class: int = 2
     max_tokens: int = 160
     temperature: float = 0.7
+    instruction: str | None = None
+
+    @field_validator("instruction")
+    @classmethod
+    def _fields(cls, v: str | None) -> str | None:
+        return _check_instruction(v, ("label", "n"))
 
 
 class RationalesSpec(StrictModel):
@@ -130,11 +206,22 @@ class RationalesSpec(StrictModel):
 
 
 class GenerateAndFilterSpec(StrictModel):
+    """``instruction``: the request for one example of a class (placeholders ``{label}``, ``{labels}``,
+    ``{examples}`` = the first ``examples_shown`` training texts); None = a dictionary entry on the built-in
+    data, a text in the style of the shown training texts on yours."""
+
     per_class: int = 20
     critic: Literal["teacher", "none"] = "teacher"
     min_confidence: float = 0.0
     max_tokens: int = 48
     temperature: float = 1.0
+    examples_shown: int = 3
+    instruction: str | None = None
+
+    @field_validator("instruction")
+    @classmethod
+    def _fields(cls, v: str | None) -> str | None:
+        return _check_instruction(v, ("label",))
 
 
 class BlackboxConfig(StrictModel):
@@ -151,6 +238,15 @@ class BlackboxConfig(StrictModel):
     rationales: RationalesSpec = RationalesSpec()
     generate_and_filter: GenerateAndFilterSpec = GenerateAndFilterSpec()
 
+    @model_validator(mode="after")
+    def _gold_labels(self) -> BlackboxConfig:
+        if self.pipeline in NEEDS_GOLD and not self.data.has_gold():
+            raise ValueError(f"pipeline {self.pipeline!r} needs gold labels ({NEEDS_GOLD[self.pipeline]}), and data "
+                             "has no label_column. Fix: set data.label_column to a column of gold labels (strings "
+                             "among data.label_names), or use pipeline label, rationales or generate_and_filter, "
+                             "which work without gold labels")
+        return self
+
 
 def _json_safe(obj: Any) -> Any:
     if isinstance(obj, dict):
@@ -164,77 +260,107 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
-def run_pipeline(cfg: BlackboxConfig, output: Path, *, base_url: str | None = None,
-                 model_name: str | None = None) -> dict[str, Any]:
-    """Run ``cfg.pipeline`` against the teacher (``base_url`` / ``model_name`` override the recipe's, e.g.
-    for a server launched in-process)."""
+#: the ``teacher`` fields that are keyword arguments of :class:`kdistill.teachers.api.APITeacher`
+_CLIENT_FIELDS = {"api_key_env", "concurrency", "timeout", "max_retries", "max_requests", "max_tokens_budget"}
+
+
+def run_pipeline(pipeline: str, data: TextData, teacher: Any, *, seed: int = 0,
+                 label_kwargs: dict[str, Any] | None = None, targets: str = "soft", variants: bool = True,
+                 student_kwargs: dict[str, Any] | None = None,
+                 pipeline_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run one black-box ``pipeline`` on ``data`` with an :class:`~kdistill.teachers.api.APITeacher`.
+    ``label_kwargs`` go to :func:`~kdistill.blackbox.label.label` (every pipeline that labels texts),
+    ``student_kwargs`` to the TF-IDF student, ``pipeline_kwargs`` to the pipeline's own function. Data without
+    gold labels first gets the teacher's labels of its test split as the reference (``teacher_agreement``)."""
     from ..blackbox.generate_and_filter import generate_and_filter
-    from ..blackbox.label import run_label_pipeline
+    from ..blackbox.label import run_label_pipeline, teacher_reference
     from ..blackbox.performance_guided import performance_guided
     from ..blackbox.rationales import rationales
-    from ..teachers.api import APITeacher
-    from ..teachers.store import ResponseStore
 
-    tc = cfg.teacher
-    store = ResponseStore(tc.store or output / "responses.sqlite")
-    teacher = APITeacher(base_url or tc.base_url, model_name or tc.model, api_key_env=tc.api_key_env, store=store,
-                         concurrency=tc.concurrency, timeout=tc.timeout, max_retries=tc.max_retries,
-                         max_requests=tc.max_requests, max_tokens_budget=tc.max_tokens_budget)
-    teacher.preflight()  # missing key / unreachable endpoint / unknown model: one clear error, no work done
-    data = DATA_LOADERS[cfg.data.name](data_seed=cfg.seed, **cfg.data.kwargs) \
-        if "data_seed" not in cfg.data.kwargs else DATA_LOADERS[cfg.data.name](**cfg.data.kwargs)
-    label_kwargs = cfg.label.model_dump(exclude={"targets", "variants"})
-    student_kwargs = cfg.student.model_dump()
-    p = cfg.pipeline
-    if p == "label":
+    label_kwargs, student_kwargs = dict(label_kwargs or {}), dict(student_kwargs or {})
+    extra = dict(pipeline_kwargs or {})
+    if pipeline in NEEDS_GOLD and not data.has_gold:
+        raise KDistillError(f"pipeline {pipeline!r}: got data without gold labels, expected gold labels "
+                            f"({NEEDS_GOLD[pipeline]}). Fix: set data.label_column, or use another pipeline.")
+    data = teacher_reference(data, teacher, label_kwargs=label_kwargs, seed=seed)
+    if pipeline == "label":
         frag = run_label_pipeline(data, teacher, label_kwargs=label_kwargs, student_kwargs=student_kwargs,
-                                  targets=cfg.label.targets, variants=cfg.label.variants, seed=cfg.seed)
+                                  targets=targets, variants=variants, seed=seed)
         frag.pop("label_result")
-    elif p == "performance_guided":
+    elif pipeline == "performance_guided":
         first = run_label_pipeline(data, teacher, label_kwargs=label_kwargs, student_kwargs=student_kwargs,
-                                   targets=cfg.label.targets, variants=False, baseline=True, seed=cfg.seed)
-        keep, targets = first["label_result"].targets(len(data.class_names), cfg.label.targets)
+                                   targets=targets, variants=False, baseline=True, seed=seed)
+        keep, init_targets = first["label_result"].targets(len(data.class_names), targets)
         frag = performance_guided(data, teacher, init_texts=[data.train_texts[i] for i in keep],
-                                  init_targets=targets, student_kwargs=student_kwargs, seed=cfg.seed,
-                                  **cfg.performance_guided.model_dump())
+                                  init_targets=init_targets, student_kwargs=student_kwargs, seed=seed, **extra)
         frag["teacher"]["metrics"] = first["teacher"]["metrics"]
         frag["teacher"]["label_counts"] = first["teacher"]["counts"]
         frag["baseline"] = first.get("baseline", {})
         frag["variants"] = {"label_only": {"metrics": first["student"]["metrics"]}}
-    elif p == "rationales":
-        r = cfg.rationales
-        frag = rationales(data, teacher, max_tokens=r.max_tokens, temperature=r.temperature,
-                          student_kwargs=r.student, label_only_baseline=r.label_only_baseline, seed=cfg.seed)
-    else:
+    elif pipeline == "rationales":
+        frag = rationales(data, teacher, seed=seed, **extra)
+    elif pipeline == "generate_and_filter":
         frag = generate_and_filter(data, teacher, label_kwargs=label_kwargs, student_kwargs=student_kwargs,
-                                   seed=cfg.seed, **cfg.generate_and_filter.model_dump())
+                                   seed=seed, **extra)
+    else:
+        raise KDistillError(f"pipeline: got {pipeline!r}, expected one of label, performance_guided, rationales, "
+                            "generate_and_filter.")
     frag.setdefault("teacher", {})["cost"] = teacher.cost()
-    frag["teacher"]["store"] = store.stats()
     frag["data"] = data.summary()
     return frag
 
 
 def run_blackbox(cfg: BlackboxConfig, ctx: RunContext) -> dict[str, Any]:
+    from ..blackbox import generate_and_filter as gf
+    from ..blackbox import performance_guided as pg
+    from ..teachers.api import APITeacher
+    from ..teachers.store import ResponseStore
+
     t0 = time.monotonic()
     out = Path(ctx.output)
     out.mkdir(parents=True, exist_ok=True)
+    # the data first: a mistake in your files fails before a teacher model loads or a request is sent
+    if cfg.data.name == "files":
+        data = text_files(**cfg.data.loader_kwargs())
+    else:
+        data = DATA_LOADERS[cfg.data.name](**{"data_seed": cfg.seed, **cfg.data.kwargs})
+    # the pipeline's own keyword arguments: its section, with the default request for this kind of data
+    builtin = cfg.data.name != "files"
+    spg, sgf, sr = cfg.performance_guided, cfg.generate_and_filter, cfg.rationales
+    pipeline_kwargs = {
+        "label": {},
+        "performance_guided": {**spg.model_dump(exclude={"instruction"}), "instruction": spg.instruction or (
+            pg.HARD_EXAMPLE_INSTRUCTION if builtin else pg.TEXT_HARD_EXAMPLE_INSTRUCTION)},
+        "generate_and_filter": {**sgf.model_dump(exclude={"instruction"}), "instruction": sgf.instruction or (
+            gf.GENERATE_INSTRUCTION if builtin else gf.TEXT_GENERATE_INSTRUCTION)},
+        "rationales": {"max_tokens": sr.max_tokens, "temperature": sr.temperature, "student_kwargs": sr.student,
+                       "label_only_baseline": sr.label_only_baseline},
+    }[cfg.pipeline]
+    tc = cfg.teacher
     handle = None
-    base_url = model_name = None
+    base_url, model_name = tc.base_url, tc.model
     try:
-        if cfg.teacher.launch:
+        if tc.launch:
             from ..teachers.serve import serve
 
-            handle = serve(cfg.teacher.model, host="127.0.0.1", port=0, api_key_env=cfg.teacher.api_key_env,
-                           max_batch_size=cfg.teacher.serve_max_batch_size, threads=cfg.teacher.serve_threads,
-                           background=True)
+            handle = serve(tc.model, host="127.0.0.1", port=0, api_key_env=tc.api_key_env,
+                           max_batch_size=tc.serve_max_batch_size, threads=tc.serve_threads, background=True)
             base_url, model_name = handle.base_url, handle.model_name
-        frag = run_pipeline(cfg, out, base_url=base_url, model_name=model_name)
+        store = ResponseStore(tc.store or out / "responses.sqlite")
+        teacher = APITeacher(base_url, model_name, store=store, **tc.model_dump(include=_CLIENT_FIELDS))
+        teacher.preflight()  # missing key / unreachable endpoint / unknown model: one clear error, no work done
+        frag = run_pipeline(cfg.pipeline, data, teacher, seed=cfg.seed,
+                            label_kwargs=cfg.label.model_dump(exclude={"targets", "variants"}),
+                            targets=cfg.label.targets, variants=cfg.label.variants,
+                            student_kwargs=cfg.student.model_dump(),
+                            pipeline_kwargs=pipeline_kwargs)
+        frag["teacher"]["store"] = store.stats()
     finally:
         if handle is not None:
             handle.stop()
     params = handle.app.state.num_params if handle is not None else None  # unknown behind a remote API
     report = {"recipe": cfg.name, "task": "blackbox", "method": cfg.pipeline, "seed": cfg.seed,
-              "teacher": {"model": cfg.teacher.model, "params": params, **frag.pop("teacher", {})},
+              "teacher": {"model": tc.model, "params": params, **frag.pop("teacher", {})},
               "student": frag.pop("student", {}), "wall_seconds": time.monotonic() - t0, **frag}
     report = _json_safe(report)
     tmp = out / "report.json.tmp"
