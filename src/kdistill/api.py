@@ -209,11 +209,14 @@ def _evaluate_run(run_dir: Path, given: Path) -> dict[str, Any]:
     task = getattr(cfg, "task", "classification")
     student_dir = run_dir / "student"
     if task == "llm":
-        from .tasks.llm import corpus, held_out_tensors, lm_metrics
+        from .data.lm import held_out_tensors, lm_corpus
+        from .eval.lm import lm_metrics
         from .teachers.lm import load_causal_lm
 
         model, tok = load_causal_lm(str(student_dir))
-        held = held_out_tensors(cfg, tok, None, corpus(cfg)[1])[1]  # the held-out rows alone
+        stream = cfg.data.text_stream() if cfg.data.stream else None
+        eval_items = [] if stream is not None else lm_corpus(**cfg.data.corpus_kwargs())[1]
+        held = held_out_tensors(tok, None, eval_items, stream=stream, **cfg.data.tensor_kwargs())[1]  # held-out alone
         metrics = lm_metrics(model, held, batch_size=cfg.eval.batch_size)
         return {"checkpoint": str(student_dir), "task": task, "metrics": metrics,
                 "params": sum(p.numel() for p in model.parameters()), "held_out_tokens": int(held["mask"].sum())}

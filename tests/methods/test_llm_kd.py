@@ -178,7 +178,7 @@ def test_three_steps_from_topk_cache_without_teacher(tmp_path):
 
 
 def test_fused_student_equals_full_logits_in_loss_and_gradients():
-    from kdistill.tasks.llm import fused_student_output
+    from kdistill.students.llm import fused_student_output
 
     teacher, student = _models()
     blocks = _blocks(n=4)

@@ -186,3 +186,45 @@ def test_prompt_and_completion_rows_on_policy(tmp_path):
     assert trained.startswith("the earth") and trained.endswith("</s>") and "light" not in trained
     with pytest.raises(KDistillError, match="row 1: the prompt has"):
         prompt_tensors(tok, [("the light the earth the waters the firmament", "x")], prompt_width=2, max_length=12)
+
+
+def test_sequence_level_kd_on_prompt_rows(tmp_path):
+    """(prompt, completion) rows + sequence_kd: the teacher completes each training prompt once (up to EOS or
+    block_length - prompt_tokens tokens), the student trains on prompt + teacher completion with the loss on the
+    completion only; a second run reuses the store."""
+    import yaml
+
+    from kdistill.data.lm import prompt_id_tensors
+    from kdistill.recipes import find_recipe
+
+    words = "the light the earth the waters the firmament the evening the morning heaven day night".split()
+    rows = [{"prompt": " ".join(words[i % 5: i % 5 + 1 + i % 3]), "completion": " ".join(words[i % 7: i % 7 + 4])}
+            for i in range(40)]
+    (tmp_path / "pc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = yaml.safe_load(find_recipe("llm/tiny").read_text())
+    store = tmp_path / "gens.jsonl"
+    recipe["data"] = {"files": str(tmp_path / "pc.jsonl"), "prompt_column": "prompt", "completion_column": "completion",
+                      "prompt_tokens": 8, "block_length": 24, "eval_fraction": 0.1,
+                      "sequence_kd": {"store": str(store)}}
+    recipe["train"]["max_steps"] = 2
+    r = api.run(recipe, output=tmp_path / "run", progress=False, quiet=True)
+    info = r["data"]["sequence_kd"]
+    assert r["data"]["format"] == "prompts" and "baseline" in r and math.isfinite(r["student"]["metrics"]["perplexity"])
+    assert info["store"] == str(store) and info["sequences"] == 36  # one per training prompt (40 rows, 4 held out)
+    recs = [json.loads(x) for x in store.read_text().splitlines()]
+    assert len(recs) == 36 and info["ended_at_eos"] == sum(x["completion_ids"][-1] == 2 for x in recs)
+    assert {len(x["prompt_ids"]) for x in recs} != {8}  # the prompts themselves, unpadded, of several lengths
+    for x in recs:  # each completion ends at its first EOS (id 2) or at block_length - prompt_tokens tokens
+        c = x["completion_ids"]
+        assert 1 <= len(c) <= 16 and 2 not in c[:-1] and (c[-1] == 2 or len(c) == 16)
+    t = prompt_id_tensors([(x["prompt_ids"], x["completion_ids"]) for x in recs], prompt_width=8, max_length=24,
+                          pad_id=0)
+    for i, x in enumerate(recs):  # labels: the completion tokens only (no prompt, no padding)
+        n = len(x["completion_ids"])
+        assert t["mask"][i].nonzero().flatten().tolist() == list(range(7, 7 + n))
+        assert t["labels"][i][t["mask"][i]].tolist() == x["completion_ids"]
+        assert t["attention_mask"][i, : 8 - len(x["prompt_ids"])].sum() == 0
+    # a second run finds every completion in the store and generates nothing
+    before = store.stat().st_mtime_ns
+    r2 = api.run({**recipe, "baseline": False}, output=tmp_path / "run2", progress=False, quiet=True)
+    assert store.stat().st_mtime_ns == before and r2["data"]["sequence_kd"]["sequences"] == 36

@@ -49,3 +49,18 @@ def test_greedy_is_deterministic_and_settings_mismatch_refused(tmp_path, model):
         generate_store(tmp_path / "g.jsonl", model, prompts, max_new_tokens=5)
     with pytest.raises(KDistillError, match="prompts_hash"):
         generate_store(tmp_path / "g.jsonl", model, _prompts(4), max_new_tokens=4)
+
+
+def test_eos_stops_completions_of_prompts_of_different_lengths(tmp_path, model):
+    prompts = [[5, 6], [7, 8, 9, 10], [11]]
+    fixed = generate_store(tmp_path / "f.jsonl", model, prompts, max_new_tokens=6)
+    eos = fixed[1]["completion_ids"][2]  # a token greedy decoding emits third after prompt 1
+    recs = generate_store(tmp_path / "e.jsonl", model, prompts, max_new_tokens=6, eos_id=eos)
+    assert [r["prompt_ids"] for r in recs] == prompts
+    for r in recs:
+        c = r["completion_ids"]
+        assert (c[-1] == eos and eos not in c[:-1]) or len(c) == 6  # stops at its first EOS, else at the limit
+    assert len(recs[1]["completion_ids"]) <= 3 and recs[1]["completion_ids"][-1] == eos
+    # the stopping rule is part of the store's identity
+    with pytest.raises(KDistillError, match="eos_id"):
+        generate_store(tmp_path / "e.jsonl", model, prompts, max_new_tokens=6)

@@ -192,13 +192,10 @@ def test_offline_var_parsing(monkeypatch):
 
 def test_llm_task_teacher_uses_the_one_loader(no_transformers_load):
     """The llm task's teacher goes through the same loader, so the same typo gives the same one line."""
-    from types import SimpleNamespace
+    from kdistill.teachers.lm import load_lm_teacher
 
-    from kdistill.tasks.llm import load_teacher
-
-    cfg = SimpleNamespace(teacher=SimpleNamespace(name="smolm2-135m", dtype="float32"), teachers=[], seed=0)
     with pytest.raises(KDistillError, match="Did you mean 'smollm2-135m'"):
-        load_teacher(cfg, [])
+        load_lm_teacher("smolm2-135m", dtype="float32", seed=0, tokenizer_texts=[])
 
 
 def test_cached_hub_id_still_loads_offline(tiny_lm_dir, tmp_path):

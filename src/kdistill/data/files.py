@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import csv
 import glob
+import hashlib
 import json
 import os
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -227,3 +228,84 @@ def load_rows(*, files: str | Sequence[str] | Mapping[str, str | Sequence[str]] 
             raise KDistillError(f"data: the {split} split is empty; expected rows in every split.")
         require_columns(rows, columns, where=f"data ({split} split)")
     return given
+
+
+# ------------------------------------------------------------------------------------------ streaming
+
+def _stream_one(path: Path, fmt: str) -> Iterator[Row]:
+    """Rows of one file, read as a stream: line by line (csv, tsv, jsonl, txt) or by Parquet record batches."""
+    if fmt == "json":
+        raise KDistillError(f"{path}: a JSON array is read whole, so it cannot be streamed (data.stream: true); "
+                            "expected one JSON object a line. Fix: convert it to JSON lines (.jsonl), or remove "
+                            "data.stream.")
+    if fmt in ("csv", "tsv"):
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, delimiter="," if fmt == "csv" else "\t")
+            for i, r in enumerate(reader, start=2):
+                if None in r or any(v is None for v in r.values()):
+                    raise KDistillError(f"{path}: line {i} has another number of fields than the header "
+                                        f"({len(reader.fieldnames or [])}); expected the same number on every "
+                                        "line. Fix the line (quote fields that contain the delimiter).")
+                yield dict(r)
+    elif fmt == "jsonl":
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise KDistillError(f"{path}: line {i} is not valid JSON ({e.msg}); expected one JSON object "
+                                        "a line. Fix or remove the line.") from None
+    elif fmt == "parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise KDistillError("data.files: reading Parquet needs pyarrow; `pip install 'kdistill[data]'`.") \
+                from None
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            yield from batch.to_pylist()
+    else:  # txt: one text a line
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    yield {"text": line.rstrip("\n")}
+
+
+def iter_rows(paths: Iterable[Path], *, format: str = "auto") -> Iterator[Row]:
+    """The rows of ``paths`` in order, like :func:`read_rows` but lazily: a file is read only as far as the
+    caller iterates, and no more than one Parquet record batch is held at a time. JSON arrays are refused (they
+    are read whole); every row must be an object with the columns of the first row."""
+    first: tuple[Path, frozenset[str]] | None = None
+    for path in paths:
+        fmt = file_format(path, format)
+        count = 0
+        try:
+            for count, row in enumerate(_stream_one(path, fmt), start=1):
+                if not isinstance(row, Mapping):
+                    raise KDistillError(f"{path}: row {count} is a {type(row).__name__}, expected an object of "
+                                        "column: value.")
+                keys = frozenset(row)
+                if first is None:
+                    first = (path, keys)
+                elif keys != first[1]:
+                    missing, extra = sorted(first[1] - keys), sorted(keys - first[1])
+                    raise KDistillError(f"{path}: row {count} has other columns than row 1 of {first[0]} (missing "
+                                        f"{missing or 'none'}, extra {extra or 'none'}); expected every row to have "
+                                        "the same columns. Fix the rows, or split the files by schema.")
+                yield dict(row)
+        except KDistillError:
+            raise
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise KDistillError(f"{path}: cannot be read as {fmt} ({type(e).__name__}: {e}); expected a UTF-8 {fmt} "
+                                "file. Fix: check the file, or set data.format.") from None
+        if count == 0:
+            raise KDistillError(f"{path}: the file holds no rows; expected at least one. Fix: remove it from "
+                                "data.files or fill it.")
+
+
+def held_out_row(index: int, *, fraction: float, seed: int = 0) -> bool:
+    """Whether row ``index`` of a stream is held out: a hash of ``(seed, index)`` read as a number in [0, 1) is
+    below ``fraction``. Deterministic, needs no row count, and each row's fate is independent of the others."""
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64 < fraction

@@ -14,7 +14,8 @@ no padding and the token count per batch is constant.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import itertools
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -37,26 +38,51 @@ def tokenize_texts(tokenizer: Any, texts: Iterable[str]) -> list[list[int]]:
     return [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
 
 
+class BlockPacker:
+    """Packs token lists, fed one at a time, into ``block_length``-token blocks (an EOS after each list), up to
+    ``max_blocks``; the tail that does not fill a block is dropped. Lets a caller stop reading its source as soon
+    as :attr:`full`, and feed several packers (train, held-out) from one pass."""
+
+    def __init__(self, block_length: int, *, eos_id: int | None, max_blocks: int | None = None) -> None:
+        if block_length < 2:
+            raise KDistillError(f"block_length: got {block_length}, expected >= 2 (a token and its successor).")
+        self.block_length, self.eos_id, self.max_blocks = block_length, eos_id, max_blocks
+        self.blocks: list[list[int]] = []
+        self._buffer: list[int] = []
+
+    @property
+    def full(self) -> bool:
+        return self.max_blocks is not None and len(self.blocks) >= self.max_blocks
+
+    def add(self, ids: Sequence[int]) -> None:
+        if self.full:
+            return
+        self._buffer.extend(ids)
+        if self.eos_id is not None:
+            self._buffer.append(self.eos_id)
+        L = self.block_length
+        while len(self._buffer) >= L and not self.full:
+            self.blocks.append(self._buffer[:L])
+            del self._buffer[:L]
+
+    def tensor(self) -> Tensor:
+        """The ``(N, block_length)`` blocks; refuses none at all."""
+        if not self.blocks:
+            raise KDistillError(f"pack_blocks: the texts hold fewer than {self.block_length} tokens; expected at "
+                                "least one full block. Use more text or a shorter data.block_length.")
+        return torch.tensor(self.blocks, dtype=torch.long)
+
+
 def pack_blocks(token_lists: Iterable[Sequence[int]], block_length: int, *, eos_id: int | None,
                 max_blocks: int | None = None) -> Tensor:
-    """Concatenate token lists (EOS after each) and cut into ``(N, block_length)`` blocks; the tail is dropped."""
-    if block_length < 2:
-        raise KDistillError(f"block_length: got {block_length}, expected >= 2 (a token and its successor).")
-    stream: list[int] = []
-    blocks: list[list[int]] = []
+    """Concatenate token lists (EOS after each) and cut into ``(N, block_length)`` blocks; the tail is dropped.
+    ``token_lists`` is consumed only until ``max_blocks`` blocks are full."""
+    packer = BlockPacker(block_length, eos_id=eos_id, max_blocks=max_blocks)
     for ids in token_lists:
-        stream.extend(ids)
-        if eos_id is not None:
-            stream.append(eos_id)
-        while len(stream) >= block_length:
-            blocks.append(stream[:block_length])
-            stream = stream[block_length:]
-            if max_blocks is not None and len(blocks) >= max_blocks:
-                return torch.tensor(blocks, dtype=torch.long)
-    if not blocks:
-        raise KDistillError(f"pack_blocks: the texts hold fewer than {block_length} tokens; expected at least one "
-                            "full block. Use more text or a shorter data.block_length.")
-    return torch.tensor(blocks, dtype=torch.long)
+        packer.add(ids)
+        if packer.full:
+            break
+    return packer.tensor()
 
 
 def lm_tensors(blocks: Tensor, *, prompt_length: int = 0) -> dict[str, Tensor]:
@@ -148,6 +174,26 @@ def chat_tensors(tokenizer: Any, conversations: Sequence[list[dict[str, str]]], 
     return {"input_ids": ids, "attention_mask": attn, "labels": labels, "mask": label_mask(labels)}
 
 
+def _check_prompt_width(prompt_width: int, max_length: int) -> None:
+    if not 1 <= prompt_width < max_length:
+        raise KDistillError(f"data.prompt_tokens: got {prompt_width}, expected 1 <= prompt_tokens < block_length "
+                            f"({max_length}).")
+
+
+def prompt_ids(tokenizer: Any, prompts: Sequence[str], *, prompt_width: int, where: str = "data") -> list[list[int]]:
+    """Token ids of each prompt (no special tokens); a prompt that is empty or longer than ``prompt_width`` tokens
+    is refused with its row."""
+    out = []
+    for row, prompt in enumerate(prompts):
+        ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if not ids or len(ids) > prompt_width:
+            raise KDistillError(f"{where}, row {row + 1}: the prompt has {len(ids)} tokens, expected 1 to "
+                                f"data.prompt_tokens = {prompt_width}. Fix: raise prompt_tokens (block_length "
+                                "holds prompt and completion) or shorten the prompt.")
+        out.append(ids)
+    return out
+
+
 def prompt_tensors(tokenizer: Any, pairs: Sequence[tuple[str, str]], *, prompt_width: int, max_length: int,
                    where: str = "data") -> dict[str, Tensor]:
     """(prompt, completion) texts as ``(N, max_length)`` rows: the prompt left-padded to ``prompt_width`` tokens,
@@ -155,23 +201,35 @@ def prompt_tensors(tokenizer: Any, pairs: Sequence[tuple[str, str]], *, prompt_w
     student learns to stop), ``prompt_length`` is ``prompt_width`` for every row: the layout on-policy methods
     continue from (see :func:`kdistill.methods.gkd.continuation_batch`). A prompt longer than ``prompt_width`` is
     refused with its row."""
-    if not 1 <= prompt_width < max_length:
-        raise KDistillError(f"data.prompt_tokens: got {prompt_width}, expected 1 <= prompt_tokens < block_length "
-                            f"({max_length}).")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    _check_prompt_width(prompt_width, max_length)
     eos = tokenizer.eos_token_id
+    p_ids = prompt_ids(tokenizer, [p for p, _ in pairs], prompt_width=prompt_width, where=where)
+    c_ids = [list(tokenizer(c, add_special_tokens=False)["input_ids"]) + ([eos] if eos is not None else [])
+             for _, c in pairs]
+    return prompt_id_tensors(list(zip(p_ids, c_ids)), prompt_width=prompt_width, max_length=max_length,
+                             pad_id=pad_id_of(tokenizer))
+
+
+def pad_id_of(tokenizer: Any) -> int:
+    """The id padding is written with: the pad token, else EOS, else 0 (padding never counts: attention 0)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return int(pad if pad is not None else 0)
+
+
+def prompt_id_tensors(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, prompt_width: int, max_length: int,
+                      pad_id: int) -> dict[str, Tensor]:
+    """The rows of :func:`prompt_tensors` from token ids: ``(prompt ids, completion ids)`` pairs, the completion
+    taken as given (with its EOS if it has one) and cut to ``max_length - prompt_width`` tokens."""
+    _check_prompt_width(prompt_width, max_length)
     n = len(pairs)
-    ids = torch.full((n, max_length), int(pad if pad is not None else 0), dtype=torch.long)
+    ids = torch.full((n, max_length), int(pad_id), dtype=torch.long)
     attn = torch.zeros((n, max_length), dtype=torch.long)
-    for row, (prompt, completion) in enumerate(pairs):
-        p_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        if not p_ids or len(p_ids) > prompt_width:
-            raise KDistillError(f"{where}, row {row + 1}: the prompt has {len(p_ids)} tokens, expected 1 to "
-                                f"data.prompt_tokens = {prompt_width}. Fix: raise prompt_tokens (block_length "
-                                f"{max_length} holds prompt and completion) or shorten the prompt.")
-        c_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"]) + ([eos] if eos is not None else [])
-        c_ids = c_ids[: max_length - prompt_width]
-        ids[row, prompt_width - len(p_ids):prompt_width] = torch.tensor(p_ids)
+    for row, (p_ids, c_ids) in enumerate(pairs):
+        if not 1 <= len(p_ids) <= prompt_width:
+            raise KDistillError(f"prompt_id_tensors: row {row + 1} has a prompt of {len(p_ids)} tokens, expected 1 to "
+                                f"prompt_width = {prompt_width}.")
+        c_ids = list(c_ids)[: max_length - prompt_width]
+        ids[row, prompt_width - len(p_ids):prompt_width] = torch.tensor(list(p_ids), dtype=torch.long)
         attn[row, prompt_width - len(p_ids):prompt_width] = 1
         ids[row, prompt_width:prompt_width + len(c_ids)] = torch.tensor(c_ids, dtype=torch.long)
         attn[row, prompt_width:prompt_width + len(c_ids)] = 1
@@ -181,3 +239,230 @@ def prompt_tensors(tokenizer: Any, pairs: Sequence[tuple[str, str]], *, prompt_w
     labels[:, :-1] = torch.where(counts, ids[:, 1:], torch.full_like(ids[:, 1:], IGNORE_INDEX))
     return {"input_ids": ids, "attention_mask": attn, "labels": labels, "mask": label_mask(labels),
             "prompt_length": torch.full((n,), prompt_width, dtype=torch.long)}
+
+
+# ------------------------------------------------------------------------------------------- corpora
+
+#: what the items of a corpus are: plain texts (packed into blocks), chat conversations, (prompt, completion) rows
+LAYOUTS = ("text", "chat", "prompts")
+
+
+def lm_corpus(*, name: str, texts: Sequence[str] = (), files: Any = None, format: str = "auto",
+              hf_dataset: Mapping[str, Any] | None = None, text_column: str = "text",
+              messages_column: str | None = None, prompt_column: str | None = None,
+              completion_column: str | None = None, eval_fraction: float = 0.05) -> tuple[list[Any], list[Any]]:
+    """``(train items, held-out items)``: texts, conversations (``messages_column``) or ``(prompt, completion)``
+    tuples (``prompt_column`` + ``completion_column``). ``name``: ``kjv`` (the King James Bible), ``texts`` (the
+    given strings) or ``files`` (``files`` / ``hf_dataset``). For the built-in corpora the held-out part is the
+    *end* of the corpus (never shuffled in); for files, a ``validation`` file or a seeded ``eval_fraction`` of the
+    rows."""
+    if name == "files":
+        return _file_corpus(files=files, format=format, hf_dataset=hf_dataset, text_column=text_column,
+                            messages_column=messages_column, prompt_column=prompt_column,
+                            completion_column=completion_column, eval_fraction=eval_fraction)
+    if name == "kjv":
+        from .text import kjv_verses
+
+        items = [v[3] for v in kjv_verses()]
+    elif name == "texts":
+        items = list(texts)
+    else:
+        raise KDistillError(f"data.name: got {name!r}, expected one of kjv, texts, files.")
+    n_eval = max(1, int(round(len(items) * eval_fraction)))
+    if n_eval >= len(items):
+        raise KDistillError(f"data: {len(items)} texts leave nothing to train on with eval_fraction "
+                            f"{eval_fraction}; expected more texts or a smaller fraction.")
+    return items[:-n_eval], items[-n_eval:]
+
+
+def _file_corpus(*, files: Any, format: str, hf_dataset: Mapping[str, Any] | None, text_column: str,
+                 messages_column: str | None, prompt_column: str | None, completion_column: str | None,
+                 eval_fraction: float) -> tuple[list[Any], list[Any]]:
+    from .files import load_rows
+
+    column = messages_column or prompt_column or text_column
+    rows = load_rows(files=files, format=format, hf_dataset=hf_dataset, validation_fraction=eval_fraction,
+                     test_fraction=0.0, seed=0, columns=[column, completion_column])
+    out = []
+    for split in ("train", "validation"):
+        items = []
+        for i, row in enumerate(rows[split], start=1):
+            where = f"data ({split} split), row {i}, column {column!r}"
+            if prompt_column is not None:
+                pair = (row[prompt_column], row[completion_column])
+                if not all(isinstance(x, str) for x in pair):
+                    raise KDistillError(f"{where}: got prompt {pair[0]!r} and completion {pair[1]!r}, expected two "
+                                        "texts.")
+                items.append(pair)
+            elif messages_column is not None:
+                items.append(check_conversation(row[column], where))
+            else:
+                items.append(_text_of(row[column], where))
+        out.append(items)
+    return out[0], out[1]
+
+
+def _text_of(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise KDistillError(f"{where}: got {type(value).__name__}, expected a text string. For chat "
+                            "conversations set data.messages_column instead of text_column.")
+    return value
+
+
+def corpus_texts(items: Iterable[Any]) -> Iterable[str]:
+    """Plain texts of corpus items (a conversation's turns and a prompt row's two texts are joined), e.g. to train
+    a tiny tokenizer on. Lazy for a lazy ``items``."""
+    return (x if isinstance(x, str) else " ".join(x) if isinstance(x, tuple) else "\n".join(m["content"] for m in x)
+            for x in items)
+
+
+def row_tensors(tokenizer: Any, items: Sequence[Any], *, layout: str, block_length: int, prompt_tokens: int,
+                where: str) -> dict[str, Tensor]:
+    """Padded LM tensors of chat conversations (``layout="chat"``) or (prompt, completion) rows (``"prompts"``),
+    labels on what the student learns (the replies / completions)."""
+    if layout == "chat":
+        return chat_tensors(tokenizer, items, max_length=block_length, where=where)
+    if layout == "prompts":
+        return prompt_tensors(tokenizer, items, prompt_width=prompt_tokens, max_length=block_length, where=where)
+    raise KDistillError(f"row_tensors: got layout {layout!r}, expected 'chat' or 'prompts' (text is packed into "
+                        "blocks by text_blocks).")
+
+
+def text_blocks(tokenizer: Any, texts: Iterable[str], *, block_length: int, tokens: int) -> Tensor:
+    """``block_length``-token blocks of ``texts`` (EOS between texts) within a budget of ``tokens`` (at least one
+    block); ``texts`` is read only until the budget is full."""
+    return pack_blocks((list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts), block_length,
+                       eos_id=tokenizer.eos_token_id, max_blocks=max(1, tokens // block_length))
+
+
+def token_blocks(tokenizer: Any, train_texts: Iterable[str], eval_texts: Iterable[str], *, block_length: int,
+                 train_tokens: int, eval_tokens: int) -> tuple[Tensor, Tensor]:
+    """(training blocks, held-out blocks) of ``block_length`` tokens, within the token budgets."""
+    return (text_blocks(tokenizer, train_texts, block_length=block_length, tokens=train_tokens),
+            text_blocks(tokenizer, eval_texts, block_length=block_length, tokens=eval_tokens))
+
+
+def held_out_tensors(tokenizer: Any, train_items: Sequence[Any] | None, eval_items: Sequence[Any], *, layout: str,
+                     block_length: int, prompt_tokens: int = 0, train_tokens: int = 0, eval_tokens: int,
+                     stream: TextStream | None = None
+                     ) -> tuple[Tensor | None, dict[str, Tensor], dict[str, Tensor] | None]:
+    """``(train_blocks, eval_tensors, train_tensors)``: packed blocks of text (``train_tensors`` None), or for chat
+    and prompt rows no blocks and padded rows. ``train_items`` None builds the held-out tensors alone. With a
+    ``stream`` (text only) the blocks come from it and the items are not used."""
+    if layout != "text":
+        train_t = (row_tensors(tokenizer, train_items, layout=layout, block_length=block_length,
+                               prompt_tokens=prompt_tokens, where="data (train split)")
+                   if train_items is not None else None)
+        return None, row_tensors(tokenizer, eval_items, layout=layout, block_length=block_length,
+                                 prompt_tokens=prompt_tokens, where="data (validation split)"), train_t
+    if stream is not None:
+        train_blocks, eval_blocks = stream.blocks(tokenizer, block_length=block_length, eval_tokens=eval_tokens,
+                                                  train_tokens=train_tokens if train_items is not None else None)
+        return train_blocks, lm_tensors(eval_blocks), None
+    if train_items is None:
+        return None, lm_tensors(text_blocks(tokenizer, eval_items, block_length=block_length,
+                                            tokens=eval_tokens)), None
+    train_blocks, eval_blocks = token_blocks(tokenizer, train_items, eval_items, block_length=block_length,
+                                             train_tokens=train_tokens, eval_tokens=eval_tokens)
+    return train_blocks, lm_tensors(eval_blocks), None
+
+
+# ----------------------------------------------------------------------------------------- streaming
+
+class TextStream:
+    """The ``text_column`` of large files, read as a stream: rows are never all in memory, and reading stops as
+    soon as the token budgets are packed (see :meth:`blocks`).
+
+    Held-out rows: a ``validation`` file (``files: {train: ..., validation: ...}``), else every row whose hash
+    of ``(seed, row index)`` falls below ``eval_fraction`` (:func:`kdistill.data.files.held_out_row`): the same
+    rows on every read, without knowing the row count. ``rows_read`` counts the rows taken from the files."""
+
+    def __init__(self, *, files: Any, format: str = "auto", text_column: str = "text", eval_fraction: float = 0.05,
+                 seed: int = 0, base: Any = None) -> None:
+        from .files import resolve_files
+
+        if isinstance(files, Mapping):
+            unknown = [k for k in files if k not in ("train", "validation")]
+            if unknown or "train" not in files:
+                raise KDistillError(f"data.files: got splits {sorted(files)}, expected 'train' and optionally "
+                                    "'validation' (a streamed corpus has no test split).")
+            self._train = resolve_files(files["train"], base=base)
+            self._validation = resolve_files(files["validation"], base=base) if "validation" in files else None
+        else:
+            self._train, self._validation = resolve_files(files, base=base), None
+        if self._validation is None and not 0.0 < eval_fraction < 0.5:
+            raise KDistillError(f"data.eval_fraction: got {eval_fraction!r}, expected a number in (0, 0.5) (the "
+                                "share of streamed rows held out), or a validation file in data.files.")
+        self.format, self.text_column, self.eval_fraction, self.seed = format, text_column, eval_fraction, seed
+        self.rows_read = 0
+
+    def _texts(self, paths: list[Any], split: str) -> Iterator[str]:
+        from .files import iter_rows, require_columns
+
+        for i, row in enumerate(iter_rows(paths, format=self.format), start=1):
+            self.rows_read += 1
+            if self.text_column not in row:
+                require_columns([row], [self.text_column], where=f"data ({split} split)")
+            yield _text_of(row[self.text_column], f"data ({split} split), row {i}, column {self.text_column!r}")
+
+    def _split_texts(self) -> Iterator[tuple[bool, str]]:
+        """``(held_out, text)`` of the training files' rows, in order."""
+        from .files import held_out_row
+
+        for i, text in enumerate(self._texts(self._train, "train")):
+            yield held_out_row(i, fraction=self.eval_fraction, seed=self.seed), text
+
+    def texts(self, split: str) -> Iterator[str]:
+        """The texts of ``split`` (``train`` or ``validation``), lazily."""
+        if split not in ("train", "validation"):
+            raise KDistillError(f"TextStream.texts: got split {split!r}, expected 'train' or 'validation'.")
+        held = split == "validation"
+        if self._validation is not None:
+            yield from (self._texts(self._validation, split) if held else self._texts(self._train, split))
+            return
+        yield from (text for out, text in self._split_texts() if out == held)
+
+    def blocks(self, tokenizer: Any, *, block_length: int, train_tokens: int | None, eval_tokens: int,
+               chunk: int = 256) -> tuple[Tensor | None, Tensor]:
+        """``(training blocks, held-out blocks)`` packed from the stream until both budgets (at least one block
+        each) are full, then reading stops; ``train_tokens`` None packs the held-out blocks alone. Texts are
+        tokenised ``chunk`` at a time, so at most ``chunk - 1`` rows are read past the budgets. The same files and
+        settings give the same blocks on every call."""
+        eos = tokenizer.eos_token_id
+        train = (BlockPacker(block_length, eos_id=eos, max_blocks=max(1, train_tokens // block_length))
+                 if train_tokens is not None else None)
+        held = BlockPacker(block_length, eos_id=eos, max_blocks=max(1, eval_tokens // block_length))
+
+        def feed(pairs: Iterator[tuple[BlockPacker | None, str]], packers: list[BlockPacker]) -> None:
+            """Pack ``pairs`` until every one of ``packers`` is full (or the pairs end)."""
+            while not all(p.full for p in packers):
+                batch = list(itertools.islice(pairs, chunk))
+                if not batch:
+                    return
+                keep = [(p, t) for p, t in batch if p is not None and not p.full]
+                if keep:
+                    ids = tokenizer([t for _, t in keep], add_special_tokens=False)["input_ids"]
+                    for (packer, _), one in zip(keep, ids):
+                        packer.add(one)
+
+        if self._validation is not None:
+            if train is not None:
+                feed(((train, t) for t in self.texts("train")), [train])
+            feed(((held, t) for t in self.texts("validation")), [held])
+        else:
+            feed((((held if out else train), t) for out, t in self._split_texts()),
+                 [held] + ([train] if train is not None else []))
+        if train is not None and not train.blocks:
+            raise KDistillError(f"data.stream: the training rows hold fewer than {block_length} tokens; expected at "
+                                "least one full block. Use more text or a shorter data.block_length.")
+        if not held.blocks:
+            raise KDistillError(f"data.stream: the held-out rows hold fewer than {block_length} tokens; expected at "
+                                "least one full block. Raise data.eval_fraction, give a validation file, or shorten "
+                                "data.block_length.")
+        return (train.tensor() if train is not None else None), held.tensor()
+
+
+def text_stream(*, files: Any, format: str = "auto", text_column: str = "text", eval_fraction: float = 0.05,
+                seed: int = 0) -> TextStream:
+    """A :class:`TextStream` over ``files`` (a path, glob, list, or ``{train, validation}``)."""
+    return TextStream(files=files, format=format, text_column=text_column, eval_fraction=eval_fraction, seed=seed)

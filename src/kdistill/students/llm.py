@@ -134,3 +134,39 @@ def smaller_config_student(teacher_or_config: Any, *, seed: int = 0, **overrides
         config.layer_types = [per_layer[min(i, len(per_layer) - 1)] for i in range(total)]
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config)
+
+
+def build_lm_student(teacher: nn.Module, *, kind: str = "layer_subset", num_layers: int | None = None,
+                     keep_layers: Sequence[int] | None = None, config: dict[str, Any] | None = None,
+                     pretrained: str | None = None, dtype: str = "float32", seed: int = 0
+                     ) -> tuple[nn.Module, Any | None]:
+    """The student at its initial weights (the same every call for the same ``seed``), and a pretrained student's
+    own tokenizer (to be checked against the teacher's; None when the student is built from the teacher and shares
+    its tokenizer). ``kind``: ``layer_subset`` (:func:`layer_subset_copy`), ``smaller_config``
+    (:func:`smaller_config_student` with ``config`` overrides) or ``pretrained`` (a zoo name, folder or hub id
+    loaded at ``dtype``). A teacher mixture's student is built from its first teacher."""
+    torch.manual_seed(seed)
+    if kind == "pretrained":
+        from ..teachers.lm import load_causal_lm
+
+        if pretrained is None:
+            raise KDistillError("student: kind 'pretrained' needs `pretrained:` (a zoo name, model folder or hub "
+                                "id); got none.")
+        return load_causal_lm(pretrained, dtype=dtype, eval_mode=False)
+    source = getattr(teacher, "base", teacher)
+    if kind == "layer_subset":
+        return layer_subset_copy(source, keep_layers=keep_layers, num_layers=num_layers), None
+    if kind == "smaller_config":
+        return smaller_config_student(source, seed=seed, **(config or {})), None
+    raise KDistillError(f"student.kind: got {kind!r}, expected one of layer_subset, smaller_config, pretrained.")
+
+
+def fused_student_output(model: nn.Module, batch: dict[str, Any]) -> Any:
+    """Final hidden states and LM head of a Hugging Face causal LM, without computing its logits (for methods
+    that build the logits chunk by chunk inside the loss)."""
+    from ..methods.base import ModelOutput
+
+    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    head = model.get_output_embeddings()
+    return ModelOutput(None, extra={"hidden": hidden, "lm_head_weight": head.weight,
+                                    "lm_head_bias": getattr(head, "bias", None)})

@@ -436,3 +436,15 @@ class TopKCache:
                 "topk_logprobs": torch.stack([it["topk_logprobs"] for it in items]),
                 "topk_indices": idx.to(torch.int64) if idx.dtype != torch.int64 else idx,
                 "log_residual": torch.stack([it["log_residual"] for it in items])}
+
+
+def open_topk_cache(cache_dir: str | Path, *, tokenizer: Any, train_blocks: Tensor, teacher: nn.Module, k: int,
+                    dtype: str, identity: Mapping[str, Any]) -> TopKCache:
+    """The top-k cache in ``cache_dir``, refused unless it was written for this tokenizer, data (``train_blocks``),
+    teacher (its fingerprint: config plus a strided sample and sum of every weight, milliseconds), ``k``,
+    ``dtype`` and ``identity`` (the method's :meth:`~kdistill.methods.base.Method.cache_identity` and the
+    teacher's name)."""
+    expect = {"tokenizer_hash": tokenizer_hash(tokenizer), "k": k, "dtype": dtype,
+              "data_hash": data_hash(train_blocks.tolist()), "teacher_fingerprint": model_fingerprint(teacher),
+              **expected_identity(identity)}
+    return TopKCache(cache_dir, expect=expect)

@@ -6,6 +6,10 @@ Storage: a JSON-lines file, one record per prompt in prompt order::
 
     {"i": 0, "prompt_ids": [...], "completion_ids": [...]}
 
+Prompts may differ in length (each is completed on its own, unpadded). Completions have exactly
+``max_new_tokens`` tokens (EOS suppressed: text blocks), or with ``eos_id`` stop at the first EOS, which they
+keep (prompt rows: the student learns where the teacher stops).
+
 next to a ``<file>.meta.json`` with what produced it (teacher fingerprint, tokenizer hash, generation
 settings, prompt hash). Each record is appended, flushed and fsynced before the next prompt, so a killed
 run loses at most the record being written; a torn last line is detected and dropped on the next start,
@@ -24,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..capture import device_of
 from ..errors import KDistillError
 from ..io import write_bytes_atomic, write_json_atomic
 
@@ -62,14 +67,15 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
 @torch.no_grad()
 def generate_store(path: str | Path, model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                    sampling_temperature: float = 0.0, seed: int = 0, teacher_fingerprint: str = "",
-                   tokenizer_hash: str = "", pad_id: int | None = None, stop_after: int | None = None
-                   ) -> list[dict[str, Any]]:
+                   tokenizer_hash: str = "", pad_id: int | None = None, eos_id: int | None = None,
+                   stop_after: int | None = None) -> list[dict[str, Any]]:
     """Complete ``prompts`` (token id lists) with ``model`` and store them at ``path``; resumes.
 
     ``sampling_temperature = 0`` is greedy decoding; otherwise sampling at that temperature, seeded per
     prompt with ``(seed, i)`` so a resumed run produces the same completions as an uninterrupted one.
-    Exactly ``max_new_tokens`` tokens are generated per prompt (EOS suppressed until then). Returns all
-    records. ``stop_after`` stops after that many new records (tests: simulated interruption).
+    Without ``eos_id`` exactly ``max_new_tokens`` tokens are generated per prompt (EOS suppressed until then);
+    with it, generation stops after the first ``eos_id`` (kept) or at ``max_new_tokens``. Returns all records.
+    ``stop_after`` stops after that many new records (tests: simulated interruption).
     """
     if max_new_tokens < 1:
         raise KDistillError(f"max_new_tokens: got {max_new_tokens}, expected >= 1.")
@@ -79,7 +85,8 @@ def generate_store(path: str | Path, model: nn.Module, prompts: Sequence[Sequenc
     p.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format_version": 1, "teacher_fingerprint": teacher_fingerprint, "tokenizer_hash": tokenizer_hash,
             "max_new_tokens": int(max_new_tokens), "sampling_temperature": float(sampling_temperature),
-            "seed": int(seed), "num_prompts": len(prompts), "prompts_hash": _prompts_hash(prompts)}
+            "seed": int(seed), "num_prompts": len(prompts), "prompts_hash": _prompts_hash(prompts),
+            "eos_id": None if eos_id is None else int(eos_id)}
     meta_path = p.with_name(p.name + ".meta.json")
     if meta_path.exists():
         old = json.loads(meta_path.read_text())
@@ -100,16 +107,22 @@ def generate_store(path: str | Path, model: nn.Module, prompts: Sequence[Sequenc
             for i in range(len(records), len(prompts)):
                 if stop_after is not None and written >= stop_after:
                     break
-                ids = torch.tensor([list(map(int, prompts[i]))])
+                ids = torch.tensor([list(map(int, prompts[i]))], device=device_of(model))
                 kw: dict[str, Any] = {"do_sample": False}
+                if eos_id is None:  # fixed-length completions: EOS suppressed
+                    kw["min_new_tokens"] = max_new_tokens
+                else:
+                    kw["eos_token_id"] = int(eos_id)
                 if sampling_temperature > 0:
-                    kw = {"do_sample": True, "temperature": sampling_temperature, "top_k": 0, "top_p": 1.0}
+                    kw.update(do_sample=True, temperature=sampling_temperature, top_k=0, top_p=1.0)
                 with torch.random.fork_rng(devices=[]):  # per-prompt seed; the caller's RNG is untouched
                     torch.manual_seed(seed * 1_000_003 + i)
                     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                         max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                                         pad_token_id=pad_id, **kw)
-                rec = {"i": i, "prompt_ids": ids[0].tolist(), "completion_ids": out[0, ids.shape[1]:].tolist()}
+                                         max_new_tokens=max_new_tokens, pad_token_id=pad_id, **kw)
+                completion = out[0, ids.shape[1]:].tolist()
+                if eos_id is not None and int(eos_id) in completion:
+                    completion = completion[: completion.index(int(eos_id)) + 1]
+                rec = {"i": i, "prompt_ids": ids[0].tolist(), "completion_ids": completion}
                 f.write(json.dumps(rec).encode() + b"\n")
                 f.flush()
                 os.fsync(f.fileno())
@@ -118,3 +131,20 @@ def generate_store(path: str | Path, model: nn.Module, prompts: Sequence[Sequenc
     finally:
         model.train(was)
     return records
+
+
+def complete_prompts(path: str | Path, teacher: nn.Module, tokenizer: Any, prompts: Sequence[Sequence[int]], *,
+                     max_new_tokens: int, stop_at_eos: bool, sampling_temperature: float = 0.0, seed: int = 0
+                     ) -> list[dict[str, Any]]:
+    """:func:`generate_store` for a teacher and its tokenizer: the store is tied to both (fingerprint, tokenizer
+    hash); ``stop_at_eos`` ends each completion at the tokenizer's EOS."""
+    from . import cache
+
+    if stop_at_eos and tokenizer.eos_token_id is None:
+        raise KDistillError("sequence_kd: the tokenizer has no EOS token, so completions of prompt rows cannot "
+                            "stop; expected a tokenizer with eos_token. Fix: use such a tokenizer, or text data.")
+    return generate_store(path, teacher, prompts, max_new_tokens=max_new_tokens,
+                          sampling_temperature=sampling_temperature, seed=seed,
+                          teacher_fingerprint=cache.model_fingerprint(teacher),
+                          tokenizer_hash=cache.tokenizer_hash(tokenizer),
+                          pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id if stop_at_eos else None)

@@ -196,3 +196,39 @@ def served_name(name_or_path: str) -> str:
     if str(name_or_path) not in zoo.ZOO and p.is_dir():
         return p.resolve().name
     return str(name_or_path)
+
+
+def load_lm_teacher(name: str, *, dtype: str = "float32", seed: int = 0, tokenizer_texts: Any = (),
+                    tiny_vocab_size: int = 512, tiny_layers: int = 4, tiny_hidden_size: int = 64
+                    ) -> tuple[Any, Any]:
+    """``(teacher, tokenizer)`` in eval mode: :func:`load_causal_lm` for a zoo name, folder or hub id; ``tiny``
+    builds a random tiny Llama (seeded, ``tiny_*`` sizes) with a BPE tokenizer trained on ``tokenizer_texts``
+    (an iterable of strings, read only for ``tiny``) for tests and CI."""
+    if name == "tiny":
+        from .tiny import tiny_llama, train_tokenizer
+
+        tok = train_tokenizer(tokenizer_texts, vocab_size=tiny_vocab_size)
+        model = tiny_llama(len(tok), hidden_size=tiny_hidden_size, num_layers=tiny_layers, seed=seed,
+                           pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                           eos_token_id=tok.eos_token_id)
+        return model.eval(), tok
+    return load_causal_lm(name, dtype=dtype)
+
+
+def mix_lm_teachers(loaded: list[tuple[Any, Any]], *, names: list[str], weights: list[float] | None = None
+                    ) -> tuple[Any, Any]:
+    """``(mixture, tokenizer)`` of several loaded ``(teacher, tokenizer)`` pairs: the weighted mean of their
+    next-token distributions (:class:`kdistill.teachers.mixture.LMTeacherMixture`); one tokenizer for all."""
+    from .cache import tokenizer_hash
+    from .mixture import LMTeacherMixture
+
+    if len({tokenizer_hash(tok) for _, tok in loaded}) != 1:
+        raise KDistillError(f"teachers: {names} use different tokenizers; expected one tokenizer for all (their "
+                            "next-token distributions are averaged entry by entry). Fix: pick teachers of one "
+                            "model family.")
+    return LMTeacherMixture([m for m, _ in loaded], weights).eval(), loaded[0][1]
+
+
+def lm_logits(model: Any, batch: dict[str, Any]) -> torch.Tensor:
+    """``(B, T, V)`` logits of a Hugging Face causal LM on a batch's ``input_ids`` / ``attention_mask``."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
