@@ -40,12 +40,13 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import kdistill.methods  # noqa: E402,F401
 import kdistill.models  # noqa: E402,F401
-from kdistill.data import TensorDictDataset, load_dataset, make_loader  # noqa: E402
+from kdistill.data import load_dataset  # noqa: E402
 from kdistill.data.augment import build_augment  # noqa: E402
 from kdistill.eval.metrics import accuracy  # noqa: E402
 from kdistill.models.classifiers import predict_logits  # noqa: E402
 from kdistill.registry import METHODS, MODELS  # noqa: E402
-from kdistill.train.loop import fit, make_accelerator  # noqa: E402
+from kdistill.train.classifier import train_classifier  # noqa: E402
+from kdistill.train.loop import make_accelerator  # noqa: E402
 
 ZOO = ["hinton_kd", "dkd", "dist", "logit_standardization", "alpha_divergence", "sinkhorn_kd", "attention_transfer",
        "rkd", "pkt", "similarity_preserving", "nd_loss", "crd", "ofa", "gt_guided_self_distillation", "ensemble",
@@ -89,13 +90,11 @@ def train(model_spec, method_name: str, kwargs: dict, teacher, data, *, seed: in
     torch.manual_seed(seed)
     model = MODELS.get(model_spec[0])(data.input_shape, data.num_classes, **model_spec[1])
     method = METHODS.get(method_name)(**kwargs)
-    # dataset positions travel with the batch, as in the classification runner (crd's per-example bank)
-    loader = make_loader(TensorDictDataset(inputs=data.x_train, labels=data.y_train,
-                                           index=torch.arange(len(data.y_train))), batch_size, seed=seed)
     augment = build_augment("mixup", data.num_classes, alpha=1.0) if mixup else None
-    res = fit(student=model, method=method, teacher=teacher if method.needs_teacher else None, train_loader=loader,
-              accelerator=make_accelerator("no"), augment=augment, progress=False, seed=seed, epochs=epochs, lr=lr,
-              weight_decay=1e-4, log_every=10_000)
+    # the classification task's training function (teacher forwards at every step, as the published rows had)
+    res = train_classifier(model, method, data.x_train, data.y_train, accelerator=make_accelerator("no"),
+                           batch_size=batch_size, seed=seed, teacher=teacher, augment=augment, progress=False,
+                           epochs=epochs, lr=lr, weight_decay=1e-4, log_every=10_000)
     acc = accuracy(predict_logits(res.student, data.x_test), data.y_test)
     val = accuracy(predict_logits(res.student, data.x_val), data.y_val)  # for choosing settings, never the test split
     return acc, res.seconds / epochs, res.student, val
