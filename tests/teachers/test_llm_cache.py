@@ -147,3 +147,31 @@ def test_bad_arguments(tmp_path):
         _write(tmp_path / "b", model, seqs, max_length=4)
     with pytest.raises(KDistillError, match="logits of shape"):
         _write(tmp_path / "c", lambda i, a: model(i, a)[:, :-1], seqs, fingerprint_of=model)
+
+
+def test_fingerprint_does_not_depend_on_reduction_order() -> None:
+    """A cache written with one thread count (or on a GPU) must open with another: the fingerprint's per-tensor
+    checksum is exact, where a float sum changes with the order of additions."""
+    from kdistill.teachers.cache import _checksum
+
+    torch.manual_seed(0)
+    t = torch.randn(100_003) * torch.logspace(-6, 6, 100_003)
+    assert float(t.sum()) != float(t.flip(0).sum())  # a float sum does depend on the order
+    assert _checksum(t) == _checksum(t.flip(0).flip(0)) == _checksum(t.clone())
+    assert _checksum(t) == _checksum(t.reshape(-1, 1).flip(0).reshape(-1).flip(0))
+    # the checksum is the exact sum of the words, order-free: compare with a shuffled copy of the words
+    words = t.view(torch.int32).to(torch.int64)
+    assert _checksum(t) == int(words[torch.randperm(len(words))].sum()) % (1 << 64)
+    u = t.clone()
+    u[7] = torch.nextafter(u[7], torch.tensor(float("inf")))  # one ulp of one value
+    assert _checksum(u) != _checksum(t)
+    m = torch.nn.Linear(300, 300)
+    with torch.no_grad():
+        m.weight.mul_(torch.logspace(-6, 6, 300))
+    before = model_fingerprint(m)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert model_fingerprint(m) == before
+    finally:
+        torch.set_num_threads(n)

@@ -132,8 +132,17 @@ def model_fingerprint(model: nn.Module, samples_per_tensor: int = 4096) -> str:
             step = max(1, math.ceil(flat.numel() / samples_per_tensor))
             sample = flat[::step].float().cpu().contiguous()
             h.update(sample.numpy().tobytes())
-            h.update(repr(float(flat.float().sum())).encode())
+            h.update(str(_checksum(flat)).encode())
     return h.hexdigest()
+
+
+def _checksum(flat: Tensor) -> int:
+    """The sum of a tensor's raw 32-bit words (bytes when its size is not a multiple of 4), modulo 2**64: exact and
+    independent of reduction order, so threads, devices and batch splits agree. A float sum is not: it changes
+    with the thread count, and a cache written with one would be refused with another."""
+    raw = flat.detach().contiguous().reshape(-1).view(torch.uint8)
+    words = raw.view(torch.int32) if raw.numel() % 4 == 0 else raw
+    return int(words.to(torch.int64).sum()) % (1 << 64)
 
 
 def tokenizer_hash(tokenizer: Any) -> str:
