@@ -46,10 +46,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from kdistill import api  # noqa: E402
+from kdistill.data.pairs import load_pairs  # noqa: E402
 from kdistill.eval.retrieval import mixed_retrieval, retrieval_metrics, sentences_per_second  # noqa: E402
 from kdistill.exporters.sentence_transformers import load_student, save_sentence_transformer  # noqa: E402
 from kdistill.students.encoders import count_params, layer_subset, load_sentence_encoder  # noqa: E402
-from kdistill.tasks.embedding import build_static, load_pairs  # noqa: E402
+from kdistill.students.static import build_static  # noqa: E402
 from kdistill.teachers.cache import cached_embeddings  # noqa: E402
 
 
@@ -162,7 +163,7 @@ def main() -> None:
     recipe_2l = api.load_config("embedding/minilm_to_2layer", common)
     # the 2-layer recipe's own training texts (pairs kept together or not), so the sentence-transformers
     # student below trains on exactly the same texts
-    sentences, _, test = load_pairs(recipe_2l.data)
+    sentences, _, test = load_pairs(**recipe_2l.data.load_kwargs())
     queries, cands = [p.query for p in test], [p.candidate for p in test]
     log(f"{len(sentences)} training sentences, {len(test)} test pairs")
 
@@ -224,8 +225,8 @@ def main() -> None:
                                 "st_export_max_abs_diff": rep["export"]["st_max_abs_diff"],
                                 **pq_summary(rep)}
     recipe_static = api.load_config("embedding/minilm_to_static", common)
-    models["kdistill_static_untrained"] = build_static(teacher, corpus=load_pairs(recipe_static.data)[0],
-                                                       **recipe_static.student.kwargs)
+    static_corpus = load_pairs(**recipe_static.data.load_kwargs())[0]
+    models["kdistill_static_untrained"] = build_static(teacher, corpus=static_corpus, **recipe_static.student.kwargs)
 
     # ---- model2vec -------------------------------------------------------------------------------------
     if "model2vec" not in args.skip:

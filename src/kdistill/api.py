@@ -221,14 +221,22 @@ def _evaluate_run(run_dir: Path, given: Path) -> dict[str, Any]:
         return {"checkpoint": str(student_dir), "task": task, "metrics": metrics,
                 "params": sum(p.numel() for p in model.parameters()), "held_out_tokens": int(held["mask"].sum())}
     if task == "embedding":
-        from .eval.retrieval import evaluate_encoder
+        from .data.pairs import load_embedding_data
+        from .eval.retrieval import evaluate_encoder, evaluate_texts
         from .exporters.sentence_transformers import load_student
-        from .tasks.embedding import load_pairs
+        from .students.encoders import load_teacher_encoder
 
         student = load_student(student_dir)
-        _, _, test = load_pairs(cfg.data)
+        data = load_embedding_data(**cfg.data.load_kwargs())
+        bs = cfg.eval.batch_size
+        if not data.labelled:  # unlabelled texts: agreement with the teacher on the held-out texts
+            t_emb = load_teacher_encoder(cfg.teacher).encode(data.test_texts, bs)
+            metrics = evaluate_texts(student, data.test_texts, teacher_embeddings=t_emb, batch_size=bs)
+            return {"checkpoint": str(student_dir), "task": task, "metrics": metrics,
+                    "test_texts": len(data.test_texts)}
+        test = data.test
         metrics = evaluate_encoder(student, [q.query for q in test], [q.candidate for q in test],
-                                   batch_size=cfg.eval.batch_size)
+                                   distractors=data.test_negatives, batch_size=bs)
         return {"checkpoint": str(student_dir), "task": task, "metrics": metrics, "test_pairs": len(test)}
     raise KDistillError(f"eval: the run in {str(run_dir)!r} is a {task!r} run; `kdistill eval` supports "
                         "classification, tabular, llm and embedding runs. Its report.json holds the run's figures.")

@@ -7,8 +7,7 @@ import pytest
 
 def write_encoder_and_pairs(folder):
     from kdistill.exporters.sentence_transformers import save_sentence_transformer
-    from kdistill.students.encoders import tiny_encoder
-    from kdistill.tasks.embedding import tiny_corpus
+    from kdistill.students.encoders import tiny_corpus, tiny_encoder
 
     save_sentence_transformer(tiny_encoder(num_layers=4, seed=1), folder / "my_encoder")
     rows = [{"query": " ".join(s.split()[: max(1, len(s.split()) // 2)]), "positive": s}

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from kdistill.config import load_config
+from kdistill.data.pairs import load_pairs
 from kdistill.errors import ConfigError
 from kdistill.exporters.sentence_transformers import load_student
-from kdistill.tasks.embedding import EmbeddingDataSpec, load_pairs
+from kdistill.tasks.embedding import EmbeddingDataSpec
 
 TINY = {
     "task": "embedding", "name": "tiny_embedding", "teacher": "tiny",
@@ -33,7 +34,8 @@ def test_bad_student_kwargs_fail_at_load_time():
 
 
 def test_split_is_held_out_from_training():
-    sentences, dev, test = load_pairs(EmbeddingDataSpec(name="tiny", num_eval=60, num_dev=30, num_train=None))
+    spec = EmbeddingDataSpec(name="tiny", num_eval=60, num_dev=30, num_train=None)
+    sentences, dev, test = load_pairs(**spec.load_kwargs())
     held = {p.query.lower() for p in test + dev} | {p.candidate.lower() for p in test + dev}
     assert not held & {s.lower() for s in sentences}
     assert len(test) == 60 and len(dev) == 30
@@ -42,15 +44,15 @@ def test_split_is_held_out_from_training():
 @pytest.mark.resources
 def test_synonym_queries_add_training_pairs_but_keep_the_held_out_split():
     base = EmbeddingDataSpec(name="wordnet", num_train=None, pairs=True)
-    sentences, dev, test = load_pairs(base)
-    more, dev2, test2 = load_pairs(base.model_copy(update={"synonym_queries": True}))
+    sentences, dev, test = load_pairs(**base.load_kwargs())
+    more, dev2, test2 = load_pairs(**base.model_copy(update={"synonym_queries": True}).load_kwargs())
     assert test2 == test and dev2 == dev
     assert len(more) > len(sentences) + 150_000 and more[: len(sentences)] == sentences
     held_q = {p.query.lower() for p in test + dev}
     held_c = {p.candidate.lower() for p in test + dev}
     assert not any(q.lower() in held_q for q in more[0::2]) and not any(c.lower() in held_c for c in more[1::2])
     with pytest.raises(Exception, match="synonym_queries needs data.name 'wordnet'"):
-        load_pairs(EmbeddingDataSpec(name="tiny", num_eval=60, num_dev=30, synonym_queries=True))
+        load_pairs(**EmbeddingDataSpec(name="tiny", num_eval=60, num_dev=30, synonym_queries=True).load_kwargs())
 
 
 def test_tiny_run_writes_report_and_loadable_student(tmp_path):
@@ -99,7 +101,7 @@ def test_no_progress_hides_the_hugging_face_loading_bars(tmp_path):
 def test_static_least_squares_projection_moves_student_towards_teacher():
 
     from kdistill.students.encoders import tiny_corpus, tiny_encoder
-    from kdistill.tasks.embedding import build_static
+    from kdistill.students.static import build_static
 
     teacher = tiny_encoder(num_layers=2, seed=0)
     corpus = tiny_corpus(200, seed=1)
@@ -141,9 +143,10 @@ def test_pairs_mode_keeps_training_pairs_together_and_trains(tmp_path):
     from kdistill.data.text import Pair
 
     spec = EmbeddingDataSpec(name="tiny", num_eval=60, num_dev=30, num_train=100, pairs=True)
-    sentences, dev, test = load_pairs(spec)
+    sentences, dev, test = load_pairs(**spec.load_kwargs())
     assert len(sentences) == 100
-    _, dev_plain, test_plain = load_pairs(EmbeddingDataSpec(name="tiny", num_eval=60, num_dev=30, num_train=100))
+    plain = EmbeddingDataSpec(name="tiny", num_eval=60, num_dev=30, num_train=100)
+    _, dev_plain, test_plain = load_pairs(**plain.load_kwargs())
     assert test == test_plain and dev == dev_plain  # same held-out split either way
     from kdistill.students.encoders import tiny_corpus
 
@@ -183,7 +186,9 @@ def test_neighbour_batches_group_teacher_neighbours_and_train(tmp_path, monkeypa
     # pairs are keyed by the sum of their two unit vectors: a pair's nearest row is the one with the same vectors
     t = torch.randn(5, 2, 8)
     t[3] = t[1] * 2.0
-    assert emb._row_neighbours(t, 2)[1, 0] == 3
+    from kdistill.data.pairs import row_neighbours
+
+    assert row_neighbours(t, 2)[1, 0] == 3
     with pytest.raises(ConfigError, match="neighbour_group"):
         load_config({**TINY, "data": {**TINY["data"], "neighbour_group": 0}})
 
@@ -206,7 +211,7 @@ def test_quantize_width_mismatch_fails_before_training(tmp_path):
 
 def test_token_term_runs_teacher_live_and_trains_both_layouts(tmp_path, monkeypatch):
     from kdistill.api import run
-    from kdistill.tasks import embedding as emb
+    from kdistill.students import encoders as emb
 
     calls = {"n": 0, "shapes": []}
     real = emb.token_forward

@@ -21,7 +21,9 @@ The student's and the teacher's outputs are sentence embeddings ``s, t`` of shap
                                                                        batch's student vectors j != k as it ranks
                                                                        their teachers)
       + w_margin * mean_i mean_k ((S_ip - S_ik) - (T_ip - T_ik))^2    (margin_mse; p = teacher's top in-batch
-                                                                       neighbour of i, k = the others)
+                                                                       neighbour of i, k = the others; with
+                                                                       hard negatives, a query's p is its
+                                                                       positive and k its own negatives)
       + w_dist   * RKD distance + w_angle * RKD angle                 (rkd_distance / rkd_angle)
       + w_token  * mean_i mean_{real tokens k} (1 - cos(Q h_ik, g_ik))  (token_cosine: the student's last hidden
                                                                        states h vs the teacher's g)
@@ -69,6 +71,18 @@ the contrastive objective of sentence-transformers' ``MultipleNegativesRankingLo
 "Representation Learning with Contrastive Predictive Coding"), both directions as in CLIP. It is to embedding KD
 what the hard-label cross-entropy is to Hinton KD: the teacher's soft ranking plus the ground truth, so the
 student can correct the teacher where the labels disagree with it. Uncounted rows (``mask``) drop their pair.
+
+Hard negatives. The student's output may declare its batch layout in ``student.extra["group_size"] = G``: rows
+come in groups of ``G`` texts, ``[query, positive, negative_1, ..., negative_{G-2}]`` (the ``embedding`` task's
+``data.negative_column`` gives ``G = 3``; without the key, ``pair_weight`` reads pairs, ``G = 2``). With ``G >= 3``:
+
+* the list-wise, cross and candidate terms need no change: a query's row already ranks every other text of the
+  batch, its positive and its own hard negatives among them, as the teacher ranks them;
+* ``margin_weight``: a query row's Margin-MSE compares the teacher's margins on its own triples
+  ``(query, positive, negative_j)`` (Hofstätter et al., 2020, as published); the other rows (positives and
+  negatives) keep the in-batch form above;
+* ``pair_weight``: each query must pick its positive among the batch's positives *and* hard negatives (the
+  hard-negative form of ``MultipleNegativesRankingLoss``); the positive -> query direction is unchanged.
 """
 
 from __future__ import annotations
@@ -99,6 +113,19 @@ from .base import Method, ModelOutput, SetupInfo, require_teacher
 def _counted(x: Tensor, mask: Tensor | None) -> Tensor:
     """The rows of ``x`` that count (all without a mask): what a queue or bank stores."""
     return x if mask is None else x[mask.bool()]
+
+
+def _group_size(student: ModelOutput, default: int) -> int:
+    """The rows-per-group layout the student's forward declared (``extra["group_size"]``), else ``default``."""
+    return int(student.extra.get("group_size", default))
+
+
+def _check_groups(b: int, g: int, name: str, weight: float) -> None:
+    if g < 2 or b % g:
+        layout = "an even number laid out as (query, candidate) pairs [q1, c1, q2, c2, ...]" if g <= 2 else \
+            f"a multiple of {g} laid out as groups [query, positive, {g - 2} negative(s)]"
+        raise KDistillError(f"embedding_kd {name}={weight}: got a batch of {b} rows, expected {layout}. Use the "
+                            f"embedding task with data.pairs: true (or data.negative_column), or set {name}: 0.")
 
 
 def _off_diagonal(x: Tensor) -> Tensor:
@@ -218,13 +245,17 @@ class EmbeddingKD(Method):
             if self.margin_weight > 0:
                 order = torch.argsort(t_sim, dim=1, descending=True)  # column 0: the teacher's top neighbour
                 mm = margin_mse(s_sim.gather(1, order), t_sim.gather(1, order))
+                g = _group_size(student, 1)
+                if g >= 3:  # query rows: margins on their own (query, positive, negative_j) triples
+                    mm = mm.clone()
+                    mm[0::g] = self._labelled_margins(s, t, g)
                 out["margin"] = self.margin_weight * masked_mean(mm, mask)
         if self.rkd_distance_weight > 0 and b >= 2:
             out["rkd_distance"] = self.rkd_distance_weight * masked_mean(rkd_distance(s, t, mask=mask), mask)
         if self.rkd_angle_weight > 0 and b >= 3:
             out["rkd_angle"] = self.rkd_angle_weight * masked_mean(rkd_angle(s, t, mask=mask), mask)
         if self.pair_weight > 0:
-            out["pairs"] = self.pair_weight * self._pair_term(s, mask)
+            out["pairs"] = self.pair_weight * self._pair_term(s, mask, _group_size(student, 2))
         if self.uses_token_states:
             out["tokens"] = self.token_weight * masked_mean(self._token_term(student, teacher), mask)
         if not out:  # a batch too small for the chosen relational terms
@@ -249,20 +280,36 @@ class EmbeddingKD(Method):
             st = self.token_projector(st.float())
         return token_cosine(st, tt.float().detach(), am)
 
-    def _pair_term(self, s: Tensor, mask: Tensor | None) -> Tensor:
-        """Symmetric in-batch InfoNCE over the (query, candidate) pairs in rows ``(2p, 2p + 1)``, mean over the
-        pairs whose two rows both count."""
-        if s.shape[0] % 2:
-            raise KDistillError(f"embedding_kd pair_weight={self.pair_weight}: got a batch of {s.shape[0]} rows, "
-                                "expected an even number laid out as (query, candidate) pairs [q1, c1, q2, c2, ...]. "
-                                "Use the embedding task with data.pairs: true, or set pair_weight: 0.")
-        q, c = s[0::2], s[1::2]
+    def _labelled_margins(self, s: Tensor, t: Tensor, g: int) -> Tensor:
+        """``(B / g,)`` Margin-MSE of each group's query over ``[positive, negatives]`` (rows ``1..g-1`` of its
+        group), student scores against the teacher's."""
+        _check_groups(s.shape[0], g, "margin_weight", self.margin_weight)
+        gs, gt = s.float().view(-1, g, s.shape[-1]), t.float().view(-1, g, t.shape[-1])
+
+        def scores(x: Tensor) -> Tensor:  # cos(query, [positive, negatives]): (groups, g - 1)
+            x = torch.nn.functional.normalize(x, dim=-1)
+            return (x[:, :1] * x[:, 1:]).sum(-1)
+
+        return margin_mse(scores(gs), scores(gt))
+
+    def _pair_term(self, s: Tensor, mask: Tensor | None, g: int = 2) -> Tensor:
+        """Symmetric in-batch InfoNCE over the (query, candidate) pairs in rows ``(g p, g p + 1)``, mean over the
+        pairs whose two rows both count; with ``g >= 3`` the rows ``g p + 2 ...`` (hard negatives) are extra
+        candidates of every query."""
+        _check_groups(s.shape[0], g, "pair_weight", self.pair_weight)
+        q, c = s[0::g], s[1::g]
+        negs = torch.cat([s[j::g] for j in range(2, g)]) if g >= 3 else None
         if mask is not None:
-            keep = mask.bool()[0::2] & mask.bool()[1::2]
+            m = mask.bool()
+            keep = m[0::g] & m[1::g]
             q, c = q[keep], c[keep]
-        if len(q) < 2:  # no in-batch negative
+            if negs is not None:
+                negs = negs[torch.cat([m[j::g] for j in range(2, g)])]
+        if not len(q) or (len(q) < 2 and (negs is None or not len(negs))):  # no negative at all
             return s.float().sum() * 0.0
-        nce = contrastive_nce(q, c, nce_temperature=self.kd_temperature)
+        nce = contrastive_nce(q, c, negs, nce_temperature=self.kd_temperature)
+        if len(q) < 2:
+            return 0.5 * nce.mean()
         return 0.5 * (nce + contrastive_nce(c, q, nce_temperature=self.kd_temperature)).mean()
 
     def _bank(self, t: Tensor) -> Tensor:

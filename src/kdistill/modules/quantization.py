@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -184,3 +187,61 @@ def train_distill_vq(pq: ProductQuantizer, student_emb: Tensor, teacher_emb: Ten
         epoch_loss.append(total / max(1, count))
     return {"steps": steps, "seconds": time.perf_counter() - t0, "loss_first_epoch": epoch_loss[0],
             "loss_last_epoch": epoch_loss[-1]}
+
+
+def quantize_student(student: Any, teacher: Any, *, texts: list[str], queries: list[str], candidates: list[str],
+                     distractors: Sequence[str] = (), teacher_recall_at_1: float, num_subspaces: int = 32,
+                     num_centroids: int = 256, kmeans_iters: int = 25, distill: bool = True, epochs: int = 3,
+                     batch_size: int = 256, lr: float = 1e-4, kd_temperature: float = 0.05, neighbours: int = 7,
+                     max_train: int | None = 50000, seed: int = 0, encode_batch_size: int = 64,
+                     teacher_cached_all: bool = False, output: str | Path | None = None) -> dict[str, Any]:
+    """Product-quantise an encoder's candidate embeddings and measure retrieval with dense ``queries`` against
+    decoded ``candidates`` (+ ``distractors``, e.g. held-out hard negatives, in the pool): k-means codebooks fitted
+    on the student's vectors of at most ``max_train`` of the training ``texts`` (a seeded subset), then, with
+    ``distill``, Distill-VQ (:func:`train_distill_vq`) against the teacher's embeddings of the same texts.
+
+    ``teacher_cached_all``: the teacher's embeddings of every text are already cached (training computed them), so
+    the subset's rows are read from that cache instead of encoding the subset. Codebooks are saved to
+    ``<output>/pq.safetensors`` when ``output`` is given. Returns the figures of the report's ``quantization``."""
+    from ..eval.retrieval import retrieval_metrics
+    from ..io import save_state_dict_atomic
+    from ..teachers.cache import cached_embeddings
+
+    bs = encode_batch_size
+    keep = list(range(len(texts)))
+    if max_train is not None and len(texts) > max_train:
+        keep = sorted(np.random.default_rng(seed).permutation(len(texts))[:max_train].tolist())
+    if teacher_cached_all:
+        t_train = cached_embeddings(teacher, texts, batch_size=bs)[keep]
+        texts = [texts[i] for i in keep]
+    else:
+        texts = [texts[i] for i in keep]
+        t_train = cached_embeddings(teacher, texts, batch_size=bs)
+    with torch.no_grad():
+        s_train = student.encode(texts, bs)
+        s_q, s_c = student.encode(queries, bs), student.encode(candidates, bs)
+        s_d = student.encode(list(distractors), bs) if len(distractors) else None
+    pq = ProductQuantizer(s_train.shape[1], num_subspaces, num_centroids).init_kmeans(
+        s_train, iters=kmeans_iters, seed=seed)
+
+    def kept(m: dict[str, Any]) -> dict[str, Any]:
+        m["recall_at_1_kept"] = m["recall_at_1"] / teacher_recall_at_1 if teacher_recall_at_1 > 0 else float("nan")
+        return m
+
+    def scored() -> dict[str, Any]:
+        m = kept(retrieval_metrics(s_q, pq(s_c).detach(), distractors=None if s_d is None else pq(s_d).detach()))
+        m["reconstruction_mse"] = pq.reconstruction_error(s_c)
+        return m
+
+    out: dict[str, Any] = {"num_subspaces": pq.m, "num_centroids": pq.k, "bytes_per_vector": pq.bytes_per_vector,
+                           "dense_bytes_per_vector": 4 * pq.dim, "compression": 4 * pq.dim / pq.bytes_per_vector,
+                           "train_texts": len(texts), "dense": kept(retrieval_metrics(s_q, s_c, distractors=s_d)),
+                           "kmeans": scored()}
+    if distill:
+        out["distill_vq_training"] = train_distill_vq(pq, s_train, t_train, epochs=epochs, batch_size=batch_size,
+                                                      lr=lr, kd_temperature=kd_temperature, neighbours=neighbours,
+                                                      seed=seed)
+        out["distill_vq"] = scored()
+    if output is not None:
+        save_state_dict_atomic(Path(output) / "pq.safetensors", {"codebooks": pq.codebooks.detach().contiguous()})
+    return out

@@ -139,6 +139,57 @@ def encoder_forward(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     return model(**trim_padding(batch))
 
 
+def token_forward(model: SentenceEncoder, batch: dict[str, Tensor]) -> Any:
+    """Like :func:`encoder_forward` (padding columns trimmed), but also returns the last hidden states:
+    ``ModelOutput(logits=(B, D) embeddings, features={"tokens": (B, T, H)}, extra={"attention_mask": (B, T) bool})``
+    - what a method's token term reads (``uses_token_states``)."""
+    from ..methods.base import ModelOutput
+
+    kwargs = trim_padding(batch)
+    tokens = model.backbone(**kwargs).last_hidden_state
+    return ModelOutput(logits=model.head(tokens, kwargs["attention_mask"]), features={"tokens": tokens},
+                       extra={"attention_mask": kwargs["attention_mask"].bool()})
+
+
+def training_forwards(teacher: nn.Module, keys: Sequence[str], *, group_size: int = 1,
+                      token_states: bool = False) -> tuple[Any, dict[str, Any]]:
+    """``(student_forward, teacher arguments of fit)`` for training an encoder on token batches.
+
+    ``group_size = G > 1``: a training row is ``G`` texts (``(R, G, ...)`` tensors: a pair, or a query, its positive
+    and its hard negatives), flattened to ``R * G`` texts in row order; the student's output then carries
+    ``extra["group_size"] = G`` so a method can find each query's partner and negatives. The teacher's sentence
+    embeddings come from the cache in the batch (``teacher_emb``, same layout); with ``token_states`` (a method
+    that reads them) the student also returns its last hidden states and the loop runs the teacher live
+    (``teacher`` + ``teacher_forward``: frozen, on the loop's device, no gradients) for its own."""
+    from ..methods.base import ModelOutput
+
+    expect(isinstance(group_size, int) and group_size >= 1, "group_size", group_size, "an integer >= 1")
+    grouped = group_size > 1
+
+    def texts(b: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: (b[k].flatten(0, 1) if grouped else b[k]) for k in keys}
+
+    def cached(b: dict[str, Tensor]) -> Tensor:
+        return b["teacher_emb"].flatten(0, 1) if grouped else b["teacher_emb"]
+
+    def layout(out: Any) -> Any:
+        if grouped:
+            out = out if isinstance(out, ModelOutput) else ModelOutput(logits=out)
+            out.extra["group_size"] = group_size
+        return out
+
+    teacher_targets = {"teacher_targets": lambda b: ModelOutput(logits=cached(b))}
+    if not token_states:
+        return (lambda model, b: layout(encoder_forward(model, texts(b)))), teacher_targets
+
+    def teacher_forward(model: SentenceEncoder, b: dict[str, Tensor]) -> ModelOutput:
+        out = token_forward(model, texts(b))  # looked up at call time (tests wrap it)
+        return ModelOutput(logits=cached(b), features={"tokens": out.features["tokens"]})
+
+    return (lambda model, b: layout(token_forward(model, texts(b)))), {"teacher": teacher,
+                                                                       "teacher_forward": teacher_forward}
+
+
 # ------------------------------------------------------------------------------------------------ loading
 
 
@@ -212,6 +263,12 @@ def load_sentence_encoder(name_or_path: str | Path) -> SentenceEncoder:
         enc.projection = nn.Linear(w.shape[1], w.shape[0], bias="linear.bias" in weights)
         enc.projection.load_state_dict({k.removeprefix("linear."): v for k, v in weights.items()})
     return enc.eval()
+
+
+def load_teacher_encoder(name: str) -> SentenceEncoder:
+    """The embedding task's teacher: ``"tiny"`` (a random 4-layer :func:`tiny_encoder`, for tests and smoke
+    runs) or anything :func:`load_sentence_encoder` reads."""
+    return tiny_encoder(num_layers=4, seed=1) if name == "tiny" else load_sentence_encoder(name)
 
 
 # ----------------------------------------------------------------------------------------------- students

@@ -21,7 +21,7 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -237,3 +237,41 @@ def static_from_teacher(teacher: SentenceEncoder, *, dim: int | None = 256, weig
     if not math.isfinite(float(table.abs().sum())):
         raise KDistillError("static_from_teacher produced non-finite vectors; check the teacher's outputs.")
     return StaticEncoder(table, teacher.tokenizer, normalize=normalize, special_ids=specials)
+
+
+def build_static(teacher: SentenceEncoder, *, corpus: Sequence[str], dim: int | None = 256, weighting: str = "zipf",
+                 use_corpus_counts: bool = True, sif_a: float = 1e-3, projection: bool = False,
+                 projection_init: Literal["identity", "least_squares"] = "identity") -> StaticEncoder:
+    """The ``static`` student of the embedding task: :func:`static_from_teacher` (token vectors cached under
+    ``$KDISTILL_CACHE/token_vectors``; ``use_corpus_counts`` weights tokens by their counts in ``corpus``, else by
+    id). ``projection`` adds a learned ``dim -> teacher dim`` linear map that is trained and exported with the
+    student. ``projection_init``: ``identity`` (zero-padded identity: PCA coordinates in the first dims) or
+    ``least_squares`` (the affine map that best sends the static sentence vectors of ``corpus`` to the teacher's
+    embeddings of it, closed form)."""
+    from ..io import cache_root
+    from ..teachers.cache import cached_embeddings
+
+    if projection_init not in ("identity", "least_squares"):
+        raise KDistillError(f"static projection_init: got {projection_init!r}, expected 'identity' or 'least_squares'.")
+    student = static_from_teacher(teacher, dim=dim, weighting=weighting,
+                                  corpus=corpus if use_corpus_counts else None, sif_a=sif_a,
+                                  cache_dir=cache_root() / "token_vectors")
+    if projection:
+        x = None
+        if projection_init == "least_squares":
+            normalize, student.normalize = student.normalize, False
+            x = student.encode(corpus, batch_size=256).double()  # unnormalised mean token vectors
+            student.normalize = normalize
+        student.projection = torch.nn.Linear(student.token_dim, teacher.embedding_dim)
+        with torch.no_grad():
+            if x is not None:
+                y = cached_embeddings(teacher, list(corpus)).double()
+                sol = torch.linalg.lstsq(torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1), y).solution
+                student.projection.weight.copy_(sol[:-1].T.float())
+                student.projection.bias.copy_(sol[-1].float())
+            else:
+                student.projection.weight.zero_()
+                n = min(student.token_dim, teacher.embedding_dim)
+                student.projection.weight[:n, :n] = torch.eye(n)
+                student.projection.bias.zero_()
+    return student
