@@ -27,7 +27,7 @@ def save_classifier(directory: str | Path, model: nn.Module, *, model_name: str,
     d.mkdir(parents=True, exist_ok=True)
     save_state_dict_atomic(d / "model.safetensors", model.state_dict(), metadata={"format": FORMAT})
     if hasattr(model, "save_hf"):  # a Hugging Face classifier: also a plain folder that transformers loads
-        model.save_hf(d / "hf")
+        model.save_hf(d / "hf", class_names=(extra or {}).get("class_names"))
     write_json_atomic(d / "model.json", {
         "format": FORMAT, "model": model_name, "kwargs": model_kwargs, "input_shape": list(input_shape),
         "num_classes": int(num_classes), "params": count_params(model), **(extra or {}),

@@ -19,6 +19,7 @@ from ..config import ALONE, DEFAULT_METHODS, AugmentSpec, MethodSpec, NamedSpec,
 from ..data.augment import build_augment
 from ..data.classification import ClassificationData, load_dataset
 from ..data.loaders import TensorDictDataset, make_loader
+from ..errors import close_matches
 from ..eval.metrics import agreement, classification_metrics, model_latency_ms
 from ..eval.report import write_report
 from ..exporters.classifier import load_classifier, save_classifier
@@ -31,7 +32,8 @@ from .base import RunContext, Task
 
 #: the fields of your own data (``data: {files: ..., label_column: ...}``), read by the ``files`` dataset
 _FILE_FIELDS = ("files", "hf_dataset", "format", "label_column", "feature_columns", "text_column", "tokenizer",
-                "max_length", "validation_fraction", "test_fraction", "data_seed", "standardise")
+                "max_length", "validation_fraction", "test_fraction", "data_seed", "standardise", "image_column",
+                "label_files", "image_layout", "image_scale")
 
 
 class DataSpec(NamedSpec):
@@ -44,6 +46,12 @@ class DataSpec(NamedSpec):
     def _own_data(cls, v: Any) -> Any:
         if isinstance(v, dict) and ("files" in v or "hf_dataset" in v) and "name" not in v:
             rest = {k: x for k, x in v.items() if k not in _FILE_FIELDS}
+            for key in rest:
+                if key != "kwargs":
+                    near = close_matches(str(key), _FILE_FIELDS)
+                    raise ValueError(f"data.{key}: unknown field of your own data."
+                                     + (f" Did you mean {' or '.join(repr(m) for m in near)}?" if near else "")
+                                     + f" Expected some of: {', '.join(_FILE_FIELDS)}.")
             return {"name": "files", "kwargs": {k: x for k, x in v.items() if k in _FILE_FIELDS}, **rest}
         return v
 
@@ -55,8 +63,9 @@ class DataSpec(NamedSpec):
 
 class ModelSpec(NamedSpec):
     """A model family from ``MODELS``; ``input_shape`` and ``num_classes`` come from the data. Your own module:
-    ``{factory: "package.module:function", kwargs: {...}}`` (the ``factory`` model); a Hugging Face sequence
-    classifier: ``{hf: PATH_OR_ID}`` (the ``hf`` model, for text data)."""
+    ``{factory: "package.module:function", kwargs: {...}}`` (the ``factory`` model); a Hugging Face classifier:
+    ``{hf: PATH_OR_ID}`` (the ``hf`` model: a sequence classifier for text data, an image classifier for images;
+    ``kwargs: {trust_remote_code: true}`` for a model with its own code)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -65,7 +74,8 @@ class ModelSpec(NamedSpec):
             rest = {k: x for k, x in v.items() if k not in ("factory", "kwargs")}
             return {"name": "factory", "kwargs": {"factory": v["factory"], "kwargs": v.get("kwargs", {})}, **rest}
         if isinstance(v, dict) and "hf" in v and "name" not in v:
-            return {"name": "hf", "kwargs": {"path": v["hf"]}, **{k: x for k, x in v.items() if k != "hf"}}
+            rest = {k: x for k, x in v.items() if k not in ("hf", "kwargs")}
+            return {"name": "hf", "kwargs": {**v.get("kwargs", {}), "path": v["hf"]}, **rest}
         return v
 
     @model_validator(mode="after")
@@ -187,7 +197,10 @@ def teacher_fingerprint(*, data: dict[str, Any], model: dict[str, Any], train: d
 
 
 def _build(spec: ModelSpec, data: ClassificationData) -> torch.nn.Module:
-    return MODELS.get(spec.name)(data.input_shape, data.num_classes, **spec.kwargs)
+    model = MODELS.get(spec.name)(data.input_shape, data.num_classes, **spec.kwargs)
+    if hasattr(model, "check_inputs"):  # e.g. an hf image model refuses pixels outside [0, 1], before training
+        model.check_inputs(data.x_train)
+    return model
 
 
 def _phase_done(d: Path) -> bool:
