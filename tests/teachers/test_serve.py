@@ -353,3 +353,57 @@ def test_cli_serve_wrong_model_name_is_one_line_exit_2():
 
     out = _one_line_error(CliRunner().invoke(app, ["serve", "smolm2-135m", "--port", "8123"]))
     assert "smolm2-135m" in out and "smollm2-135m" in out
+
+
+def test_echo_scores_the_prompt_like_a_local_forward(serve, tiny_lm_dir):
+    """echo + logprobs + max_tokens 0: every prompt token's log-prob and the top-k of each distribution equal
+    log_softmax of a local forward of the same model; the prompt may be token ids."""
+    import torch
+
+    from kdistill.teachers.serve import load_served_lm
+
+    h = serve()
+    lm, tok, _ = load_served_lm(str(tiny_lm_dir))
+    ids = tok("a dog barks at the cat and the oak", add_special_tokens=True)["input_ids"]
+    body = {"model": "tiny-llama", "prompt": ids, "echo": True, "logprobs": 5, "max_tokens": 0,
+            "return_tokens_as_token_ids": True}
+    r = httpx.post(h.base_url + "/completions", json=body)
+    assert r.status_code == 200, r.text
+    lp = r.json()["choices"][0]["logprobs"]
+    assert lp["tokens"] == [f"token_id:{i}" for i in ids]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    with torch.no_grad():
+        local = torch.log_softmax(lm(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+    for j in range(1, len(ids)):
+        assert abs(lp["token_logprobs"][j] - float(local[j - 1, ids[j]])) < 1e-4
+        v, k = torch.topk(local[j - 1], 5)
+        got = sorted(((int(t.split(":")[1]), x) for t, x in lp["top_logprobs"][j].items()), key=lambda t: -t[1])
+        assert [t for t, _ in got] == k.tolist()
+        assert max(abs(x - float(y)) for (_, x), y in zip(got, v, strict=True)) < 1e-4
+    assert lp["text_offset"][0] == 0 and len(lp["text_offset"]) == len(ids)
+    # text prompt: tokens as text, the prompt echoed, generated tokens appended after it
+    d = httpx.post(h.base_url + "/completions", json={"model": "tiny-llama", "prompt": "a dog", "echo": True,
+                                                      "logprobs": 2, "max_tokens": 2, "temperature": 0}).json()
+    c = d["choices"][0]
+    assert c["text"].startswith("a dog") and c["logprobs"]["token_logprobs"][0] is None
+    assert len(c["logprobs"]["tokens"]) == len(tok("a dog")["input_ids"]) + d["usage"]["completion_tokens"]
+
+
+def test_echo_limits_and_errors(serve):
+    h = serve(limits=ServeLimits(max_prompt_tokens=16))
+
+    def post(**kw):
+        return httpx.post(h.base_url + "/completions", json={"model": "tiny-llama", "echo": True, "max_tokens": 0,
+                                                             "logprobs": 2, "prompt": [1, 5, 7], **kw})
+
+    assert post().status_code == 200
+    r = post(logprobs=21)
+    assert r.status_code == 400 and "0..20" in r.json()["error"]["message"]
+    r = post(prompt=list(range(3, 40)))
+    assert r.status_code == 400 and "at most 16" in r.json()["error"]["message"]
+    r = post(prompt=[1, 99999])
+    assert r.status_code == 400 and "99999" in r.json()["error"]["message"]
+    r = post(echo=False)
+    assert r.status_code == 400 and "echo=true" in r.json()["error"]["message"]
+    r = post(prompt=[[1, 5], [7, 8, 9]])
+    assert r.status_code == 200 and len(r.json()["choices"]) == 2

@@ -29,6 +29,11 @@ def export_lm(source: str | Path, out: str | Path, *,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src, dst = Path(source), Path(out)
+    if (src / "adapter_config.json").is_file() and not (src / "config.json").is_file():
+        raise KDistillError(f"export: {str(src)!r} holds LoRA adapters only (adapter_config.json), not a model; "
+                            "expected a full Hugging Face folder. Fix: export the run folder (the llm task saves "
+                            "LoRA students merged), or merge first: PeftModel.from_pretrained(base, "
+                            "ADAPTERS).merge_and_unload().save_pretrained(OUT).")
     if not is_lm_folder(src):
         raise KDistillError(f"export: {str(src)!r} is not a Hugging Face causal-LM folder (config.json, *.safetensors, "
                             "tokenizer files); expected <run>/student from an llm run.")

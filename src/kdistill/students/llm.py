@@ -9,6 +9,11 @@ works unchanged (same vocabulary, same ids).
   final norm and LM head. DistilBERT-style initialisation (Sanh et al., 2019) applied to decoders.
 * :func:`smaller_config_student` builds a randomly initialised model of the same architecture with
   fewer / narrower layers and the same vocabulary size.
+* ``kind="pruned"``: structured width / depth pruning from activation importance
+  (:mod:`kdistill.students.pruning`, Minitron and ShortGPT).
+* :func:`apply_lora` puts LoRA adapters on any of these ("LoRA: Low-Rank Adaptation of Large Language Models",
+  Hu et al., 2021): only the adapters (and optionally the norms) train; :func:`plain_student` merges them back
+  into a plain Hugging Face model before saving.
 """
 
 from __future__ import annotations
@@ -138,27 +143,130 @@ def smaller_config_student(teacher_or_config: Any, *, seed: int = 0, **overrides
 
 def build_lm_student(teacher: nn.Module, *, kind: str = "layer_subset", num_layers: int | None = None,
                      keep_layers: Sequence[int] | None = None, config: dict[str, Any] | None = None,
-                     pretrained: str | None = None, dtype: str = "float32", seed: int = 0
+                     pretrained: str | None = None, dtype: str = "float32", seed: int = 0,
+                     prune: dict[str, Any] | None = None, calibration: Sequence[dict[str, Any]] | None = None,
+                     lora: dict[str, Any] | None = None, fused_head: bool = False
                      ) -> tuple[nn.Module, Any | None]:
     """The student at its initial weights (the same every call for the same ``seed``), and a pretrained student's
     own tokenizer (to be checked against the teacher's; None when the student is built from the teacher and shares
     its tokenizer). ``kind``: ``layer_subset`` (:func:`layer_subset_copy`), ``smaller_config``
-    (:func:`smaller_config_student` with ``config`` overrides) or ``pretrained`` (a zoo name, folder or hub id
-    loaded at ``dtype``). A teacher mixture's student is built from its first teacher."""
+    (:func:`smaller_config_student` with ``config`` overrides), ``pruned`` (:func:`kdistill.students.pruning.prune_lm`
+    with the ``prune`` sizes, importance from the ``calibration`` batches) or ``pretrained`` (a zoo name, folder or
+    hub id loaded at ``dtype``). ``lora``: the keyword arguments of :func:`apply_lora`, applied on top of any kind
+    (``fused_head``: the training method reads the LM head's weight directly). A teacher mixture's student is built
+    from its first teacher."""
     torch.manual_seed(seed)
+    tok = None
+    source = getattr(teacher, "base", teacher)
     if kind == "pretrained":
         from ..teachers.lm import load_causal_lm
 
         if pretrained is None:
             raise KDistillError("student: kind 'pretrained' needs `pretrained:` (a zoo name, model folder or hub "
                                 "id); got none.")
-        return load_causal_lm(pretrained, dtype=dtype, eval_mode=False)
-    source = getattr(teacher, "base", teacher)
-    if kind == "layer_subset":
-        return layer_subset_copy(source, keep_layers=keep_layers, num_layers=num_layers), None
-    if kind == "smaller_config":
-        return smaller_config_student(source, seed=seed, **(config or {})), None
-    raise KDistillError(f"student.kind: got {kind!r}, expected one of layer_subset, smaller_config, pretrained.")
+        student, tok = load_causal_lm(pretrained, dtype=dtype, eval_mode=False)
+    elif kind == "layer_subset":
+        student = layer_subset_copy(source, keep_layers=keep_layers, num_layers=num_layers)
+    elif kind == "smaller_config":
+        student = smaller_config_student(source, seed=seed, **(config or {}))
+    elif kind == "pruned":
+        from .pruning import prune_lm
+
+        if not calibration:
+            raise KDistillError("student kind 'pruned': got no calibration batches; expected batches of training "
+                                "text (input_ids, attention_mask) to measure importance on. Fix: pass "
+                                "calibration=[...] (the llm task passes student.calibration_batches of its data).")
+        student = prune_lm(source, calibration, **(prune or {}))
+    else:
+        raise KDistillError(f"student.kind: got {kind!r}, expected one of layer_subset, smaller_config, pruned, "
+                            "pretrained.")
+    if lora is not None:
+        if kind == "smaller_config":
+            raise KDistillError("student.lora: got kind 'smaller_config', a randomly initialised model; expected a "
+                                "student with useful weights (layer_subset, pruned, pretrained), since LoRA freezes "
+                                "them. Fix: remove `lora:` or pick another kind.")
+        student = apply_lora(student, fused_head=fused_head, **lora)
+    return student, tok
+
+
+def _is_lora_layer(module: Any) -> bool:
+    from peft.tuners.lora import LoraLayer
+
+    return isinstance(module, LoraLayer)
+
+
+def apply_lora(model: nn.Module, *, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+               target_modules: str | Sequence[str] = "all-linear", train_norms: bool = False,
+               fused_head: bool = False) -> nn.Module:
+    """``model`` with LoRA adapters through ``peft`` ("LoRA: Low-Rank Adaptation of Large Language Models", Hu et
+    al., 2021): each targeted weight ``W`` acts as ``W + (alpha / r) B A`` with ``A`` ``(r, in)`` and ``B``
+    ``(out, r)`` (``B`` starts at zero, so the wrapped model starts equal to ``model``). Every base weight is frozen;
+    only ``A`` and ``B`` train, plus the weights of every norm layer when ``train_norms``. ``target_modules``:
+    ``"all-linear"`` (every linear layer but the LM head) or module names (``[q_proj, v_proj]``).
+
+    Refused: an adapter on the LM head when ``fused_head`` (such a method reads the head's base weight directly,
+    so the adapter would not act in training), and an adapter on the embeddings or the LM head of a model whose
+    two are tied (merging it would change the other one too)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise KDistillError("student.lora needs the `peft` package; it is not installed. Fix: pip install "
+                            "'kdistill[llm]' (or pip install peft).") from None
+    if not (isinstance(r, int) and r >= 1):
+        raise KDistillError(f"student.lora.r: got {r!r}, expected an integer >= 1 (the adapter rank, e.g. 8).")
+    if not 0.0 <= float(dropout) < 1.0:
+        raise KDistillError(f"student.lora.dropout: got {dropout!r}, expected a number in [0, 1).")
+    targets = target_modules if isinstance(target_modules, str) else list(target_modules)
+    if not targets:
+        raise KDistillError("student.lora.target_modules: got an empty list; expected 'all-linear' or module names "
+                            "such as [q_proj, v_proj].")
+    names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))})
+    if isinstance(targets, list):
+        from ..errors import close_matches
+
+        for t in targets:
+            if t not in names:
+                m = close_matches(t, names)
+                hint = f" Did you mean {' or '.join(repr(x) for x in m)}?" if m else ""
+                raise KDistillError(f"student.lora.target_modules: got {t!r}, which names no linear or embedding "
+                                    f"layer of this {type(model).__name__}; expected some of {names}.{hint}")
+    cfg = LoraConfig(r=r, lora_alpha=float(alpha), lora_dropout=float(dropout), target_modules=targets,
+                     bias="none", task_type="CAUSAL_LM")
+    try:
+        wrapped = get_peft_model(model, cfg)
+    except ValueError as e:  # a target pattern matching nothing, an unsupported layer type
+        raise KDistillError(f"student.lora.target_modules: got {targets!r}; peft refused it ({e}). Expected "
+                            f"'all-linear' or names among {names}.") from None
+    inner = wrapped.get_base_model()
+    head, emb = inner.get_output_embeddings(), inner.get_input_embeddings()
+    if fused_head and _is_lora_layer(head):
+        raise KDistillError(f"student.lora.target_modules: got {targets!r}, which puts an adapter on the LM head, "
+                            "but the method reads the LM head's weight directly (fused head), so the adapter would "
+                            "not take part in training. Fix: leave the LM head out of target_modules, or configure "
+                            "the method without the fused head.")
+    if getattr(inner.config, "tie_word_embeddings", False) and (_is_lora_layer(head) or _is_lora_layer(emb)):
+        raise KDistillError(f"student.lora.target_modules: got {targets!r}, which puts an adapter on the LM head or "
+                            "the input embeddings, and this model ties the two; merging the adapter into the shared "
+                            "weight would change the other one as well. Fix: leave embed_tokens / lm_head out of "
+                            "target_modules.")
+    if train_norms:
+        for module in inner.modules():
+            if "norm" in type(module).__name__.lower():
+                module.requires_grad_(True)
+    return wrapped
+
+
+def is_lora(model: nn.Module) -> bool:
+    """True for a ``peft`` model (adapters not merged yet)."""
+    return hasattr(model, "merge_and_unload") and hasattr(model, "get_base_model")
+
+
+def plain_student(model: nn.Module) -> nn.Module:
+    """A plain Hugging Face model: a LoRA student's adapters merged into its weights (``merge_and_unload``, in
+    place), anything else as it is. What the llm task saves and evaluates."""
+    if is_lora(model):
+        return model.merge_and_unload()
+    return model
 
 
 def fused_student_output(model: nn.Module, batch: dict[str, Any]) -> Any:
@@ -166,7 +274,11 @@ def fused_student_output(model: nn.Module, batch: dict[str, Any]) -> Any:
     that build the logits chunk by chunk inside the loss)."""
     from ..methods.base import ModelOutput
 
-    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    head = model.get_output_embeddings()
+    inner = model.get_base_model() if is_lora(model) else model  # peft: the wrapped transformers model
+    hidden = inner.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    head = inner.get_output_embeddings()
+    if is_lora(model) and _is_lora_layer(head):
+        raise KDistillError("fused head: the student's LM head carries a LoRA adapter, which the fused loss would "
+                            "skip; expected a plain LM head. Fix: leave lm_head out of student.lora.target_modules.")
     return ModelOutput(None, extra={"hidden": hidden, "lm_head_weight": head.weight,
                                     "lm_head_bias": getattr(head, "bias", None)})

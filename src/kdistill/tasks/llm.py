@@ -40,24 +40,81 @@ from .base import RunContext, Task
 
 class LMTeacherSpec(StrictModel):
     """``name``: a zoo entry (``smollm2-135m``), a local folder or a hub id; ``tiny`` builds a random tiny
-    Llama and trains a BPE tokenizer on the training texts (tests, CI)."""
+    Llama and trains a BPE tokenizer on the training texts (tests, CI).
+
+    A teacher served over HTTP: ``endpoint`` (an OpenAI-compatible base URL, ``http://HOST:PORT/v1``), ``model``
+    (the served name), optional ``api_key_env`` (the *name* of the variable holding the key) and ``concurrency``;
+    ``tokenizer`` (a zoo name, folder or hub id; default: ``student.pretrained``) is the served model's tokenizer,
+    loaded locally (checked against the server by a probe). It is scored into a top-k cache by ``kdistill cache``
+    and trained from that cache; its weights are never loaded."""
 
     name: str = "smollm2-135m"
     dtype: Literal["float32", "bfloat16"] = "float32"
     tiny_vocab_size: int = 512
     tiny_layers: int = 4
     tiny_hidden_size: int = 64
+    endpoint: str | None = None
+    model: str | None = None
+    api_key_env: str | None = None
+    tokenizer: str | None = None
+    concurrency: int = 8
+
+    @model_validator(mode="after")
+    def _served(self) -> LMTeacherSpec:
+        from ..teachers.api import check_api_key_env
+
+        if self.endpoint is None:
+            given = [f for f in ("model", "api_key_env", "tokenizer") if getattr(self, f) is not None]
+            if given:
+                raise ValueError(f"teacher.{given[0]} goes with teacher.endpoint (a served teacher); got no endpoint. "
+                                 "Fix: add `endpoint: http://HOST:PORT/v1`, or remove it")
+            return self
+        if not self.endpoint.startswith(("http://", "https://")):
+            raise ValueError(f"teacher.endpoint: got {self.endpoint!r}, expected an http(s) base URL such as "
+                             "'http://127.0.0.1:8000/v1'")
+        if not self.model:
+            raise ValueError("teacher.endpoint needs teacher.model: the name the server serves (GET /v1/models)")
+        if self.concurrency < 1:
+            raise ValueError(f"teacher.concurrency: got {self.concurrency}, expected an integer >= 1")
+        try:
+            check_api_key_env(self.api_key_env, "teacher.api_key_env")
+        except KDistillError as e:
+            raise ValueError(str(e)) from None
+        return self
+
+
+class LoRASpec(StrictModel):
+    """LoRA adapters on the student (:func:`kdistill.students.llm.apply_lora`): only they (and the norms with
+    ``train_norms``) train; the saved student has them merged in."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+    train_norms: bool = False
+
+
+_PRUNE_SIZES = ("target_params", "heads", "intermediate_size", "hidden_size")
 
 
 class LMStudentSpec(StrictModel):
     """``layer_subset``: ``num_layers`` evenly spaced (or ``keep_layers``) of the teacher, weights copied;
-    ``smaller_config``: fresh model with ``config`` overrides (e.g. ``{num_hidden_layers: 4}``)."""
+    ``smaller_config``: fresh model with ``config`` overrides (e.g. ``{num_hidden_layers: 4}``);
+    ``pruned``: the teacher pruned by activation importance on ``calibration_batches`` training batches
+    (:mod:`kdistill.students.pruning`) to ``target_params`` or to the given ``heads`` / ``intermediate_size`` /
+    ``hidden_size`` / ``num_layers`` (an axis not given is kept whole); ``lora``: adapters on top of any kind."""
 
-    kind: Literal["layer_subset", "smaller_config", "pretrained"] = "layer_subset"
+    kind: Literal["layer_subset", "smaller_config", "pruned", "pretrained"] = "layer_subset"
     num_layers: int | None = 6
     keep_layers: list[int] | None = None
     config: dict[str, Any] = {}
     pretrained: str | None = None
+    target_params: int | None = None
+    heads: int | None = None
+    intermediate_size: int | None = None
+    hidden_size: int | None = None
+    calibration_batches: int = 8
+    lora: LoRASpec | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -73,7 +130,26 @@ class LMStudentSpec(StrictModel):
                              "give `pretrained: PATH_OR_ID` alone, or another kind without it")
         if self.kind == "layer_subset" and self.keep_layers is not None:
             self.__dict__["num_layers"] = None
+        given = [k for k in _PRUNE_SIZES if getattr(self, k) is not None]
+        if self.kind != "pruned" and given:
+            raise ValueError(f"student: got {', '.join(given)} with kind {self.kind!r}; these sizes belong to kind "
+                             "'pruned'. Fix: set `kind: pruned`, or remove them")
+        if self.kind == "pruned":
+            if "num_layers" not in self.model_fields_set:  # depth is pruned only when asked
+                self.__dict__["num_layers"] = None
+            if self.keep_layers is not None:
+                raise ValueError("student.keep_layers: kind 'pruned' chooses the layers by Block Influence; expected "
+                                 "num_layers (how many to keep). Fix: replace keep_layers with num_layers")
+            if not given and self.num_layers is None:
+                raise ValueError("student kind 'pruned': got no size; expected target_params or at least one of "
+                                 "heads, intermediate_size, hidden_size, num_layers (e.g. target_params: 60000000)")
+            if self.calibration_batches < 1:
+                raise ValueError(f"student.calibration_batches: got {self.calibration_batches}, expected >= 1")
         return self
+
+    def prune_kwargs(self) -> dict[str, Any]:
+        """The sizes of :func:`kdistill.students.pruning.prune_lm` for kind ``pruned``."""
+        return {"num_layers": self.num_layers, **{k: getattr(self, k) for k in _PRUNE_SIZES}}
 
 
 class SequenceKDSpec(StrictModel):
@@ -227,7 +303,32 @@ class LLMConfig(StrictModel):
                              "no `cache:` (the cache holds the original text, not the teacher's completions)")
         if self.data.name == "texts" and not self.data.texts:
             raise ValueError("data.name 'texts' needs a non-empty data.texts list")
+        if any(t.endpoint for t in self.teachers):
+            raise ValueError("teachers: a served teacher (endpoint) cannot be part of a mixture; use `teacher:`")
+        if self.teacher.endpoint:
+            self._check_served(cls)
         return self
+
+    def _check_served(self, cls: Any) -> None:
+        """A teacher over HTTP gives top-k log-probs, not logits or weights: it needs a cache and a student that is
+        not built from the teacher."""
+        from ..teachers.cache import targets_temperature
+
+        if self.cache is None:
+            raise ValueError("teacher.endpoint: got a served teacher and no `cache:`; training reads the teacher's "
+                             "logits at every step, which a server does not give. Fix: add `cache: {dir: DIR, k: 20}` "
+                             "and run `kdistill cache RECIPE` first (it scores the training data through the server)")
+        if self.student.kind != "pretrained":
+            raise ValueError(f"student.kind: got {self.student.kind!r}, which is built from the teacher's weights, "
+                             "and the teacher is served (teacher.endpoint). Fix: `student: {pretrained: PATH_OR_ID}`")
+        if self.teacher.tokenizer is None and self.student.pretrained is None:
+            raise ValueError("teacher.endpoint: no local tokenizer; expected teacher.tokenizer (the served model's "
+                             "tokenizer: zoo name, folder or hub id) or student.pretrained")
+        t = targets_temperature(cls(**self.method.kwargs).cache_identity())
+        if t != 1.0:
+            raise ValueError(f"method {self.method.name!r}: kd_temperature {t} with a served teacher; expected 1: a "
+                             "server returns temperature-1 top-k log-probs, and softmax(logits / T) cannot be "
+                             "recovered exactly from a top-k. Fix: method.kwargs.kd_temperature: 1.0")
 
 
 # ---------------------------------------------------------------------------------------------- wiring
@@ -237,9 +338,27 @@ class LLMConfig(StrictModel):
 _TOKENIZER_SAMPLE = 10_000
 
 
+def _served(cfg: LLMConfig, store: Path | None = None) -> tuple[Any, Any]:
+    """``(EndpointScorer, local tokenizer)`` of a served teacher."""
+    from ..teachers.api import APITeacher, EndpointScorer
+    from ..teachers.lm import load_tokenizer
+
+    t = cfg.teacher
+    tok = load_tokenizer(t.tokenizer or cfg.student.pretrained)
+    client = APITeacher(t.endpoint, t.model, api_key_env=t.api_key_env, concurrency=t.concurrency,
+                        store=str(store) if store is not None else None)
+    end = tok.eos_token_id if tok.eos_token_id is not None else tok.pad_token_id
+    return EndpointScorer(client, vocab_size=len(tok), end_id=int(end or 0)), tok
+
+
 def _teacher(cfg: LLMConfig, tokenizer_texts: Any) -> tuple[nn.Module, Any]:
     from ..teachers.lm import load_lm_teacher, mix_lm_teachers
 
+    if cfg.teacher.endpoint:  # evaluated through the server; trained from the cache (checked at config load)
+        from ..teachers.api import ServedLM
+
+        scorer, tok = _served(cfg)
+        return ServedLM(scorer, k=cfg.cache.k), tok
     specs = cfg.teachers or [cfg.teacher]
     texts = list(tokenizer_texts) if len(specs) > 1 else tokenizer_texts  # each tiny teacher reads them
     loaded = [load_lm_teacher(s.name, dtype=s.dtype, seed=cfg.seed + i, tokenizer_texts=texts,
@@ -250,12 +369,15 @@ def _teacher(cfg: LLMConfig, tokenizer_texts: Any) -> tuple[nn.Module, Any]:
     return mix_lm_teachers(loaded, names=[s.name for s in specs], weights=cfg.teacher_weights)
 
 
-def _student(cfg: LLMConfig, teacher: nn.Module) -> tuple[nn.Module, Any | None]:
+def _student(cfg: LLMConfig, teacher: nn.Module, calibration: list[dict[str, Tensor]] | None = None,
+             fused_head: bool = False) -> tuple[nn.Module, Any | None]:
     from ..students.llm import build_lm_student
 
     s = cfg.student
     return build_lm_student(teacher, kind=s.kind, num_layers=s.num_layers, keep_layers=s.keep_layers,
-                            config=s.config, pretrained=s.pretrained, dtype=cfg.teacher.dtype, seed=cfg.seed)
+                            config=s.config, pretrained=s.pretrained, dtype=cfg.teacher.dtype, seed=cfg.seed,
+                            prune=s.prune_kwargs() if s.kind == "pruned" else None, calibration=calibration,
+                            lora=s.lora.model_dump() if s.lora is not None else None, fused_head=fused_head)
 
 
 def _corpus(cfg: LLMConfig) -> tuple[Any, list[Any], TextStream | None]:
@@ -273,6 +395,8 @@ def _teacher_name(cfg: LLMConfig) -> str | list[str]:
 
 
 def _cache_identity(cfg: LLMConfig) -> dict[str, Any]:
+    if cfg.teacher.endpoint:
+        return {"teacher": f"endpoint:{cfg.teacher.model}"}
     specs = cfg.teachers or [cfg.teacher]
     return {"teacher": "+".join(f"{s.name}/{s.dtype}" for s in specs)
             + (f"@{cfg.teacher_weights}" if cfg.teacher_weights else "")}
@@ -311,9 +435,11 @@ def write_cache(cfg: LLMConfig, output: Path | None = None, *, progress: bool = 
     spec = cfg.cache or LMCacheSpec(dir=str(output))
     out = Path(output) if output is not None else Path(spec.dir)
     train_items, eval_items, stream = _corpus(cfg)
+    kd_t = targets_temperature(METHODS.get(cfg.method.name)(**cfg.method.kwargs).cache_identity())
+    if cfg.teacher.endpoint:
+        return _write_served_cache(cfg, spec, out, train_items, eval_items, stream, kd_t, progress)
     teacher, tok = _teacher(cfg, corpus_texts(train_items))
     train_blocks = held_out_tensors(tok, train_items, eval_items, stream=stream, **cfg.data.tensor_kwargs())[0]
-    kd_t = targets_temperature(METHODS.get(cfg.method.name)(**cfg.method.kwargs).cache_identity())
 
     def teacher_fn(ids: Tensor, attn: Tensor) -> Tensor:
         return teacher(input_ids=ids, attention_mask=attn).logits
@@ -329,9 +455,38 @@ def write_cache(cfg: LLMConfig, output: Path | None = None, *, progress: bool = 
                             extra=_cache_identity(cfg), progress=report)
 
 
+def _write_served_cache(cfg: LLMConfig, spec: LMCacheSpec, out: Path, train_items: Any, eval_items: Any,
+                        stream: Any, kd_t: float, progress: bool) -> Path:
+    """:func:`write_cache` for a teacher served over HTTP: every block scored by the server (concurrent requests,
+    retries, answers kept in ``<out>/responses.sqlite`` until the cache is complete, so an interrupted run re-sends
+    nothing it was answered)."""
+    from ..teachers.cache import TopKCache, tokenizer_hash, write_topk_cache
+
+    store = out / "responses.sqlite"
+    scorer, tok = _served(cfg, store=store)
+    train_blocks = held_out_tensors(tok, train_items, eval_items, stream=stream, **cfg.data.tensor_kwargs())[0]
+    probe = scorer.probe(tok, k=spec.k)  # same tokenizer, k allowed, and the model's identity: before any work
+
+    def report(done: int, total: int) -> None:
+        if progress:
+            print(f"[cache] shard {done}/{total}", flush=True)
+
+    root = write_topk_cache(out, None, train_blocks.tolist(), k=spec.k, kd_temperature=kd_t,
+                            teacher_fingerprint=scorer.fingerprint, tokenizer_hash=tokenizer_hash(tok),
+                            vocab_size=len(tok), dtype=spec.dtype, shard_size=spec.shard_size,
+                            pad_id=int(tok.pad_token_id or 0), extra=_cache_identity(cfg), progress=report,
+                            topk_fn=scorer.topk, teacher_probe=probe)
+    scorer.teacher.store.close()
+    if TopKCache(root, allow_partial=True, verify=False).manifest.get("complete"):
+        for f in (store, store.with_name(store.name + "-wal"), store.with_name(store.name + "-shm")):
+            f.unlink(missing_ok=True)
+    return root
+
+
 def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
     from ..data.lm import cache_dataset
-    from ..students.llm import fused_student_output
+    from ..students.llm import fused_student_output, plain_student
+    from ..students.pruning import calibration_batches
     from ..teachers.cache import open_topk_cache
     from ..teachers.lm import lm_logits
     from ..teachers.vocab import check_vocab
@@ -346,12 +501,16 @@ def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
     train_blocks, eval_t, train_t = held_out_tensors(tok, train_items, eval_items, stream=stream,
                                                      **cfg.data.tensor_kwargs())
 
-    probe_student, probe_tok = _student(cfg, teacher)
+    base_set = TensorDictDataset(**train_t) if train_t is not None else lm_dataset(train_blocks)
+    # a pruned student measures importance on the same rows of the training data in every phase
+    calib = (calibration_batches(base_set, num_batches=cfg.student.calibration_batches,
+                                 batch_size=cfg.train.batch_size) if cfg.student.kind == "pruned" else None)
+    main_method = METHODS.get(cfg.method.name)(**cfg.method.kwargs)
+    probe_student, probe_tok = _student(cfg, teacher, calib, fused_head=main_method.fused_head)
     plan = check_vocab(teacher, probe_student, tok, probe_tok)
     del probe_student
 
     accelerator = make_accelerator(cfg.train.mixed_precision)
-    main_method = METHODS.get(cfg.method.name)(**cfg.method.kwargs)
     if main_method.fused_head and not plan.is_identity:
         raise KDistillError(f"method {cfg.method.name!r} as configured reads the student's hidden states and LM "
                             "head (a fused head), which needs identical teacher and student vocabularies (no padded "
@@ -359,9 +518,9 @@ def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
     # the distilled student's data; the baseline always learns next-token CE on the original data (every position
     # of the text blocks, or the file's replies / completions)
     cache, sequences_info = None, None
-    base_set = TensorDictDataset(**train_t) if train_t is not None else lm_dataset(train_blocks)
     if cfg.cache is not None:
-        cache = open_topk_cache(cfg.cache.dir, tokenizer=tok, train_blocks=train_blocks, teacher=teacher,
+        served = {"endpoint": teacher.scorer} if cfg.teacher.endpoint else {"teacher": teacher}
+        cache = open_topk_cache(cfg.cache.dir, tokenizer=tok, train_blocks=train_blocks, **served,
                                 k=cfg.cache.k, dtype=cfg.cache.dtype,
                                 identity={**main_method.cache_identity(), **_cache_identity(cfg)})
         kd_set = cache_dataset(cache)
@@ -398,8 +557,8 @@ def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
         pdir, work = out / name, out / "work" / name
         if not ctx.resume and work.exists():
             shutil.rmtree(work)
-        student = _student(cfg, teacher)[0]   # the same initial weights for baseline and student
         method = METHODS.get(method_spec.name)(**method_spec.kwargs)
+        student = _student(cfg, teacher, calib, fused_head=method.fused_head)[0]  # same initial weights in both
         method.set_total_steps(total_steps * cfg.train.grad_accum)
         augment = None
         if method.needs_prompts:  # it rewrites each batch from the current student (on-policy generation)
@@ -416,13 +575,14 @@ def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
                   student_forward=student_forward_for(method), teacher_forward=teacher_forward, augment=augment,
                   evaluate=evaluate, output_dir=work, resume=ctx.resume, phase=name, progress=ctx.progress,
                   seed=cfg.seed, **cfg.train.model_dump(exclude={"batch_size", "mixed_precision"}))
+        trained = plain_student(res.student)  # LoRA adapters merged into the weights
         if accelerator.is_main_process:
-            res.student.save_pretrained(pdir)   # a plain Hugging Face folder: weights + config + tokenizer
+            trained.save_pretrained(pdir)   # a plain Hugging Face folder: weights + config + tokenizer
             tok.save_pretrained(pdir)
             write_json_atomic(pdir / "kdistill.json", {"phase": name, "method": method_spec.model_dump(),
                                                        "teacher": _teacher_name(cfg), "steps": res.steps,
                                                        "seconds": res.seconds})
-        return res.student, res.seconds, res.steps, res.history
+        return trained, res.seconds, res.steps, res.history
 
     phases: dict[str, tuple[nn.Module, float, int, list[dict]]] = {}
     if cfg.baseline:

@@ -380,3 +380,233 @@ class APITeacher:
         c = dict(self.counters)
         c["total_tokens"] = c["prompt_tokens"] + c["completion_tokens"]
         return c
+
+
+# ------------------------------------------------------------------------- prompt scoring (served LM teachers)
+
+#: the fixed text whose log-probs identify a served teacher (see :meth:`EndpointScorer.probe`)
+PROBE_TEXT = ("The quick brown fox jumps over the lazy dog. In the beginning was the Word, and 1 + 2 = 3; "
+              "knowledge distillation trains a small student to match a large teacher.")
+#: largest difference of a probe log-prob that still counts as the same served model: batching and kernels move
+#: fp32 log-probs by ~1e-5 and bf16 ones by ~1e-2; a different model moves some of them by far more
+PROBE_TOLERANCE = 0.05
+_TOKEN_ID = re.compile(r"token_id:(-?\d+)")
+
+
+def _ids_of(tokens: Sequence[str], base_url: str) -> list[int]:
+    out = []
+    for s in tokens:
+        m = _TOKEN_ID.fullmatch(str(s))
+        if m is None:
+            raise KDistillError(f"teacher endpoint {base_url} returned tokens as text ({str(s)!r}); expected token "
+                                "ids ('token_id:<id>'), since text cannot be mapped back to ids unambiguously "
+                                "(byte pieces often decode alike). Fix: serve the teacher with a server that "
+                                "supports `return_tokens_as_token_ids` (`kdistill serve`, vLLM).")
+        out.append(int(m.group(1)))
+    return out
+
+
+def log1m_mass(log_mass: Any) -> Any:
+    """``log(1 - exp(log_mass))`` elementwise (``log_mass <= 0``; ``-inf`` at 0): the log residual outside a
+    top-k whose log total mass is ``log_mass``."""
+    import torch
+
+    x = log_mass.clamp_max(0.0)
+    small = x > -math.log(2.0)
+    a = torch.log(-torch.expm1(torch.where(small, x, torch.full_like(x, -1.0))))
+    b = torch.log1p(-torch.exp(torch.where(small, torch.full_like(x, -1.0), x)))
+    return torch.where(small, a, b)
+
+
+class EndpointScorer:
+    """Top-k next-token log-probs of given token sequences from an OpenAI-compatible server, through an
+    :class:`APITeacher` (its concurrency, retries, API key and durable store): one ``/v1/completions`` request
+    per sequence with ``echo: true, logprobs: k, max_tokens: 0, return_tokens_as_token_ids: true`` and the
+    sequence as token ids. One extra token (``end_id``) is appended to each sequence so that the echo also
+    scores the distribution after its last token (a causal model's earlier positions do not see it).
+
+    The served model must use the local tokenizer: :meth:`probe` checks that the server tokenises
+    :data:`PROBE_TEXT` to the same ids and returns the probe's log-probs, which identify the served model."""
+
+    def __init__(self, teacher: APITeacher, *, vocab_size: int, end_id: int) -> None:
+        self.teacher = teacher
+        self.vocab_size = int(vocab_size)
+        self.end_id = int(end_id)
+
+    @property
+    def fingerprint(self) -> str:
+        """The manifest's ``teacher_fingerprint`` of a served teacher (its log-probs are checked by the probe)."""
+        return f"endpoint:{self.teacher.model}"
+
+    def _body(self, prompt: Any, k: int) -> dict[str, Any]:
+        return {"prompt": prompt, "echo": True, "logprobs": int(k), "max_tokens": 0, "temperature": 0.0,
+                "return_tokens_as_token_ids": True}
+
+    def _failed(self, rep: TeacherReply, k: int) -> KDistillError:
+        err = rep.error or rep.status
+        hint = ""
+        if "logprobs" in err and ("400" in err or "422" in err):
+            hint = (f" The server refuses {k} top log-probs per token (`kdistill serve` and hosted APIs allow at "
+                    "most 20). Fix: set cache.k to what the server allows, e.g. cache.k: 20.")
+        return KDistillError(f"teacher endpoint {self.teacher.base_url}: scoring a sequence failed ({err}).{hint} "
+                             "Every answer received so far is stored; run `kdistill cache` again to resume.")
+
+    def _topk_of(self, rep: TeacherReply, seq: Sequence[int], k: int) -> tuple[Any, Any, Any]:
+        import torch
+
+        n = len(seq)
+        tops = rep.top_logprobs
+        if len(rep.tokens) != n + 1 or len(tops) != n + 1:
+            raise KDistillError(f"teacher endpoint {self.teacher.base_url}: echoed {len(rep.tokens)} tokens for a "
+                                f"prompt of {n + 1} token ids; expected the prompt back token for token (echo: true, "
+                                "max_tokens: 0). Fix: use a server that scores prompts (kdistill serve, vLLM).")
+        if _ids_of(rep.tokens, self.teacher.base_url) != [*seq, self.end_id]:
+            raise KDistillError(f"teacher endpoint {self.teacher.base_url}: the echoed token ids differ from the ids "
+                                "sent; expected the server to score the ids as given (prompt as a list of ints).")
+        lp = torch.empty(n, k, dtype=torch.float32)
+        idx = torch.empty(n, k, dtype=torch.int64)
+        for j in range(n):  # position j predicts token j + 1: echo entry j + 1
+            entry = tops[j + 1] or {}
+            if len(entry) < min(k, self.vocab_size):
+                raise KDistillError(
+                    f"teacher endpoint {self.teacher.base_url} returned {len(entry)} top log-probs per token, "
+                    f"expected k={k}; the server caps them at {len(entry)}. Fix: set cache.k: {len(entry)} "
+                    "(the manifest records k, and training reads it).")
+            items = sorted(zip(_ids_of(list(entry), self.teacher.base_url), entry.values(), strict=True),
+                           key=lambda t: -t[1])[:k]
+            ids = [i for i, _ in items]
+            if max(ids) >= self.vocab_size or min(ids) < 0:
+                raise KDistillError(f"teacher endpoint {self.teacher.base_url} returned token id {max(ids)}, outside "
+                                    f"the local tokenizer's {self.vocab_size} ids; expected the served model to use "
+                                    "the same tokenizer (teacher.tokenizer).")
+            idx[j] = torch.tensor(ids)
+            lp[j] = torch.tensor([float(v) for _, v in items])
+        return lp, idx, log1m_mass(torch.logsumexp(lp, -1))
+
+    def score(self, sequences: Sequence[Sequence[int]], k: int) -> list[TeacherReply]:
+        """The echo replies for ``sequences`` (all requests concurrently); an unanswered one raises (answers
+        already received stay in the store)."""
+        replies = self.teacher.run([self._body([*map(int, s), self.end_id], k) for s in sequences])
+        for rep in replies:
+            if not rep.ok:
+                raise self._failed(rep, k)
+        return replies
+
+    def topk(self, sequences: Sequence[Sequence[int]], k: int) -> list[tuple[Any, Any, Any]]:
+        """Per sequence of ``n`` tokens: ``(log-probs (n, k) fp32, ids (n, k) int64, log residual (n,) fp32)`` at
+        temperature 1, position j being the distribution of token j + 1."""
+        return [self._topk_of(rep, seq, k) for seq, rep in zip(sequences, self.score(sequences, k), strict=True)]
+
+    def probe(self, tokenizer: Any, k: int = 1) -> dict[str, Any]:
+        """Score :data:`PROBE_TEXT` sent as text (so the *server* tokenises it). Raises unless its ids equal the
+        local tokenizer's; returns ``{"ids", "logprobs"}`` (the log-prob of each probe token but the first, 4
+        decimals). Asks for ``k`` top log-probs, so a server that refuses them fails here, before any work."""
+        self.teacher.preflight()
+        rep = self.teacher.run([self._body(PROBE_TEXT, k)])[0]
+        if not rep.ok:
+            raise self._failed(rep, k)
+        local = list(tokenizer(PROBE_TEXT, add_special_tokens=True)["input_ids"])
+        served = _ids_of(rep.tokens, self.teacher.base_url)
+        if served != local:
+            first = next((i for i, (a, b) in enumerate(zip(served, local)) if a != b), min(len(served), len(local)))
+            raise KDistillError(f"teacher endpoint {self.teacher.base_url} ({self.teacher.model!r}) tokenises the "
+                                f"probe text to {len(served)} ids, the local tokenizer to {len(local)} (first "
+                                f"difference at token {first}); expected the same tokenizer, since cached targets "
+                                "are indexed by token id. Fix: set teacher.tokenizer to the served model's "
+                                "tokenizer (its folder or hub id).")
+        if rep.top_logprobs and len(rep.top_logprobs[-1] or {}) < min(k, self.vocab_size):
+            raise KDistillError(f"teacher endpoint {self.teacher.base_url} returned {len(rep.top_logprobs[-1] or {})} "
+                                f"top log-probs per token, expected k={k}; the server caps them. Fix: set cache.k: "
+                                f"{len(rep.top_logprobs[-1] or {})}.")
+        return {"ids": served, "logprobs": [round(float(v), 4) for v in rep.token_logprobs[1:]]}
+
+
+def probe_difference(stored: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
+    """None when two :meth:`EndpointScorer.probe` results come from the same served model (same probe ids,
+    log-probs within :data:`PROBE_TOLERANCE`), else what differs."""
+    if list(stored.get("ids", [])) != list(current.get("ids", [])):
+        return "the probe text tokenises to other ids (another tokenizer)"
+    a, b = stored.get("logprobs", []), current.get("logprobs", [])
+    if len(a) != len(b):
+        return "the probe has another number of log-probs"
+    worst = max((abs(float(x) - float(y)) for x, y in zip(a, b, strict=True)), default=0.0)
+    if not worst <= PROBE_TOLERANCE:
+        return (f"its log-probs on the probe text differ by up to {worst:.4f} (tolerance {PROBE_TOLERANCE}): "
+                "another model or other weights")
+    return None
+
+
+class ServedLM:
+    """A served teacher standing in for a Hugging Face causal LM where the llm task only *evaluates* it (held-out
+    perplexity, agreement, greedy generations): ``model(input_ids=, attention_mask=).logits`` and
+    ``model.generate(...)`` through the server. The logits are log-probs: the server's top ``k`` at each position,
+    the exact log-prob of the token that follows, and the remaining mass spread evenly over the other ids -- so
+    perplexity and top-1 agreement are exact, a top-k KL beyond ``k`` is an approximation. It has no
+    parameters (the report counts 0)."""
+
+    def __init__(self, scorer: EndpointScorer, *, k: int) -> None:
+        self.scorer, self.k = scorer, int(k)
+        self.config = type("ServedConfig", (), {"vocab_size": scorer.vocab_size})()
+        self.training = False
+
+    # the parts of nn.Module the llm task touches
+    def eval(self) -> ServedLM:
+        return self
+
+    def train(self, mode: bool = True) -> ServedLM:
+        return self
+
+    def requires_grad_(self, flag: bool = True) -> ServedLM:
+        return self
+
+    def parameters(self) -> Any:
+        return iter(())
+
+    def buffers(self) -> Any:
+        return iter(())
+
+    def __call__(self, input_ids: Any, attention_mask: Any = None, **_: Any) -> Any:
+        import torch
+
+        ids = input_ids.cpu()
+        attn = torch.ones_like(ids) if attention_mask is None else attention_mask.cpu()
+        B, T = ids.shape
+        V = self.scorer.vocab_size
+        logits = torch.full((B, T, V), -math.inf)
+        rows = [ids[b][attn[b].bool()].tolist() for b in range(B)]
+        replies = self.scorer.score(rows, self.k)
+        for b, (seq, rep) in enumerate(zip(rows, replies, strict=True)):
+            lp, idx, res = self.scorer._topk_of(rep, seq, self.k)
+            pos = attn[b].bool().nonzero().squeeze(-1)
+            nxt = torch.tensor([*seq[1:], self.scorer.end_id])
+            exact = torch.tensor([float(v) for v in rep.token_logprobs[1:]])
+            outside = ~(idx == nxt.unsqueeze(-1)).any(-1)
+            rest = (res.exp() - torch.where(outside, exact.exp(), 0.0)).clamp_min(1e-30)
+            others = (V - self.k - outside.long()).clamp_min(1)
+            row = (rest / others).log().unsqueeze(-1).expand(len(seq), V).clone()
+            row.scatter_(-1, idx, lp)
+            row[torch.arange(len(seq)), nxt] = exact
+            logits[b, pos] = row
+        return type("ServedOutput", (), {"logits": logits.to(input_ids.device)})()
+
+    def generate(self, input_ids: Any, attention_mask: Any = None, max_new_tokens: int = 16,
+                 pad_token_id: int | None = None, **_: Any) -> Any:
+        """Greedy continuations (temperature 0) from the server, as ``(B, T + new)`` ids padded with
+        ``pad_token_id``."""
+        import torch
+
+        rows = [r.tolist() for r in input_ids.cpu()]
+        reqs = [{"prompt": r, "max_tokens": int(max_new_tokens), "temperature": 0.0, "logprobs": 0,
+                 "return_tokens_as_token_ids": True} for r in rows]
+        new = []
+        for rep in self.scorer.teacher.run(reqs):
+            if not rep.ok:
+                raise self.scorer._failed(rep, 0)
+            new.append(_ids_of(rep.tokens, self.scorer.teacher.base_url))
+        width = max(map(len, new), default=0)
+        pad = 0 if pad_token_id is None else int(pad_token_id)
+        out = torch.full((len(rows), input_ids.shape[1] + width), pad, dtype=torch.long)
+        out[:, : input_ids.shape[1]] = input_ids.cpu()
+        for i, g in enumerate(new):
+            out[i, input_ids.shape[1]:input_ids.shape[1] + len(g)] = torch.tensor(g, dtype=torch.long)
+        return out.to(input_ids.device)

@@ -25,7 +25,8 @@ Each shard holds, for ``n`` sequences padded to length ``L``:
 At ``k = 32`` with fp16 log-probs and uint16 indices a token costs ``32 * (2 + 2) + 4 + 4 = 136`` bytes
 (plus the safetensors header, amortised over the shard).
 
-The manifest records ``format_version``, ``teacher_fingerprint``, ``tokenizer_hash``, ``k``,
+The manifest records ``format_version``, ``teacher_fingerprint`` (and ``teacher_probe`` for a served teacher),
+``tokenizer_hash``, ``k``,
 ``kd_temperature``, ``dtype``, ``index_dtype``, ``vocab_size``, ``max_length``, ``shard_size``,
 ``num_sequences``, ``data_hash`` and a shard index (file, first sequence, count, bytes, sha256).
 
@@ -39,6 +40,13 @@ Safety:
   reported by name with the fix (re-run ``kdistill cache``: it rewrites only the broken shard).
 * **refused on mismatch**: a manifest whose teacher, tokenizer, k, temperature or data differ from the
   run raises with the differing fields.
+
+A teacher served over HTTP (:class:`kdistill.teachers.api.EndpointScorer`) is written through ``topk_fn``
+instead of ``teacher_fn``: the server returns top-k log-probs at temperature 1 (never logits), the residual is
+``log(1 - sum of the top k)``. Its ``teacher_fingerprint`` is ``endpoint:<model name>`` and the manifest also
+holds ``teacher_probe``: the served model's log-probs of a fixed probe text, compared within a tolerance (not
+hashed: any rounding grid flips for values near its edges) when the cache is resumed or opened, so a server
+whose model changed is refused without the teacher's weights.
 """
 
 from __future__ import annotations
@@ -218,11 +226,22 @@ def _check_shard(root: Path, entry: Mapping[str, Any]) -> str | None:
 
 TeacherFn = Callable[[Tensor, Tensor], Tensor]
 """``teacher_fn(input_ids (b, L) long, attention_mask (b, L) long) -> logits (b, L, V)``."""
+TopKFn = Callable[[Sequence[Sequence[int]], int], list[tuple[Tensor, Tensor, Tensor]]]
+"""``topk_fn(sequences, k)`` -> per sequence of ``n`` tokens ``(log-probs (n, k), ids (n, k), log residual (n,))``
+at the cache's temperature, position j predicting token j + 1 (a served teacher's answers)."""
+
+
+def _probe_diff(stored: Mapping[str, Any] | None, current: Mapping[str, Any]) -> str | None:
+    from .api import probe_difference
+
+    if stored is None:
+        return "the cache has no teacher_probe (it was written from local weights, not from a server)"
+    return probe_difference(stored, current)
 
 
 def write_topk_cache(
     output_dir: str | Path,
-    teacher_fn: TeacherFn,
+    teacher_fn: TeacherFn | None,
     sequences: Sequence[Sequence[int]],
     *,
     k: int,
@@ -238,6 +257,8 @@ def write_topk_cache(
     progress: Callable[[int, int], None] | None = None,
     stop_after_shards: int | None = None,
     extra: Mapping[str, Any] | None = None,
+    topk_fn: TopKFn | None = None,
+    teacher_probe: Mapping[str, Any] | None = None,
 ) -> Path:
     """Run the teacher over ``sequences`` (lists of token ids) and write the top-k cache to ``output_dir``.
 
@@ -245,7 +266,19 @@ def write_topk_cache(
     ones); refuses a directory holding a different cache. ``extra``: more identity fields stored in the
     manifest and checked on resume (e.g. the recipe's teacher name). ``stop_after_shards`` writes at most
     that many new shards and returns (used by tests to simulate an interruption). Returns the directory.
+
+    ``topk_fn`` (instead of ``teacher_fn``): a teacher that answers top-k log-probs directly (a served model, at
+    temperature 1 only); ``teacher_probe``: its probe log-probs, stored in the manifest and compared within a
+    tolerance on resume (see :func:`kdistill.teachers.api.probe_difference`).
     """
+    if (teacher_fn is None) == (topk_fn is None):
+        raise KDistillError("write_topk_cache: expected exactly one of teacher_fn (logits) and topk_fn (top-k "
+                            "log-probs of a served teacher).")
+    if topk_fn is not None and kd_temperature != 1.0:
+        raise KDistillError(f"cache kd_temperature: got {kd_temperature!r} with a served teacher, expected 1.0: a "
+                            "server returns temperature-1 top-k log-probs, and softmax(logits / T) cannot be "
+                            "recovered exactly from a top-k. Fix: use kd_temperature 1 (the method's default), or "
+                            "cache from the teacher's weights.")
     if dtype not in _DTYPES:
         raise KDistillError(f"cache dtype: got {dtype!r}, expected one of {sorted(_DTYPES)} (float16 is the "
                             "compact default: 2 bytes per log-prob).")
@@ -280,9 +313,16 @@ def write_topk_cache(
             raise KDistillError(
                 f"cache directory {str(root)!r} holds a different cache: " + "; ".join(diffs)
                 + ". Fix: write to a new --output directory (or delete this one).")
+        if teacher_probe is not None:
+            why = _probe_diff(manifest.get("teacher_probe"), teacher_probe)
+            if why is not None:
+                raise KDistillError(f"cache directory {str(root)!r} was written from another served teacher: {why}. "
+                                    "Fix: write to a new --output directory (or delete this one).")
     else:
         manifest = {**identity, "index_dtype": str(index_dtype).removeprefix("torch."), "shards": [],
                     "complete": False}
+        if teacher_probe is not None:
+            manifest["teacher_probe"] = dict(teacher_probe)
         write_json_atomic(root / MANIFEST, manifest)
     for stale in root.glob(".*.tmp"):  # temporary files of an interrupted write; never listed
         stale.unlink()
@@ -299,9 +339,13 @@ def write_topk_cache(
         if stop_after_shards is not None and written >= stop_after_shards:
             break
         start, stop = i * shard_size, min(len(sequences), (i + 1) * shard_size)
-        tensors = _compute_shard(teacher_fn, sequences[start:stop], k=k, kd_temperature=kd_temperature,
-                                 length=L, dtype=_DTYPES[dtype], index_dtype=index_dtype,
-                                 batch_size=batch_size, pad_id=pad_id, vocab_size=vocab_size)
+        if topk_fn is not None:
+            tensors = _served_shard(topk_fn, sequences[start:stop], k=k, length=L, dtype=_DTYPES[dtype],
+                                    index_dtype=index_dtype, pad_id=pad_id)
+        else:
+            tensors = _compute_shard(teacher_fn, sequences[start:stop], k=k, kd_temperature=kd_temperature,
+                                     length=L, dtype=_DTYPES[dtype], index_dtype=index_dtype,
+                                     batch_size=batch_size, pad_id=pad_id, vocab_size=vocab_size)
         path = root / _shard_name(i)
         # no safetensors metadata: its key order is not deterministic, and the manifest holds it all
         save_state_dict_atomic(path, tensors)
@@ -347,6 +391,33 @@ def _compute_shard(teacher_fn: TeacherFn, seqs: Sequence[Sequence[int]], *, k: i
             "topk_indices": idx_all, "log_residual": res_all}
 
 
+def _served_shard(topk_fn: TopKFn, seqs: Sequence[Sequence[int]], *, k: int, length: int, dtype: torch.dtype,
+                  index_dtype: torch.dtype, pad_id: int) -> dict[str, Tensor]:
+    """A shard from a served teacher's top-k answers: the same tensors, padding and zero-filling as
+    :func:`_compute_shard`."""
+    n = len(seqs)
+    ids = torch.full((n, length), pad_id, dtype=torch.int64)
+    lens = torch.tensor([len(s) for s in seqs], dtype=torch.int32)
+    lp_all = torch.zeros(n, length, k, dtype=dtype)
+    idx_all = torch.zeros(n, length, k, dtype=index_dtype)
+    res_all = torch.full((n, length), -math.inf, dtype=torch.float32)
+    answers = topk_fn(seqs, k)
+    if len(answers) != n:
+        raise KDistillError(f"cache teacher: answered {len(answers)} sequences, expected {n}.")
+    for j, (s, (lp, idx, res)) in enumerate(zip(seqs, answers, strict=True)):
+        m = len(s)
+        if tuple(lp.shape) != (m, k) or tuple(idx.shape) != (m, k) or tuple(res.shape) != (m,):
+            raise KDistillError(f"cache teacher: top-k of shapes {tuple(lp.shape)}, {tuple(idx.shape)}, "
+                                f"{tuple(res.shape)} for a sequence of {m} tokens, expected ({m}, {k}), ({m}, {k}), "
+                                f"({m},).")
+        ids[j, :m] = torch.as_tensor(list(s), dtype=torch.int64)
+        lp_all[j, :m] = lp.to(dtype)
+        idx_all[j, :m] = idx.to(index_dtype)
+        res_all[j, :m] = res.float()
+    return {"input_ids": ids.to(torch.int32), "lengths": lens, "topk_logprobs": lp_all,
+            "topk_indices": idx_all, "log_residual": res_all}
+
+
 # ---------------------------------------------------------------------------------------------- reader
 
 class TopKCache:
@@ -359,7 +430,7 @@ class TopKCache:
     """
 
     def __init__(self, path: str | Path, expect: Mapping[str, Any] | None = None, *, allow_partial: bool = False,
-                 verify: bool = True) -> None:
+                 verify: bool = True, teacher_probe: Mapping[str, Any] | None = None) -> None:
         self.root = Path(path)
         if not (self.root / MANIFEST).is_file():
             raise KDistillError(f"cache {str(self.root)!r}: no {MANIFEST} there; expected a directory written by "
@@ -373,6 +444,12 @@ class TopKCache:
             if diffs:
                 raise KDistillError(f"cache {str(self.root)!r} does not match this run: " + "; ".join(diffs)
                                     + ". Fix: re-run `kdistill cache` for this recipe into a new directory.")
+        if teacher_probe is not None:
+            why = _probe_diff(self.manifest.get("teacher_probe"), teacher_probe)
+            if why is not None:
+                raise KDistillError(f"cache {str(self.root)!r} was written from another teacher than the one served "
+                                    f"now: {why}. Fix: serve the model the cache was written from, or re-run "
+                                    "`kdistill cache` for this recipe into a new directory.")
         if not self.manifest.get("complete") and not allow_partial:
             done = len(self.manifest.get("shards", []))
             total = math.ceil(self.manifest["num_sequences"] / self.manifest["shard_size"])
@@ -447,13 +524,19 @@ class TopKCache:
                 "log_residual": torch.stack([it["log_residual"] for it in items])}
 
 
-def open_topk_cache(cache_dir: str | Path, *, tokenizer: Any, train_blocks: Tensor, teacher: nn.Module, k: int,
-                    dtype: str, identity: Mapping[str, Any]) -> TopKCache:
+def open_topk_cache(cache_dir: str | Path, *, tokenizer: Any, train_blocks: Tensor, teacher: nn.Module | None = None,
+                    k: int, dtype: str, identity: Mapping[str, Any], endpoint: Any = None) -> TopKCache:
     """The top-k cache in ``cache_dir``, refused unless it was written for this tokenizer, data (``train_blocks``),
     teacher (its fingerprint: config plus a strided sample and sum of every weight, milliseconds), ``k``,
     ``dtype`` and ``identity`` (the method's :meth:`~kdistill.methods.base.Method.cache_identity` and the
-    teacher's name)."""
+    teacher's name). A served teacher (``endpoint``, an :class:`~kdistill.teachers.api.EndpointScorer`, instead of
+    ``teacher``) is identified by its model name and its log-probs on the probe text (one request; no weights)."""
+    if (teacher is None) == (endpoint is None):
+        raise KDistillError("open_topk_cache: expected exactly one of teacher (local weights) and endpoint (a "
+                            "served teacher).")
+    probe = endpoint.probe(tokenizer) if endpoint is not None else None
     expect = {"tokenizer_hash": tokenizer_hash(tokenizer), "k": k, "dtype": dtype,
-              "data_hash": data_hash(train_blocks.tolist()), "teacher_fingerprint": model_fingerprint(teacher),
+              "data_hash": data_hash(train_blocks.tolist()),
+              "teacher_fingerprint": endpoint.fingerprint if endpoint is not None else model_fingerprint(teacher),
               **expected_identity(identity)}
-    return TopKCache(cache_dir, expect=expect)
+    return TopKCache(cache_dir, expect=expect, teacher_probe=probe)

@@ -188,6 +188,34 @@ def load_causal_lm(name_or_path: str, *, dtype: str = "float32", eval_mode: bool
     return (model.eval() if eval_mode else model), tok
 
 
+def load_tokenizer(name_or_path: str) -> Any:
+    """The tokenizer alone of a zoo name, folder or hub id (as :func:`load_causal_lm` would load it, no weights):
+    the local tokenizer of a teacher served over HTTP."""
+    from transformers import AutoTokenizer
+
+    from .. import zoo
+
+    name = str(name_or_path)
+    p = Path(name).expanduser()
+    try:
+        if name in zoo.ZOO:
+            f = zoo.get(name).locate()
+            tok = AutoTokenizer.from_pretrained(f.parent, gguf_file=f.name)
+        elif p.is_dir():
+            tok = AutoTokenizer.from_pretrained(p)
+        elif p.is_file() and p.suffix == ".gguf":
+            tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+        else:
+            _check_hub_id(name)
+            tok = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise KDistillError(f"tokenizer {name!r} cannot be loaded ({_short(e)}); expected {_expected()} holding "
+                            "a tokenizer.") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.convert_ids_to_tokens(0)
+    return tok
+
+
 def served_name(name_or_path: str) -> str:
     """The model id a server reports for ``name_or_path``: the zoo name or hub id as given, a folder's name."""
     from .. import zoo

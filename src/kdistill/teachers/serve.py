@@ -4,6 +4,15 @@ Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/complet
 ``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``, ``n``, ``logit_bias`` and log-probs:
 chat ``logprobs``/``top_logprobs``, completions ``logprobs=<k>``), plus ``GET /v1/stats`` (counters).
 
+Prompt scoring, as in vLLM and the legacy OpenAI API: ``/v1/completions`` with ``echo: true, logprobs: k,
+max_tokens: 0`` returns the log-prob of every prompt token given the tokens before it and the top-k of each of
+those distributions (``choices[0].logprobs``: ``tokens``, ``token_logprobs`` (the first ``null``),
+``top_logprobs`` (``{token: logprob}``, the first ``null``), ``text_offset``). ``prompt`` may be token ids (a
+list of ints, or a list of such lists) so a client scores exactly the ids it tokenised, and
+``return_tokens_as_token_ids: true`` (vLLM's extension) names tokens ``"token_id:<id>"`` instead of their text,
+which is unambiguous (byte-level pieces often decode to the same string). With ``max_tokens > 0`` the generated
+tokens follow the echoed prompt.
+
 * Binds ``127.0.0.1`` unless told otherwise; an optional bearer token (``--api-key-env``).
 * Limits with 4xx errors that say why: request body size (413), ``max_tokens`` / prompt length /
   ``top_logprobs`` / ``n`` (400), a full queue (503 with ``Retry-After``), wrong model (404).
@@ -71,6 +80,7 @@ class GenRequest:
     stop: list[str] = field(default_factory=list)
     top_logprobs: int = -1
     logit_bias: dict[int, float] = field(default_factory=dict)
+    echo: bool = False  # also score the prompt: GenResult.prompt_logprobs / prompt_top_logprobs
 
 
 @dataclass
@@ -80,6 +90,10 @@ class GenResult:
     finish_reason: str
     logprobs: list[float]
     top_logprobs: list[list[tuple[int, float]]]
+    #: with ``echo``: log-prob of each prompt token given the tokens before it (None for the first), and the
+    #: top ``top_logprobs`` entries of that distribution (None for the first; empty lists when top_logprobs <= 0)
+    prompt_logprobs: list[float | None] = field(default_factory=list)
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
 
 
 class Generator:
@@ -130,7 +144,12 @@ class Generator:
         texts: list[str | None] = [None] * b  # set when a stop string ended the row
         out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
         past = out.past_key_values
+        echoed = [self._score_prompt(out.logits[i], r, bias[i], length) if r.echo else ([], [])
+                  for i, r in enumerate(reqs)]
         logits = out.logits[:, -1].float().cpu()
+        for i, r in enumerate(reqs):
+            if r.max_tokens <= 0:  # echo only (prompt scoring): nothing to generate
+                finish[i] = "length"
         steps = max(r.max_tokens for r in reqs)
         for step in range(steps):
             logp = torch.log_softmax(logits[:, : self.vocab] + bias, dim=-1)
@@ -182,8 +201,27 @@ class Generator:
         results = []
         for i, r in enumerate(reqs):
             text = texts[i] if texts[i] is not None else self.decode(out_ids[i])
-            results.append(GenResult(out_ids[i], text, finish[i] or "length", out_lp[i], out_top[i]))
+            results.append(GenResult(out_ids[i], text, finish[i] or "length", out_lp[i], out_top[i], *echoed[i]))
         return results
+
+    def _score_prompt(self, row_logits: torch.Tensor, r: GenRequest, bias: torch.Tensor, length: int
+                      ) -> tuple[list[float | None], list[list[tuple[int, float]] | None]]:
+        """Log-probs of the prompt's own tokens from the prefill logits ``(length, V)`` of its (left-padded) row:
+        token j is scored by the distribution at position j - 1 (after ``logit_bias``, like generated tokens)."""
+        n = len(r.prompt_ids)
+        lps: list[float | None] = [None]
+        tops: list[list[tuple[int, float]] | None] = [None]
+        if n < 2:
+            return lps, tops
+        logp = torch.log_softmax(row_logits[length - n:length - 1, : self.vocab].float().cpu() + bias, dim=-1)
+        nxt = torch.tensor(r.prompt_ids[1:], dtype=torch.long)
+        lps += logp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1).tolist()
+        if r.top_logprobs > 0:
+            v, k = torch.topk(logp, min(r.top_logprobs, self.vocab), dim=-1)
+            tops += [list(zip(ki.tolist(), vi.tolist(), strict=True)) for ki, vi in zip(k, v, strict=True)]
+        else:
+            tops += [[] for _ in range(n - 1)]
+        return lps, tops
 
 
 # ------------------------------------------------------------------------------------------- server
@@ -342,13 +380,16 @@ class ChatRequest(_Common):
     top_logprobs: int | None = None
 
 class CompletionRequest(_Common):
-    prompt: str | list[str]
+    """``prompt``: a string, a list of strings, a list of token ids or a list of token-id lists (as in the OpenAI
+    API). ``return_tokens_as_token_ids`` (a vLLM extension): log-prob tokens come as ``"token_id:<id>"``."""
+    prompt: str | list[int] | list[list[int]] | list[str]
     logprobs: int | None = None
     echo: bool = False
+    return_tokens_as_token_ids: bool = False
 
 
-def _token_str(gen: Generator, tid: int) -> str:
-    return gen.tok.decode([tid])
+def _token_str(gen: Generator, tid: int, as_id: bool = False) -> str:
+    return f"token_id:{tid}" if as_id else gen.tok.decode([tid])
 
 
 def create_app(model: Any, tokenizer: Any, model_name: str, *, api_key: str | None = None,
@@ -459,7 +500,8 @@ def create_app(model: Any, tokenizer: Any, model_name: str, *, api_key: str | No
     def max_tokens_of(value: int | None) -> int:
         mt = limits.max_tokens if value is None else value
         if mt < 1:
-            raise APIError(400, f"max_tokens: got {mt}, expected >= 1.", param="max_tokens")
+            raise APIError(400, f"max_tokens: got {mt}, expected >= 1 (0 only with echo=true on /v1/completions, "
+                           "which scores the prompt).", param="max_tokens")
         if mt > limits.max_tokens:
             raise APIError(400, f"max_tokens: got {mt}, expected <= {limits.max_tokens} (this server's limit; "
                            "start it with --max-tokens-limit to raise it).", param="max_tokens")
@@ -558,39 +600,76 @@ def create_app(model: Any, tokenizer: Any, model_name: str, *, api_key: str | No
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": model_name, "choices": choices, "usage": account(len(ids), results)}
 
+    def prompt_list(prompt: str | list[int] | list[list[int]] | list[str]) -> list[str | list[int]]:
+        """The prompts of a completion request: strings, or token-id lists."""
+        if isinstance(prompt, str):
+            prompts: list[Any] = [prompt]
+        elif prompt and all(isinstance(x, int) for x in prompt):
+            prompts = [list(prompt)]
+        else:
+            prompts = list(prompt)
+        if not prompts:
+            raise APIError(400, "prompt: got an empty list, expected a string, a list of strings, a list of token "
+                           "ids or a list of token-id lists.", param="prompt")
+        return prompts
+
+    def prompt_ids(prompts: list[str | list[int]]) -> list[list[int]]:
+        """Each prompt as token ids: strings are tokenised, token ids taken as they are (so a client scores
+        exactly the ids it tokenised)."""
+        out = []
+        for p in prompts:
+            if isinstance(p, str):
+                out.append(encode_prompt(list(tokenizer(p, add_special_tokens=True)["input_ids"])))
+                continue
+            bad = [t for t in p if not 0 <= t < gen.vocab]
+            if bad:
+                raise APIError(400, f"prompt: token id {bad[0]} is outside this model's vocabulary (0..{gen.vocab - 1})"
+                               "; send ids from the served model's tokenizer.", param="prompt")
+            out.append(encode_prompt(list(p)))
+        return out
+
     @app.post("/v1/completions")
     async def completions(r: CompletionRequest) -> dict[str, Any]:
         check_common(r)
-        mt = max_tokens_of(r.max_tokens if r.max_tokens is not None else min(16, limits.max_tokens))  # OpenAI: 16
-        if r.echo:
-            raise APIError(400, "echo=true is not supported by kdistill serve.", param="echo")
+        if r.echo and r.max_tokens == 0:  # score the prompt only (the legacy OpenAI / vLLM form)
+            mt = 0
+        else:
+            mt = max_tokens_of(r.max_tokens if r.max_tokens is not None else min(16, limits.max_tokens))  # OpenAI: 16
         top = -1
         if r.logprobs is not None:
             top = r.logprobs
             if not 0 <= top <= limits.max_top_logprobs:
-                raise APIError(400, f"logprobs: got {top}, expected 0..{limits.max_top_logprobs}.",
-                               param="logprobs")
-        prompts = [r.prompt] if isinstance(r.prompt, str) else list(r.prompt)
-        if not prompts:
-            raise APIError(400, "prompt: got an empty list, expected a string or a non-empty list.", param="prompt")
-        id_lists = [encode_prompt(list(tokenizer(p, add_special_tokens=True)["input_ids"])) for p in prompts]
+                raise APIError(400, f"logprobs: got {top}, expected 0..{limits.max_top_logprobs} (this server's "
+                               "limit of top log-probs per token).", param="logprobs")
+        prompts = prompt_list(r.prompt)
+        id_lists = prompt_ids(prompts)
         if app.state.request_log is not None:
             app.state.request_log.extend(("completions", p) for p in prompts)
         reqs = [g for ids in id_lists for g in gen_requests(ids, r, mt, top)]
+        for g in reqs:
+            g.echo = r.echo
         results = await engine.submit(reqs)
+        as_id = r.return_tokens_as_token_ids
         choices = []
         for i, res in enumerate(results):
+            ids, source = id_lists[i // r.n], prompts[i // r.n]
             lp_obj = None
             if r.logprobs is not None:
-                toks = [_token_str(gen, t) for t in res.token_ids]
+                token_ids = (ids if r.echo else []) + res.token_ids
+                toks = [_token_str(gen, t, as_id) for t in token_ids]
+                text_toks = [_token_str(gen, t) for t in token_ids]
                 offsets, pos = [], 0
-                for s in toks:
+                for s in text_toks:
                     offsets.append(pos)
                     pos += len(s)
-                lp_obj = {"tokens": toks, "token_logprobs": res.logprobs,
-                          "top_logprobs": [{_token_str(gen, t): v for t, v in tops} for tops in res.top_logprobs],
+                tops_all = (res.prompt_top_logprobs if r.echo else []) + res.top_logprobs
+                lp_obj = {"tokens": toks, "token_logprobs": (res.prompt_logprobs if r.echo else []) + res.logprobs,
+                          "top_logprobs": [None if tops is None else {_token_str(gen, t, as_id): v for t, v in tops}
+                                           for tops in tops_all],
                           "text_offset": offsets}
-            choices.append({"index": i, "text": res.text, "finish_reason": res.finish_reason, "logprobs": lp_obj})
+            echoed = (source if isinstance(source, str) else gen.decode(ids)) if r.echo else ""
+            text = echoed + res.text
+            choices.append({"index": i, "text": text, "finish_reason": res.finish_reason, "logprobs": lp_obj})
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": model_name, "choices": choices,
                 "usage": account(sum(len(x) for x in id_lists), results)}
