@@ -18,7 +18,6 @@ from .. import __version__
 from ..config import ALONE, DEFAULT_METHODS, AugmentSpec, MethodSpec, NamedSpec, StrictModel, TrainSpec, check_kwargs
 from ..data.augment import build_augment
 from ..data.classification import ClassificationData, load_dataset
-from ..data.loaders import TensorDictDataset, make_loader
 from ..errors import close_matches
 from ..eval.metrics import agreement, classification_metrics, model_latency_ms
 from ..eval.report import write_report
@@ -26,8 +25,8 @@ from ..exporters.classifier import load_classifier, save_classifier
 from ..io import cache_root, load_state_dict, seed_everything, write_json_atomic
 from ..models.classifiers import count_params, predict_logits
 from ..registry import DATASETS, METHODS, MODELS, TASKS
-from ..teachers.cache import teacher_logits_table
-from ..train.loop import fit, make_accelerator
+from ..train.classifier import train_classifier
+from ..train.loop import make_accelerator
 from .base import RunContext, Task
 
 #: the fields of your own data (``data: {files: ..., label_column: ...}``), read by the ``files`` dataset
@@ -225,23 +224,14 @@ def _train_phase(name: str, *, cfg: ClassificationConfig, data: ClassificationDa
     augment = build_augment(augment_spec.name, data.num_classes, **augment_spec.kwargs) if augment_spec else None
     if augment is not None and hasattr(augment, "bind") and teacher is not None:
         augment.bind(student=model, teacher=teacher)  # model-aware augmentations (hard_augment) score candidates
-    index = torch.arange(len(data.y_train))
-    loader = make_loader(TensorDictDataset(inputs=data.x_train, labels=data.y_train, index=index), train.batch_size,
-                         seed=cfg.seed)
-    teacher_targets = None
-    if teacher is not None and method.needs_teacher and method.cacheable and augment is None \
-            and not method.teacher_layers and cfg.teacher_cache:
-        # The inputs never change and the method reads only logits: one teacher pass over the training set
-        # replaces a teacher forward at every step.
-        teacher_targets = teacher_logits_table(teacher, data.x_train)
-
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
         return classification_metrics(predict_logits(m, data.x_val), data.y_val)
 
-    res = fit(student=model, method=method, teacher=teacher, train_loader=loader, accelerator=accelerator,
-              augment=augment, teacher_targets=teacher_targets, evaluate=evaluate, output_dir=work, resume=ctx.resume,
-              phase=name, progress=ctx.progress, seed=cfg.seed,
-              **train.model_dump(exclude={"batch_size", "mixed_precision"}))
+    res = train_classifier(model, method, data.x_train, data.y_train, accelerator=accelerator,
+                           batch_size=train.batch_size, seed=cfg.seed, teacher=teacher, augment=augment,
+                           teacher_table=cfg.teacher_cache, evaluate=evaluate, output_dir=work, resume=ctx.resume,
+                           phase=name, progress=ctx.progress,
+                           **train.model_dump(exclude={"batch_size", "mixed_precision"}))
     if accelerator.is_main_process:
         save_classifier(pdir, res.student, model_name=model_spec.name, model_kwargs=model_spec.kwargs,
                         input_shape=data.input_shape, num_classes=data.num_classes,
