@@ -2,7 +2,8 @@
 
 Prints one JSON object::
 
-    {"student_step_ms", "teacher_forward_ms", "kd_step_ms", "cached_step_ms", "overhead_ratio", "cached_ratio", ...}
+    {"student_step_ms", "teacher_forward_ms", "kd_step_ms", "cached_step_ms", "overhead_ratio", "cached_ratio",
+     "onpolicy_step_ms", "generation_share", ...}
 
 * ``student_step_ms``: student forward + cross-entropy + backward + AdamW step (no teacher);
 * ``teacher_forward_ms``: teacher forward under ``no_grad``;
@@ -28,6 +29,20 @@ kdistill measurements, and a ``TrainerCallback`` times the step from ``on_step_b
 and is not counted). ``trl_ratio = trl_step / (student_step + teacher_forward)`` is the same limit as
 ``overhead_ratio``.
 
+On-policy (GKD, ``lmbda = 1``): ``onpolicy_step_ms`` is one micro-batch of ``gkd`` as the ``llm`` task runs it:
+the student samples ``length - prompt_length`` new tokens from the batch's first ``prompt_length`` tokens (one
+``generate`` call for the batch, KV cache on, sampling temperature 1, EOS not stopping so every step generates the
+same number of tokens), the teacher scores the sequences, then the student forward + generalised JSD (``beta``
+0.5) + backward + AdamW step. ``generation_share`` is the median over rounds of the share of that step spent in
+``generate`` (the ``generation_seconds`` the method reports; a training run writes the same ratio to
+``metrics.jsonl`` as ``generation_share``). With ``--peers``, ``trl_onpolicy_step_ms`` is one step of TRL's
+``GKDTrainer`` at the same ``lmbda = 1``, ``beta``, pair, batch, prompt and generation lengths and temperature
+(same timing callback as ``trl_step_ms``). When TRL cannot be imported, ``--peers`` reports
+``trl_unavailable`` with the reason instead of the ``trl_*`` figures.
+
+``--pair smollm2`` replaces the synthetic pair by the zoo's SmolLM2-135M teacher and a 6-layer layer-subset
+student built from it (``kdistill.students.llm.build_lm_student``), same measurements (slow on a CPU).
+
 Ratios: each ratio is computed within each round (all terms measured within about a second of each other)
 and the median over rounds is reported; ``*_of_medians`` gives the ratio of the per-measurement medians. A
 shared CPU switches between faster and slower phases during a run; the per-round ratio compares terms
@@ -37,6 +52,7 @@ measured in the same phase, the ratio of medians can mix phases.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -56,30 +72,41 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--show-rounds", action="store_true", help="also print every round's times (to stderr)")
+    ap.add_argument("--prompt-length", type=int, default=None,
+                    help="on-policy row: prompt tokens (default length // 2; the rest is generated)")
+    ap.add_argument("--pair", choices=("synthetic", "smollm2"), default="synthetic",
+                    help="synthetic random Llamas (default) or SmolLM2-135M -> its 6-layer subset (zoo, slow)")
     ap.add_argument("--peers", action="store_true", help="also time TRL's GKDTrainer (needs `pip install trl`)")
     args = ap.parse_args()
-    trl_step = make_trl_step(args) if args.peers else None
+    P = args.prompt_length if args.prompt_length is not None else args.length // 2
+    if not 1 <= P < args.length:
+        raise SystemExit(f"--prompt-length: got {P}, expected 1 <= prompt length < --length ({args.length}).")
+    new = args.length - P
+    trl_step = trl_onpolicy = None
+    trl_unavailable = None
+    if args.peers:
+        trl_unavailable = trl_import_error()
+        if trl_unavailable is None:
+            trl_step = make_trl_step(args, lmbda=0.0)
+            trl_onpolicy = make_trl_step(args, lmbda=1.0, prompt_length=P)
 
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    from kdistill.data.lm import lm_tensors
     from kdistill.losses.logits import cross_entropy
     from kdistill.losses.reduce import masked_mean
     from kdistill.losses.topk import teacher_topk
     from kdistill.methods.base import ModelOutput
+    from kdistill.methods.gkd import GKD
     from kdistill.methods.llm_kd import LLMKD
     from kdistill.train.loop import DistillStep
 
-    V = 8192
     torch.manual_seed(0)
-    tcfg = LlamaConfig(vocab_size=V, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                       tie_word_embeddings=True)
-    teacher = LlamaForCausalLM(tcfg).eval().requires_grad_(False)
-    scfg = LlamaConfig(vocab_size=V, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                       tie_word_embeddings=True)
-    student = LlamaForCausalLM(scfg).train()
-    ids = torch.randint(0, V, (args.batch, args.length))
+    teacher, student = make_pair(args.pair)
+    teacher.eval().requires_grad_(False)
+    student.train()
+    V = int(teacher.config.vocab_size)
+    # every on-policy step generates exactly `new` tokens (kdistill: no eos_id; TRL: no EOS in the generation config)
+    student.generation_config.eos_token_id = None
+    ids = torch.randint(3, V, (args.batch, args.length))
     labels = torch.full_like(ids, -100)
     labels[:, :-1] = ids[:, 1:]
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "mask": labels != -100}
@@ -119,23 +146,39 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    gkd = GKD(lmbda=1.0, beta=0.5, kd_temperature=1.0, sampling_temperature=1.0, max_new_tokens=new, seed=0)
+    onpolicy_mod = DistillStep(student, gkd, fwd)
+    prompt_batch = lm_tensors(ids, prompt_length=P)
+    generation_ms: list[float] = []
+
+    def onpolicy_step():
+        b = gkd.prepare_batch(student, prompt_batch)  # student samples the continuation (one generate call)
+        with torch.no_grad():
+            t_out = ModelOutput(fwd(teacher, b))
+        total = sum(onpolicy_mod(b, t_out).values())
+        total.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        generation_ms.append(gkd.pop_metrics()["generation_seconds"] * 1e3)
+
     fns = {"student_step_ms": student_step, "teacher_forward_ms": teacher_forward, "kd_step_ms": kd_step,
-           "cached_step_ms": cached_step}
+           "cached_step_ms": cached_step, "onpolicy_step_ms": onpolicy_step}
+    peers = {k: f for k, f in (("trl_step_ms", trl_step), ("trl_onpolicy_step_ms", trl_onpolicy)) if f is not None}
     for fn in fns.values():  # warm-up
         fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    if trl_step is not None:
-        trl_step(teacher, student, batch)  # warm-up
-        times["trl_step_ms"] = []
+    for fn in peers.values():
+        fn(teacher, student, batch)
+    generation_ms.clear()
+    times: dict[str, list[float]] = {k: [] for k in (*fns, *peers)}
     order_rng = random.Random(0)
     for _ in range(args.rounds):
         # a fresh random order each round: whatever one measurement leaves behind (allocator state, caches,
         # TRL's trainer bookkeeping) precedes every other measurement equally often
-        names = list(fns) + (["trl_step_ms"] if trl_step is not None else [])
+        names = list(fns) + list(peers)
         order_rng.shuffle(names)
         for k in names:
-            if k == "trl_step_ms":
-                times[k].append(trl_step(teacher, student, batch))
+            if k in peers:
+                times[k].append(peers[k](teacher, student, batch))
                 continue
             t = time.perf_counter()
             fns[k]()
@@ -158,31 +201,70 @@ def main() -> None:
         of_medians, paired = ratios(num, den)
         out[name] = round(paired, 4)
         out[name + "_of_medians"] = round(of_medians, 4)
-    if trl_step is not None:
+    out["generation_ms"] = round(statistics.median(generation_ms), 2)
+    out["generation_share"] = round(statistics.median(g / s for g, s in zip(generation_ms,
+                                                                           times["onpolicy_step_ms"])), 4)
+    if trl_onpolicy is not None:
+        out["trl_onpolicy_ratio"] = round(statistics.median(
+            t / k for t, k in zip(times["trl_onpolicy_step_ms"], times["onpolicy_step_ms"])), 4)
+    if trl_unavailable is not None:
+        out["trl_unavailable"] = trl_unavailable
+    elif args.peers:
         import trl
 
         out["trl_version"] = trl.__version__
-    out.update({"tokens_per_step": args.batch * args.length, "vocab": V, "rounds": args.rounds,
+    out.update({"pair": args.pair, "prompt_tokens": P, "new_tokens": new,
+                "tokens_per_step": args.batch * args.length, "vocab": V, "rounds": args.rounds,
                 "teacher_params": sum(p.numel() for p in teacher.parameters()),
                 "student_params": sum(p.numel() for p in student.parameters()),
                 "threads": torch.get_num_threads()})
     print(json.dumps(out))
 
 
-def make_trl_step(args):
-    """A function ``(teacher, student, batch) -> ms`` that runs one GKDTrainer step on ``batch``."""
+def make_pair(pair: str):
+    """``(teacher, student)``: random Llamas (vocabulary 8192), or SmolLM2-135M and its 6-layer subset."""
+    if pair == "smollm2":
+        from kdistill.students.llm import build_lm_student
+        from kdistill.teachers.lm import load_lm_teacher
+
+        teacher, _ = load_lm_teacher("smollm2-135m")
+        return teacher, build_lm_student(teacher, kind="layer_subset", num_layers=6)[0]
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    V = 8192
+    tcfg = LlamaConfig(vocab_size=V, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       tie_word_embeddings=True)
+    teacher = LlamaForCausalLM(tcfg)
+    scfg = LlamaConfig(vocab_size=V, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       tie_word_embeddings=True)
+    return teacher, LlamaForCausalLM(scfg)
+
+
+def trl_import_error() -> str | None:
+    """None when TRL's GKDTrainer imports, else why not (reported as ``trl_unavailable``)."""
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     try:
-        from trl.experimental.gkd import GKDConfig, GKDTrainer
+        from trl.experimental.gkd import GKDConfig, GKDTrainer  # noqa: F401
     except ImportError as e:
-        raise SystemExit(f"--peers needs TRL's GKDTrainer ({e}); install it with `pip install trl`.") from e
+        return f"{type(e).__name__}: {e} (install it with `pip install trl`; a benchmark-only dependency)"
+    return None
+
+
+def make_trl_step(args, *, lmbda: float, prompt_length: int | None = None):
+    """A function ``(teacher, student, batch) -> ms`` that runs one GKDTrainer step on ``batch``: off-policy at
+    ``lmbda = 0``; at ``lmbda = 1`` the student continues the first ``prompt_length`` tokens of each row for the
+    rest of the row's length (sampling temperature 1, ``beta`` 0.5, as kdistill's on-policy row)."""
     import tempfile
 
     from datasets import Dataset
     from transformers import TrainerCallback
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     from kdistill.teachers.tiny import train_tokenizer
 
-    # GKDTrainer only reads the tokenizer's pad id (for generation, unused at lmbda = 0)
+    # GKDTrainer only reads the tokenizer's pad id (the pad of its generations; none are padded here)
     tokenizer = train_tokenizer(["in the beginning was the word"] * 4, vocab_size=300)
     out_dir = tempfile.mkdtemp(prefix="kdistill_trl_")
 
@@ -205,17 +287,25 @@ def make_trl_step(args):
             rows = Dataset.from_dict({"row": list(range(n))})
             fixed = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
                      "labels": batch["input_ids"].clone()}  # GKDTrainer shifts labels itself
+            L = batch["input_ids"].shape[1]
+            if lmbda > 0:  # what the on-policy branch reads: the prompts, left-padded (here: none padded)
+                fixed["prompts"] = batch["input_ids"][:, :prompt_length]
+                fixed["prompt_attention_mask"] = batch["attention_mask"][:, :prompt_length]
+                kw = {"beta": 0.5, "temperature": 1.0, "max_new_tokens": L - prompt_length}
+            else:
+                kw = {"beta": 0.0, "temperature": 2.0}
             cfg = GKDConfig(output_dir=out_dir, per_device_train_batch_size=n, gradient_accumulation_steps=1,
-                            max_steps=1, lmbda=0.0, beta=0.0, temperature=2.0, learning_rate=1e-5,
+                            max_steps=1, lmbda=lmbda, learning_rate=1e-5, **kw,
                             lr_scheduler_type="constant", logging_steps=10_000, save_strategy="no", report_to=[],
                             use_cpu=True, bf16=False, fp16=False, disable_dropout=True, dataloader_num_workers=0,
-                            disable_tqdm=True, max_length=batch["input_ids"].shape[1])
+                            disable_tqdm=True, max_length=L)
             timer = StepTimer()
             state["timer"] = timer
             state["trainer"] = GKDTrainer(model=student, teacher_model=teacher, args=cfg, train_dataset=rows,
                                           data_collator=lambda _rows: dict(fixed), processing_class=tokenizer,
                                           callbacks=[timer])
-        state["trainer"].train()
+        with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its summary; stdout stays one JSON object
+            state["trainer"].train()
         return state["timer"].ms[-1]
 
     return step

@@ -216,7 +216,8 @@ def _evaluate_run(run_dir: Path, given: Path) -> dict[str, Any]:
         model, tok = load_causal_lm(str(student_dir))
         stream = cfg.data.text_stream() if cfg.data.stream else None
         eval_items = [] if stream is not None else lm_corpus(**cfg.data.corpus_kwargs())[1]
-        held = held_out_tensors(tok, None, eval_items, stream=stream, **cfg.data.tensor_kwargs())[1]  # held-out alone
+        held = held_out_tensors(tok, None, eval_items, stream=stream, chars=True,  # held-out alone, + bits/char
+                                **cfg.data.tensor_kwargs())[1]
         metrics = lm_metrics(model, held, batch_size=cfg.eval.batch_size)
         return {"checkpoint": str(student_dir), "task": task, "metrics": metrics,
                 "params": sum(p.numel() for p in model.parameters()), "held_out_tokens": int(held["mask"].sum())}

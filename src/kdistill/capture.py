@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -94,3 +96,62 @@ def capture(model: nn.Module, names: Iterable[str], *, detach: bool = False) -> 
     finally:
         for h in handles:
             h.remove()
+
+
+# ---------------------------------------------------------------------------------------------- attention layers
+
+#: child names of a self-attention module's query / key / value projections: Llama-family decoders
+#: (``model.layers.N.self_attn.{q,k,v}_proj``) and BERT-family encoders (``encoder.layer.N.attention.self.{query,key,
+#: value}``). Fused projections (GPT-2's ``c_attn``, GPT-NeoX's ``query_key_value``) are not split here.
+QKV_CHILDREN = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))
+
+
+@dataclass(frozen=True)
+class AttentionLayer:
+    """One self-attention module found by :func:`attention_layers`: its name, the names to hook for its
+    query / key / value projections (outputs ``(B, T, heads * head_dim)``), the transformer block (layer) that holds
+    it, and its per-head width (None when the module and the model config do not say)."""
+
+    path: str
+    block: str
+    q: str
+    k: str
+    v: str
+    head_dim: int | None
+
+    @property
+    def stack(self) -> str:
+        """The layer list the block belongs to (``model.layers`` for ``model.layers.3``)."""
+        return self.block.rsplit(".", 1)[0] if "." in self.block else ""
+
+
+def _config_head_dim(model: nn.Module) -> int | None:
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        heads = getattr(cfg, "num_attention_heads", None)
+        if heads:
+            return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    return None
+
+
+def attention_layers(model: nn.Module) -> list[AttentionLayer]:
+    """The self-attention modules of a transformer in forward order (``named_modules`` order): every module whose
+    children include one of :data:`QKV_CHILDREN` (cross-attention modules are skipped). Empty for a model without
+    separate q/k/v projections."""
+    model = unwrap(model)
+    modules = dict(model.named_modules())
+    fallback = _config_head_dim(model)
+    found: list[AttentionLayer] = []
+    for name, module in modules.items():
+        if "cross" in name.lower():
+            continue
+        prefix = f"{name}." if name else ""
+        for q, k, v in QKV_CHILDREN:
+            if all(prefix + c in modules for c in (q, k, v)):
+                m = re.match(r"^(.*\.\d+)(\.|$)", name)
+                block = m.group(1) if m else (name.rsplit(".", 1)[0] if "." in name else name)
+                hd = getattr(module, "head_dim", None) or getattr(module, "attention_head_size", None) or fallback
+                found.append(AttentionLayer(name, block, prefix + q, prefix + k, prefix + v,
+                                            int(hd) if hd else None))
+                break
+    return found

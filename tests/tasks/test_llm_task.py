@@ -228,3 +228,38 @@ def test_sequence_level_kd_on_prompt_rows(tmp_path):
     before = store.stat().st_mtime_ns
     r2 = api.run({**recipe, "baseline": False}, output=tmp_path / "run2", progress=False, quiet=True)
     assert store.stat().st_mtime_ns == before and r2["data"]["sequence_kd"]["sequences"] == 36
+
+
+def test_chat_turn_prompts_are_formatted_with_the_chat_template(tmp_path):
+    """A prompt column holding chat turns: each prompt is the chat template of its turns with the generation prompt
+    (what the student continues on-policy), the completion the assistant's reply; bad turns are refused."""
+    import yaml
+
+    from kdistill.data.lm import _file_corpus, prompt_ids
+    from kdistill.recipes import find_recipe
+    from kdistill.teachers.tiny import train_tokenizer
+
+    words = "the light the earth the waters the firmament the evening the morning heaven day night".split()
+    rows = [{"prompt": [{"role": "user", "content": " ".join(words[i % 5: i % 5 + 2])}],
+             "completion": " ".join(words[i % 7: i % 7 + 3])} for i in range(40)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = train_tokenizer([" ".join(words)] * 4, vocab_size=300)
+    turns = rows[0]["prompt"]
+    want = tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    got = prompt_ids(tok, [turns, "the light"], prompt_width=64)
+    assert tok.decode(got[0]) == want and got[1] == tok("the light", add_special_tokens=False)["input_ids"]
+    with pytest.raises(KDistillError, match="the last not the assistant"):
+        (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": [{"role": "assistant", "content": "x"}],
+                                                        "completion": "y"}) + "\n")
+        _file_corpus(files=str(tmp_path / "bad.jsonl"), format="auto", hf_dataset=None, text_column="text",
+                     messages_column=None, prompt_column="prompt", completion_column="completion", eval_fraction=0.0)
+    recipe = yaml.safe_load(find_recipe("llm/tiny").read_text())
+    recipe["data"] = {"files": str(tmp_path / "chat.jsonl"), "prompt_column": "prompt",
+                      "completion_column": "completion", "prompt_tokens": 20, "block_length": 32,
+                      "eval_fraction": 0.1}
+    recipe["method"] = {"name": "gkd", "kwargs": {"lmbda": 1.0}}
+    r = api.run({**recipe, "baseline": False}, output=tmp_path / "run", progress=False, quiet=True)
+    assert r["student"]["steps"] == 3 and math.isfinite(r["student"]["metrics"]["perplexity"])
+    assert r["generations"][0]["prompt"].startswith(want[:5])  # held-out generations start from the template
+    log = [json.loads(x) for x in (tmp_path / "run" / "work" / "student" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 < row["generation_share"] < 1 for row in log)

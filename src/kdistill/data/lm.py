@@ -180,12 +180,21 @@ def _check_prompt_width(prompt_width: int, max_length: int) -> None:
                             f"({max_length}).")
 
 
-def prompt_ids(tokenizer: Any, prompts: Sequence[str], *, prompt_width: int, where: str = "data") -> list[list[int]]:
-    """Token ids of each prompt (no special tokens); a prompt that is empty or longer than ``prompt_width`` tokens
-    is refused with its row."""
+def prompt_ids(tokenizer: Any, prompts: Sequence[str | list[dict[str, str]]], *, prompt_width: int,
+               where: str = "data") -> list[list[int]]:
+    """Token ids of each prompt: a text (no special tokens), or chat turns (``[{role, content}, ...]``) formatted
+    with the tokenizer's chat template and its generation prompt, so a chat model continues as the assistant. A
+    prompt that is empty or longer than ``prompt_width`` tokens is refused with its row."""
     out = []
     for row, prompt in enumerate(prompts):
-        ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if isinstance(prompt, list):
+            if getattr(tokenizer, "chat_template", None) is None:
+                raise KDistillError(f"{where}, row {row + 1}: the prompt is a list of chat turns and the tokenizer "
+                                    "has no chat template; expected a chat model's tokenizer. Fix: use such a "
+                                    "tokenizer, or give the prompt as text.")
+            ids = _template_ids(tokenizer, prompt, add_generation_prompt=True)
+        else:
+            ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
         if not ids or len(ids) > prompt_width:
             raise KDistillError(f"{where}, row {row + 1}: the prompt has {len(ids)} tokens, expected 1 to "
                                 f"data.prompt_tokens = {prompt_width}. Fix: raise prompt_tokens (block_length "
@@ -289,17 +298,33 @@ def _file_corpus(*, files: Any, format: str, hf_dataset: Mapping[str, Any] | Non
         for i, row in enumerate(rows[split], start=1):
             where = f"data ({split} split), row {i}, column {column!r}"
             if prompt_column is not None:
-                pair = (row[prompt_column], row[completion_column])
-                if not all(isinstance(x, str) for x in pair):
-                    raise KDistillError(f"{where}: got prompt {pair[0]!r} and completion {pair[1]!r}, expected two "
-                                        "texts.")
-                items.append(pair)
+                prompt, completion = row[prompt_column], row[completion_column]
+                if not isinstance(prompt, (str, list)) or not isinstance(completion, str):
+                    raise KDistillError(f"{where}: got prompt {prompt!r} and completion {completion!r}, expected two "
+                                        "texts (or chat turns [{role, content}, ...] as the prompt).")
+                if isinstance(prompt, list):  # chat turns, formatted by the chat template (prompt_ids)
+                    prompt = _prompt_turns(prompt, where)
+                items.append((prompt, completion))
             elif messages_column is not None:
                 items.append(check_conversation(row[column], where))
             else:
                 items.append(_text_of(row[column], where))
         out.append(items)
     return out[0], out[1]
+
+
+def _prompt_turns(turns: list[Any], where: str) -> list[dict[str, str]]:
+    """A prompt given as chat turns: ``[{role, content}, ...]``, not ending with an assistant turn (the completion
+    is the assistant's reply)."""
+    for j, m in enumerate(turns):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise KDistillError(f"{where}, prompt turn {j + 1}: got {str(m)[:80]!r}, expected an object with string "
+                                "'role' and 'content'.")
+    if not turns or turns[-1]["role"] == "assistant":
+        raise KDistillError(f"{where}: got prompt turns ending with {turns[-1]['role'] if turns else 'nothing'!r}, "
+                            "expected at least one turn, the last not the assistant's (the completion column holds "
+                            "the reply). Fix: move the reply to the completion column.")
+    return [{"role": m["role"], "content": m["content"]} for m in turns]
 
 
 def _text_of(value: Any, where: str) -> str:
@@ -312,8 +337,14 @@ def _text_of(value: Any, where: str) -> str:
 def corpus_texts(items: Iterable[Any]) -> Iterable[str]:
     """Plain texts of corpus items (a conversation's turns and a prompt row's two texts are joined), e.g. to train
     a tiny tokenizer on. Lazy for a lazy ``items``."""
-    return (x if isinstance(x, str) else " ".join(x) if isinstance(x, tuple) else "\n".join(m["content"] for m in x)
-            for x in items)
+    def text(x: Any) -> str:
+        if isinstance(x, str):
+            return x
+        if isinstance(x, tuple):
+            return " ".join(text(part) for part in x)
+        return "\n".join(m["content"] for m in x)
+
+    return (text(x) for x in items)
 
 
 def row_tensors(tokenizer: Any, items: Sequence[Any], *, layout: str, block_length: int, prompt_tokens: int,
@@ -344,11 +375,13 @@ def token_blocks(tokenizer: Any, train_texts: Iterable[str], eval_texts: Iterabl
 
 def held_out_tensors(tokenizer: Any, train_items: Sequence[Any] | None, eval_items: Sequence[Any], *, layout: str,
                      block_length: int, prompt_tokens: int = 0, train_tokens: int = 0, eval_tokens: int,
-                     stream: TextStream | None = None
+                     stream: TextStream | None = None, chars: bool = False
                      ) -> tuple[Tensor | None, dict[str, Tensor], dict[str, Tensor] | None]:
     """``(train_blocks, eval_tensors, train_tensors)``: packed blocks of text (``train_tensors`` None), or for chat
     and prompt rows no blocks and padded rows. ``train_items`` None builds the held-out tensors alone. With a
-    ``stream`` (text only) the blocks come from it and the items are not used."""
+    ``stream`` (text only) the blocks come from it and the items are not used. ``chars`` (packed text from items,
+    fast tokenizers): the held-out tensors also hold ``target_chars`` (the same blocks; see
+    :func:`kdistill.data.align.char_text_blocks`), for bits per character."""
     if layout != "text":
         train_t = (row_tensors(tokenizer, train_items, layout=layout, block_length=block_length,
                                prompt_tokens=prompt_tokens, where="data (train split)")
@@ -359,6 +392,13 @@ def held_out_tensors(tokenizer: Any, train_items: Sequence[Any] | None, eval_ite
         train_blocks, eval_blocks = stream.blocks(tokenizer, block_length=block_length, eval_tokens=eval_tokens,
                                                   train_tokens=train_tokens if train_items is not None else None)
         return train_blocks, lm_tensors(eval_blocks), None
+    if chars and getattr(tokenizer, "is_fast", False):
+        from .align import char_text_blocks
+
+        held = char_text_blocks(tokenizer, eval_items, block_length=block_length, tokens=eval_tokens)
+        train_blocks = (text_blocks(tokenizer, train_items, block_length=block_length, tokens=train_tokens)
+                        if train_items is not None else None)
+        return train_blocks, held, None
     if train_items is None:
         return None, lm_tensors(text_blocks(tokenizer, eval_items, block_length=block_length,
                                             tokens=eval_tokens)), None

@@ -26,6 +26,16 @@ def eval_batches(data: Mapping[str, Tensor], batch_size: int, device: torch.devi
         yield ids, attn, labels, label_mask(labels)
 
 
+def _bits_per_char(data: Mapping[str, Tensor], nll: float) -> dict[str, float]:
+    """``{"bits_per_char": nll / ln 2 / characters}`` over the predicted positions, when ``data`` counts the
+    characters of each predicted token (``target_chars``); else nothing."""
+    chars = data.get("target_chars")
+    if chars is None:
+        return {}
+    n = int(chars[label_mask(data["labels"])].sum())
+    return {"bits_per_char": nll / math.log(2.0) / max(n, 1)}
+
+
 @torch.no_grad()
 def teacher_eval_targets(teacher: nn.Module, data: Mapping[str, Tensor], *, k: int, batch_size: int
                          ) -> dict[str, Any]:
@@ -38,15 +48,17 @@ def teacher_eval_targets(teacher: nn.Module, data: Mapping[str, Tensor], *, k: i
         nll += float(-lp_all.gather(-1, labels[mask].unsqueeze(-1)).sum())
         count += int(mask.sum())
         topk.append(tuple(x.cpu() for x in teacher_topk(logits, k=min(k, logits.shape[-1]))))
-    return {"perplexity": math.exp(nll / count), "loss": nll / count, "topk": topk, "batch_size": batch_size}
+    return {"perplexity": math.exp(nll / count), "loss": nll / count, **_bits_per_char(data, nll), "topk": topk,
+            "batch_size": batch_size}
 
 
 @torch.no_grad()
 def lm_metrics(model: nn.Module, data: Mapping[str, Tensor] | Tensor, *, batch_size: int,
                teacher_targets: dict[str, Any] | None = None) -> dict[str, float]:
     """Held-out ``perplexity`` / ``loss`` (mean next-token CE over the positions of ``mask``; ``data`` may also be
-    a ``(N, L)`` tensor of text blocks), and with teacher targets the top-1 agreement and the KL(teacher ||
-    student) on the teacher's top-k coarsened distributions (a lower bound of the full KL, exact when k = V)."""
+    a ``(N, L)`` tensor of text blocks), ``bits_per_char`` when ``data`` has ``target_chars`` (comparable across
+    tokenizers, unlike perplexity), and with teacher targets the top-1 agreement and the KL(teacher || student) on
+    the teacher's top-k coarsened distributions (a lower bound of the full KL, exact when k = V)."""
     if isinstance(data, Tensor):
         data = lm_tensors(data)
     if teacher_targets is not None and teacher_targets["batch_size"] != batch_size:
@@ -65,7 +77,7 @@ def lm_metrics(model: nn.Module, data: Mapping[str, Tensor] | Tensor, *, batch_s
             agree += float((logits.argmax(-1) == tidx[..., 0]).float().sum())
             kl += float(topk_loss(logits, tlp, tidx, tres).sum())
     model.train(was)
-    out = {"perplexity": math.exp(nll / count), "loss": nll / count}
+    out = {"perplexity": math.exp(nll / count), "loss": nll / count, **_bits_per_char(data, nll)}
     if teacher_targets is not None:
         out["top1_agreement"] = agree / count
         out["kl_teacher_student_topk"] = kl / count
@@ -77,8 +89,10 @@ def generation_prompt(tokenizer: Any, item: Any, prompt_words: int) -> str:
     conversation up to its first assistant turn, formatted by the chat template with the generation prompt."""
     if isinstance(item, str):
         return " ".join(item.split()[:prompt_words])
-    if isinstance(item, tuple):  # (prompt, completion)
-        return item[0]
+    if isinstance(item, tuple):  # (prompt, completion); a prompt of chat turns ends with the generation prompt
+        if isinstance(item[0], str):
+            return item[0]
+        return tokenizer.apply_chat_template(item[0], tokenize=False, add_generation_prompt=True)
     first = next(i for i, m in enumerate(item) if m["role"] == "assistant")
     return tokenizer.apply_chat_template(item[:first], tokenize=False, add_generation_prompt=True)
 
@@ -114,21 +128,29 @@ def lm_latency_ms(model: nn.Module, ids: Tensor, repeats: int = 5) -> float:
 def evaluate_lm_models(teacher: nn.Module, tokenizer: Any, students: Mapping[str, tuple[nn.Module, float, int]],
                        eval_tensors: Mapping[str, Tensor], eval_items: Sequence[Any], *, batch_size: int,
                        agreement_k: int, generations: int, prompt_words: int, max_new_tokens: int,
-                       member_names: Sequence[str] = ()) -> dict[str, Any]:
+                       member_names: Sequence[str] = (), student_tokenizer: Any | None = None,
+                       student_eval_tensors: Mapping[str, Tensor] | None = None) -> dict[str, Any]:
     """The report's model entries: held-out perplexity of the teacher and of each student (``{name: (model, train
     seconds, steps)}``), the students' top-1 agreement and top-k KL with the teacher, parameters, latency, and
     ``generations`` greedy continuations side by side. A teacher mixture (``teacher.mixture``) also gets each
-    member's figures (named by ``member_names``)."""
+    member's figures (named by ``member_names``).
+
+    A student with its own tokenizer (``student_tokenizer`` and its ``student_eval_tensors``, the same held-out texts
+    in its tokens): each model is scored on its own tokens, agreement is left out (``{}``: token ids are not
+    comparable), and bits per character is the comparable figure."""
     tt = teacher_eval_targets(teacher, eval_tensors, k=agreement_k, batch_size=batch_size)
     lat_ids = eval_tensors["input_ids"][:1]
+    t_metrics = {k: tt[k] for k in ("perplexity", "loss", "bits_per_char") if k in tt}
     out: dict[str, Any] = {
-        "teacher": {"params": count_params(teacher), "metrics": {"perplexity": tt["perplexity"], "loss": tt["loss"]},
+        "teacher": {"params": count_params(teacher), "metrics": t_metrics,
                     "latency_ms": lm_latency_ms(teacher, lat_ids)}}
+    cross = student_tokenizer is not None
+    s_tensors = student_eval_tensors if cross else eval_tensors
     for name, (model, secs, steps) in students.items():
-        m = lm_metrics(model, eval_tensors, batch_size=batch_size, teacher_targets=tt)
-        agreement = {k: m.pop(k) for k in ("top1_agreement", "kl_teacher_student_topk")}
+        m = lm_metrics(model, s_tensors, batch_size=batch_size, teacher_targets=None if cross else tt)
+        agreement = {} if cross else {k: m.pop(k) for k in ("top1_agreement", "kl_teacher_student_topk")}
         out[name] = {"params": count_params(model), "metrics": m, "agreement": agreement, "train_seconds": secs,
-                     "steps": steps, "latency_ms": lm_latency_ms(model, lat_ids)}
+                     "steps": steps, "latency_ms": lm_latency_ms(model, s_tensors["input_ids"][:1])}
     if hasattr(teacher, "mixture"):  # several teachers: each one's held-out figures beside the mixture's
         out["teacher"]["weights"] = teacher.weights.tolist()
         out["teacher"]["members"] = [
@@ -137,20 +159,30 @@ def evaluate_lm_models(teacher: nn.Module, tokenizer: Any, students: Mapping[str
             for name, member in zip(member_names, teacher.mixture.teachers)]
     prompts = [generation_prompt(tokenizer, item, prompt_words) for item in list(eval_items)[:generations]]
     gens = {"teacher": generate_texts(teacher, tokenizer, prompts, max_new_tokens)}
-    gens.update({name: generate_texts(s[0], tokenizer, prompts, max_new_tokens) for name, s in students.items()})
+    gens.update({name: generate_texts(s[0], student_tokenizer or tokenizer, prompts, max_new_tokens)
+                 for name, s in students.items()})
     out["generations"] = [{"prompt": p, **{k: v[i] for k, v in gens.items()}} for i, p in enumerate(prompts)]
     return out
 
 
 def lm_report_markdown(report: Mapping[str, Any]) -> str:
     """The llm report.md sections: held-out language modelling and the generations."""
-    md = ["## Held-out language modelling", "", "| model | perplexity | top-1 agreement | KL(t‖s), top-k | params |",
-          "|---|---:|---:|---:|---:|",
-          f"| teacher | {report['teacher']['metrics']['perplexity']:.3f} | | | {report['teacher']['params']:,} |"]
-    for name in [n for n in ("baseline", "student") if n in report]:
+    def num(x: Any, fmt: str) -> str:
+        return "—" if x is None else format(x, fmt)
+
+    bpc = "bits_per_char" in report["teacher"]["metrics"]
+    md = ["## Held-out language modelling", "", "| model | perplexity |" + (" bits/char |" if bpc else "")
+          + " top-1 agreement | KL(t‖s), top-k | params |", "|---|---:|" + ("---:|" if bpc else "") + "---:|---:|---:|"]
+    for name in [n for n in ("teacher", "baseline", "student") if n in report]:
         e = report[name]
-        md.append(f"| {name} | {e['metrics']['perplexity']:.3f} | {e['agreement']['top1_agreement']:.4f} | "
-                  f"{e['agreement']['kl_teacher_student_topk']:.4f} | {e['params']:,} |")
+        a = e.get("agreement", {})
+        md.append(f"| {name} | {e['metrics']['perplexity']:.3f} |"
+                  + (f" {num(e['metrics'].get('bits_per_char'), '.4f')} |" if bpc else "")
+                  + f" {num(a.get('top1_agreement'), '.4f') if name != 'teacher' else ''} |"
+                  f" {num(a.get('kl_teacher_student_topk'), '.4f') if name != 'teacher' else ''} | {e['params']:,} |")
+    if report.get("vocab", {}).get("cross_tokenizer"):
+        md += ["", "Teacher and student use different tokenizers: each perplexity is per token of the model's own "
+               "tokenizer, so only bits per character compares them; top-1 agreement and KL need one vocabulary."]
     md += ["", "## Generations (greedy)", ""]
     for g in report["generations"]:
         md.append(f"**prompt:** {g['prompt']}")

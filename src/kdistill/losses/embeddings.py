@@ -85,6 +85,19 @@ def token_cosine(student_tokens: Tensor, teacher_tokens: Tensor, attention_mask:
     return per_token.sum(1) / m.sum(1).clamp_min(1)
 
 
+def token_mse(student_tokens: Tensor, teacher_tokens: Tensor, attention_mask: Tensor) -> Tensor:
+    """Mean over real tokens of ``mean_d (s_btd - t_btd)^2`` per example: ``(B, T, D), (B, T, D), (B, T) -> (B,)``
+    (the hidden-state MSE of TinyBERT; :func:`token_cosine`'s masking: padding never counts, no real token -> 0)."""
+    _check_same(student_tokens, teacher_tokens, "token_mse", _PROJECT_HINT)
+    if student_tokens.dim() != 3 or tuple(attention_mask.shape) != tuple(student_tokens.shape[:2]):
+        raise KDistillError(f"token_mse: token states {tuple(student_tokens.shape)}, attention_mask "
+                            f"{tuple(attention_mask.shape)}; expected (B, T, D) and (B, T).")
+    per_token = (student_tokens.float() - teacher_tokens.float()).pow(2).mean(-1)
+    m = attention_mask.bool()
+    per_token = torch.where(m, per_token, per_token.new_zeros(()))
+    return per_token.sum(1) / m.sum(1).clamp_min(1)
+
+
 def similarity(queries: Tensor, candidates: Tensor, *, kind: Similarity = "cos") -> Tensor:
     """Score matrix ``(B, N)`` between queries ``(B, D)`` and candidates ``(N, D)`` (fp32).
 

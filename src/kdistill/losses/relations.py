@@ -8,6 +8,8 @@ the student and teacher through batch geometry, so their feature widths may diff
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -276,3 +278,124 @@ def token_relation(student_tokens: Tensor, teacher_tokens: Tensor, *, relation_t
 
     ls, lt = graph(student_tokens), graph(teacher_tokens)
     return (lt.exp() * (lt - ls)).sum(-1).mean(-1)
+
+
+# ------------------------------------------------------------------------------------------ self-attention relations
+
+
+def _check_tokens(x: Tensor, name: str, who: str) -> None:
+    if x.dim() != 3:
+        raise KDistillError(f"{name}: {who} has shape {tuple(x.shape)}; expected (B, T, W) token vectors (the output "
+                            "of an attention q/k/v projection, heads concatenated).")
+
+
+def _split_heads(x: Tensor, num_heads: int, name: str, who: str) -> Tensor:
+    """``(B, T, W) -> (B, H, T, W / H)`` in fp32."""
+    _check_tokens(x, name, who)
+    b, t, w = x.shape
+    if not (isinstance(num_heads, int) and num_heads >= 1) or w % num_heads:
+        raise KDistillError(f"{name}: num_heads={num_heads!r} does not split the {who} width {w}; expected a positive "
+                            f"divisor of {w}. Fix: choose a head count that divides both models' q/k/v widths.")
+    return x.float().reshape(b, t, num_heads, w // num_heads).transpose(1, 2)
+
+
+def expand_kv_heads(x: Tensor, *, num_kv_heads: int, num_heads: int) -> Tensor:
+    """Grouped-query attention: key or value vectors ``(B, T, Hkv * d) -> (B, T, H * d)``, every key/value head
+    repeated for the ``H / Hkv`` query heads that share it (head ``j`` serves query heads ``j g ... j g + g - 1``,
+    ``g = H / Hkv``, the order of the models' own ``repeat_kv``). Identity when ``Hkv == H``."""
+    _check_tokens(x, "expand_kv_heads", "x")
+    b, t, w = x.shape
+    if num_kv_heads < 1 or num_heads % num_kv_heads or w % num_kv_heads:
+        raise KDistillError(f"expand_kv_heads: num_kv_heads={num_kv_heads}, num_heads={num_heads}, width {w}; "
+                            "expected num_kv_heads to divide both num_heads and the width (grouped-query attention).")
+    if num_kv_heads == num_heads:
+        return x
+    g = num_heads // num_kv_heads
+    return x.reshape(b, t, num_kv_heads, w // num_kv_heads).repeat_interleave(g, dim=2).reshape(b, t, w * g)
+
+
+def _valid_keys(mask: Tensor | None, b: int, t: int, causal: bool, device: torch.device) -> Tensor | None:
+    """``(B, 1, T, T)`` bool: may query ``i`` look at key ``j`` (a real key, and ``j <= i`` when causal)."""
+    if mask is None and not causal:
+        return None
+    valid = torch.ones(b, 1, t, t, dtype=torch.bool, device=device)
+    if mask is not None:
+        valid = valid & mask.bool().view(b, 1, 1, t)
+    if causal:
+        valid = valid & torch.ones(t, t, dtype=torch.bool, device=device).tril()
+    return valid
+
+
+def relation_log_probs(left: Tensor, right: Tensor, *, num_heads: int, mask: Tensor | None = None,
+                       causal: bool = False, relation_temperature: float = 1.0) -> Tensor:
+    """Per-head relation distributions in log space, shape ``(B, H, T, T)``, fp32:
+    ``log softmax_j(l_h,i . r_h,j / (sqrt(d_h) tau))`` over the keys ``j``, where ``left`` / ``right`` ``(B, T, W)``
+    are split into ``num_heads`` heads of width ``d_h = W / num_heads``. With ``left = Q, right = K`` this is a
+    self-attention distribution; with ``left = right = V`` the value relation of MiniLM. Keys that are padding
+    (``mask`` ``(B, T)`` False) or in the future (``causal``) get probability 0; a query without any valid key gets
+    a uniform row (the losses leave it out)."""
+    name = "relation_log_probs"
+    if not relation_temperature > 0:
+        raise KDistillError(f"{name}: relation_temperature={relation_temperature!r}; expected a positive number.")
+    if left.shape != right.shape:
+        raise KDistillError(f"{name}: left {tuple(left.shape)} vs right {tuple(right.shape)}; expected the same "
+                            "(B, T, W). For grouped-query attention expand the keys first (expand_kv_heads).")
+    lh, rh = _split_heads(left, num_heads, name, "left"), _split_heads(right, num_heads, name, "right")
+    b, _, t, d = lh.shape
+    if mask is not None and tuple(mask.shape) != (b, t):
+        raise KDistillError(f"{name}: mask has shape {tuple(mask.shape)}; expected {(b, t)} (B, T), True = a real "
+                            "token.")
+    scores = lh @ rh.transpose(-1, -2) / (math.sqrt(d) * relation_temperature)
+    valid = _valid_keys(mask, b, t, causal, scores.device)
+    if valid is not None:  # a finite fill: a row with no valid key stays finite (uniform), never NaN
+        scores = scores.masked_fill(~valid, torch.finfo(scores.dtype).min)
+    return F.log_softmax(scores, dim=-1)
+
+
+def attention_relation(student_left: Tensor, student_right: Tensor, teacher_left: Tensor, teacher_right: Tensor, *,
+                       num_heads: int, mask: Tensor | None = None, causal: bool = False,
+                       relation_temperature: float = 1.0) -> Tensor:
+    """Self-attention relation distillation per example, shape ``(B,)``: ``KL(R_t || R_s)`` of every query row of
+    the :func:`relation_log_probs` distributions, averaged over the ``num_heads`` heads and the real query positions.
+
+    MiniLM (Wang et al., 2020, "MiniLM: Deep Self-Attention Distillation for Task-Agnostic Compression of
+    Pre-Trained Transformers"): ``left, right = Q, K`` gives its attention-distribution transfer, ``V, V`` its
+    value relation (both per attention head). MiniLMv2 (Wang et al., 2021, "MiniLMv2: Multi-Head Self-Attention
+    Relation Distillation for Compressing Pretrained Transformers"): Q-Q, K-K and V-V relations after the heads are
+    concatenated and re-split into ``num_heads`` *relation* heads, so each side is split by its own width
+    (``d_h = W / num_heads`` differs between teacher and student) and only the head count and the tokens must match.
+
+    Inputs ``(B, T, W)``: both models' widths may differ; batch and length must match. ``mask`` ``(B, T)`` (True =
+    real token) removes padding from the keys (outside the softmax) and from the queries (outside the mean); a row
+    with no real token gives 0. ``causal`` restricts every query to the keys at or before it (decoder LMs). The
+    teacher side is a fixed target (detached). 0 when the student's relations equal the teacher's.
+    """
+    name = "attention_relation"
+    _same_batch(student_left, teacher_left, name)
+    for x, who in ((student_left, "student_left"), (teacher_left, "teacher_left")):
+        _check_tokens(x, name, who)
+    if student_left.shape[1] != teacher_left.shape[1]:
+        raise KDistillError(f"{name}: student length {student_left.shape[1]} vs teacher length "
+                            f"{teacher_left.shape[1]}; expected the same tokens on both sides (same tokenizer and "
+                            "padding).")
+    kw = {"num_heads": num_heads, "mask": mask, "causal": causal, "relation_temperature": relation_temperature}
+    ls = relation_log_probs(student_left, student_right, **kw)
+    lt = relation_log_probs(teacher_left.detach(), teacher_right.detach(), **kw)
+    b, h, t, _ = ls.shape
+    valid = _valid_keys(mask, b, t, causal, ls.device)
+    diff = lt - ls
+    if valid is not None:
+        diff = torch.where(valid, diff, diff.new_zeros(()))
+    per_query = (lt.exp() * diff).sum(-1).mean(1)  # (B, T): KL summed over keys, mean over heads
+    if mask is None:
+        return per_query.mean(-1)
+    m = mask.bool()
+    return torch.where(m, per_query, per_query.new_zeros(())).sum(-1) / m.sum(-1).clamp_min(1)
+
+
+def self_relation(student_x: Tensor, teacher_x: Tensor, *, num_heads: int, mask: Tensor | None = None,
+                  causal: bool = False, relation_temperature: float = 1.0) -> Tensor:
+    """``attention_relation(s, s, t, t)``: the Q-Q, K-K or V-V relation of MiniLMv2 (and MiniLM's value relation),
+    per example ``(B,)``."""
+    return attention_relation(student_x, student_x, teacher_x, teacher_x, num_heads=num_heads, mask=mask,
+                              causal=causal, relation_temperature=relation_temperature)

@@ -60,8 +60,11 @@ class Method(nn.Module):
     * ``needs_prompts``: batches of (prompt, continuation) (on-policy methods generate continuations);
     * :meth:`prepare_batch`: rewrite a batch before the forward pass, e.g. generate from the student;
     * :meth:`set_total_steps`: the run's number of optimizer steps (schedules);
+    * :meth:`resolve_layers`: layer names that depend on the models (called by the loop, before capture);
     * :meth:`cache_identity`: what offline teacher targets must have been written with (e.g. its temperature);
-    * ``uses_token_states`` / ``needs_pairs`` / ``fused_head``: the forward outputs and data layout it reads.
+    * ``uses_token_states`` / ``needs_pairs`` / ``fused_head``: the forward outputs and data layout it reads;
+    * ``cross_tokenizer`` / :meth:`set_vocab_map`: it compares a student and a teacher with different tokenizers
+      (the batch then carries the teacher's own tokens and the alignment of :mod:`kdistill.data.align`).
     """
 
     cacheable: ClassVar[bool] = False
@@ -79,6 +82,11 @@ class Method(nn.Module):
 
     def set_total_steps(self, total_steps: int) -> None:
         """The run's number of optimizer steps, before training (schedules that span the run use it)."""
+
+    def resolve_layers(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        """Fill ``student_layers`` / ``teacher_layers`` from the models' structure (e.g. "the last attention
+        layer's q/k/v projections"). Called once by the loop, before any forward, with the unwrapped models
+        (``teacher`` is None when its targets come from a cache)."""
 
     def prepare_batch(self, student: nn.Module, batch: dict[str, Any], *, pad_id: int | None = None,
                       eos_id: int | None = None) -> dict[str, Any]:
@@ -103,6 +111,17 @@ class Method(nn.Module):
     def fused_head(self) -> bool:
         """True when the student forward hands over hidden states and its LM head instead of logits."""
         return False
+
+    @property
+    def cross_tokenizer(self) -> bool:
+        """True when the method handles a student whose tokenizer differs from the teacher's: its batches then hold
+        the teacher's tokens of the same text (``teacher_input_ids``, ``teacher_attention_mask``, ``teacher_mask``)
+        and the character alignment of :func:`kdistill.data.align.cross_blocks`."""
+        return False
+
+    def set_vocab_map(self, student_ids: Tensor, teacher_ids: Tensor) -> None:
+        """Cross-tokenizer runs: the token pairs that are the same string in both vocabularies (``(M,)`` each, see
+        :func:`kdistill.data.align.vocab_map`), given once before training."""
 
     def log(self, name: str, value: Tensor | float) -> None:
         """Record a diagnostic (not a loss term); the loop collects it with :meth:`pop_metrics`."""

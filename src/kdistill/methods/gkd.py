@@ -28,6 +28,7 @@ the whole batch), ``labels`` and ``mask`` (see :mod:`kdistill.data.lm`).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -106,6 +107,10 @@ class GKD(Method):
                                 "from the llm task's prompt data (data.prompt_tokens > 0).")
         on_policy = self.draw_coin() or not bool(batch["mask"].any())  # nothing to learn off-policy: generate
         self.log("on_policy", float(on_policy))
+        # seconds spent generating since the loop last collected the metrics (one optimizer step: its micro-batches
+        # add up); the loop writes it with its share of the step time, ``generation_share``
+        spent = self._metrics.get("generation_seconds", 0.0)
+        self.log("generation_seconds", spent)
         if not on_policy:
             return batch
         pl = batch["prompt_length"]
@@ -120,15 +125,25 @@ class GKD(Method):
         prompt = ids[:, :P]
         prompt_mask = batch["attention_mask"][:, :P] if "attention_mask" in batch else torch.ones_like(prompt)
         fill = pad_id if pad_id is not None else eos_id
+        # left padding every row shares is cut before generating (prompt_tokens is an upper bound) and put back
+        # after; the rest stays, with the attention mask (position ids follow it in Hugging Face's generate)
+        real = prompt_mask.bool().any(0)
+        k = int(real.long().argmax()) if bool(real.any()) else 0
         was = student.training
         student.eval()
-        try:  # sampled until EOS (or ``new`` tokens): the student learns where to stop, not only what to say
+        t0 = time.perf_counter()
+        try:  # one generate call for the micro-batch, KV cache on; each row samples until its EOS (or ``new``
+            # tokens): the student learns where to stop, not only what to say
             stop = {"eos_token_id": eos_id} if eos_id is not None else {"min_new_tokens": new}  # no EOS: full length
-            gen = student.generate(input_ids=prompt, attention_mask=prompt_mask, do_sample=True,
+            gen = student.generate(input_ids=prompt[:, k:], attention_mask=prompt_mask[:, k:], do_sample=True,
                                    temperature=self.sampling_temperature, top_k=0, top_p=1.0, max_new_tokens=new,
-                                   pad_token_id=fill, **stop)
+                                   pad_token_id=fill, use_cache=True, **stop)
+            if gen.device.type == "cuda":  # the clock measures the work, not its queueing
+                torch.cuda.synchronize(gen.device)
         finally:
             student.train(was)
+        self.log("generation_seconds", spent + time.perf_counter() - t0)
+        gen = torch.cat([prompt[:, :k], gen], 1)
         if gen.shape[1] < P + new:  # every sequence stopped early: keep the batch's width
             gen = torch.cat([gen, gen.new_full((gen.shape[0], P + new - gen.shape[1]), int(fill or 0))], 1)
         out = dict(batch)

@@ -37,6 +37,9 @@ soft-capping or scaling). Needs ``alpha = 1`` (no CE term, which would need the 
 (:data:`kdistill.losses.logits.TEMPERATURE_POWER`): ``k = 2`` for the KL family (forward/reverse KL, JSD, skew,
 TAID, token-selective: their gradients shrink like ``1/T^2``), ``k = 1`` for ``tvd`` and ``uld`` (L1-type: ``1/T``);
 a ``T^2`` on those would grow their gradients ``T``-fold (x8 at T = 8).
+With ``loss: uld`` it also serves a student with its own tokenizer (``cross_tokenizer``): the llm task then feeds
+the teacher its own tokens of the same text (:mod:`kdistill.data.align`) and the i-th student position is paired
+with the i-th teacher position, as ULD pairs the answer tokens in order, up to the shorter of the two.
 When to use: the student shares the teacher's tokenizer (``uld`` otherwise); ``forward_kl`` is the safe
 default, ``skew_*`` / ``taid`` help when the student is much smaller than the teacher.
 """
@@ -138,6 +141,12 @@ class LLMKD(Method):
     def fused_head(self) -> bool:
         return self.fused
 
+    @property
+    def cross_tokenizer(self) -> bool:
+        """``uld`` compares sorted distributions, so it needs no shared vocabulary: in a cross-tokenizer batch the
+        student's and the teacher's positions are paired in order (ULD's pairing), up to the shorter sequence."""
+        return self.loss_name == "uld"
+
     def cache_identity(self) -> dict[str, Any]:
         """Top-k targets are stored at the loss temperature: a cache must have been written at this one."""
         return {"kd_temperature": self.kd_temperature}
@@ -208,6 +217,8 @@ class LLMKD(Method):
     def forward(self, student: ModelOutput, teacher: ModelOutput | None, batch: dict[str, Any]) -> dict[str, Tensor]:
         teacher = require_teacher("llm_kd", teacher)
         mask = batch.get("mask")
+        if mask is not None and "teacher_mask" in batch:  # cross-tokenizer batch: pairs up to the shorter sequence
+            mask = mask & batch["teacher_mask"]
         if self.fused:
             per_token = self.fused_per_token(student, teacher)
         else:

@@ -8,7 +8,8 @@ works unchanged (same vocabulary, same ids).
   ``num_layers=6`` evenly spaced, first and last included) with their weights, plus the embeddings,
   final norm and LM head. DistilBERT-style initialisation (Sanh et al., 2019) applied to decoders.
 * :func:`smaller_config_student` builds a randomly initialised model of the same architecture with
-  fewer / narrower layers and the same vocabulary size.
+  fewer / narrower layers and the same vocabulary size, or sized to a tokenizer of its own
+  (:func:`student_tokenizer`: a folder / hub id, or a BPE trained on the corpus).
 * ``kind="pruned"``: structured width / depth pruning from activation importance
   (:mod:`kdistill.students.pruning`, Minitron and ShortGPT).
 * :func:`apply_lora` puts LoRA adapters on any of these ("LoRA: Low-Rank Adaptation of Large Language Models",
@@ -115,15 +116,25 @@ def layer_subset_copy(teacher: nn.Module, *, keep_layers: Sequence[int] | None =
     return student
 
 
-def smaller_config_student(teacher_or_config: Any, *, seed: int = 0, **overrides: Any) -> nn.Module:
+def smaller_config_student(teacher_or_config: Any, *, seed: int = 0, tokenizer: Any | None = None,
+                           **overrides: Any) -> nn.Module:
     """A freshly initialised causal LM of the teacher's architecture with ``overrides`` applied to its
     config (e.g. ``num_hidden_layers=4, hidden_size=256, intermediate_size=768``); the vocabulary size is
-    kept so that the teacher's tokenizer is reused as is."""
+    kept so that the teacher's tokenizer is reused as is -- or, with the student's own ``tokenizer``, sized to it
+    (``vocab_size = len(tokenizer)``, its pad / bos / eos ids)."""
     from transformers import AutoModelForCausalLM, PretrainedConfig
 
     config = teacher_or_config if isinstance(teacher_or_config, PretrainedConfig) else teacher_or_config.config
     config = copy.deepcopy(config)
-    if "vocab_size" in overrides and overrides["vocab_size"] != config.vocab_size:
+    if tokenizer is not None:
+        if "vocab_size" in overrides:
+            raise KDistillError(f"smaller_config_student: got vocab_size {overrides['vocab_size']} and the student's "
+                                "own tokenizer; expected the vocabulary size to come from the tokenizer "
+                                f"({len(tokenizer)}). Fix: remove vocab_size from student.config.")
+        config.vocab_size = len(tokenizer)
+        for attr in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            setattr(config, attr, getattr(tokenizer, attr, None))
+    elif "vocab_size" in overrides and overrides["vocab_size"] != config.vocab_size:
         raise KDistillError(f"smaller_config_student: vocab_size {overrides['vocab_size']} differs from the teacher's "
                             f"{config.vocab_size}; expected the same vocabulary so the tokenizer is shared. Remove it.")
     for key, value in overrides.items():
@@ -145,7 +156,7 @@ def build_lm_student(teacher: nn.Module, *, kind: str = "layer_subset", num_laye
                      keep_layers: Sequence[int] | None = None, config: dict[str, Any] | None = None,
                      pretrained: str | None = None, dtype: str = "float32", seed: int = 0,
                      prune: dict[str, Any] | None = None, calibration: Sequence[dict[str, Any]] | None = None,
-                     lora: dict[str, Any] | None = None, fused_head: bool = False
+                     lora: dict[str, Any] | None = None, fused_head: bool = False, tokenizer: Any | None = None
                      ) -> tuple[nn.Module, Any | None]:
     """The student at its initial weights (the same every call for the same ``seed``), and a pretrained student's
     own tokenizer (to be checked against the teacher's; None when the student is built from the teacher and shares
@@ -154,10 +165,16 @@ def build_lm_student(teacher: nn.Module, *, kind: str = "layer_subset", num_laye
     with the ``prune`` sizes, importance from the ``calibration`` batches) or ``pretrained`` (a zoo name, folder or
     hub id loaded at ``dtype``). ``lora``: the keyword arguments of :func:`apply_lora`, applied on top of any kind
     (``fused_head``: the training method reads the LM head's weight directly). A teacher mixture's student is built
-    from its first teacher."""
+    from its first teacher. ``tokenizer``: the student's own tokenizer (kind ``smaller_config`` only; the model is
+    sized to it and it is returned as the student's tokenizer)."""
     torch.manual_seed(seed)
     tok = None
     source = getattr(teacher, "base", teacher)
+    if tokenizer is not None and kind != "smaller_config":
+        raise KDistillError(f"student.tokenizer: got one with kind {kind!r}; expected kind 'smaller_config' (a fresh "
+                            "model sized to the tokenizer). layer_subset and pruned students keep the teacher's "
+                            "embeddings and so its tokenizer; a pretrained student brings its own. Fix: remove "
+                            "student.tokenizer, or set kind: smaller_config.")
     if kind == "pretrained":
         from ..teachers.lm import load_causal_lm
 
@@ -168,7 +185,8 @@ def build_lm_student(teacher: nn.Module, *, kind: str = "layer_subset", num_laye
     elif kind == "layer_subset":
         student = layer_subset_copy(source, keep_layers=keep_layers, num_layers=num_layers)
     elif kind == "smaller_config":
-        student = smaller_config_student(source, seed=seed, **(config or {}))
+        student = smaller_config_student(source, seed=seed, tokenizer=tokenizer, **(config or {}))
+        tok = tokenizer
     elif kind == "pruned":
         from .pruning import prune_lm
 
@@ -187,6 +205,23 @@ def build_lm_student(teacher: nn.Module, *, kind: str = "layer_subset", num_laye
                                 "them. Fix: remove `lora:` or pick another kind.")
         student = apply_lora(student, fused_head=fused_head, **lora)
     return student, tok
+
+
+def student_tokenizer(source: str | None = None, *, train_bpe_vocab_size: int | None = None,
+                      texts: Any = ()) -> Any:
+    """The student's own tokenizer: loaded from ``source`` (a zoo name, folder or hub id), or a byte-level BPE of
+    ``train_bpe_vocab_size`` tokens trained on ``texts`` (:func:`kdistill.teachers.tiny.train_tokenizer`)."""
+    if (source is None) == (train_bpe_vocab_size is None):
+        raise KDistillError(f"student.tokenizer: got source {source!r} and train_bpe vocab_size "
+                            f"{train_bpe_vocab_size!r}; expected exactly one (a path / hub id, or "
+                            "{train_bpe: {vocab_size: N}}).")
+    if source is not None:
+        from ..teachers.lm import load_tokenizer
+
+        return load_tokenizer(source)
+    from ..teachers.tiny import train_tokenizer
+
+    return train_tokenizer(texts, vocab_size=int(train_bpe_vocab_size))
 
 
 def _is_lora_layer(module: Any) -> bool:

@@ -305,8 +305,10 @@ def run_embedding(cfg: EmbeddingConfig, ctx: RunContext) -> dict[str, Any]:
             tensors = {k: v.view(-1, g, *v.shape[1:]) for k, v in tensors.items()}
             t_train = t_train.view(-1, g, t_train.shape[-1])
         method = METHODS.get(cfg.method.name)(**cfg.method.kwargs)
+        # the teacher runs live when the method reads token states or other internals (not cacheable)
         student_forward, teacher_kwargs = training_forwards(teacher, list(tensors), group_size=g,
-                                                            token_states=method.uses_token_states)
+                                                            token_states=method.uses_token_states
+                                                            or not method.cacheable)
         sampler = None
         if cfg.data.neighbour_group > 1:
             sampler = NeighbourGroupSampler(row_neighbours(t_train, cfg.data.neighbour_pool),

@@ -1,7 +1,9 @@
 """Task ``llm``: distil a causal language model into a smaller one on a text corpus.
 
 Flow: teacher + tokenizer (zoo name, folder or hub id; or ``tiny`` for tests) -> student (layer-subset
-copy or smaller config, same tokenizer) -> vocabulary check -> training blocks (fixed length, no padding)
+copy or smaller config, same tokenizer; or its own, ``student.tokenizer`` / ``pretrained``: then a method with the
+``cross_tokenizer`` hook and blocks aligned by characters, ``data.align``) -> vocabulary check -> training blocks
+(fixed length, no padding)
 -> optional offline top-k cache (``cache: DIR`` written by ``kdistill cache``; then the teacher is never
 run on the training data) -> baseline (same student, cross-entropy only, same steps) and the distilled
 student through :func:`kdistill.train.loop.fit` -> held-out perplexity, teacher-student top-1 agreement
@@ -97,12 +99,32 @@ class LoRASpec(StrictModel):
 _PRUNE_SIZES = ("target_params", "heads", "intermediate_size", "hidden_size")
 
 
+class TrainBPESpec(StrictModel):
+    """A byte-level BPE tokenizer of ``vocab_size`` tokens trained on the training texts."""
+
+    vocab_size: int
+
+    @field_validator("vocab_size")
+    @classmethod
+    def _vs(cls, v: int) -> int:
+        if v < 259:
+            raise ValueError(f"got {v}, expected an integer >= 259 (256 byte symbols + 3 special tokens)")
+        return v
+
+
+class StudentTokenizerSpec(StrictModel):
+    train_bpe: TrainBPESpec
+
+
 class LMStudentSpec(StrictModel):
     """``layer_subset``: ``num_layers`` evenly spaced (or ``keep_layers``) of the teacher, weights copied;
     ``smaller_config``: fresh model with ``config`` overrides (e.g. ``{num_hidden_layers: 4}``);
     ``pruned``: the teacher pruned by activation importance on ``calibration_batches`` training batches
     (:mod:`kdistill.students.pruning`) to ``target_params`` or to the given ``heads`` / ``intermediate_size`` /
-    ``hidden_size`` / ``num_layers`` (an axis not given is kept whole); ``lora``: adapters on top of any kind."""
+    ``hidden_size`` / ``num_layers`` (an axis not given is kept whole); ``lora``: adapters on top of any kind.
+    ``tokenizer`` (kind ``smaller_config``): the student's own tokenizer, a folder / hub id or ``{train_bpe:
+    {vocab_size: N}}`` (trained on the training texts); the model is sized to it. A ``pretrained`` student brings
+    its own. A tokenizer other than the teacher's needs a cross-tokenizer method (see docs/llm.md)."""
 
     kind: Literal["layer_subset", "smaller_config", "pruned", "pretrained"] = "layer_subset"
     num_layers: int | None = 6
@@ -115,6 +137,7 @@ class LMStudentSpec(StrictModel):
     hidden_size: int | None = None
     calibration_batches: int = 8
     lora: LoRASpec | None = None
+    tokenizer: str | StudentTokenizerSpec | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -130,6 +153,11 @@ class LMStudentSpec(StrictModel):
                              "give `pretrained: PATH_OR_ID` alone, or another kind without it")
         if self.kind == "layer_subset" and self.keep_layers is not None:
             self.__dict__["num_layers"] = None
+        if self.tokenizer is not None and self.kind != "smaller_config":
+            raise ValueError(f"student.tokenizer: got one with kind {self.kind!r}; expected kind 'smaller_config' (a "
+                             "fresh model sized to the tokenizer). layer_subset and pruned students keep the teacher's "
+                             "embeddings, a pretrained student brings its own tokenizer. Fix: remove student.tokenizer "
+                             "or set `kind: smaller_config`")
         given = [k for k in _PRUNE_SIZES if getattr(self, k) is not None]
         if self.kind != "pruned" and given:
             raise ValueError(f"student: got {', '.join(given)} with kind {self.kind!r}; these sizes belong to kind "
@@ -147,6 +175,11 @@ class LMStudentSpec(StrictModel):
                 raise ValueError(f"student.calibration_batches: got {self.calibration_batches}, expected >= 1")
         return self
 
+    def tokenizer_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`kdistill.students.llm.student_tokenizer` (without the texts)."""
+        t = self.tokenizer
+        return {"source": t} if isinstance(t, str) else {"train_bpe_vocab_size": t.train_bpe.vocab_size}
+
     def prune_kwargs(self) -> dict[str, Any]:
         """The sizes of :func:`kdistill.students.pruning.prune_lm` for kind ``pruned``."""
         return {"num_layers": self.num_layers, **{k: getattr(self, k) for k in _PRUNE_SIZES}}
@@ -158,10 +191,20 @@ class SequenceKDSpec(StrictModel):
     ``data.prompt_column`` (up to EOS or ``block_length - prompt_tokens`` tokens) -- stored at ``store`` (default
     ``<output>/teacher_generations.jsonl``, resumable), and the student trains on prompt + teacher completion
     (loss on the completion tokens). With prompt rows the file's completions serve held-out evaluation and the
-    baseline only."""
+    baseline only. ``generation_batch_size`` prompts are completed per ``generate`` call (left-padded; the stored
+    completions do not depend on it)."""
 
     store: str | None = None
     sampling_temperature: float = 0.0
+    generation_batch_size: int = 16
+
+    @field_validator("generation_batch_size")
+    @classmethod
+    def _gbs(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"got {v}, expected an integer >= 1 (prompts per generate call; lower it if memory "
+                             "runs out)")
+        return v
 
 
 class LMDataSpec(FileSource):
@@ -307,7 +350,23 @@ class LLMConfig(StrictModel):
             raise ValueError("teachers: a served teacher (endpoint) cannot be part of a mixture; use `teacher:`")
         if self.teacher.endpoint:
             self._check_served(cls)
+        if self.student.tokenizer is not None:
+            self._check_own_tokenizer(cls)
         return self
+
+    def _check_own_tokenizer(self, cls: Any) -> None:
+        """A student with its own tokenizer: a method that compares across tokenizers, on text blocks."""
+        from ..data.align import check_cross_data
+        from ..teachers.vocab import cross_tokenizer_error
+
+        d = self.data
+        try:
+            check_cross_data(layout=d.layout, stream=d.stream, cache=self.cache is not None,
+                             sequence_kd=d.sequence_kd is not None, prompt_tokens=d.prompt_tokens)
+            if not cls(**self.method.kwargs).cross_tokenizer:
+                raise cross_tokenizer_error()
+        except KDistillError as e:
+            raise ValueError(str(e)) from None
 
     def _check_served(self, cls: Any) -> None:
         """A teacher over HTTP gives top-k log-probs, not logits or weights: it needs a cache and a student that is
@@ -370,14 +429,15 @@ def _teacher(cfg: LLMConfig, tokenizer_texts: Any) -> tuple[nn.Module, Any]:
 
 
 def _student(cfg: LLMConfig, teacher: nn.Module, calibration: list[dict[str, Tensor]] | None = None,
-             fused_head: bool = False) -> tuple[nn.Module, Any | None]:
+             fused_head: bool = False, tokenizer: Any | None = None) -> tuple[nn.Module, Any | None]:
     from ..students.llm import build_lm_student
 
     s = cfg.student
     return build_lm_student(teacher, kind=s.kind, num_layers=s.num_layers, keep_layers=s.keep_layers,
                             config=s.config, pretrained=s.pretrained, dtype=cfg.teacher.dtype, seed=cfg.seed,
                             prune=s.prune_kwargs() if s.kind == "pruned" else None, calibration=calibration,
-                            lora=s.lora.model_dump() if s.lora is not None else None, fused_head=fused_head)
+                            lora=s.lora.model_dump() if s.lora is not None else None, fused_head=fused_head,
+                            tokenizer=tokenizer)
 
 
 def _corpus(cfg: LLMConfig) -> tuple[Any, list[Any], TextStream | None]:
@@ -414,7 +474,8 @@ def _sequence_kd(cfg: LLMConfig, tok: Any, teacher: nn.Module, train_blocks: Ten
                else train_blocks[:, :P].tolist())
     store = Path(spec.store) if spec.store else out / "teacher_generations.jsonl"
     records = complete_prompts(store, teacher, tok, prompts, max_new_tokens=L - P, stop_at_eos=rows,
-                               sampling_temperature=spec.sampling_temperature, seed=cfg.seed)
+                               sampling_temperature=spec.sampling_temperature, seed=cfg.seed,
+                               generation_batch_size=spec.generation_batch_size)
     tensors = prompt_id_tensors([(r["prompt_ids"], r["completion_ids"]) for r in records], prompt_width=P,
                                 max_length=L, pad_id=pad_id_of(tok))
     info: dict[str, Any] = {"store": str(store), "sequences": len(records)}
@@ -484,8 +545,9 @@ def _write_served_cache(cfg: LLMConfig, spec: LMCacheSpec, out: Path, train_item
 
 
 def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
+    from ..data.align import check_cross_data, cross_tensors, teacher_view, vocab_map
     from ..data.lm import cache_dataset
-    from ..students.llm import fused_student_output, plain_student
+    from ..students.llm import fused_student_output, plain_student, student_tokenizer
     from ..students.pruning import calibration_batches
     from ..teachers.cache import open_topk_cache
     from ..teachers.lm import lm_logits
@@ -506,9 +568,20 @@ def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
     calib = (calibration_batches(base_set, num_batches=cfg.student.calibration_batches,
                                  batch_size=cfg.train.batch_size) if cfg.student.kind == "pruned" else None)
     main_method = METHODS.get(cfg.method.name)(**cfg.method.kwargs)
-    probe_student, probe_tok = _student(cfg, teacher, calib, fused_head=main_method.fused_head)
-    plan = check_vocab(teacher, probe_student, tok, probe_tok)
+    own_tok = (student_tokenizer(**cfg.student.tokenizer_kwargs(), texts=corpus_texts(train_items))
+               if cfg.student.tokenizer is not None else None)
+    probe_student, probe_tok = _student(cfg, teacher, calib, fused_head=main_method.fused_head, tokenizer=own_tok)
+    plan = check_vocab(teacher, probe_student, tok, probe_tok, cross_tokenizer=main_method.cross_tokenizer)
     del probe_student
+    s_tok, s_eval_t, vmap = tok, eval_t, None
+    if plan.cross:  # the student reads its own tokens of the same texts, aligned by characters (data.align)
+        check_cross_data(layout=cfg.data.layout, stream=stream is not None, cache=cfg.cache is not None,
+                         sequence_kd=cfg.data.sequence_kd is not None, prompt_tokens=cfg.data.prompt_tokens)
+        s_tok, vmap = probe_tok, vocab_map(probe_tok, tok)
+        cross_t, eval_t, s_eval_t = cross_tensors(s_tok, tok, train_items, eval_items,
+                                                  block_length=cfg.data.block_length,
+                                                  train_tokens=cfg.data.train_tokens, eval_tokens=cfg.data.eval_tokens)
+        base_set = TensorDictDataset(**cross_t)
 
     accelerator = make_accelerator(cfg.train.mixed_precision)
     if main_method.fused_head and not plan.is_identity:
@@ -539,7 +612,7 @@ def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
         total_steps = min(total_steps, cfg.train.max_steps)
 
     def teacher_forward(model: nn.Module, batch: dict[str, Any]) -> ModelOutput:
-        logits = lm_logits(model, batch)
+        logits = lm_logits(model, teacher_view(batch))  # a cross-tokenizer batch holds the teacher's own tokens
         return ModelOutput(logits if plan.is_identity else plan.align_teacher(logits))
 
     def student_forward_for(method: Any):
@@ -551,15 +624,18 @@ def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
         return student_forward
 
     def evaluate(m: nn.Module) -> dict[str, float]:
-        return lm_metrics(m, eval_t, batch_size=cfg.eval.batch_size)
+        return lm_metrics(m, s_eval_t, batch_size=cfg.eval.batch_size)
 
     def phase(name: str, method_spec: MethodSpec) -> tuple[nn.Module, float, int, list[dict]]:
         pdir, work = out / name, out / "work" / name
         if not ctx.resume and work.exists():
             shutil.rmtree(work)
         method = METHODS.get(method_spec.name)(**method_spec.kwargs)
-        student = _student(cfg, teacher, calib, fused_head=method.fused_head)[0]  # same initial weights in both
+        # same initial weights in both phases
+        student = _student(cfg, teacher, calib, fused_head=method.fused_head, tokenizer=own_tok)[0]
         method.set_total_steps(total_steps * cfg.train.grad_accum)
+        if vmap is not None:
+            method.set_vocab_map(*vmap)
         augment = None
         if method.needs_prompts:  # it rewrites each batch from the current student (on-policy generation)
             pad = int(tok.pad_token_id) if tok.pad_token_id is not None else None
@@ -578,7 +654,7 @@ def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
         trained = plain_student(res.student)  # LoRA adapters merged into the weights
         if accelerator.is_main_process:
             trained.save_pretrained(pdir)   # a plain Hugging Face folder: weights + config + tokenizer
-            tok.save_pretrained(pdir)
+            s_tok.save_pretrained(pdir)  # the student's own tokenizer (the teacher's unless student.tokenizer)
             write_json_atomic(pdir / "kdistill.json", {"phase": name, "method": method_spec.model_dump(),
                                                        "teacher": _teacher_name(cfg), "steps": res.steps,
                                                        "seconds": res.seconds})
@@ -593,7 +669,8 @@ def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
                                  batch_size=cfg.eval.batch_size, agreement_k=cfg.eval.agreement_k,
                                  generations=cfg.eval.generations, prompt_words=cfg.eval.prompt_words,
                                  max_new_tokens=cfg.eval.max_new_tokens,
-                                 member_names=[s.name for s in cfg.teachers])
+                                 member_names=[s.name for s in cfg.teachers],
+                                 student_tokenizer=s_tok if plan.cross else None, student_eval_tensors=s_eval_t)
     report: dict[str, Any] = {"recipe": cfg.name, "task": "llm", "method": cfg.method.name, "seed": cfg.seed,
                               **entries, "agreement": entries["student"]["agreement"], "variants": {}}
     report["teacher"]["model"] = _teacher_name(cfg)
@@ -604,7 +681,8 @@ def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
                       "cache": cfg.cache.dir if cfg.cache else None, "sequence_kd": sequences_info,
                       "stream": cfg.data.stream}
     report["vocab"] = {"tokenizer_size": plan.tokenizer_size, "student_rows": plan.student_rows,
-                       "teacher_rows": plan.teacher_rows}
+                       "teacher_rows": plan.teacher_rows, "cross_tokenizer": plan.cross,
+                       "student_tokenizer_size": plan.student_tokenizer_size or plan.tokenizer_size}
     report["wall_seconds"] = time.perf_counter() - t_start
     if accelerator.is_main_process:
         write_report(report, out, curves={n: phases[n][3] for n in phases}, metric="perplexity",

@@ -9,8 +9,10 @@ when index ``v`` is the same token for both. :func:`check_vocab` decides:
   (``len(tokenizer) <= min(rows)``); :meth:`VocabAlignment.align` then pads the narrower logits with
   ``-inf`` columns and sets every row the tokenizer cannot produce to ``-inf`` on both sides, so they
   carry probability 0 (the losses are exact and NaN-free on ``-inf``, see ``tests/losses``);
-* **different tokenizers** -> a clear error (the llm task has no cross-tokenizer path yet; the ``uld`` loss
-  compares such logits once the sequences are aligned).
+* **different tokenizers** -> accepted when the training method compares distributions across tokenizers
+  (``cross_tokenizer=True``: ``cross_tokenizer_kd``, or ``llm_kd`` with ``loss: uld``); the run then tokenises
+  every text twice and aligns the two (:mod:`kdistill.data.align`) and the logits are passed on untouched.
+  Otherwise one error that names those two routes.
 
 Unlike tools that silently truncate mismatched vocabularies, nothing here changes a distribution without
 checking that the dropped rows are unreachable.
@@ -32,9 +34,11 @@ from ..errors import KDistillError
 class VocabAlignment:
     """How to make teacher and student logits comparable entry by entry."""
 
-    tokenizer_size: int      # ids the tokenizer can produce: [0, tokenizer_size)
+    tokenizer_size: int      # ids the (teacher's) tokenizer can produce: [0, tokenizer_size)
     student_rows: int
     teacher_rows: int
+    cross: bool = False      # different tokenizers: compared by a cross-tokenizer method, never entry by entry
+    student_tokenizer_size: int | None = None
 
     @property
     def width(self) -> int:
@@ -42,13 +46,13 @@ class VocabAlignment:
 
     @property
     def is_identity(self) -> bool:
-        return self.student_rows == self.teacher_rows == self.tokenizer_size
+        return not self.cross and self.student_rows == self.teacher_rows == self.tokenizer_size
 
     def _fit(self, logits: Tensor, name: str, rows: int) -> Tensor:
         if logits.shape[-1] != rows:
             raise KDistillError(f"{name} logits have {logits.shape[-1]} rows, expected {rows} as checked by "
                                 "check_vocab(). Pass the logits of the models that were checked.")
-        if self.is_identity:
+        if self.is_identity or self.cross:
             return logits
         out = logits
         if rows < self.width:
@@ -91,24 +95,42 @@ def _tok_size(tokenizer: Any) -> int:
         return int(tokenizer.get_vocab_size(with_added_tokens=True))  # tokenizers.Tokenizer
 
 
+def cross_tokenizer_error(teacher_size: int | None = None, student_size: int | None = None) -> KDistillError:
+    """The error for different tokenizers under a method that compares logits entry by entry: the routes that work."""
+    sizes = f" (teacher {teacher_size} tokens, student {student_size} tokens)" if teacher_size is not None else ""
+    return KDistillError(
+        f"teacher and student use different tokenizers{sizes}, and the method compares their logits entry by "
+        "entry, which would pair unrelated tokens. Expected a cross-tokenizer method. Fix: `method: {name: "
+        "cross_tokenizer_kd}` (tokens aligned by character spans: KL on the shared vocabulary, chain probabilities "
+        "and ULD where the tokenisations differ) or `method: {name: llm_kd, kwargs: {loss: uld}}` (ULD on "
+        "positions paired in order), on a text corpus; or give the student the teacher's tokenizer (remove "
+        "student.tokenizer; layer_subset and smaller_config students share it).")
+
+
 def check_vocab(teacher: Any, student: Any, teacher_tokenizer: Any,
-                student_tokenizer: Any | None = None) -> VocabAlignment:
+                student_tokenizer: Any | None = None, *, cross_tokenizer: bool = False) -> VocabAlignment:
     """Check that teacher and student can be compared token by token; return how to align their logits.
 
     ``teacher`` / ``student``: models (the LM head's rows are counted) or row counts. ``student_tokenizer``
-    ``None`` means the student reuses the teacher's tokenizer. Raises :class:`KDistillError` otherwise.
+    ``None`` means the student reuses the teacher's tokenizer. Different tokenizers are accepted with
+    ``cross_tokenizer`` (the method compares distributions across vocabularies; the result has ``cross=True``).
+    Raises :class:`KDistillError` otherwise.
     """
     from .cache import tokenizer_hash
 
     t_rows, s_rows = _rows(teacher), _rows(student)
     if student_tokenizer is not None and student_tokenizer is not teacher_tokenizer:
         if tokenizer_hash(student_tokenizer) != tokenizer_hash(teacher_tokenizer):
-            raise KDistillError(
-                f"teacher and student use different tokenizers (teacher {_tok_size(teacher_tokenizer)} tokens, "
-                f"student {_tok_size(student_tokenizer)} tokens): token-level losses would compare unrelated "
-                "entries. Fix: give the student the teacher's tokenizer (layer_subset_copy / smaller_config_student "
-                "do). The llm task has no cross-tokenizer path yet; the loss kdistill.losses.uld compares logits of "
-                "different vocabularies once you have aligned the two token sequences yourself.")
+            t_size, s_size = _tok_size(teacher_tokenizer), _tok_size(student_tokenizer)
+            if not cross_tokenizer:
+                raise cross_tokenizer_error(t_size, s_size)
+            for who, size, rows in (("teacher", t_size, t_rows), ("student", s_size, s_rows)):
+                if size > rows:
+                    raise KDistillError(f"the {who}'s tokenizer produces ids up to {size - 1}, but its LM head has "
+                                        f"only {rows} rows. Expected the LM head to cover every token id. Fix: "
+                                        f"model.resize_token_embeddings({size}) before distilling.")
+            return VocabAlignment(tokenizer_size=t_size, student_rows=s_rows, teacher_rows=t_rows, cross=True,
+                                  student_tokenizer_size=s_size)
     size = _tok_size(teacher_tokenizer)
     if size > min(t_rows, s_rows):
         who = "student" if s_rows < t_rows else "teacher"

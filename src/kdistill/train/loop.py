@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..capture import capture
+from ..capture import capture, unwrap
 from ..errors import KDistillError, expect
 from ..io import write_bytes_atomic
 from ..methods.base import Method, ModelOutput, SetupInfo
@@ -252,6 +252,7 @@ def fit(
     if teacher is not None:
         # Frozen for good: eval mode (dropout off, BN statistics fixed), no gradients, never optimised.
         teacher.eval().requires_grad_(False).to(device)
+    method.resolve_layers(unwrap(student), unwrap(teacher) if teacher is not None else None)  # names to hook
     teacher_fn = _teacher_fn(teacher, method, teacher_forward, teacher_targets)
     _setup_method(student, method, train_loader, student_forward, teacher_fn, device)
     step_module, opt, loader = _prepare(accelerator, DistillStep(student, method, student_forward), train_loader,
@@ -292,12 +293,13 @@ def fit(
                 if len(window) < grad_accum and n_in_epoch < len(loader):
                     continue
                 # ---- one optimizer step over the window --------------------------------------------
+                t_step = time.perf_counter()
                 terms = _window_step(window, accelerator, step_module, teacher_fn, augment, aug_rng, autocast,
                                      check_finite=check_finite, phase=phase, step=pos.step)
                 _optimizer_step(accelerator, step_module, opt, sched, terms, max_grad_norm=max_grad_norm)
                 window = []
                 pos.step += 1
-                log.add(terms, inner.method.pop_metrics())
+                log.add(terms, inner.method.pop_metrics(), seconds=time.perf_counter() - t_step)
 
                 # ---- log / eval / checkpoint --------------------------------------------------------
                 last = pos.step >= total_steps
@@ -494,20 +496,29 @@ class _Log:
             self.task_id = self.bar.add_task(phase, total=total_steps, completed=done_steps, info="")
             self.bar.start()
 
-    def add(self, terms: dict[str, Tensor], metrics: dict[str, float]) -> None:
+    def add(self, terms: dict[str, Tensor], metrics: dict[str, float], seconds: float = 0.0) -> None:
+        """One optimizer step: its loss terms, the method's metrics and its wall time (``step_seconds``)."""
         for k, v in terms.items():
             self.running[k] = self.running[k] + v if k in self.running else v
-        for k, v in metrics.items():
+        for k, v in (*metrics.items(), ("step_seconds", seconds)):
             self.running[k] = self.running.get(k, 0.0) + v
         self.steps += 1
+
+    def _shares(self) -> dict[str, float]:
+        """A method metric ``<name>_seconds`` (time spent inside the steps, e.g. ``generation_seconds``) is also
+        written as ``<name>_share``: its sum over the logged steps divided by theirs (a ratio of sums, so a slow
+        step weighs by its length)."""
+        total = float(self.running.get("step_seconds", 0.0))
+        return {k[: -len("_seconds")] + "_share": float(v) / total for k, v in self.running.items()
+                if k.endswith("_seconds") and k != "step_seconds" and total > 0}
 
     def write(self, step: int, epoch: int, lr: float) -> None:
         if not self.steps:
             return
         device = self.accelerator.device
-        keys = sorted(self.running)
-        vals = torch.stack([torch.as_tensor(self.running[k], dtype=torch.float32, device=device) / self.steps
-                            for k in keys])
+        values = {**{k: v / self.steps for k, v in self.running.items()}, **self._shares()}
+        keys = sorted(values)
+        vals = torch.stack([torch.as_tensor(values[k], dtype=torch.float32, device=device) for k in keys])
         if not torch.isfinite(vals).all():  # on accelerators finiteness is checked here, not per step
             raise _non_finite(self.phase, step, {k: v for k, v in zip(keys, vals)})
         if self.accelerator.num_processes > 1:
