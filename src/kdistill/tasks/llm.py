@@ -545,11 +545,9 @@ def _write_served_cache(cfg: LLMConfig, spec: LMCacheSpec, out: Path, train_item
 
 
 def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
-    from ..data.align import check_cross_data, cross_tensors, teacher_view, vocab_map
-    from ..data.lm import cache_dataset
+    from ..data.align import teacher_view
     from ..students.llm import fused_student_output, plain_student, student_tokenizer
     from ..students.pruning import calibration_batches
-    from ..teachers.cache import open_topk_cache
     from ..teachers.lm import lm_logits
     from ..teachers.vocab import check_vocab
 
@@ -575,41 +573,20 @@ def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
     del probe_student
     s_tok, s_eval_t, vmap = tok, eval_t, None
     if plan.cross:  # the student reads its own tokens of the same texts, aligned by characters (data.align)
-        check_cross_data(layout=cfg.data.layout, stream=stream is not None, cache=cfg.cache is not None,
-                         sequence_kd=cfg.data.sequence_kd is not None, prompt_tokens=cfg.data.prompt_tokens)
-        s_tok, vmap = probe_tok, vocab_map(probe_tok, tok)
-        cross_t, eval_t, s_eval_t = cross_tensors(s_tok, tok, train_items, eval_items,
-                                                  block_length=cfg.data.block_length,
-                                                  train_tokens=cfg.data.train_tokens, eval_tokens=cfg.data.eval_tokens)
-        base_set = TensorDictDataset(**cross_t)
+        s_tok, vmap, base_set, eval_t, s_eval_t = _cross_data(cfg, tok, probe_tok, train_items, eval_items,
+                                                              streamed=stream is not None)
 
     accelerator = make_accelerator(cfg.train.mixed_precision)
     if main_method.fused_head and not plan.is_identity:
         raise KDistillError(f"method {cfg.method.name!r} as configured reads the student's hidden states and LM "
                             "head (a fused head), which needs identical teacher and student vocabularies (no padded "
                             "rows); configure it without the fused head.")
-    # the distilled student's data; the baseline always learns next-token CE on the original data (every position
-    # of the text blocks, or the file's replies / completions)
-    cache, sequences_info = None, None
-    if cfg.cache is not None:
-        served = {"endpoint": teacher.scorer} if cfg.teacher.endpoint else {"teacher": teacher}
-        cache = open_topk_cache(cfg.cache.dir, tokenizer=tok, train_blocks=train_blocks, **served,
-                                k=cfg.cache.k, dtype=cfg.cache.dtype,
-                                identity={**main_method.cache_identity(), **_cache_identity(cfg)})
-        kd_set = cache_dataset(cache)
-    elif cfg.data.sequence_kd is not None:
-        seq_t, sequences_info = _sequence_kd(cfg, tok, teacher, train_blocks, train_items, out)
-        kd_set = TensorDictDataset(**seq_t)
-    elif train_t is not None or cfg.data.prompt_tokens == 0:
-        kd_set = base_set
-    else:
-        kd_set = lm_dataset(train_blocks, prompt_length=cfg.data.prompt_tokens)
+    kd_set, cache, sequences_info = _kd_set(cfg, tok, teacher, main_method, base_set, train_blocks, train_t,
+                                            train_items, out)
     loader = make_loader(kd_set, cfg.train.batch_size, seed=cfg.seed)
     base_loader = loader if kd_set is base_set else make_loader(base_set, cfg.train.batch_size, seed=cfg.seed)
-    steps_per_epoch = math.ceil(len(loader) / cfg.train.grad_accum)
-    total_steps = cfg.train.epochs * steps_per_epoch
-    if cfg.train.max_steps is not None:
-        total_steps = min(total_steps, cfg.train.max_steps)
+    total_steps = min(cfg.train.epochs * math.ceil(len(loader) / cfg.train.grad_accum),
+                      cfg.train.max_steps or math.inf)
 
     def teacher_forward(model: nn.Module, batch: dict[str, Any]) -> ModelOutput:
         logits = lm_logits(model, teacher_view(batch))  # a cross-tokenizer batch holds the teacher's own tokens
@@ -675,8 +652,7 @@ def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
                               **entries, "agreement": entries["student"]["agreement"], "variants": {}}
     report["teacher"]["model"] = _teacher_name(cfg)
     report["data"] = {"name": cfg.data.name, "format": cfg.data.layout,
-                      "train_tokens": int(train_blocks.numel()) if train_blocks is not None
-                      else int(train_t["mask"].sum()),
+                      "train_tokens": int(train_blocks.numel() if train_blocks is not None else train_t["mask"].sum()),
                       "eval_tokens": int(eval_t["mask"].sum()), "block_length": cfg.data.block_length,
                       "cache": cfg.cache.dir if cfg.cache else None, "sequence_kd": sequences_info,
                       "stream": cfg.data.stream}
@@ -688,6 +664,43 @@ def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
         write_report(report, out, curves={n: phases[n][3] for n in phases}, metric="perplexity",
                      extra_md=lm_report_markdown(report))
     return report
+
+
+def _cross_data(cfg: LLMConfig, tok: Any, student_tok: Any, train_items: list[Any], eval_items: list[Any], *,
+                streamed: bool) -> tuple[Any, Any, Any, dict[str, Tensor], dict[str, Tensor]]:
+    """A student with its own tokenizer: ``(its tokenizer, vocabulary map, training set, teacher held-out tensors,
+    student held-out tensors)``, both tokenizations of the same texts aligned by characters."""
+    from ..data.align import check_cross_data, cross_tensors, vocab_map
+
+    check_cross_data(layout=cfg.data.layout, stream=streamed, cache=cfg.cache is not None,
+                     sequence_kd=cfg.data.sequence_kd is not None, prompt_tokens=cfg.data.prompt_tokens)
+    cross_t, eval_t, s_eval_t = cross_tensors(student_tok, tok, train_items, eval_items,
+                                              block_length=cfg.data.block_length,
+                                              train_tokens=cfg.data.train_tokens, eval_tokens=cfg.data.eval_tokens)
+    return student_tok, vocab_map(student_tok, tok), TensorDictDataset(**cross_t), eval_t, s_eval_t
+
+
+def _kd_set(cfg: LLMConfig, tok: Any, teacher: nn.Module, method: Any, base_set: Any, train_blocks: Tensor | None,
+            train_t: dict[str, Tensor] | None, train_items: list[Any], out: Path) -> tuple[Any, Any, dict | None]:
+    """``(dataset, top-k cache or None, sequence-KD info or None)`` of the distilled student: the cached targets,
+    the teacher's completions (sequence-level KD), the prompt/continuation blocks, or the baseline's own data (the
+    baseline always learns next-token CE on the original data: every position of the text blocks, or the file's
+    replies / completions)."""
+    from ..data.lm import cache_dataset
+    from ..teachers.cache import open_topk_cache
+
+    if cfg.cache is not None:
+        served = {"endpoint": teacher.scorer} if cfg.teacher.endpoint else {"teacher": teacher}
+        cache = open_topk_cache(cfg.cache.dir, tokenizer=tok, train_blocks=train_blocks, **served,
+                                k=cfg.cache.k, dtype=cfg.cache.dtype,
+                                identity={**method.cache_identity(), **_cache_identity(cfg)})
+        return cache_dataset(cache), cache, None
+    if cfg.data.sequence_kd is not None:
+        seq_t, info = _sequence_kd(cfg, tok, teacher, train_blocks, train_items, out)
+        return TensorDictDataset(**seq_t), None, info
+    if train_t is not None or cfg.data.prompt_tokens == 0:
+        return base_set, None, None
+    return lm_dataset(train_blocks, prompt_length=cfg.data.prompt_tokens), None, None
 
 
 TASKS.register("llm")(Task("llm", LLMConfig, run_llm,
