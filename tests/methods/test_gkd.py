@@ -203,14 +203,18 @@ def test_generation_seconds_in_metrics_and_generation_share_in_the_log(tmp_path)
         return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
 
     loader = make_loader(lm_dataset(blocks, prompt_length=5), 2, seed=0)
-    fit(student=student, method=method, teacher=teacher, train_loader=loader, accelerator=make_accelerator(),
-        student_forward=fwd, teacher_forward=fwd, augment=lambda b, rng: method.prepare_batch(student, b, pad_id=0),
-        max_steps=2, grad_accum=2, progress=False, log_every=1, output_dir=tmp_path)
+    res = fit(student=student, method=method, teacher=teacher, train_loader=loader, accelerator=make_accelerator(),
+              student_forward=fwd, teacher_forward=fwd,
+              augment=lambda b, rng: method.prepare_batch(student, b, pad_id=0),
+              max_steps=2, grad_accum=2, progress=False, log_every=1, output_dir=tmp_path)
     rows = [__import__("json").loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2
     for row in rows:
         assert 0 < row["generation_seconds"] < row["step_seconds"]
         assert row["generation_share"] == pytest.approx(row["generation_seconds"] / row["step_seconds"], rel=1e-5)
+    # over the whole run: the ratio of the sums (each row logs one step here)
+    whole = sum(r["generation_seconds"] for r in rows) / sum(r["step_seconds"] for r in rows)
+    assert res.time_shares == {"generation_share": pytest.approx(whole, rel=1e-5)}
 
 
 def test_three_knobs_have_three_names():

@@ -75,6 +75,7 @@ def test_gkd_on_policy_end_to_end(tmp_path):
     assert r["method"] == "gkd" and r["student"]["steps"] == 3
     rows = [json.loads(x) for x in (tmp_path / "run" / "work" / "student" / "metrics.jsonl").read_text().splitlines()]
     assert all(row["on_policy"] == 1.0 for row in rows) and all(math.isfinite(row["gkd"]) for row in rows)
+    assert 0 < r["student"]["time_shares"]["generation_share"] < 1  # reported, not only logged
 
 
 def test_config_errors():

@@ -603,7 +603,7 @@ def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
     def evaluate(m: nn.Module) -> dict[str, float]:
         return lm_metrics(m, s_eval_t, batch_size=cfg.eval.batch_size)
 
-    def phase(name: str, method_spec: MethodSpec) -> tuple[nn.Module, float, int, list[dict]]:
+    def phase(name: str, method_spec: MethodSpec) -> tuple[nn.Module, float, int, list[dict], dict]:
         pdir, work = out / name, out / "work" / name
         if not ctx.resume and work.exists():
             shutil.rmtree(work)
@@ -634,10 +634,10 @@ def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
             s_tok.save_pretrained(pdir)  # the student's own tokenizer (the teacher's unless student.tokenizer)
             write_json_atomic(pdir / "kdistill.json", {"phase": name, "method": method_spec.model_dump(),
                                                        "teacher": _teacher_name(cfg), "steps": res.steps,
-                                                       "seconds": res.seconds})
-        return trained, res.seconds, res.steps, res.history
+                                                       "seconds": res.seconds, "time_shares": res.time_shares})
+        return trained, res.seconds, res.steps, res.history, res.time_shares
 
-    phases: dict[str, tuple[nn.Module, float, int, list[dict]]] = {}
+    phases: dict[str, tuple[nn.Module, float, int, list[dict], dict]] = {}
     if cfg.baseline:
         phases["baseline"] = phase("baseline", MethodSpec(name=ALONE))
     phases["student"] = phase("student", cfg.method)
@@ -651,6 +651,8 @@ def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
     report: dict[str, Any] = {"recipe": cfg.name, "task": "llm", "method": cfg.method.name, "seed": cfg.seed,
                               **entries, "agreement": entries["student"]["agreement"], "variants": {}}
     report["teacher"]["model"] = _teacher_name(cfg)
+    for name, p in phases.items():  # e.g. generation_share: the share of step time an on-policy method generates
+        report[name]["time_shares"] = p[4]
     report["data"] = {"name": cfg.data.name, "format": cfg.data.layout,
                       "train_tokens": int(train_blocks.numel() if train_blocks is not None else train_t["mask"].sum()),
                       "eval_tokens": int(eval_t["mask"].sum()), "block_length": cfg.data.block_length,

@@ -149,6 +149,9 @@ class FitResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     steps: int = 0
     seconds: float = 0.0
+    #: ``<name>_share`` of every method metric ``<name>_seconds`` over all the steps this call trained (e.g. the
+    #: share of step time an on-policy method spends generating)
+    time_shares: dict[str, float] = field(default_factory=dict)
 
 
 def _teacher_fn(teacher: nn.Module | None, method: Method, teacher_forward: Forward,
@@ -320,7 +323,7 @@ def fit(
     if evaluate is not None and (not pos.history or pos.history[-1]["step"] != pos.step):
         do_eval(epochs - 1)
     return FitResult(student=inner.student, method=inner.method, history=pos.history, steps=pos.step,
-                     seconds=pos.elapsed + time.perf_counter() - t0)
+                     seconds=pos.elapsed + time.perf_counter() - t0, time_shares=log.time_shares())
 
 
 def _schedule(opt: Any, batches_per_epoch: int, *, grad_accum: int, epochs: int, max_steps: int | None,
@@ -478,6 +481,7 @@ class _Log:
         self.path = out_dir / "metrics.jsonl" if out_dir is not None else None
         self.running: dict[str, Any] = {}
         self.steps = 0
+        self.seconds: dict[str, float] = {}  # every *_seconds over the whole call, for FitResult.time_shares
         main = accelerator.is_main_process
         self.tb = None
         if tensorboard and main and out_dir is not None:
@@ -502,15 +506,24 @@ class _Log:
             self.running[k] = self.running[k] + v if k in self.running else v
         for k, v in (*metrics.items(), ("step_seconds", seconds)):
             self.running[k] = self.running.get(k, 0.0) + v
+            if k.endswith("_seconds"):
+                self.seconds[k] = self.seconds.get(k, 0.0) + float(v)
         self.steps += 1
 
-    def _shares(self) -> dict[str, float]:
+    @staticmethod
+    def _ratio(sums: dict[str, Any]) -> dict[str, float]:
         """A method metric ``<name>_seconds`` (time spent inside the steps, e.g. ``generation_seconds``) is also
-        written as ``<name>_share``: its sum over the logged steps divided by theirs (a ratio of sums, so a slow
-        step weighs by its length)."""
-        total = float(self.running.get("step_seconds", 0.0))
-        return {k[: -len("_seconds")] + "_share": float(v) / total for k, v in self.running.items()
+        written as ``<name>_share``: its sum over the steps divided by theirs (a ratio of sums, so a slow step
+        weighs by its length)."""
+        total = float(sums.get("step_seconds", 0.0))
+        return {k[: -len("_seconds")] + "_share": float(v) / total for k, v in sums.items()
                 if k.endswith("_seconds") and k != "step_seconds" and total > 0}
+
+    def _shares(self) -> dict[str, float]:
+        return self._ratio(self.running)
+
+    def time_shares(self) -> dict[str, float]:
+        return self._ratio(self.seconds)
 
     def write(self, step: int, epoch: int, lr: float) -> None:
         if not self.steps:
