@@ -190,3 +190,20 @@ def test_calibration_batches_spread_over_the_data():
     assert [b["input_ids"].shape for b in out] == [(3, 2), (3, 2)]
     assert out[0]["input_ids"][:, 0].tolist() == [0, 6, 12] and out[1]["input_ids"][-1, 0].tolist() == 32
     assert len(calibration_batches(ds, num_batches=50, batch_size=4)) == 5  # never more rows than the data has
+
+
+def test_importance_is_measured_once_per_calibration_set(monkeypatch):
+    import kdistill.students.pruning as pruning
+
+    calls = []
+    real = pruning.compute_importance
+    monkeypatch.setattr(pruning, "compute_importance", lambda m, b: calls.append(1) or real(m, b))
+    m = gqa_llama()
+    first = prune_lm(m, batches(), hidden_size=40)
+    again = prune_lm(m, batches(), hidden_size=40)  # the probe, then each phase: the same rows
+    assert len(calls) == 1
+    ids = torch.randint(0, m.config.vocab_size, (1, 6))
+    assert torch.equal(logits(first, ids), logits(again, ids))
+    prune_lm(m, batches(seed=1), hidden_size=40)  # other rows: measured again
+    assert len(calls) == 2
+    assert not any("importance" in k for k in m.state_dict())  # the memo is no weight of the teacher

@@ -43,6 +43,7 @@ on a tiny Llama, where one MLP channel is ~0.2% of the model).
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -378,10 +379,26 @@ def prune_lm(model: nn.Module, batches: Iterable[dict[str, Tensor]], *, target_p
              "hidden_size": hidden_size}
     if target_params is not None:
         sizes = sizes_for_target(model, target_params, **sizes)
-    importance = compute_importance(model, batches)
+    importance = _remembered_importance(model, list(batches))
     student = apply_plan(model, make_plan(model, importance, **sizes))
     student.kdistill_importance = importance
     return student
+
+
+def _remembered_importance(model: nn.Module, batches: list[dict[str, Tensor]]) -> Importance:
+    """:func:`compute_importance`, kept on the model for the same calibration rows: a run builds its pruned student
+    for the vocabulary probe and again for every phase, and the teacher forwards are the costly part."""
+    h = hashlib.sha256()
+    for b in batches:
+        for key in ("input_ids", "attention_mask"):
+            if key in b:
+                h.update(key.encode() + b[key].detach().cpu().contiguous().numpy().tobytes())
+    memo = model.__dict__.get("_kdistill_importance")
+    if memo is not None and memo[0] == h.hexdigest():
+        return memo[1]
+    importance = compute_importance(model, batches)
+    model.__dict__["_kdistill_importance"] = (h.hexdigest(), importance)  # not a parameter, buffer or submodule
+    return importance
 
 
 def calibration_batches(dataset: Any, *, num_batches: int, batch_size: int) -> list[dict[str, Tensor]]:
