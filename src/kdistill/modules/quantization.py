@@ -192,7 +192,7 @@ def train_distill_vq(pq: ProductQuantizer, student_emb: Tensor, teacher_emb: Ten
 def quantize_student(student: Any, teacher: Any, *, texts: list[str], queries: list[str], candidates: list[str],
                      distractors: Sequence[str] = (), teacher_recall_at_1: float, num_subspaces: int = 32,
                      num_centroids: int = 256, kmeans_iters: int = 25, distill: bool = True, epochs: int = 3,
-                     batch_size: int = 256, lr: float = 1e-4, kd_temperature: float = 0.05, neighbours: int = 7,
+                     batch_size: int = 256, lr: float = 1e-4, temperature: float = 0.05, neighbours: int = 7,
                      max_train: int | None = 50000, seed: int = 0, encode_batch_size: int = 64,
                      teacher_cached_all: bool = False, output: str | Path | None = None) -> dict[str, Any]:
     """Product-quantise an encoder's candidate embeddings and measure retrieval with dense ``queries`` against
@@ -239,7 +239,7 @@ def quantize_student(student: Any, teacher: Any, *, texts: list[str], queries: l
                            "kmeans": scored()}
     if distill:
         out["distill_vq_training"] = train_distill_vq(pq, s_train, t_train, epochs=epochs, batch_size=batch_size,
-                                                      lr=lr, kd_temperature=kd_temperature, neighbours=neighbours,
+                                                      lr=lr, kd_temperature=temperature, neighbours=neighbours,
                                                       seed=seed)
         out["distill_vq"] = scored()
     if output is not None:

@@ -180,7 +180,7 @@ class QuantizeSpec(StrictModel):
     epochs: int = 3
     batch_size: int = 256
     lr: float = 1e-4
-    kd_temperature: float = 0.05
+    temperature: float = 0.05
     neighbours: int = 7
     max_train: int | None = 50000
 
@@ -197,9 +197,9 @@ class QuantizeSpec(StrictModel):
         if not 2 <= self.num_centroids <= 65536:
             raise ValueError(f"quantize.num_centroids must be in [2, 65536] (got {self.num_centroids}; 256 = one "
                              "byte per subspace)")
-        if self.lr <= 0 or self.kd_temperature <= 0:
-            raise ValueError(f"quantize.lr and quantize.kd_temperature must be > 0 (got {self.lr}, "
-                             f"{self.kd_temperature})")
+        if self.lr <= 0 or self.temperature <= 0:
+            raise ValueError(f"quantize.lr and quantize.temperature must be > 0 (got {self.lr}, "
+                             f"{self.temperature})")
         if not 0 <= self.neighbours < self.batch_size:
             raise ValueError(f"quantize.neighbours must be in [0, batch_size - 1] = [0, {self.batch_size - 1}] "
                              f"(got {self.neighbours}); batches hold anchors plus their neighbours")

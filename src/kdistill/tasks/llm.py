@@ -371,7 +371,7 @@ class LLMConfig(StrictModel):
     def _check_served(self, cls: Any) -> None:
         """A teacher over HTTP gives top-k log-probs, not logits or weights: it needs a cache and a student that is
         not built from the teacher."""
-        from ..teachers.cache import targets_temperature
+        from ..teachers.cache import check_served_temperature
 
         if self.cache is None:
             raise ValueError("teacher.endpoint: got a served teacher and no `cache:`; training reads the teacher's "
@@ -383,11 +383,10 @@ class LLMConfig(StrictModel):
         if self.teacher.tokenizer is None and self.student.pretrained is None:
             raise ValueError("teacher.endpoint: no local tokenizer; expected teacher.tokenizer (the served model's "
                              "tokenizer: zoo name, folder or hub id) or student.pretrained")
-        t = targets_temperature(cls(**self.method.kwargs).cache_identity())
-        if t != 1.0:
-            raise ValueError(f"method {self.method.name!r}: kd_temperature {t} with a served teacher; expected 1: a "
-                             "server returns temperature-1 top-k log-probs, and softmax(logits / T) cannot be "
-                             "recovered exactly from a top-k. Fix: method.kwargs.kd_temperature: 1.0")
+        try:
+            check_served_temperature(cls(**self.method.kwargs).cache_identity(), self.method.name)
+        except KDistillError as e:  # the config layer reports it as this field's error
+            raise ValueError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------------- wiring

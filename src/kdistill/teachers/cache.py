@@ -107,6 +107,16 @@ def targets_temperature(identity: Mapping[str, Any]) -> float:
     return float(identity.get("kd_temperature", 1.0))
 
 
+def check_served_temperature(identity: Mapping[str, Any], method: str) -> None:
+    """A served teacher gives temperature-1 top-k log-probs: refuse a method whose cache targets need another
+    temperature (``cache_identity()``), at config load."""
+    t = targets_temperature(identity)
+    if t != 1.0:
+        raise KDistillError(f"method {method!r}: kd_temperature {t} with a served teacher; expected 1: a server "
+                            "returns temperature-1 top-k log-probs, and softmax(logits / T) cannot be recovered "
+                            "exactly from a top-k. Fix: method.kwargs.kd_temperature: 1.0")
+
+
 def expected_identity(identity: Mapping[str, Any]) -> dict[str, Any]:
     """What a cache's manifest must hold for a method's ``cache_identity()``: it, with the temperature explicit."""
     return {**identity, "kd_temperature": targets_temperature(identity)}
