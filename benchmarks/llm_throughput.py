@@ -131,20 +131,18 @@ def main() -> None:
         with torch.no_grad():
             return fwd(teacher, batch)
 
-    def kd_step():
-        with torch.no_grad():
-            t_out = ModelOutput(fwd(teacher, batch))
-        total = sum(kd_step_mod(batch, t_out).values())
-        total.backward()
+    def update(module, b, t_out):  # one optimizer step of a DistillStep on batch b against the teacher's output
+        sum(module(b, t_out).values()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    def kd_step():
+        with torch.no_grad():
+            t_out = ModelOutput(fwd(teacher, batch))
+        update(kd_step_mod, batch, t_out)
+
     def cached_step():
-        t_out = ModelOutput(None, extra=cached)
-        total = sum(kd_step_mod(batch, t_out).values())
-        total.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        update(kd_step_mod, batch, ModelOutput(None, extra=cached))
 
     gkd = GKD(lmbda=1.0, beta=0.5, kd_temperature=1.0, sampling_temperature=1.0, max_new_tokens=new, seed=0)
     onpolicy_mod = DistillStep(student, gkd, fwd)
@@ -155,10 +153,7 @@ def main() -> None:
         b = gkd.prepare_batch(student, prompt_batch)  # student samples the continuation (one generate call)
         with torch.no_grad():
             t_out = ModelOutput(fwd(teacher, b))
-        total = sum(onpolicy_mod(b, t_out).values())
-        total.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        update(onpolicy_mod, b, t_out)
         generation_ms.append(gkd.pop_metrics()["generation_seconds"] * 1e3)
 
     fns = {"student_step_ms": student_step, "teacher_forward_ms": teacher_forward, "kd_step_ms": kd_step,

@@ -116,19 +116,26 @@ def read_rows(paths: Iterable[Path], *, format: str = "auto") -> list[Row]:
             raise KDistillError(f"{path}: the file holds no rows; expected at least one. Fix: remove it from "
                                 "data.files or fill it.")
         for i, row in enumerate(got, start=1):
-            if not isinstance(row, Mapping):
-                raise KDistillError(f"{path}: row {i} is a {type(row).__name__}, expected an object of "
-                                    "column: value.")
-            keys = frozenset(row)
-            if first is None:
-                first = (path, keys)
-            elif keys != first[1]:
-                missing, extra = sorted(first[1] - keys), sorted(keys - first[1])
-                raise KDistillError(f"{path}: row {i} has other columns than row 1 of {first[0]} (missing "
-                                    f"{missing or 'none'}, extra {extra or 'none'}); expected every row to have the "
-                                    "same columns. Fix the rows, or split the files by schema.")
+            first = _check_row(path, i, row, first)
         rows += [dict(r) for r in got]
     return rows
+
+
+def _check_row(path: Path, i: int, row: Any, first: tuple[Path, frozenset[str]] | None
+               ) -> tuple[Path, frozenset[str]]:
+    """Row ``i`` of ``path`` is an object with the columns of the first row read (``first``: its file and columns,
+    None for the first row); returns ``first``."""
+    if not isinstance(row, Mapping):
+        raise KDistillError(f"{path}: row {i} is a {type(row).__name__}, expected an object of column: value.")
+    keys = frozenset(row)
+    if first is None:
+        return path, keys
+    if keys != first[1]:
+        missing, extra = sorted(first[1] - keys), sorted(keys - first[1])
+        raise KDistillError(f"{path}: row {i} has other columns than row 1 of {first[0]} (missing "
+                            f"{missing or 'none'}, extra {extra or 'none'}); expected every row to have the "
+                            "same columns. Fix the rows, or split the files by schema.")
+    return first
 
 
 def require_columns(rows: Sequence[Row], columns: Iterable[str | None], *, where: str) -> None:
@@ -282,17 +289,7 @@ def iter_rows(paths: Iterable[Path], *, format: str = "auto") -> Iterator[Row]:
         count = 0
         try:
             for count, row in enumerate(_stream_one(path, fmt), start=1):
-                if not isinstance(row, Mapping):
-                    raise KDistillError(f"{path}: row {count} is a {type(row).__name__}, expected an object of "
-                                        "column: value.")
-                keys = frozenset(row)
-                if first is None:
-                    first = (path, keys)
-                elif keys != first[1]:
-                    missing, extra = sorted(first[1] - keys), sorted(keys - first[1])
-                    raise KDistillError(f"{path}: row {count} has other columns than row 1 of {first[0]} (missing "
-                                        f"{missing or 'none'}, extra {extra or 'none'}); expected every row to have "
-                                        "the same columns. Fix the rows, or split the files by schema.")
+                first = _check_row(path, count, row, first)
                 yield dict(row)
         except KDistillError:
             raise
