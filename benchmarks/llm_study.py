@@ -7,7 +7,7 @@ and seed. Rows that can learn from cached top-k teacher log-probs share one cach
 ``kdistill cache llm/smollm2_kjv``); sequence-level KD and GKD run the teacher live.
 
 Resumable by (row, seed): a finished run has ``OUT/<row>/seed<s>/report.json`` and is not run again; an
-interrupted one continues from its last checkpoint (``--resume``). Run it in the background::
+interrupted one continues from its last checkpoint (``--resume``). Each run's output goes to ``OUT/<row>/seed<s>.log``. Run it in the background::
 
     nohup python benchmarks/llm_study.py --out runs/llm_study --cache runs/smollm2_kjv_cache > study.log 2>&1 &
 
@@ -84,7 +84,7 @@ def run_one(out: Path, row: str, seed: int, args: argparse.Namespace) -> None:
     d = out / row / f"seed{seed}"
     if (d / "report.json").exists():
         return
-    d.mkdir(parents=True, exist_ok=True)
+    d.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "kdistill", "run", args.recipe,
            *overrides(row, seed=seed, tokens=args.tokens, cache=args.cache, eval_every=args.eval_every,
                       student=json.loads(args.student) if args.student else None),
@@ -92,7 +92,7 @@ def run_one(out: Path, row: str, seed: int, args: argparse.Namespace) -> None:
     if (d / "work").exists():
         cmd.append("--resume")
     t0 = time.time()
-    with open(d / "run.log", "a") as log:
+    with open(d.parent / f"{d.name}.log", "a") as log:  # beside the run: kdistill wants an empty folder
         log.write(f"$ {' '.join(cmd)}\n")
         log.flush()
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()).returncode
