@@ -7,7 +7,8 @@ and seed. Rows that can learn from cached top-k teacher log-probs share one cach
 ``kdistill cache llm/smollm2_kjv``); sequence-level KD and GKD run the teacher live.
 
 Resumable by (row, seed): a finished run has ``OUT/<row>/seed<s>/report.json`` and is not run again; an
-interrupted one continues from its last checkpoint (``--resume``). Each run's output goes to ``OUT/<row>/seed<s>.log``. Run it in the background::
+interrupted one continues from its last checkpoint (``--resume``). Each run's output goes to
+``OUT/<row>/seed<s>.log``. Run it in the background::
 
     nohup python benchmarks/llm_study.py --out runs/llm_study --cache runs/smollm2_kjv_cache > study.log 2>&1 &
 
@@ -45,10 +46,21 @@ def _kd(loss: str, alpha: float = 1.0, **loss_kwargs: Any) -> dict[str, Any]:
     return {"method": {"name": "llm_kd", "kwargs": kw}}
 
 
-# row -> overrides of the recipe. ``cache: None`` = the row cannot use cached top-k targets.
+# The pruned student (Minitron-style width pruning of the teacher, students/pruning.py) at the layer subset's
+# parameter count: its own cross-entropy baseline and forward KL.
+PRUNED = {"kind": "pruned", "target_params": 49_552_704}
+# MiniLMv2 Q/K/V relations of teacher layer 24 on the student's last layer, added to forward KL (needs the live
+# teacher's attention projections, so no cache): the llm/smollm2_minilm recipe's method.
+MINILM = {"name": "minilm", "kwargs": {"relations": ["qq", "kk", "vv"], "relation_heads": 9, "weight": 1.0,
+                                       "teacher_layer": 24, "student_layer": -1,
+                                       "output_method": _kd("forward_kl")["method"]}}
+
+# row -> overrides of the recipe, in the order they run. ``cache: None`` = the row cannot use cached top-k targets.
 ROWS: dict[str, dict[str, Any]] = {
     "cross_entropy": {"method": {"name": "none"}, "cache": None},
     "forward_kl": _kd("forward_kl"),
+    "pruned_cross_entropy": {"student": PRUNED, "method": {"name": "none"}, "cache": None},
+    "pruned_forward_kl": {"student": PRUNED, **_kd("forward_kl")},
     "reverse_kl": _kd("reverse_kl"),
     "jsd_0.5": _kd("generalized_jsd", beta=0.5),
     "skew_kl_0.1": _kd("skew_kl", skew=0.1),
@@ -57,6 +69,7 @@ ROWS: dict[str, dict[str, Any]] = {
     "taid": _kd("taid"),
     "token_selective": _kd("token_selective"),
     "forward_kl+ce_0.5": _kd("forward_kl", alpha=0.5),
+    "minilm+forward_kl": {"method": MINILM, "cache": None},
     "sequence_kd": {"method": {"name": "none"}, "cache": None, "data.prompt_tokens": PROMPT_TOKENS,
                     "data.sequence_kd": {"sampling_temperature": 0.0}},
     "gkd_0.5": {"method": {"name": "gkd", "kwargs": {"lmbda": 0.5, "beta": 0.5}}, "cache": None,
@@ -65,6 +78,8 @@ ROWS: dict[str, dict[str, Any]] = {
                 "data.prompt_tokens": PROMPT_TOKENS},
 }
 BASELINE_ROW = "cross_entropy"
+# rows whose cross-entropy baseline is another row (a different student)
+BASELINE_OF = {"pruned_forward_kl": "pruned_cross_entropy"}
 
 
 def overrides(row: str, *, seed: int, tokens: int, cache: str | None, eval_every: int,
@@ -143,8 +158,8 @@ def collect(out: Path) -> dict[str, Any]:
                                       "train_seconds", "generation_share", "extraction_rate")},
                          "train_tokens": recs[0]["train_tokens"]}
     teacher = next((r["teacher_perplexity"] for r in runs), None)
-    base = rows.get(BASELINE_ROW, {}).get("perplexity", {}).get("mean")
-    for r in rows.values():
+    for k, r in rows.items():
+        base = rows.get(BASELINE_OF.get(k, BASELINE_ROW), {}).get("perplexity", {}).get("mean")
         p = r["perplexity"]["mean"]
         r["vs_cross_entropy"] = None if base is None else p / base - 1.0
         r["vs_teacher"] = None if teacher is None else p / teacher
@@ -206,7 +221,8 @@ def main(argv: list[str] | None = None) -> None:
         extra = [int(s) for s in args.extra_seeds.split(",") if s]
         if extra:
             done = collect(args.out)["rows"]
-            best = sorted((k for k in done if k != BASELINE_ROW), key=lambda k: done[k]["perplexity"]["mean"])
+            best = sorted((k for k in done if k != BASELINE_ROW and k not in BASELINE_OF.values()),
+                          key=lambda k: done[k]["perplexity"]["mean"])
             for seed in extra:
                 for row in [BASELINE_ROW, *best[: args.top]]:
                     run_one(args.out, row, seed, args)
