@@ -38,6 +38,40 @@ def test_resume_refuses_another_config_and_continues_the_same(tmp_path):
     assert (out / "work" / "ckpt").exists()  # nothing was touched
 
 
+def test_resume_accepts_a_field_added_since_at_its_default_but_not_at_another_value(tmp_path):
+    out = tmp_path / "run"
+    prepare_run_folder(out, CFG, resume=False)
+    (out / "work").mkdir()
+    with_default = {**CFG, "eval": {"shift": None}}  # a field today's schema has and the recorded config lacks
+
+    def normalize(old):
+        return {"eval": {"shift": None}, **old}
+
+    assert prepare_run_folder(out, with_default, resume=True, normalize=normalize) == "resumed"
+    with pytest.raises(KDistillError, match=r'eval.shift.name: \(absent\) -> "wordnet"'):
+        prepare_run_folder(out, {**CFG, "eval": {"shift": {"name": "wordnet"}}}, resume=True, normalize=normalize)
+    with pytest.raises(KDistillError, match=r"eval.shift: \(absent\) -> null"):  # no normalizer: compared as recorded
+        prepare_run_folder(out, with_default, resume=True)
+
+
+def test_resume_of_a_real_recipe_config_recorded_before_a_field_existed(tmp_path):
+    from kdistill.config import load_config
+
+    cfg = load_config("llm/tiny")
+    new = cfg.model_dump(mode="json")
+    old = {**new, "eval": {k: v for k, v in new["eval"].items() if k != "shift"}}  # as a version without eval.shift
+    out = tmp_path / "run"
+    prepare_run_folder(out, old, resume=False)
+    (out / "work").mkdir()
+
+    def normalize(recorded):  # what api.run passes: today's schema fills the missing field with its default
+        return type(cfg).model_validate(recorded).model_dump(mode="json")
+
+    assert prepare_run_folder(out, new, resume=True, normalize=normalize) == "resumed"
+    with pytest.raises(KDistillError, match="another config"):
+        prepare_run_folder(out, {**new, "seed": 5}, resume=True, normalize=normalize)
+
+
 def test_resume_without_a_run_says_so_and_a_fresh_run_replaces_an_old_one(tmp_path):
     out = tmp_path / "run"
     assert prepare_run_folder(out, CFG, resume=True) == "nothing to resume"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,10 +59,15 @@ def _read_config(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def prepare_run_folder(output: str | Path, config: dict[str, Any], *, resume: bool) -> str:
+def prepare_run_folder(output: str | Path, config: dict[str, Any], *, resume: bool,
+                       normalize: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> str:
     """Check ``output`` against ``config`` (a JSON-able dump of the validated config), clear it for a fresh run,
     record the config, and return what happened: ``"fresh"``, ``"resumed"``, ``"replaced"`` or
-    ``"nothing to resume"``. Raises :class:`KDistillError` when the folder cannot be used."""
+    ``"nothing to resume"``. Raises :class:`KDistillError` when the folder cannot be used.
+
+    ``normalize`` re-validates the recorded config with today's schema before the comparison, so a run started
+    before a field was added resumes when the new field holds its default (an old config it cannot validate is
+    compared as recorded)."""
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise KDistillError(f"output {str(out)!r} is a file; expected a folder for the run. "
@@ -81,6 +87,11 @@ def prepare_run_folder(output: str | Path, config: dict[str, Any], *, resume: bo
                                 f"{str(out)!r} cannot be checked against this config. Fix: run without --resume to "
                                 "start over in this folder, or choose another --output.")
         else:
+            if normalize is not None:
+                try:
+                    old = normalize(old)
+                except Exception:  # noqa: BLE001 -- a field since removed or renamed: compare as recorded
+                    pass
             diff = config_differences(old, config)
             if diff:
                 raise KDistillError(
