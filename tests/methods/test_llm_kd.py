@@ -200,5 +200,36 @@ def test_fused_student_equals_full_logits_in_loss_and_gradients():
     for n, p in student.named_parameters():
         if n in g_full:
             assert torch.allclose(p.grad, g_full[n], atol=1e-5, rtol=1e-4), n
-    with pytest.raises(KDistillError, match="alpha = 1"):
-        LLMKD(fused=True, alpha=0.5, chunk_size=8)
+
+
+@pytest.mark.parametrize("loss", ["reverse_kl", "taid"])
+def test_fused_teacher_head_with_ce_mix_equals_full_logits(loss):
+    """fused=True with alpha < 1 and the teacher's hidden states + head (neither model's logits exist): the kd and
+    ce terms and every student gradient equal the unfused method on full logits."""
+    from kdistill.students.llm import fused_student_output
+    from kdistill.teachers.lm import fused_head_output
+
+    teacher, student = _models()
+    blocks = _blocks(n=4)
+    batch = {"input_ids": blocks[:3], "attention_mask": torch.ones_like(blocks[:3])}
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[:, :-1] = batch["input_ids"][:, 1:]
+    labels[0, :4] = -100
+    batch.update(labels=labels, mask=labels != -100)
+    kw = dict(loss=loss, kd_temperature=2.0, alpha=0.4, loss_kwargs=KW.get(loss, {}))
+    with torch.no_grad():
+        t_logits, t_head = ModelOutput(_forward(teacher, batch)), fused_head_output(teacher, batch)
+    assert t_head.logits is None and t_head.extra["hidden"].shape[:2] == batch["input_ids"].shape
+    student.train()
+    full = LLMKD(**kw)(ModelOutput(_forward(student, batch)), t_logits, batch)
+    sum(full.values()).backward()
+    g_full = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    student.zero_grad()
+    fused = LLMKD(**kw, fused=True)(fused_student_output(student, batch), t_head, batch)
+    sum(fused.values()).backward()
+    assert set(fused) == {"kd", "ce"}
+    for k in ("kd", "ce"):
+        assert torch.allclose(full[k], fused[k], atol=1e-5), k
+    for n, p in student.named_parameters():
+        if n in g_full:
+            assert torch.allclose(p.grad, g_full[n], atol=1e-5, rtol=1e-4), n

@@ -27,11 +27,14 @@ of :mod:`kdistill.losses.topk` and the teacher is never loaded (``cacheable = Tr
 top-k form). ``chunk_size > 0`` evaluates the loss over row chunks (:func:`kdistill.losses.chunked.chunked`),
 same values and gradients with a fraction of the memory for large vocabularies.
 
-``fused = True`` goes one step further: the student forward hands over its final hidden states and LM-head
-weight (``student.extra["hidden"]``, ``student.extra["lm_head_weight"]``, optional ``"lm_head_bias"``; the
-``llm`` task's forward does this) and :func:`~kdistill.losses.chunked.fused_linear_loss` builds the student
-logits chunk by chunk, so they never exist in full (it assumes ``logits = hidden @ W^T + b``: no logit
-soft-capping or scaling). Needs ``alpha = 1`` (no CE term, which would need the full logits) and teacher logits.
+``fused = True`` goes one step further: the student forward hands over its final hidden states and LM head
+(``student.extra``: ``hidden``, ``lm_head_weight``, optional ``lm_head_bias``, and the ``softcap`` /
+``logit_scale`` of its config; the ``llm`` task's forward does this, :func:`kdistill.teachers.lm.fused_head_output`)
+and :func:`~kdistill.losses.chunked.fused_linear_loss` builds the student logits chunk by chunk, so they never
+exist in full. A live teacher hands over its hidden states and head the same way (``teacher.extra``), so neither
+model's ``(tokens, V)`` logits exist; teacher logits and top-k cache targets work too. With ``alpha < 1`` the CE
+term against the labels is computed in the same chunks. ``chunk_size = 0`` then picks the chunk from the sizes
+(:func:`~kdistill.losses.chunked.fused_chunk_size`). Values and gradients equal the unfused loss.
 
 ``T^k`` keeps the gradient scale independent of ``kd_temperature``; ``k`` depends on the divergence
 (:data:`kdistill.losses.logits.TEMPERATURE_POWER`): ``k = 2`` for the KL family (forward/reverse KL, JSD, skew,
@@ -51,11 +54,12 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import KDistillError, expect, unknown_name
 from ..losses import logits as L
-from ..losses.chunked import chunked, fused_linear_loss
+from ..losses.chunked import apply_head_transform, chunked, fused_linear_loss
 from ..losses.reduce import kd_scale, masked_mean
 from ..losses.topk import DIVERGENCES, topk_loss
 from ..registry import METHODS
@@ -116,10 +120,7 @@ class LLMKD(Method):
         expect(kd_temperature > 0, "llm_kd kd_temperature", kd_temperature, "a positive number")
         expect(0.0 <= alpha <= 1.0, "llm_kd alpha", alpha, "a number in [0, 1] (weight of the distillation term)")
         expect(isinstance(chunk_size, int) and chunk_size >= 0, "llm_kd chunk_size", chunk_size,
-               "an integer >= 0 (0 = no chunking)")
-        if fused and (alpha < 1.0 or chunk_size < 1):
-            raise KDistillError(f"llm_kd fused=True: got alpha={alpha}, chunk_size={chunk_size}; expected alpha = 1 "
-                                "(the CE term would need the full logits) and chunk_size >= 1 (e.g. 256).")
+               "an integer >= 0 (0 = no chunking; with fused: chosen from the sizes)")
         self.fused = bool(fused)
         self.loss_name, self.kd_temperature, self.alpha, self.chunk_size = (loss, float(kd_temperature), float(alpha),
                                                                             chunk_size)
@@ -151,6 +152,11 @@ class LLMKD(Method):
         """Top-k targets are stored at the loss temperature: a cache must have been written at this one."""
         return {"kd_temperature": self.kd_temperature}
 
+    @property
+    def teacher_divergence_term(self) -> str:
+        """``kd``: the divergence to the teacher on the training batches (a stand-in teacher-hacking proxy)."""
+        return "kd"
+
     def set_total_steps(self, total_steps: int) -> None:
         """Called by the task runner with the run's number of optimizer steps (TAID's linear floor)."""
         if self.schedule is not None and not self._taid_total_set:
@@ -174,11 +180,22 @@ class LLMKD(Method):
         kw = dict(self.loss_kwargs)
         if self.schedule is not None:
             kw["t"] = self._taid_t()
-        if teacher.logits is not None:
+        teacher_logits = teacher.logits
+        if teacher_logits is None and "lm_head_weight" in teacher.extra:  # a fused teacher output, unfused student
+            ex = teacher.extra
+            teacher_logits = apply_head_transform(F.linear(ex["hidden"], ex["lm_head_weight"], ex.get("lm_head_bias")),
+                                                  softcap=ex.get("softcap"), logit_scale=ex.get("logit_scale"))
+        if teacher_logits is not None:
             fn = LOSSES[self.loss_name]
             if self.chunk_size:
                 fn = chunked(fn, self.chunk_size)
-            return fn(student_logits, teacher.logits, kd_temperature=self.kd_temperature, **kw)
+            return fn(student_logits, teacher_logits, kd_temperature=self.kd_temperature, **kw)
+        args = self._topk_targets(teacher)
+        fn = chunked(topk_loss, self.chunk_size) if self.chunk_size else topk_loss
+        return fn(student_logits, *args, divergence=self.loss_name, kd_temperature=self.kd_temperature, **kw)
+
+    def _topk_targets(self, teacher: ModelOutput) -> list[Tensor]:
+        """The cached top-k targets of a teacher output (log-probs, indices, optional log residual), checked."""
         ex = teacher.extra
         if "topk_logprobs" not in ex or "topk_indices" not in ex:
             raise KDistillError("llm_kd: the teacher output has neither logits nor cached top-k targets "
@@ -190,43 +207,66 @@ class LLMKD(Method):
         if cache_t is not None and not math.isclose(float(cache_t), self.kd_temperature, rel_tol=1e-9):
             raise KDistillError(f"llm_kd: the cache was written at kd_temperature={cache_t}, the method uses "
                                 f"{self.kd_temperature}. Fix: set the same kd_temperature or re-run `kdistill cache`.")
-        args = [student_logits, ex["topk_logprobs"], ex["topk_indices"], ex.get("log_residual")]
-        fn = topk_loss
-        if args[-1] is None:
-            args = args[:-1]
-        if self.chunk_size:
-            fn = chunked(topk_loss, self.chunk_size)
-        return fn(*args, divergence=self.loss_name, kd_temperature=self.kd_temperature, **kw)
+        args = [ex["topk_logprobs"], ex["topk_indices"], ex.get("log_residual")]
+        return args if args[-1] is not None else args[:-1]
 
-    def fused_per_token(self, student: ModelOutput, teacher: ModelOutput) -> Tensor:
+    def fused_per_token(self, student: ModelOutput, teacher: ModelOutput, kd_mask: Tensor | None,
+                        ce_mask: Tensor | None, labels: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Per-token divergence, and per-token CE against ``labels`` (None: no CE term), from the student's hidden
+        states and LM head: :func:`~kdistill.losses.chunked.fused_linear_loss` against the teacher's hidden states
+        and head, its logits, or cached top-k targets. The gradient hint is the per-row weight of each term in
+        :meth:`forward` (weight x mask / count), so the gradient is formed during the forward pass."""
         ex = student.extra
         if "hidden" not in ex or "lm_head_weight" not in ex:
             raise KDistillError("llm_kd fused=True: the student output has no extra['hidden'] / "
                                 "extra['lm_head_weight']; expected the llm task's fused student forward "
                                 "(or set fused: false).")
-        if teacher.logits is None:
-            raise KDistillError("llm_kd fused=True needs teacher logits; with a top-k cache set fused: false "
-                                "(the top-k loss over chunks is already cheap).")
         kw = dict(self.loss_kwargs)
         if self.schedule is not None:
             kw["t"] = self._taid_t()
-        return fused_linear_loss(LOSSES[self.loss_name], ex["hidden"], ex["lm_head_weight"], teacher.logits,
-                                 bias=ex.get("lm_head_bias"), chunk_size=self.chunk_size,
-                                 kd_temperature=self.kd_temperature, **kw)
+        hidden = ex["hidden"]
+        lead = hidden.shape[:-1]
+
+        def weights(mask: Tensor | None, factor: float) -> Tensor:
+            m = torch.ones(lead, dtype=torch.bool, device=hidden.device) if mask is None else mask.expand(lead)
+            return m.float() * (factor / max(int(m.sum()), 1))
+
+        scale = self.alpha * kd_scale(self.kd_temperature, power=L.TEMPERATURE_POWER[self.loss_name])
+        hint: Any = weights(kd_mask, scale)
+        if labels is not None:
+            hint = (hint, weights(ce_mask, 1.0 - self.alpha))
+        common = dict(bias=ex.get("lm_head_bias"), chunk_size=self.chunk_size or None, softcap=ex.get("softcap"),
+                      logit_scale=ex.get("logit_scale"), labels=labels, grad_hint=hint,
+                      kd_temperature=self.kd_temperature, **kw)
+        tex = teacher.extra
+        if teacher.logits is not None:
+            out = fused_linear_loss(LOSSES[self.loss_name], hidden, ex["lm_head_weight"], teacher.logits, **common)
+        elif "hidden" in tex and "lm_head_weight" in tex:
+            out = fused_linear_loss(LOSSES[self.loss_name], hidden, ex["lm_head_weight"], teacher_hidden=tex["hidden"],
+                                    teacher_weight=tex["lm_head_weight"], teacher_bias=tex.get("lm_head_bias"),
+                                    teacher_softcap=tex.get("softcap"), teacher_logit_scale=tex.get("logit_scale"),
+                                    **common)
+        else:
+            out = fused_linear_loss(topk_loss, hidden, ex["lm_head_weight"], *self._topk_targets(teacher),
+                                    divergence=self.loss_name, **common)
+        return out if labels is not None else (out, None)
 
     def forward(self, student: ModelOutput, teacher: ModelOutput | None, batch: dict[str, Any]) -> dict[str, Tensor]:
         teacher = require_teacher("llm_kd", teacher)
         mask = batch.get("mask")
         if mask is not None and "teacher_mask" in batch:  # cross-tokenizer batch: pairs up to the shorter sequence
             mask = mask & batch["teacher_mask"]
-        if self.fused:
-            per_token = self.fused_per_token(student, teacher)
+        ce_per_token = None
+        if self.fused and student.logits is None:  # hidden states + LM head (the task's training forward)
+            per_token, ce_per_token = self.fused_per_token(student, teacher, mask, batch.get("mask"),
+                                                           batch["labels"] if self.alpha < 1.0 else None)
         else:
             per_token = self.per_token(student.logits, teacher)
         kd = masked_mean(per_token, mask)
         out = {"kd": self.alpha * kd_scale(self.kd_temperature, power=L.TEMPERATURE_POWER[self.loss_name]) * kd}
         if self.alpha < 1.0:
-            out["ce"] = (1.0 - self.alpha) * label_loss(student.logits, batch)
+            out["ce"] = (1.0 - self.alpha) * (masked_mean(ce_per_token, batch.get("mask")) if ce_per_token is not None
+                                              else label_loss(student.logits, batch))
         if self.schedule is not None:
             self.log("taid_t", self.schedule.t)
             if self.training and torch.is_grad_enabled():

@@ -306,14 +306,14 @@ def plain_student(model: nn.Module) -> nn.Module:
 
 def fused_student_output(model: nn.Module, batch: dict[str, Any]) -> Any:
     """Final hidden states and LM head of a Hugging Face causal LM, without computing its logits (for methods
-    that build the logits chunk by chunk inside the loss)."""
-    from ..methods.base import ModelOutput
+    that build the logits chunk by chunk inside the loss): :func:`kdistill.teachers.lm.fused_head_output` of the
+    model (a LoRA student's wrapped transformers model), with the ``softcap`` / ``logit_scale`` of its config. An
+    adapter on the LM head is refused (the fused loss reads the head's base weight)."""
+    from ..teachers.lm import fused_head_output
 
     inner = model.get_base_model() if is_lora(model) else model  # peft: the wrapped transformers model
-    hidden = inner.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     head = inner.get_output_embeddings()
     if is_lora(model) and _is_lora_layer(head):
         raise KDistillError("fused head: the student's LM head carries a LoRA adapter, which the fused loss would "
                             "skip; expected a plain LM head. Fix: leave lm_head out of student.lora.target_modules.")
-    return ModelOutput(None, extra={"hidden": hidden, "lm_head_weight": head.weight,
-                                    "lm_head_bias": getattr(head, "bias", None)})
+    return fused_head_output(inner, batch)

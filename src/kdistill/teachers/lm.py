@@ -260,3 +260,94 @@ def mix_lm_teachers(loaded: list[tuple[Any, Any]], *, names: list[str], weights:
 def lm_logits(model: Any, batch: dict[str, Any]) -> torch.Tensor:
     """``(B, T, V)`` logits of a Hugging Face causal LM on a batch's ``input_ids`` / ``attention_mask``."""
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def head_transform(model: Any) -> tuple[float | None, float | None]:
+    """``(softcap, logit_scale)`` with which a Hugging Face causal LM turns its LM head's output ``z`` into logits,
+    read from its (text) config: ``final_logit_softcapping`` (Gemma-2/3: ``c * tanh(z / c)``), ``logit_scale``
+    (Cohere: ``z * s``), ``logits_scaling`` (Granite, MiniCPM: ``z / s``), ``lm_head_multiplier`` (Falcon-H1:
+    ``z * s``). ``None`` where the model has none (Llama, Qwen, SmolLM, GPT-2, ...)."""
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    scale = 1.0
+    for field, invert in (("logit_scale", False), ("logits_scaling", True), ("lm_head_multiplier", False)):
+        value = getattr(cfg, field, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            scale = scale / float(value) if invert else scale * float(value)
+    return (float(softcap) if softcap is not None else None), (scale if scale != 1.0 else None)
+
+
+def has_lm_head(model: Any) -> bool:
+    """True for a Hugging Face causal LM whose logits come from a linear LM head on ``base_model``'s last hidden
+    state (what :func:`fused_head_output` needs); False for teacher mixtures, served teachers and other modules."""
+    from torch import nn
+
+    get = getattr(model, "get_output_embeddings", None)
+    return callable(get) and isinstance(get(), nn.Linear) and hasattr(model, "base_model") and \
+        hasattr(model, "config")
+
+
+#: models whose fused head has been compared with their own logits once (see :func:`fused_head_output`)
+_HEAD_CHECKED: Any = None
+
+
+def _check_head_once(model: Any, batch: dict[str, Any], softcap: float | None, scale: float | None) -> None:
+    """Compare ``head_transform``-ed ``hidden @ W^T + b`` with the model's own logits once per model, on the first
+    16 tokens of the first row, in eval mode: an architecture that post-processes its logits in a way not covered
+    by :func:`head_transform` is refused instead of silently training another objective."""
+    import weakref
+
+    import torch.nn.functional as F
+
+    from ..losses.chunked import apply_head_transform
+
+    global _HEAD_CHECKED
+    if _HEAD_CHECKED is None:
+        _HEAD_CHECKED = weakref.WeakSet()
+    if model in _HEAD_CHECKED:
+        return
+    ids, attn = batch["input_ids"][:1, :16], batch["attention_mask"][:1, :16]
+    head = model.get_output_embeddings()
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            full = model(input_ids=ids, attention_mask=attn).logits.float()
+            hidden = model.base_model(input_ids=ids, attention_mask=attn).last_hidden_state
+            mine = apply_head_transform(F.linear(hidden, head.weight, head.bias).float(), softcap=softcap,
+                                        logit_scale=scale)
+    finally:
+        model.train(was)
+    exact = head.weight.dtype == torch.float32
+    tol = (1e-3 if exact else 3e-2) * (1.0 + float(full.abs().max()))
+    diff = float((full - mine).abs().max()) if full.shape == mine.shape else float("inf")
+    if not diff <= tol:
+        raise KDistillError(
+            f"fused head: the logits of this {type(model).__name__} are not its LM head's output (with softcap="
+            f"{softcap}, logit_scale={scale} read from its config); they differ by up to {diff:.3g} (tolerance "
+            f"{tol:.3g}), so the fused loss would optimise another objective. Expected a model whose logits are "
+            "lm_head(hidden) up to final_logit_softcapping / logit_scale / logits_scaling / lm_head_multiplier. Fix: "
+            "configure the method without the fused head (e.g. llm_kd fused: false).")
+    _HEAD_CHECKED.add(model)
+
+
+def fused_head_output(model: Any, batch: dict[str, Any]) -> Any:
+    """A :class:`~kdistill.methods.base.ModelOutput` with no logits and, in ``extra``, what a fused loss needs to
+    build them chunk by chunk: ``hidden`` (the final hidden states ``(B, T, H)``), ``lm_head_weight`` ``(V, H)``,
+    ``lm_head_bias`` (or None), ``softcap`` and ``logit_scale`` (:func:`head_transform`). The first call on a model
+    checks that these reproduce its own logits (:func:`_check_head_once`)."""
+    from ..methods.base import ModelOutput
+
+    if not has_lm_head(model):
+        raise KDistillError(f"fused head: got a {type(model).__name__}; expected a Hugging Face causal LM with a "
+                            "linear LM head (get_output_embeddings) on base_model. Fix: configure the method "
+                            "without the fused head.")
+    softcap, scale = head_transform(model)
+    _check_head_once(model, batch, softcap, scale)
+    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    head = model.get_output_embeddings()
+    return ModelOutput(None, extra={"hidden": hidden, "lm_head_weight": head.weight,
+                                    "lm_head_bias": getattr(head, "bias", None), "softcap": softcap,
+                                    "logit_scale": scale})
