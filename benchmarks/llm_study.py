@@ -20,7 +20,8 @@ results. Output: ``OUT/results.json`` (one record per finished (row, seed), and 
 Columns per run, read from the run's ``report.json`` and, when ``kdistill audit`` has been run on it,
 ``audit.json``: held-out perplexity, top-1 agreement and top-k KL(teacher || student) on the held-out text,
 perplexity on a second domain the student never trains on (WordNet glosses, from the audit), training tokens,
-training seconds, and for on-policy rows the share of step time spent generating.
+training seconds and the median seconds per logged step (the figure to compare: it ignores pauses and
+evaluations), and for on-policy rows the share of step time spent generating.
 """
 
 from __future__ import annotations
@@ -124,6 +125,9 @@ def record(d: Path) -> dict[str, Any] | None:
            "train_tokens": r["data"]["train_tokens"], "steps": s["steps"], "train_seconds": s["train_seconds"],
            "generation_share": s.get("time_shares", {}).get("generation_share"),
            "teacher_perplexity": r["teacher"]["metrics"]["perplexity"]}
+    log = d / "work" / "student" / "metrics.jsonl"  # median step time: robust to pauses and to a shared machine
+    steps = [json.loads(line).get("step_seconds") for line in log.read_text().splitlines()] if log.exists() else []
+    rec["step_seconds_median"] = statistics.median([x for x in steps if x is not None] or [float("nan")])
     audit = d / "audit.json"
     if audit.exists():
         a = json.loads(audit.read_text())
@@ -155,7 +159,8 @@ def collect(out: Path) -> dict[str, Any]:
             rows[row] = {"seeds": [r["seed"] for r in recs],
                          **{k: _mean_std([r.get(k) for r in recs])
                             for k in ("perplexity", "shift_perplexity", "top1_agreement", "kl_teacher_student_topk",
-                                      "train_seconds", "generation_share", "extraction_rate")},
+                                      "train_seconds", "step_seconds_median", "generation_share",
+                                      "extraction_rate")},
                          "train_tokens": recs[0]["train_tokens"]}
     teacher = next((r["teacher_perplexity"] for r in runs), None)
     for k, r in rows.items():
@@ -173,7 +178,7 @@ def table(res: dict[str, Any]) -> str:
         return format(x["mean"], fmt) + ("" if x["std"] is None else " ± " + format(x["std"], fmt))
 
     lines = ["| row | seeds | held-out ppl | vs CE | × teacher | shifted ppl | top-1 agr. | KL(t‖s) | tokens | "
-             "train s | gen. share |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "s/step (median) | gen. share |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     order = sorted(res["rows"], key=lambda k: res["rows"][k]["perplexity"]["mean"])
     for k in order:
         r = res["rows"][k]
@@ -181,7 +186,7 @@ def table(res: dict[str, Any]) -> str:
         lines.append(f"| {k} | {','.join(map(str, r['seeds']))} | {ms(r['perplexity'], '.1f')} | {vs} | "
                      f"{r['vs_teacher']:.2f} | {ms(r['shift_perplexity'], '.1f')} | {ms(r['top1_agreement'], '.3f')} | "
                      f"{ms(r['kl_teacher_student_topk'], '.3f')} | {r['train_tokens']:,} | "
-                     f"{ms(r['train_seconds'], '.0f')} | {ms(r['generation_share'], '.2f')} |")
+                     f"{ms(r['step_seconds_median'], '.2f')} | {ms(r['generation_share'], '.2f')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -16,11 +16,11 @@ from typing import Any
 from .config import load_config
 from .errors import KDistillError
 from .recipes import list_recipes
-from .registry import DATASETS, METHODS, MODELS, TASKS
+from .registry import DATASETS, METHODS, MODELS, SELECTORS, TASKS
 
 #: the metric each task's summary table shows (the report holds them all)
 _SUMMARY_METRIC = {"classification": "accuracy", "tabular": "accuracy", "blackbox": "accuracy",
-                   "llm": "perplexity", "embedding": "recall_at_1"}
+                   "llm": "perplexity", "embedding": "recall_at_1", "dataset_distillation": "accuracy"}
 
 
 def _print_summary(report: dict[str, Any], output: Path) -> None:
@@ -74,7 +74,8 @@ def run(recipe: str | Path | dict | None = None, *, output: str | Path | None = 
     if os.environ.get(_LAUNCHED_ENV) != "1" and int(os.environ.get("RANK", "0")) == 0:
         from .rundir import prepare_run_folder
 
-        status = prepare_run_folder(out, cfg.model_dump(mode="json"), resume=resume)
+        status = prepare_run_folder(out, cfg.model_dump(mode="json"), resume=resume,
+                                    normalize=lambda old: type(cfg).model_validate(old).model_dump(mode="json"))
         if status == "nothing to resume" and not quiet:
             print(f"--resume: {out} holds no run to resume; starting a fresh run there.", file=sys.stderr)
     if nproc > 1 and "LOCAL_RANK" not in os.environ:
@@ -243,6 +244,65 @@ def _evaluate_run(run_dir: Path, given: Path) -> dict[str, Any]:
                         "classification, tabular, llm and embedding runs. Its report.json holds the run's figures.")
 
 
+def audit(run_dir: str | Path, *, samples: int = 64) -> dict[str, Any]:
+    """Audit a finished run and write ``audit.json``, ``audit.md`` (and ``audit_teacher_hacking.png``) into it.
+
+    llm runs: teacher hacking (the proxy and held-out perplexity the run logged), memorisation (extraction rate of
+    ``samples`` training sequences for teacher, baseline and student; canary exposure when the run inserted
+    canaries) and interpolation vs extrapolation (held-out vs a shifted domain: the run's ``eval.shift``, else
+    WordNet glosses). Classification runs: teacher-student agreement on training inputs, mixup inputs (inside the
+    data's hull) and noise-shifted inputs. See :mod:`kdistill.eval.audit`."""
+    from .errors import expect
+    from .eval.audit import write_audit
+
+    p = Path(run_dir)
+    if not (p / "config.json").is_file() or not (p / "report.json").is_file():
+        raise KDistillError(f"audit: {str(p)!r} is not a finished run folder; expected the output folder of `kdistill "
+                            "run` holding config.json and report.json (e.g. runs/smollm2_kjv). Fix: pass that folder, "
+                            "or let the run finish (it writes report.json last).")
+    expect(isinstance(samples, int) and samples >= 1, "audit samples", samples, "an integer >= 1")
+    cfg = load_config(json.loads((p / "config.json").read_text()))
+    task = getattr(cfg, "task", "classification")
+    with quiet_hub_progress():
+        if task == "llm":
+            from .tasks.llm import audit_run
+
+            result = audit_run(cfg, p, samples=samples)
+        elif task in ("classification", "tabular"):
+            result = _audit_classifier(p, samples=samples)
+        else:
+            raise KDistillError(f"audit: the run in {str(p)!r} is a {task!r} run; `kdistill audit` supports llm, "
+                                "classification and tabular runs.")
+    write_audit(result, p, title=str(getattr(cfg, "name", p.name)))
+    return result
+
+
+def _audit_classifier(run_dir: Path, *, samples: int) -> dict[str, Any]:
+    """Interpolation vs extrapolation of a classifier run: agreement of its saved student and teacher."""
+    import torch
+
+    from .data.classification import load_dataset
+    from .eval.audit import hull_agreement
+    from .exporters.classifier import load_classifier, read_meta
+    from .models.classifiers import predict_logits
+
+    folders = [run_dir / "teacher", run_dir / "student"]
+    if not all((f / "model.json").is_file() for f in folders):
+        raise KDistillError(f"audit: {str(run_dir)!r} lacks a saved teacher or student classifier (teacher/model.json, "
+                            "student/model.json); expected a run that trained or saved its teacher. Its report.json "
+                            "holds the run's agreement on the test set.")
+    (teacher, _), (student, _) = (load_classifier(f) for f in folders)
+    meta = read_meta(folders[1])
+    data = load_dataset(meta["data"]["name"], **meta["data"].get("kwargs", {}))
+    x = torch.as_tensor(data.x_train, dtype=torch.float32)
+    agreement = hull_agreement(lambda xb: predict_logits(teacher, xb), lambda xb: predict_logits(student, xb), x,
+                               samples=max(samples, 1024))
+    return {"extrapolation": {"student": agreement},
+            "note": "agreement of student and teacher top-1 predictions on training inputs, mixup of two training "
+                    "inputs (inside the data's hull) and training inputs plus Gaussian noise of one per-feature "
+                    "standard deviation (outside it)"}
+
+
 def export(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
     """Export the student only (no method parameters) to ``out`` and check that it reloads identically."""
     from .exporters.classifier import export_classifier
@@ -280,6 +340,22 @@ def cache(recipe: str | Path | dict, *, output: str | Path | None = None, overri
             "bytes_per_token": c.bytes_on_disk() / max(1, c.tokens()), "k": c.k, "kd_temperature": c.kd_temperature}
 
 
+def select(recipe: str | Path | dict, *, output: str | Path, overrides: Sequence[str] = (),
+           progress: bool = True) -> dict[str, Any]:
+    """Choose the training subset of a recipe's ``data.selection`` (without one: the task's default strategy --
+    MiniPLM for llm recipes, PCoreSet for classification, RAD for black-box ones -- at 50%) and write it to
+    ``output``: ``subset.jsonl`` (every pool example's index, score, whether it was kept) and ``selection.json``.
+    A recipe reuses it with ``data.selection.subset=<output>``. Supported tasks: classification, llm, blackbox."""
+    cfg = load_config(recipe, overrides)
+    task = TASKS.get(getattr(cfg, "task", "classification"))
+    if task.select is None:
+        able = [n for n, t in TASKS.items() if t.select is not None]
+        raise KDistillError(f"select: the recipe's task is {task.name!r}, which has no data selection; expected a "
+                            f"recipe of one of: {', '.join(able)}.")
+    with quiet_hub_progress(not progress):
+        return task.select(cfg, Path(output), progress)
+
+
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key_env: str | None = None,
           max_tokens_limit: int = 512, max_prompt_tokens: int = 2048, max_request_bytes: int = 1_000_000,
           max_batch_size: int = 8, threads: int | None = None) -> None:
@@ -313,6 +389,7 @@ def list_all() -> dict[str, dict[str, str]]:
     import yaml
 
     from . import data, methods, tasks  # noqa: F401  (importing registers every entry)
+    from .data import selection  # noqa: F401  (the selection methods)
     from .recipes import find_recipe
     from .registry import AUGMENTS
 
@@ -329,5 +406,6 @@ def list_all() -> dict[str, dict[str, str]]:
         "models": {n: _doc(c) for n, c in MODELS.items()},
         "datasets": {n: _doc(c) for n, c in DATASETS.items()},
         "tasks": {n: t.description for n, t in TASKS.items()},
+        "selection methods": {n: _doc(f) for n, f in SELECTORS.items()},
         "recipes": {n: recipe_description(n) for n in list_recipes()},
     }

@@ -102,6 +102,18 @@ def eval_cmd(
         _fail(e)
 
 
+@app.command("audit")
+def audit_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run folder (e.g. runs/smollm2_kjv).")],
+    samples: Annotated[int, typer.Option(help="Training sequences sampled for the memorisation audit.")] = 64,
+) -> None:
+    """Audit a run (teacher hacking, memorisation, interpolation vs extrapolation); writes audit.json/.md."""
+    try:
+        typer.echo(json.dumps(api.audit(run_dir, samples=samples), indent=2))
+    except KDistillError as e:
+        _fail(e)
+
+
 @app.command("export")
 def export_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="A model folder or a run folder.")],
@@ -126,6 +138,21 @@ def cache_cmd(
     try:
         typer.echo(json.dumps(api.cache(config, output=output, overrides=list(overrides or []),
                                         progress=not no_progress), indent=2))
+    except KDistillError as e:
+        _fail(e)
+
+
+@app.command("select")
+def select_cmd(
+    config: Annotated[str, typer.Argument(help="A recipe file or built-in name (classification, llm or blackbox).")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value overrides")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for subset.jsonl and selection.json.")] = ...,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide progress.")] = False,
+) -> None:
+    """Choose the training subset to distil on (data.selection, or the task's default at 50%) and write it."""
+    try:
+        typer.echo(json.dumps(api.select(config, output=output, overrides=list(overrides or []),
+                                         progress=not no_progress), indent=2))
     except KDistillError as e:
         _fail(e)
 

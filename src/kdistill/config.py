@@ -91,8 +91,67 @@ class FileSource(StrictModel):
 #: The method each task distils with when a recipe names none, and the one that trains a student (or a teacher)
 #: alone on its labels. Config is where defaults live: the tasks never spell a method's name.
 DEFAULT_METHODS = {"classification": "hinton_kd", "tabular": "hinton_kd", "llm": "llm_kd",
-                   "embedding": "embedding_kd"}
+                   "embedding": "embedding_kd", "graph": "glnn"}
 ALONE = "none"
+
+#: the data selection each task uses when ``kdistill select`` runs on a recipe without ``data.selection``
+DEFAULT_SELECTORS = {"llm": "miniplm", "classification": "pcoreset", "blackbox": "rad"}
+
+
+class SelectionSpec(StrictModel):
+    """``data.selection``: distil on a chosen part of the training pool (:mod:`kdistill.data.selection`).
+
+    ``method``: a strategy from ``SELECTORS`` (``miniplm``, ``ddk``, ``pcoreset``, ``rad``, ``kd3``, ``random``);
+    ``fraction`` of the pool kept, or ``budget`` examples (black-box recipes default to ``teacher.max_requests``);
+    ``subset``: the ``--output`` folder of ``kdistill select``, reused as it is; ``domain_column`` (your own files)
+    or ``groups`` (built-in corpora: ``division`` / ``testament`` / ``book`` for the KJV, ``pos`` for WordNet) give
+    the domains DDK reweights. Any other key is a hyperparameter of the strategy (e.g. ``reference: smollm2-135m``,
+    ``every: 50``), checked against it with close matches."""
+
+    method: str = "random"
+    fraction: float = 0.5
+    budget: int | None = None
+    subset: str | None = None
+    domain_column: str | None = None
+    groups: str | None = None
+    options: dict[str, Any] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_options(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return {"method": v}
+        if not isinstance(v, dict):
+            return v
+        fields = set(cls.model_fields)
+        extra = {k: x for k, x in v.items() if k not in fields}
+        ref = extra.get("reference")
+        if isinstance(ref, dict):  # reference: {name: X} or {pretrained: X}
+            if len(ref) != 1 or next(iter(ref)) not in ("name", "pretrained"):
+                raise ValueError(f"data.selection.reference: got {ref!r}, expected a zoo name or folder, or "
+                                 "{name: ...} / {pretrained: ...}")
+            extra["reference"] = next(iter(ref.values()))
+        return {**{k: x for k, x in v.items() if k in fields}, "options": {**v.get("options", {}), **extra}}
+
+    @model_validator(mode="after")
+    def _check(self) -> SelectionSpec:
+        from .data import selection
+
+        selection.check_options(self.method, self.options)  # unknown method / option: close matches
+        if not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"data.selection.fraction: got {self.fraction}, expected a number in (0, 1] (the share "
+                             "of the training pool kept)")
+        if self.budget is not None:
+            if self.budget < 1:
+                raise ValueError(f"data.selection.budget: got {self.budget}, expected an integer >= 1")
+            if "fraction" in self.model_fields_set:
+                raise ValueError("data.selection: got both fraction and budget; expected one of them")
+        return self
+
+    def entry_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`kdistill.data.selection.select_training_subset` (without the pool)."""
+        return {"method": self.method, "fraction": None if self.budget is not None else self.fraction,
+                "budget": self.budget, "subset": self.subset, "options": dict(self.options)}
 
 
 class MethodSpec(NamedSpec):

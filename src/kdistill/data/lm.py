@@ -261,10 +261,11 @@ def lm_corpus(*, name: str, texts: Sequence[str] = (), files: Any = None, format
               messages_column: str | None = None, prompt_column: str | None = None,
               completion_column: str | None = None, eval_fraction: float = 0.05) -> tuple[list[Any], list[Any]]:
     """``(train items, held-out items)``: texts, conversations (``messages_column``) or ``(prompt, completion)``
-    tuples (``prompt_column`` + ``completion_column``). ``name``: ``kjv`` (the King James Bible), ``texts`` (the
-    given strings) or ``files`` (``files`` / ``hf_dataset``). For the built-in corpora the held-out part is the
-    *end* of the corpus (never shuffled in); for files, a ``validation`` file or a seeded ``eval_fraction`` of the
-    rows."""
+    tuples (``prompt_column`` + ``completion_column``). ``name``: ``kjv`` (the King James Bible), ``wordnet``
+    (WordNet glosses, ``"lemma: gloss"``, in a fixed shuffled order so every part of speech is in both parts),
+    ``texts`` (the given strings) or ``files`` (``files`` / ``hf_dataset``). For the built-in corpora the held-out
+    part is the *end* of the corpus (never shuffled in); for files, a ``validation`` file or a seeded
+    ``eval_fraction`` of the rows."""
     if name == "files":
         return _file_corpus(files=files, format=format, hf_dataset=hf_dataset, text_column=text_column,
                             messages_column=messages_column, prompt_column=prompt_column,
@@ -273,15 +274,79 @@ def lm_corpus(*, name: str, texts: Sequence[str] = (), files: Any = None, format
         from .text import kjv_verses
 
         items = [v[3] for v in kjv_verses()]
+    elif name == "wordnet":
+        items = wordnet_texts()
     elif name == "texts":
         items = list(texts)
     else:
-        raise KDistillError(f"data.name: got {name!r}, expected one of kjv, texts, files.")
+        raise KDistillError(f"data.name: got {name!r}, expected one of kjv, wordnet, texts, files.")
     n_eval = max(1, int(round(len(items) * eval_fraction)))
     if n_eval >= len(items):
         raise KDistillError(f"data: {len(items)} texts leave nothing to train on with eval_fraction "
                             f"{eval_fraction}; expected more texts or a smaller fraction.")
     return items[:-n_eval], items[-n_eval:]
+
+
+def wordnet_texts() -> list[str]:
+    """Every WordNet synset as one text, ``"lemma: gloss"`` (definition and usage examples; a text shared by
+    several synsets once), in an order shuffled once with seed 0: a second text domain (dictionary prose) for the
+    models trained on the KJV."""
+    import numpy as np
+
+    from .text import wordnet_pairs
+
+    texts = list(dict.fromkeys(f"{p.query}: {p.candidate}" for p in wordnet_pairs(examples=True)))
+    return [texts[i] for i in np.random.default_rng(0).permutation(len(texts))]
+
+
+def shift_texts(*, name: str, texts: Sequence[str] = (), files: Any = None, format: str = "auto",
+                hf_dataset: Mapping[str, Any] | None = None, text_column: str = "text") -> list[str]:
+    """The texts of a shifted domain (the llm task's ``eval.shift``): the held-out part of a built-in corpus
+    (``wordnet``, ``kjv``), or every given text (``texts``) or row of ``text_column`` (``files`` / ``hf_dataset``)."""
+    if name == "texts":
+        if not texts:
+            raise KDistillError("eval.shift: name 'texts' needs a non-empty texts list.")
+        return list(texts)
+    train, held = lm_corpus(name=name, files=files, format=format, hf_dataset=hf_dataset, text_column=text_column)
+    return list(held) if name in ("kjv", "wordnet") else list(train) + list(held)
+
+
+#: the text every canary starts with; the random digits after it are the secret
+CANARY_PREFIX = "my secret number is"
+
+
+def canary_texts(*, count: int, length: int, seed: int = 0) -> list[str]:
+    """``count`` canaries (The Secret Sharer, Carlini et al., 2019): ``"my secret number is d d ... d"`` with
+    ``length`` random digits each (seeded, distinct), the format :func:`kdistill.eval.audit.canary_exposure`
+    draws its candidates from."""
+    if count < 1 or length < 1 or 10 ** length < 2 * count:
+        raise KDistillError(f"canaries: got count {count}, length {length}; expected count >= 1 and length >= 1 "
+                            "with room for distinct secrets (10**length >= 2 * count).")
+    rng = torch.Generator().manual_seed(int(seed))
+    out: list[str] = []
+    while len(out) < count:
+        text = canary_text(torch.randint(0, 10, (length,), generator=rng).tolist())
+        if text not in out:
+            out.append(text)
+    return out
+
+
+def canary_text(digits: Sequence[int]) -> str:
+    """The canary of a digit sequence."""
+    return f"{CANARY_PREFIX} {' '.join(str(int(d)) for d in digits)}"
+
+
+def insert_canaries(items: Sequence[str], *, count: int, repeats: int, length: int, seed: int = 0) -> list[str]:
+    """``items`` with each of :func:`canary_texts` inserted ``repeats`` times at seeded random positions (the
+    other items keep their order)."""
+    if repeats < 1:
+        raise KDistillError(f"canaries.repeats: got {repeats}, expected an integer >= 1.")
+    canaries = canary_texts(count=count, length=length, seed=seed)
+    out = list(items)
+    rng = torch.Generator().manual_seed(int(seed) + 1)
+    for text in canaries * repeats:
+        out.insert(int(torch.randint(0, len(out) + 1, (1,), generator=rng)), text)
+    return out
 
 
 def _file_corpus(*, files: Any, format: str, hf_dataset: Mapping[str, Any] | None, text_column: str,

@@ -100,9 +100,10 @@ class NeighbourGroupSampler(EpochSampler):
 def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, *, seed: int = 0, shuffle: bool = True,
                 drop_last: bool = False, sampler: Sampler[int] | None = None) -> DataLoader:
     """A DataLoader over a :class:`TensorDictDataset` with a deterministic epoch sampler (``sampler`` replaces
-    the default :class:`EpochSampler`; it must cover the dataset and have ``set_epoch``)."""
+    the default :class:`EpochSampler`; it must cover the dataset and have ``set_epoch``, unless it declares
+    ``subset = True``: a sampler that draws part of the dataset per epoch, such as data selection's DomainSampler)."""
     expect(batch_size >= 1, "batch_size", batch_size, "an integer >= 1")
-    if sampler is not None:
+    if sampler is not None and not getattr(sampler, "subset", False):
         expect(len(sampler) == len(dataset), "sampler length", len(sampler), f"the dataset size {len(dataset)}")
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler or EpochSampler(len(dataset), seed, shuffle),
                       collate_fn=_identity, drop_last=drop_last)

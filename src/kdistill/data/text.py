@@ -30,12 +30,33 @@ class Pair:
     group: str = ""  # e.g. the WordNet part of speech, or a KJV book
 
 
+#: WordNet pointer ``pos`` letters -> data file (``s``: an adjective satellite, stored in data.adj)
+_POS_FILE = {"n": "noun", "v": "verb", "a": "adj", "s": "adj", "r": "adv"}
+
+
+@dataclass(frozen=True)
+class Synset:
+    """One record of a WordNet data file (wndb(5WN)): where it is (``pos`` file and byte ``offset``, the pair that
+    identifies it), its lexicographer file number (lexnames(5WN); the supersense), lemmas, gloss, and pointers
+    ``(symbol, target pos file, target offset)`` (``@`` hypernym, ``~`` hyponym, ``%p`` part meronym, ``&``
+    similar to, ...; wninput(5WN))."""
+
+    pos: str
+    offset: int
+    lex_filenum: int
+    lemmas: tuple[str, ...]
+    gloss: str
+    pointers: tuple[tuple[str, str, int], ...]
+
+
 @functools.lru_cache(maxsize=4)
-def _wordnet_rows(pos: tuple[str, ...]) -> tuple[tuple[str, tuple[str, ...], str, str], ...]:
+def wordnet_synsets(pos: tuple[str, ...] = WORDNET_POS) -> tuple[Synset, ...]:
+    """Every synset of the ``pos`` data files of ``wordnet-base``, in file order (117,659 for all four)."""
     files = {f.rsplit(".", 1)[1]: f for f in debian_files("wordnet-base")
              if re.search(r"/data\.(noun|verb|adj|adv)$", f)}
-    rows = []
+    out = []
     for p in pos:
+        expect(p in WORDNET_POS, "wordnet part of speech", p, f"one of {WORDNET_POS}")
         if p not in files:
             raise KDistillError(f"WordNet data file for {p!r} not found in package wordnet-base; expected "
                                 "data.noun/verb/adj/adv. Fix: `sudo apt-get install --reinstall wordnet-base`.")
@@ -47,8 +68,15 @@ def _wordnet_rows(pos: tuple[str, ...]) -> tuple[tuple[str, tuple[str, ...], str
                 parts = head.split(" ")
                 n_words = int(parts[3], 16)
                 lemmas = tuple(re.sub(r"\([a-z]+\)$", "", parts[4 + 2 * i]).replace("_", " ") for i in range(n_words))
-                rows.append((lemmas[0], lemmas, gloss.strip(), p))
-    return tuple(rows)
+                at = 4 + 2 * n_words  # p_cnt, then 4 fields a pointer: symbol, offset, pos, source/target
+                pointers = tuple((parts[at + 1 + 4 * k], _POS_FILE[parts[at + 3 + 4 * k]], int(parts[at + 2 + 4 * k]))
+                                 for k in range(int(parts[at])))
+                out.append(Synset(p, int(parts[0]), int(parts[1]), lemmas, gloss.strip(), pointers))
+    return tuple(out)
+
+
+def _wordnet_rows(pos: tuple[str, ...]) -> tuple[tuple[str, tuple[str, ...], str, str], ...]:
+    return tuple((s.lemmas[0], s.lemmas, s.gloss, s.pos) for s in wordnet_synsets(tuple(pos)))
 
 
 def wordnet_pairs(*, pos: tuple[str, ...] = WORDNET_POS, examples: bool = False) -> list[Pair]:

@@ -14,7 +14,9 @@ multi-process runs give the same update as one big batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
@@ -64,12 +66,20 @@ class Method(nn.Module):
     * :meth:`cache_identity`: what offline teacher targets must have been written with (e.g. its temperature);
     * ``uses_token_states`` / ``needs_pairs`` / ``fused_head``: the forward outputs and data layout it reads;
     * ``cross_tokenizer`` / :meth:`set_vocab_map`: it compares a student and a teacher with different tokenizers
-      (the batch then carries the teacher's own tokens and the alignment of :mod:`kdistill.data.align`).
+      (the batch then carries the teacher's own tokens and the alignment of :mod:`kdistill.data.align`);
+    * ``teacher_divergence_term``: which logged loss term is a divergence to the teacher (audits);
+    * ``distills_data`` / :meth:`distill_data`: it builds a small training set (dataset distillation) instead of
+      only training a student; its forward is then the loss of a student trained on that set;
+    * ``trains_on_unlabelled`` / :meth:`fit_graph`: graph distillation (task ``graph``): the student also trains on
+      nodes without a label (``labels == -100``), and the method learns what it needs from the frozen teacher on the
+      training graph before the student trains (e.g. a codebook of node tokens).
     """
 
     cacheable: ClassVar[bool] = False
     needs_teacher: ClassVar[bool] = True
     needs_prompts: ClassVar[bool] = False
+    distills_data: ClassVar[bool] = False
+    trains_on_unlabelled: ClassVar[bool] = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -109,7 +119,8 @@ class Method(nn.Module):
 
     @property
     def fused_head(self) -> bool:
-        """True when the student forward hands over hidden states and its LM head instead of logits."""
+        """True when the student forward (and a live teacher's, where it has a linear LM head) hands over hidden states
+        and the LM head instead of logits."""
         return False
 
     @property
@@ -119,9 +130,36 @@ class Method(nn.Module):
         and the character alignment of :func:`kdistill.data.align.cross_blocks`."""
         return False
 
+    @property
+    def teacher_divergence_term(self) -> str | None:
+        """The key of the forward's loss term that is a divergence to the teacher on the training batches (``"kd"``),
+        or None. ``kdistill audit`` falls back to that logged term as the teacher-hacking proxy of a run that logged
+        none (:mod:`kdistill.eval.audit`)."""
+        return None
+
     def set_vocab_map(self, student_ids: Tensor, teacher_ids: Tensor) -> None:
         """Cross-tokenizer runs: the token pairs that are the same string in both vocabularies (``(M,)`` each, see
         :func:`kdistill.data.align.vocab_map`), given once before training."""
+
+    def distill_data(self, *, inputs: Tensor, labels: Tensor, num_classes: int, per_class: int,
+                     teacher: nn.Module | None, build_model: Callable[[], nn.Module], seed: int,
+                     cache_dir: Path | None = None, cache_key: dict[str, Any] | None = None,
+                     progress: bool = False) -> Any:
+        """Dataset distillation (methods with ``distills_data``): a :class:`kdistill.data.distilled.DistilledSet`
+        of about ``per_class`` examples of every class that stands in for the training data ``(inputs, labels)``.
+        ``teacher``: a trained classifier (frozen) for methods that read one; ``build_model()``: a fresh network of
+        the run's distillation architecture (the one synthetic data is matched on); ``cache_dir`` / ``cache_key``:
+        where and under which identity of the data and that architecture expensive intermediate results (e.g.
+        expert trajectories) may be cached. Methods that only train a student return None."""
+        return None
+
+    def fit_graph(self, *, teacher_features: dict[str, Tensor], node_features: Tensor, edge_index: Tensor,
+                  seed: int) -> dict[str, Any]:
+        """Graph distillation, before the student trains: learn from the frozen teacher on the training graph.
+        ``teacher_features``: the teacher's ``teacher_layers`` outputs of the student's training nodes ``(N, D)``;
+        ``node_features`` ``(N, F)``: their inputs; ``edge_index`` ``(2, E)``: the edges among them (row ids).
+        Returns diagnostics for the report. Default: nothing to learn."""
+        return {}
 
     def log(self, name: str, value: Tensor | float) -> None:
         """Record a diagnostic (not a loss term); the loop collects it with :meth:`pop_metrics`."""

@@ -25,3 +25,5 @@ class Task:
     config_model: type[BaseModel]
     run: Callable[[Any, RunContext], dict[str, Any]]
     description: str = ""
+    #: ``kdistill select``: ``(config, output folder, progress) -> summary``; None for tasks without data selection
+    select: Callable[[Any, Path, bool], dict[str, Any]] | None = None

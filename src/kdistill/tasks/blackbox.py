@@ -14,6 +14,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +26,7 @@ from pydantic import field_validator, model_validator
 from ..blackbox.data import TextData, check_label_names, text_files, wordnet_supersense
 from ..blackbox.label import LABEL_INSTRUCTION
 from ..blackbox.rationales import RationaleStudent
-from ..config import FileSource, StrictModel, check_kwargs
+from ..config import DEFAULT_SELECTORS, FileSource, SelectionSpec, StrictModel, check_kwargs
 from ..errors import KDistillError
 from ..registry import TASKS
 from .base import RunContext, Task
@@ -89,6 +92,7 @@ class DataSpec(FileSource):
     validation_fraction: float = 0.1
     test_fraction: float = 0.1
     data_seed: int = 0
+    selection: SelectionSpec | None = None
 
     @field_validator("label_names")
     @classmethod
@@ -313,17 +317,11 @@ def run_pipeline(pipeline: str, data: TextData, teacher: Any, *, seed: int = 0,
 def run_blackbox(cfg: BlackboxConfig, ctx: RunContext) -> dict[str, Any]:
     from ..blackbox import generate_and_filter as gf
     from ..blackbox import performance_guided as pg
-    from ..teachers.api import APITeacher
-    from ..teachers.store import ResponseStore
 
     t0 = time.monotonic()
     out = Path(ctx.output)
     out.mkdir(parents=True, exist_ok=True)
-    # the data first: a mistake in your files fails before a teacher model loads or a request is sent
-    if cfg.data.name == "files":
-        data = text_files(**cfg.data.loader_kwargs())
-    else:
-        data = DATA_LOADERS[cfg.data.name](**{"data_seed": cfg.seed, **cfg.data.kwargs})
+    data = _data(cfg)  # the data first: a mistake in your files fails before a teacher loads or a request is sent
     # the pipeline's own keyword arguments: its section, with the default request for this kind of data
     builtin = cfg.data.name != "files"
     spg, sgf, sr = cfg.performance_guided, cfg.generate_and_filter, cfg.rationales
@@ -337,6 +335,46 @@ def run_blackbox(cfg: BlackboxConfig, ctx: RunContext) -> dict[str, Any]:
                        "label_only_baseline": sr.label_only_baseline},
     }[cfg.pipeline]
     tc = cfg.teacher
+    selection = None
+    with _teacher_client(cfg, out) as (teacher, store, handle):
+        if cfg.data.selection is not None:  # query only the chosen training texts (budget: teacher.max_requests)
+            selection, _ = _select(cfg, cfg.data.selection, data, teacher)
+            data = replace(data, train_texts=[data.train_texts[i] for i in selection.indices.tolist()],
+                           train_labels=None if data.train_labels is None
+                           else [data.train_labels[i] for i in selection.indices.tolist()])
+        frag = run_pipeline(cfg.pipeline, data, teacher, seed=cfg.seed,
+                            label_kwargs=cfg.label.model_dump(exclude={"targets", "variants"}),
+                            targets=cfg.label.targets, variants=cfg.label.variants,
+                            student_kwargs=cfg.student.model_dump(),
+                            pipeline_kwargs=pipeline_kwargs)
+        frag["teacher"]["store"] = store.stats()
+    if selection is not None:
+        frag["selection"] = selection.summary()
+    params = handle.app.state.num_params if handle is not None else None  # unknown behind a remote API
+    report = {"recipe": cfg.name, "task": "blackbox", "method": cfg.pipeline, "seed": cfg.seed,
+              "teacher": {"model": tc.model, "params": params, **frag.pop("teacher", {})},
+              "student": frag.pop("student", {}), "wall_seconds": time.monotonic() - t0, **frag}
+    report = _json_safe(report)
+    tmp = out / "report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, out / "report.json")
+    return report
+
+
+def _data(cfg: BlackboxConfig) -> TextData:
+    if cfg.data.name == "files":
+        return text_files(**cfg.data.loader_kwargs())
+    return DATA_LOADERS[cfg.data.name](**{"data_seed": cfg.seed, **cfg.data.kwargs})
+
+
+@contextmanager
+def _teacher_client(cfg: BlackboxConfig, out: Path) -> Iterator[tuple[Any, Any, Any]]:
+    """``(APITeacher, its response store, the launched server or None)``, checked by a preflight request; a server
+    started for ``teacher.launch`` stops when the block ends."""
+    from ..teachers.api import APITeacher
+    from ..teachers.store import ResponseStore
+
+    tc = cfg.teacher
     handle = None
     base_url, model_name = tc.base_url, tc.model
     try:
@@ -349,25 +387,46 @@ def run_blackbox(cfg: BlackboxConfig, ctx: RunContext) -> dict[str, Any]:
         store = ResponseStore(tc.store or out / "responses.sqlite")
         teacher = APITeacher(base_url, model_name, store=store, **tc.model_dump(include=_CLIENT_FIELDS))
         teacher.preflight()  # missing key / unreachable endpoint / unknown model: one clear error, no work done
-        frag = run_pipeline(cfg.pipeline, data, teacher, seed=cfg.seed,
-                            label_kwargs=cfg.label.model_dump(exclude={"targets", "variants"}),
-                            targets=cfg.label.targets, variants=cfg.label.variants,
-                            student_kwargs=cfg.student.model_dump(),
-                            pipeline_kwargs=pipeline_kwargs)
-        frag["teacher"]["store"] = store.stats()
+        yield teacher, store, handle
     finally:
         if handle is not None:
             handle.stop()
-    params = handle.app.state.num_params if handle is not None else None  # unknown behind a remote API
-    report = {"recipe": cfg.name, "task": "blackbox", "method": cfg.pipeline, "seed": cfg.seed,
-              "teacher": {"model": tc.model, "params": params, **frag.pop("teacher", {})},
-              "student": frag.pop("student", {}), "wall_seconds": time.monotonic() - t0, **frag}
-    report = _json_safe(report)
-    tmp = out / "report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, out / "report.json")
-    return report
+
+
+def _select(cfg: BlackboxConfig, spec: SelectionSpec, data: TextData, teacher: Any) -> tuple[Any, str]:
+    """The training texts to query, and the pool's fingerprint. The budget is ``spec.budget``, else
+    ``teacher.max_requests`` when set (unless a fraction is given), else the fraction."""
+    from ..data.selection import pool_fingerprint, select_training_subset
+    from ..train.selection import text_inputs
+
+    n = len(data.train_texts)
+    kwargs = spec.entry_kwargs()
+    if kwargs["budget"] is None and cfg.teacher.max_requests and "fraction" not in spec.model_fields_set:
+        kwargs.update(budget=min(cfg.teacher.max_requests, n), fraction=None)
+    inputs = text_inputs(texts=data.train_texts, class_names=data.class_names, teacher=teacher,
+                         label_kwargs=cfg.label.model_dump(exclude={"targets", "variants"}),
+                         student_kwargs=cfg.student.model_dump(), seed=cfg.seed)
+    pool = pool_fingerprint(data.train_texts)
+    return select_training_subset(**kwargs, n=n, seed=cfg.seed, pool=pool, **inputs), pool
+
+
+def select_blackbox(cfg: BlackboxConfig, output: Path, progress: bool = True) -> dict[str, Any]:
+    """``kdistill select`` for a black-box recipe: the texts to send to the teacher (default: Robust Active
+    Distillation, budget ``teacher.max_requests`` or 50%), written to ``output``. The seed queries' answers stay in
+    the response store (``teacher.store``, default ``output/responses.sqlite``): point the run's ``teacher.store``
+    there and they are not sent again."""
+    from ..data.selection import write_subset
+
+    output.mkdir(parents=True, exist_ok=True)
+    data = _data(cfg)
+    spec = cfg.data.selection or SelectionSpec(method=DEFAULT_SELECTORS["blackbox"])
+    with _teacher_client(cfg, output) as (teacher, store, _):
+        selection, pool = _select(cfg, spec, data, teacher)
+        cost = teacher.cost()
+    write_subset(output, selection, pool=pool, describe=lambda i: data.train_texts[i][:80])
+    return {"output": str(output), "teacher_cost": cost, **selection.summary()}
 
 
 TASKS.register("blackbox")(Task("blackbox", BlackboxConfig, run_blackbox,
-                                "API teacher (OpenAI-compatible) -> labels / rationales / synthetic data -> student"))
+                                "API teacher (OpenAI-compatible) -> labels / rationales / synthetic data -> student",
+                                select=select_blackbox))

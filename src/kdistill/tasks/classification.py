@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,9 +16,21 @@ import torch
 from pydantic import model_validator
 
 from .. import __version__
-from ..config import ALONE, DEFAULT_METHODS, AugmentSpec, MethodSpec, NamedSpec, StrictModel, TrainSpec, check_kwargs
+from ..config import (
+    ALONE,
+    DEFAULT_METHODS,
+    DEFAULT_SELECTORS,
+    AugmentSpec,
+    MethodSpec,
+    NamedSpec,
+    SelectionSpec,
+    StrictModel,
+    TrainSpec,
+    check_kwargs,
+)
 from ..data.augment import build_augment
 from ..data.classification import ClassificationData, load_dataset
+from ..data.selection import Selection, pool_fingerprint, select_training_subset, write_subset
 from ..errors import close_matches
 from ..eval.metrics import agreement, classification_metrics, model_latency_ms
 from ..eval.report import write_report
@@ -46,7 +59,7 @@ class DataSpec(NamedSpec):
         if isinstance(v, dict) and ("files" in v or "hf_dataset" in v) and "name" not in v:
             rest = {k: x for k, x in v.items() if k not in _FILE_FIELDS}
             for key in rest:
-                if key != "kwargs":
+                if key != "kwargs" and key not in cls.model_fields:
                     near = close_matches(str(key), _FILE_FIELDS)
                     raise ValueError(f"data.{key}: unknown field of your own data."
                                      + (f" Did you mean {' or '.join(repr(m) for m in near)}?" if near else "")
@@ -58,6 +71,13 @@ class DataSpec(NamedSpec):
     def _check(self) -> DataSpec:
         check_kwargs("dataset", self.name, DATASETS.get(self.name), self.kwargs)
         return self
+
+
+class ClassificationDataSpec(DataSpec):
+    """:class:`DataSpec` plus ``selection``: distil on a chosen part of the training split
+    (:class:`~kdistill.config.SelectionSpec`); the teacher still trains on all of it."""
+
+    selection: SelectionSpec | None = None
 
 
 class ModelSpec(NamedSpec):
@@ -118,7 +138,7 @@ class ClassificationConfig(StrictModel):
     name: str = "classification"
     description: str = ""
     seed: int = 0
-    data: DataSpec
+    data: ClassificationDataSpec
     teacher: TeacherSpec | None = None
     teachers: list[TeacherSpec] = []
     teacher_weights: list[float] | None = None
@@ -162,6 +182,16 @@ class ClassificationConfig(StrictModel):
                     raise ValueError(f"method {spec.name!r} reads teacher features, which several teachers do not "
                                      "share; with `teachers:` use a method on the teachers' predictions (e.g. "
                                      f"{DEFAULT_METHODS['classification']})")
+        return self
+
+    @model_validator(mode="after")
+    def _no_data_distillation(self) -> ClassificationConfig:
+        for spec in [self.method, *(v.method for v in self.variants.values())]:
+            if getattr(METHODS.get(spec.name), "distills_data", False):
+                raise ValueError(f"method {spec.name!r} distils a training set, which this task does not build; "
+                                 "expected a method that trains a student. Fix: run it with task: "
+                                 "dataset_distillation, or train on a set it wrote with data: {name: distilled, "
+                                 "kwargs: {path: .../distilled.safetensors}}")
         return self
 
     @model_validator(mode="after")
@@ -257,7 +287,7 @@ def _get_teacher(cfg: ClassificationConfig, spec: TeacherSpec, folder: str, data
         if hasattr(model, "match_labels"):
             model.match_labels(data.class_names)
         return model, [], 0.0, "given"
-    fp = teacher_fingerprint(data=cfg.data.model_dump(), model=_model_identity(spec.model),
+    fp = teacher_fingerprint(data=cfg.data.model_dump(exclude={"selection"}), model=_model_identity(spec.model),
                              train=spec.train.model_dump(), seed=cfg.seed)
     tdir, cached = ctx.output / folder, cache_root() / "teachers" / fp
     if _phase_done(tdir) and json.loads((tdir / "model.json").read_text()).get("fingerprint") == fp \
@@ -294,6 +324,35 @@ def run_classification(cfg: ClassificationConfig, ctx: RunContext) -> dict[str, 
         probe.check_tokenizer(tokenizer)
     accelerator = make_accelerator(cfg.train.mixed_precision)
     specs = teacher_specs(cfg)
+    got, (teacher, teacher_hist, teacher_secs, teacher_source) = _teachers(cfg, data, accelerator, ctx, tokenizer)
+
+    selection = None
+    if cfg.data.selection is not None:  # the teacher saw the whole training split; the students see the subset
+        selection, _ = _select(cfg, cfg.data.selection, data, teacher, accelerator, ctx.output / "work" / "selection")
+        data = replace(data, x_train=data.x_train[selection.indices], y_train=data.y_train[selection.indices])
+    trained = train_students(cfg, data, teacher, accelerator, ctx)
+    teacher_entry = {"params": count_params(teacher), "source": teacher_source, "train_seconds": teacher_secs,
+                     "model": specs[0].model.model_dump() if len(specs) == 1 else [s.model.model_dump() for s in specs]}
+    if len(got) > 1:
+        teacher_entry["members"] = [
+            {"model": s.model.model_dump(), "params": count_params(g[0]),
+             "metrics": classification_metrics(predict_logits(g[0], data.x_test), data.y_test)}
+            for s, g in zip(specs, got)]
+        teacher_entry["weights"] = teacher.weights.tolist()
+    report, curves = build_report(cfg, data, "classification", teacher, teacher_entry, trained, t_start)
+    if selection is not None:
+        report["selection"] = selection.summary()
+    curves = {"teacher": teacher_hist, **curves}
+    if accelerator.is_main_process:
+        write_report(report, ctx.output, curves=curves)
+    return report
+
+
+def _teachers(cfg: ClassificationConfig, data: ClassificationData, accelerator: Any, ctx: RunContext,
+              tokenizer: str | None) -> tuple[list[Any], tuple[torch.nn.Module, list[dict], float, str]]:
+    """Every teacher of the run (trained, reused or loaded), and ``(teacher, history, seconds, source)`` of the one
+    the students learn from (a mixture when there are several), in eval mode."""
+    specs = teacher_specs(cfg)
     got = [_get_teacher(cfg, spec, "teacher" if len(specs) == 1 else f"teacher_{i}", data, accelerator, ctx)
            for i, spec in enumerate(specs)]
     for model, *_ in got:
@@ -308,21 +367,41 @@ def run_classification(cfg: ClassificationConfig, ctx: RunContext) -> dict[str, 
         teacher_hist, teacher_secs = got[0][1], sum(g[2] for g in got)
         teacher_source = ", ".join(g[3] for g in got)
     teacher.eval()
+    return got, (teacher, teacher_hist, teacher_secs, teacher_source)
 
-    trained = train_students(cfg, data, teacher, accelerator, ctx)
-    teacher_entry = {"params": count_params(teacher), "source": teacher_source, "train_seconds": teacher_secs,
-                     "model": specs[0].model.model_dump() if len(specs) == 1 else [s.model.model_dump() for s in specs]}
-    if len(got) > 1:
-        teacher_entry["members"] = [
-            {"model": s.model.model_dump(), "params": count_params(g[0]),
-             "metrics": classification_metrics(predict_logits(g[0], data.x_test), data.y_test)}
-            for s, g in zip(specs, got)]
-        teacher_entry["weights"] = teacher.weights.tolist()
-    report, curves = build_report(cfg, data, "classification", teacher, teacher_entry, trained, t_start)
-    curves = {"teacher": teacher_hist, **curves}
-    if accelerator.is_main_process:
-        write_report(report, ctx.output, curves=curves)
-    return report
+
+def _select(cfg: ClassificationConfig, spec: SelectionSpec, data: ClassificationData, teacher: torch.nn.Module,
+            accelerator: Any, work: Path) -> tuple[Selection, str]:
+    """The training subset of ``spec`` and the pool's fingerprint. A proxy student (the recipe's student and method,
+    the recipe's training settings) is trained on a seed slice when a strategy asks for one."""
+    from ..train.selection import classifier_inputs
+
+    def train_proxy(indices: torch.Tensor) -> torch.nn.Module:
+        seed_data = replace(data, x_train=data.x_train[indices], y_train=data.y_train[indices])
+        return _train_phase("proxy", cfg=cfg, data=seed_data, model_spec=cfg.student, train=cfg.train,
+                            method_spec=cfg.method, augment_spec=None,
+                            teacher=teacher if METHODS.get(cfg.method.name).needs_teacher else None,
+                            accelerator=accelerator, ctx=RunContext(work, False, False))[0]
+
+    pool = pool_fingerprint(data.x_train, data.y_train)
+    inputs = classifier_inputs(teacher=teacher, x=data.x_train, train_proxy=train_proxy)
+    return select_training_subset(**spec.entry_kwargs(), n=len(data.y_train), seed=cfg.seed, pool=pool,
+                                  **inputs), pool
+
+
+def select_classification(cfg: ClassificationConfig, output: Path, progress: bool = True) -> dict[str, Any]:
+    """``kdistill select``: the teacher (trained or reused as a run would), then the subset of ``data.selection``
+    (default: PCoreSet at 50%) written to ``output`` (:func:`kdistill.data.selection.write_subset`)."""
+    data = load_dataset(cfg.data.name, **cfg.data.kwargs)
+    accelerator = make_accelerator(cfg.train.mixed_precision)
+    ctx = RunContext(output / "work", False, progress)
+    _, (teacher, *_) = _teachers(cfg, data, accelerator, ctx, cfg.data.kwargs.get("tokenizer"))
+    spec = cfg.data.selection or SelectionSpec(method=DEFAULT_SELECTORS["classification"])
+    selection, pool = _select(cfg, spec, data, teacher, accelerator, ctx.output / "selection")
+    names = data.class_names
+    write_subset(output, selection, pool=pool,
+                 describe=lambda i: f"label {names[int(data.y_train[i])] if names else int(data.y_train[i])}")
+    return {"output": str(output), **selection.summary()}
 
 
 Trained = dict[str, tuple[torch.nn.Module, list[dict], float]]
@@ -384,4 +463,5 @@ def build_report(cfg: Any, data: ClassificationData, task: str, teacher: torch.n
 
 
 TASKS.register("classification")(Task("classification", ClassificationConfig, run_classification,
-                                      "teacher classifier -> student classifier, with baseline and variants"))
+                                      "teacher classifier -> student classifier, with baseline and variants",
+                                      select=select_classification))

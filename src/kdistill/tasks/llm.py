@@ -7,16 +7,19 @@ copy or smaller config, same tokenizer; or its own, ``student.tokenizer`` / ``pr
 -> optional offline top-k cache (``cache: DIR`` written by ``kdistill cache``; then the teacher is never
 run on the training data) -> baseline (same student, cross-entropy only, same steps) and the distilled
 student through :func:`kdistill.train.loop.fit` -> held-out perplexity, teacher-student top-1 agreement
-and KL, a few greedy generations side by side -> ``report.json`` / ``report.md`` -> the students as
-Hugging Face folders (``save_pretrained`` + tokenizer) under ``<output>/student`` and ``<output>/baseline``.
+and KL, a few greedy generations side by side, the audits (``eval.audit``, ``eval.shift``: teacher hacking,
+memorisation, a shifted domain) -> ``report.json`` / ``report.md`` -> the students as Hugging Face folders
+(``save_pretrained`` + tokenizer) under ``<output>/student`` and ``<output>/baseline``. ``audit_run`` is the
+``kdistill audit`` entry.
 
 This file holds the schema and the wiring; the parts live in ``data.lm`` (corpora, blocks, streams, padded rows),
-``teachers.lm`` / ``teachers.generations`` / ``teachers.cache``, ``students.llm`` and ``eval.lm``.
+``teachers.lm`` / ``teachers.generations`` / ``teachers.cache``, ``students.llm``, ``eval.lm`` and ``eval.audit``.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import shutil
 import time
@@ -27,10 +30,21 @@ import torch
 from pydantic import field_validator, model_validator
 from torch import Tensor, nn
 
-from ..config import ALONE, DEFAULT_METHODS, FileSource, MethodSpec, StrictModel, TrainSpec
-from ..data.lm import TextStream, corpus_texts, held_out_tensors, lm_corpus, lm_dataset
+from ..config import (
+    ALONE,
+    DEFAULT_METHODS,
+    DEFAULT_SELECTORS,
+    FileSource,
+    MethodSpec,
+    SelectionSpec,
+    StrictModel,
+    TrainSpec,
+)
+from ..data.lm import TextStream, corpus_texts, held_out_tensors, insert_canaries, lm_corpus, lm_dataset
 from ..data.loaders import TensorDictDataset, make_loader
+from ..data.selection import subset_dataset
 from ..errors import KDistillError
+from ..eval.audit import PROXY, audit_markdown, proxy_kl, read_log, training_proxy, write_teacher_hacking_plot
 from ..eval.lm import evaluate_lm_models, lm_metrics, lm_report_markdown
 from ..eval.report import write_report
 from ..io import write_json_atomic
@@ -207,8 +221,28 @@ class SequenceKDSpec(StrictModel):
         return v
 
 
+def _at_least(v: int, low: int) -> int:
+    if v < low:
+        raise ValueError(f"got {v}, expected an integer >= {low}")
+    return v
+
+
+class CanarySpec(StrictModel):
+    """Random canaries inserted into the training texts (``"my secret number is d d ... d"``, ``length`` digits;
+    :func:`kdistill.data.lm.canary_texts`): ``count`` of them, each ``repeats`` times at positions drawn with
+    ``seed``. The audit reports each one's exposure under every model."""
+
+    count: int = 1
+    repeats: int = 10
+    length: int = 8
+    seed: int = 0
+
+    _positive = field_validator("count", "repeats", "length")(classmethod(lambda cls, v: _at_least(v, 1)))
+
+
 class LMDataSpec(FileSource):
     """``kjv``: the King James Bible (Debian ``bible-kjv``), held-out = the last verses (Revelation end);
+    ``wordnet``: WordNet glosses (``"lemma: gloss"``, Debian ``wordnet-base``), held-out = the last 5%;
     ``texts``: the strings in ``texts`` (tests); ``files``: your own data (``data: {files: ..., text_column: ...}``
     or ``hf_dataset: {path: ...}``): a ``text_column`` of documents, packed into ``block_length``-token blocks like
     the others, or a ``messages_column`` of chat conversations (``[{role, content}, ...]``), each formatted with the
@@ -217,7 +251,7 @@ class LMDataSpec(FileSource):
     and packed until ``train_tokens`` / ``eval_tokens`` are full, then reading stops; the held-out rows are those
     whose hash of (row index) falls below ``eval_fraction``, or a ``validation`` file."""
 
-    name: Literal["kjv", "texts", "files"] = "kjv"
+    name: Literal["kjv", "wordnet", "texts", "files"] = "kjv"
     texts: list[str] = []
     text_column: str = "text"
     messages_column: str | None = None
@@ -230,6 +264,8 @@ class LMDataSpec(FileSource):
     prompt_tokens: int = 0
     sequence_kd: SequenceKDSpec | None = None
     stream: bool = False
+    canaries: CanarySpec | None = None
+    selection: SelectionSpec | None = None
 
     @field_validator("block_length")
     @classmethod
@@ -256,6 +292,13 @@ class LMDataSpec(FileSource):
                              f"{self.hf_dataset!r}, messages_column {self.messages_column!r}, prompt_column "
                              f"{self.prompt_column!r}; streaming reads the text_column of data.files (jsonl, csv, "
                              "tsv, txt, parquet) only. Fix: give data.files with a text_column, or remove stream")
+        return self
+
+    @model_validator(mode="after")
+    def _canaries(self) -> LMDataSpec:
+        if self.canaries is not None and (self.layout != "text" or self.stream):
+            raise ValueError(f"data.canaries: got layout {self.layout!r}, stream {self.stream}; canaries are inserted "
+                             "into a list of training texts (a text_column, not streamed). Fix: remove canaries")
         return self
 
     @property
@@ -290,12 +333,60 @@ class LMCacheSpec(StrictModel):
     shard_size: int = 64
 
 
+class LMShiftSpec(FileSource):
+    """A second text domain the student never trains on: ``wordnet`` (WordNet glosses), ``kjv`` (the held-out
+    verses), ``texts`` or ``files`` (every row of ``text_column``), cut into ``data.block_length``-token blocks up
+    to ``tokens``. Every model's perplexity there, and the students' agreement and KL with the teacher, go to the
+    report's ``shift``."""
+
+    name: Literal["wordnet", "kjv", "texts", "files"] = "wordnet"
+    texts: list[str] = []
+    text_column: str = "text"
+    tokens: int = 4096
+
+    @model_validator(mode="after")
+    def _one_source(self) -> LMShiftSpec:
+        if self.name == "files" and (self.files is None) == (self.hf_dataset is None):
+            raise ValueError("eval.shift name 'files' needs exactly one of eval.shift.files and eval.shift.hf_dataset")
+        if self.name == "texts" and not self.texts:
+            raise ValueError("eval.shift name 'texts' needs a non-empty eval.shift.texts list")
+        if self.tokens < 1:
+            raise ValueError(f"eval.shift.tokens: got {self.tokens}, expected an integer >= 1 (at least one block)")
+        return self
+
+    def corpus_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`kdistill.data.lm.shift_texts`."""
+        return self.model_dump(include={"name", "texts", "files", "format", "hf_dataset", "text_column"})
+
+
+class LMAuditSpec(StrictModel):
+    """The audits after training (:mod:`kdistill.eval.audit`; ``kdistill audit RUN_DIR`` runs them on a finished run):
+    memorisation on ``extraction_samples`` training sequences (a ``prefix_tokens`` prefix, ``continuation_tokens``
+    to reproduce), canary exposure among ``canary_candidates`` strings (with ``data.canaries``), and teacher hacking:
+    the proxy (KL to the teacher on ``proxy_blocks`` training rows) is logged at every evaluation when
+    ``train.eval_every > 0`` and the run is flagged after ``patience`` evaluations."""
+
+    enabled: bool = True
+    extraction_samples: int = 32
+    prefix_tokens: int = 32
+    continuation_tokens: int = 32
+    canary_candidates: int = 256
+    proxy_blocks: int = 8
+    patience: int = 3
+
+    _positive = field_validator("extraction_samples", "prefix_tokens", "continuation_tokens", "proxy_blocks",
+                                "patience")(classmethod(lambda cls, v: _at_least(v, 1)))
+    _candidates = field_validator("canary_candidates")(classmethod(lambda cls, v: _at_least(v, 2)))
+
+
 class LMEvalSpec(StrictModel):
     batch_size: int = 8
     agreement_k: int = 64
     generations: int = 3
     prompt_words: int = 8
     max_new_tokens: int = 24
+    shift: LMShiftSpec | None = None
+    audit: LMAuditSpec = LMAuditSpec()
 
 
 class LLMConfig(StrictModel):
@@ -443,7 +534,10 @@ def _corpus(cfg: LLMConfig) -> tuple[Any, list[Any], TextStream | None]:
     """``(train items, held-out items, stream)``; a streamed corpus gives a lazy sample of training texts (for a
     tiny teacher's tokenizer) and the first held-out texts (generation prompts)."""
     if not cfg.data.stream:
-        return (*lm_corpus(**cfg.data.corpus_kwargs()), None)
+        train, held = lm_corpus(**cfg.data.corpus_kwargs())
+        if cfg.data.canaries is not None:  # the same texts in the cache, the run and its audit
+            train = insert_canaries(train, **cfg.data.canaries.model_dump())
+        return train, held, None
     stream = cfg.data.text_stream()
     return (itertools.islice(stream.texts("train"), _TOKENIZER_SAMPLE),
             list(itertools.islice(stream.texts("validation"), cfg.eval.generations)), stream)
@@ -547,7 +641,7 @@ def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
     from ..data.align import teacher_view
     from ..students.llm import fused_student_output, plain_student, student_tokenizer
     from ..students.pruning import calibration_batches
-    from ..teachers.lm import lm_logits
+    from ..teachers.lm import fused_head_output, has_lm_head, lm_logits
     from ..teachers.vocab import check_vocab
 
     t_start = time.perf_counter()
@@ -582,12 +676,23 @@ def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
                             "rows); configure it without the fused head.")
     kd_set, cache, sequences_info = _kd_set(cfg, tok, teacher, main_method, base_set, train_blocks, train_t,
                                             train_items, out)
+    selection, select_inputs = None, {}
+    if cfg.data.selection is not None:  # distil on a chosen subset (or, DDK, a reweighted draw of the pool)
+        selection, select_inputs, _ = _select(cfg, cfg.data.selection, teacher, tok, base_set, cache, train_items,
+                                              calib, own_tok, cross=plan.cross)
+        if selection.schedule is None:
+            same = kd_set is base_set
+            base_set = subset_dataset(base_set, selection.indices)
+            kd_set = base_set if same else subset_dataset(kd_set, selection.indices)
     loader = make_loader(kd_set, cfg.train.batch_size, seed=cfg.seed)
     base_loader = loader if kd_set is base_set else make_loader(base_set, cfg.train.batch_size, seed=cfg.seed)
-    total_steps = min(cfg.train.epochs * math.ceil(len(loader) / cfg.train.grad_accum),
-                      cfg.train.max_steps or math.inf)
+    batches = math.ceil(selection.budget / cfg.train.batch_size) if selection and selection.schedule else len(loader)
+    total_steps = min(cfg.train.epochs * math.ceil(batches / cfg.train.grad_accum), cfg.train.max_steps or math.inf)
+    reweighting: dict[str, Any] = {}
 
     def teacher_forward(model: nn.Module, batch: dict[str, Any]) -> ModelOutput:
+        if main_method.fused_head and plan.is_identity and has_lm_head(model):  # hidden states + head: no logits
+            return fused_head_output(model, teacher_view(batch))
         logits = lm_logits(model, teacher_view(batch))  # a cross-tokenizer batch holds the teacher's own tokens
         return ModelOutput(logits if plan.is_identity else plan.align_teacher(logits))
 
@@ -599,8 +704,17 @@ def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
             return logits if plan.is_identity else plan.align_student(logits)
         return student_forward
 
+    # teacher hacking: the student's KL to the teacher on a few rows it trains on, logged beside held-out perplexity
+    proxy = (training_proxy(kd_set.tensors, teacher=teacher, cache=cache,
+                            count=cfg.eval.audit.proxy_blocks, k=cfg.eval.agreement_k, seed=cfg.seed,
+                            batch_size=cfg.eval.batch_size)
+             if cfg.train.eval_every > 0 and cfg.eval.audit.enabled and not plan.cross else None)
+
     def evaluate(m: nn.Module) -> dict[str, float]:
-        return lm_metrics(m, s_eval_t, batch_size=cfg.eval.batch_size)
+        metrics = lm_metrics(m, s_eval_t, batch_size=cfg.eval.batch_size)
+        if proxy is not None:
+            metrics[PROXY] = proxy_kl(m, proxy, batch_size=cfg.eval.batch_size)
+        return metrics
 
     def phase(name: str, method_spec: MethodSpec) -> tuple[nn.Module, float, int, list[dict], dict]:
         pdir, work = out / name, out / "work" / name
@@ -620,7 +734,12 @@ def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
                 return method.prepare_batch(student, batch, pad_id=pad, eos_id=tok.eos_token_id)
 
         uses_teacher = method.needs_teacher
-        res = fit(student=student, method=method, train_loader=base_loader if name == "baseline" else loader,
+        train_loader, on_step = base_loader if name == "baseline" else loader, None
+        if selection is not None and selection.schedule is not None:  # DDK: domains redrawn as the student learns
+            sampler, on_step = reweighting[name] = selection.schedule(select_inputs["example_losses"])
+            train_loader = make_loader(base_set if name == "baseline" else kd_set, cfg.train.batch_size,
+                                       sampler=sampler)
+        res = fit(student=student, method=method, train_loader=train_loader, on_step=on_step,
                   accelerator=accelerator,
                   teacher=teacher if uses_teacher and cache is None else None,
                   teacher_targets=cache.targets if uses_teacher and cache is not None else None,
@@ -652,19 +771,79 @@ def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
     report["teacher"]["model"] = _teacher_name(cfg)
     for name, p in phases.items():  # e.g. generation_share: the share of step time an on-policy method generates
         report[name]["time_shares"] = p[4]
+        report[name]["history"] = p[3]
     report["data"] = {"name": cfg.data.name, "format": cfg.data.layout,
                       "train_tokens": int(train_blocks.numel() if train_blocks is not None else train_t["mask"].sum()),
                       "eval_tokens": int(eval_t["mask"].sum()), "block_length": cfg.data.block_length,
                       "cache": cfg.cache.dir if cfg.cache else None, "sequence_kd": sequences_info,
                       "stream": cfg.data.stream}
+    if selection is not None:
+        report["selection"] = {**selection.summary(),
+                               **{f"{n}_reweighting": hook.history for n, (_, hook) in reweighting.items()}}
     report["vocab"] = {"tokenizer_size": plan.tokenizer_size, "student_rows": plan.student_rows,
                        "teacher_rows": plan.teacher_rows, "cross_tokenizer": plan.cross,
                        "student_tokenizer_size": plan.student_tokenizer_size or plan.tokenizer_size}
+    audit = None
+    if cfg.eval.audit.enabled or cfg.eval.shift is not None:
+        audit = _audits(cfg, teacher, tok, {n: (p[0], s_tok) for n, p in phases.items()}, train_blocks, train_t,
+                        train_items, report, history=phases["student"][3],
+                        log_rows=read_log(out / "work" / "student" / "metrics.jsonl"),
+                        log_term=main_method.teacher_divergence_term, shift=cfg.eval.shift,
+                        samples=cfg.eval.audit.extraction_samples, full=cfg.eval.audit.enabled)
+        if "teacher" in audit["shift"]:
+            report["shift"] = {k: v for k, v in audit["shift"].items() if k != "held_out"}
+        if cfg.eval.audit.enabled:
+            report["audits"] = {k: v for k, v in audit.items() if k != "shift"}
     report["wall_seconds"] = time.perf_counter() - t_start
     if accelerator.is_main_process:
+        if audit is not None:
+            write_teacher_hacking_plot(audit, out)
         write_report(report, out, curves={n: phases[n][3] for n in phases}, metric="perplexity",
-                     extra_md=lm_report_markdown(report))
+                     extra_md=lm_report_markdown(report) + ("\n\n" + audit_markdown(audit) if audit else ""))
     return report
+
+
+def audit_run(cfg: LLMConfig, run_dir: Path, *, samples: int = 64) -> dict[str, Any]:
+    """``kdistill audit RUN_DIR`` on an llm run: its students (the run folder's ``student`` / ``baseline``), report,
+    evaluation history and training log are read back; the teacher and the data are rebuilt from the config; the
+    shift is measured on ``eval.shift``, or on WordNet glosses when the run configured none."""
+    from ..eval.audit import read_history
+    from ..teachers.lm import load_causal_lm
+
+    report = json.loads((run_dir / "report.json").read_text())
+    train_items, eval_items, stream = _corpus(cfg)
+    teacher, tok = _teacher(cfg, corpus_texts(train_items))
+    teacher.eval().requires_grad_(False)
+    train_blocks, _, train_t = held_out_tensors(tok, train_items, eval_items, stream=stream,
+                                                **cfg.data.tensor_kwargs())
+    students = {n: load_causal_lm(str(run_dir / n)) for n in ("baseline", "student") if (run_dir / n).is_dir()}
+    work = run_dir / "work" / "student"
+    main_method = METHODS.get(cfg.method.name)(**cfg.method.kwargs)
+    return _audits(cfg, teacher, tok, students, train_blocks, train_t, train_items, report,
+                   history=report["student"].get("history") or read_history(work / "checkpoints"),
+                   log_rows=read_log(work / "metrics.jsonl"), log_term=main_method.teacher_divergence_term,
+                   shift=cfg.eval.shift or LMShiftSpec(), samples=samples)
+
+
+def _audits(cfg: LLMConfig, teacher: nn.Module, tok: Any, students: dict[str, tuple[nn.Module, Any]],
+            train_blocks: Tensor | None, train_t: dict[str, Tensor] | None, train_items: Any, report: dict[str, Any],
+            *, shift: LMShiftSpec | None, samples: int, full: bool = True, **logged: Any) -> dict[str, Any]:
+    """:func:`kdistill.eval.audit.lm_run_audits` on this run's models (``{name: (model, tokenizer)}``) and data;
+    ``logged``: the student's ``history``, ``log_rows`` and the method's ``log_term``."""
+    from ..data.lm import canary_texts, shift_texts
+    from ..eval.audit import held_out_entries, lm_run_audits, training_sequences
+
+    a = cfg.eval.audit
+    return lm_run_audits(
+        teacher=teacher, tokenizer=tok, students=students, train_sequences=training_sequences(train_blocks, train_t),
+        train_texts=lambda: corpus_texts(train_items), block_length=cfg.data.block_length,
+        train_tokens=cfg.data.train_tokens, held_out=held_out_entries(report),
+        shift_texts=shift_texts(**shift.corpus_kwargs()) if shift else None, shift_name=shift.name if shift else "",
+        shift_tokens=shift.tokens if shift else 0, agreement_k=cfg.eval.agreement_k, full=full,
+        batch_size=cfg.eval.batch_size, extraction_samples=samples, prefix_tokens=a.prefix_tokens,
+        continuation_tokens=a.continuation_tokens, canary_candidates=a.canary_candidates, patience=a.patience,
+        seed=cfg.seed, **logged,
+        canaries=canary_texts(**cfg.data.canaries.model_dump(exclude={"repeats"})) if cfg.data.canaries else ())
 
 
 def _cross_data(cfg: LLMConfig, tok: Any, student_tok: Any, train_items: list[Any], eval_items: list[Any], *,
@@ -679,6 +858,64 @@ def _cross_data(cfg: LLMConfig, tok: Any, student_tok: Any, train_items: list[An
                                               block_length=cfg.data.block_length,
                                               train_tokens=cfg.data.train_tokens, eval_tokens=cfg.data.eval_tokens)
     return student_tok, vocab_map(student_tok, tok), TensorDictDataset(**cross_t), eval_t, s_eval_t
+
+
+def _select(cfg: LLMConfig, spec: SelectionSpec, teacher: nn.Module, tok: Any, base_set: Any, cache: Any,
+            train_items: Any, calib: Any, own_tok: Any, *, cross: bool) -> tuple[Any, dict[str, Any], str]:
+    """``(selection, its inputs, pool fingerprint)`` over the training rows of ``base_set``: teacher and reference
+    log-likelihoods (the top-k cache's when it was written at temperature 1), per-row losses and the rows' domains
+    (``spec.domain_column`` or ``spec.groups``)."""
+    from ..data.selection import corpus_item_domains, pool_fingerprint, select_training_subset
+    from ..train.selection import lm_domains, lm_inputs
+
+    if cross:
+        raise KDistillError("data.selection: the student reads its own tokenization of the texts (student.tokenizer "
+                            "or a pretrained student with another vocabulary), so teacher and student rows differ; "
+                            "expected a student with the teacher's tokenizer. Fix: remove data.selection.")
+    d = cfg.data
+    rows = base_set.tensors
+
+    def domains() -> tuple[Tensor, list[str]]:
+        labels = corpus_item_domains(name=d.name, items=train_items, groups=spec.groups,
+                                     domain_column=spec.domain_column, files=d.files, format=d.format,
+                                     hf_dataset=d.hf_dataset, eval_fraction=d.eval_fraction)
+        return lm_domains(tokenizer=tok, items=train_items, labels=labels, layout=d.layout,
+                          block_length=d.block_length, train_tokens=d.train_tokens, pool_size=len(base_set))
+
+    inputs = lm_inputs(teacher=teacher, tensors=rows, batch_size=cfg.eval.batch_size, cache=cache,
+                       build_student=lambda: _student(cfg, teacher, calib, tokenizer=own_tok)[0],
+                       train_batch_size=cfg.train.batch_size, lr=cfg.train.lr, seed=cfg.seed, domains=domains)
+    pool = pool_fingerprint(rows["input_ids"], rows["labels"])
+    return select_training_subset(**spec.entry_kwargs(), n=len(base_set), seed=cfg.seed, pool=pool,
+                                  **inputs), inputs, pool
+
+
+def select_llm(cfg: LLMConfig, output: Path, progress: bool = True) -> dict[str, Any]:
+    """``kdistill select`` for an llm recipe: the teacher, the training rows (and the recipe's top-k cache when it
+    exists), then the subset of ``data.selection`` (default: MiniPLM at 50%) written to ``output``."""
+    from ..data.selection import write_subset
+    from ..students.pruning import calibration_batches
+    from ..teachers.cache import MANIFEST
+    from ..train.selection import cache_has_log_likelihood
+
+    train_items, eval_items, stream = _corpus(cfg)
+    teacher, tok = _teacher(cfg, corpus_texts(train_items))
+    teacher.eval().requires_grad_(False)
+    train_blocks, _, train_t = held_out_tensors(tok, train_items, eval_items, stream=stream, **cfg.data.tensor_kwargs())
+    base_set = TensorDictDataset(**train_t) if train_t is not None else lm_dataset(train_blocks)
+    calib = (calibration_batches(base_set, num_batches=cfg.student.calibration_batches,
+                                 batch_size=cfg.train.batch_size) if cfg.student.kind == "pruned" else None)
+    main_method = METHODS.get(cfg.method.name)(**cfg.method.kwargs)
+    cache = None
+    if cfg.cache is not None and (Path(cfg.cache.dir) / MANIFEST).is_file():
+        cache = _kd_set(cfg, tok, teacher, main_method, base_set, train_blocks, train_t, train_items, output)[1]
+    spec = cfg.data.selection or SelectionSpec(method=DEFAULT_SELECTORS["llm"])
+    selection, _, pool = _select(cfg, spec, teacher, tok, base_set, cache, train_items, calib, None,
+                                 cross=cfg.student.tokenizer is not None)
+    ids = base_set.tensors["input_ids"]
+    write_subset(output, selection, pool=pool, describe=lambda i: tok.decode(ids[i][:48].tolist()))
+    return {"output": str(output), "teacher_log_likelihood_from_cache": cache_has_log_likelihood(cache),
+            **selection.summary()}
 
 
 def _kd_set(cfg: LLMConfig, tok: Any, teacher: nn.Module, method: Any, base_set: Any, train_blocks: Tensor | None,
@@ -705,4 +942,5 @@ def _kd_set(cfg: LLMConfig, tok: Any, teacher: nn.Module, method: Any, base_set:
 
 
 TASKS.register("llm")(Task("llm", LLMConfig, run_llm,
-                           "causal LM teacher -> smaller causal LM (token-level / top-k cached / on-policy KD)"))
+                           "causal LM teacher -> smaller causal LM (token-level / top-k cached / on-policy KD)",
+                           select=select_llm))

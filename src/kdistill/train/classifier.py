@@ -18,6 +18,8 @@ from .loop import FitResult, fit
 def train_classifier(model: nn.Module, method: Method, x_train: Tensor, y_train: Tensor, *, accelerator: Any,
                      batch_size: int, seed: int, teacher: nn.Module | None = None,
                      augment: Callable[..., Any] | None = None, teacher_table: bool = False,
+                     target_probs: Tensor | None = None, batch_extra: dict[str, Tensor] | None = None,
+                     teacher_targets: Callable[[dict[str, Any]], Any] | None = None,
                      **fit_kwargs: Any) -> FitResult:
     """Train ``model`` with ``method`` on ``(x_train, y_train)``.
 
@@ -25,14 +27,22 @@ def train_classifier(model: nn.Module, method: Method, x_train: Tensor, y_train:
     The teacher is passed on only when the method needs one. ``teacher_table``: when the inputs never change (no
     ``augment``) and the method is cacheable and reads no teacher features, one pass of the frozen teacher over
     ``x_train`` replaces a teacher forward at every step (the same values: the teacher is in eval mode).
-    ``fit_kwargs`` go to :func:`~kdistill.train.loop.fit` (epochs, lr, evaluate, output_dir, ...)."""
+    ``target_probs`` ``(N, C)``: soft labels every batch carries (``label_loss`` trains on them instead of the
+    labels); ``batch_extra``: other per-example tensors a method reads from its batches, by name (e.g. the
+    representation targets of a distilled set). ``teacher_targets``: the teacher's outputs of a batch, looked up
+    by its ``index`` (a table computed beforehand, e.g. a GNN's outputs on the whole graph), instead of a teacher
+    forward. ``fit_kwargs`` go to :func:`~kdistill.train.loop.fit` (epochs, lr, evaluate, output_dir, ...)."""
     from ..teachers.cache import teacher_logits_table
 
-    loader = make_loader(TensorDictDataset(inputs=x_train, labels=y_train, index=torch.arange(len(y_train))),
+    extra = dict(batch_extra or {})
+    if target_probs is not None:
+        extra["target_probs"] = target_probs
+    loader = make_loader(TensorDictDataset(inputs=x_train, labels=y_train, index=torch.arange(len(y_train)), **extra),
                          batch_size, seed=seed)
     teacher = teacher if method.needs_teacher else None
-    targets = None
-    if teacher is not None and teacher_table and augment is None and method.cacheable and not method.teacher_layers:
+    targets = teacher_targets if method.needs_teacher else None
+    if targets is None and teacher is not None and teacher_table and augment is None and method.cacheable \
+            and not method.teacher_layers:
         targets = teacher_logits_table(teacher, x_train)
     return fit(student=model, method=method, teacher=teacher, train_loader=loader, accelerator=accelerator,
                augment=augment, teacher_targets=targets, seed=seed, **fit_kwargs)

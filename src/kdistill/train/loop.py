@@ -237,12 +237,15 @@ def fit(
     log_every: int = 50,
     checkpoint_every: int = 0,
     tensorboard: bool = False,
+    on_step: Callable[[int, nn.Module], None] | None = None,
 ) -> FitResult:
     """Train ``student`` (and ``method``'s own parameters) against ``teacher`` or ``teacher_targets``.
 
     ``eval_every`` / ``checkpoint_every`` count optimizer steps; 0 means "at the end of every epoch".
     With ``resume=True`` and a checkpoint under ``output_dir/checkpoints``, training continues from it and
     ends with the same weights as an uninterrupted run (same data order, RNG states and schedule).
+    ``on_step(step, student)`` runs after every optimizer step (e.g. DDK's domain reweighting, which changes what a
+    data sampler draws next); what it keeps is its own and is not checkpointed.
     """
     expect(grad_accum >= 1, "grad_accum", grad_accum, "an integer >= 1")
     expect(epochs >= 1, "epochs", epochs, "an integer >= 1")
@@ -303,6 +306,8 @@ def fit(
                 window = []
                 pos.step += 1
                 log.add(terms, inner.method.pop_metrics(), seconds=time.perf_counter() - t_step)
+                if on_step is not None:
+                    on_step(pos.step, inner.student)
 
                 # ---- log / eval / checkpoint --------------------------------------------------------
                 last = pos.step >= total_steps
