@@ -219,7 +219,7 @@ def _train_student(name: str, spec: MethodSpec, *, data: GraphData, split: Graph
                    edge_index: torch.Tensor, teacher: GraphModel, student_spec: ModelSpec, train: TrainSpec,
                    seed: int, accelerator: Any, ctx: RunContext) -> tuple[torch.nn.Module, list[dict], float, dict]:
     """One MLP student on node features: on the labelled train nodes, or on every visible node when the method
-    ``trains_on_unlabelled`` (labels ``-100`` where there is none), against the teacher's table of those nodes."""
+    ``trains_on_unlabelled`` (labels ``-100`` on unlabelled nodes), against the teacher's table of those nodes."""
     pdir, work = ctx.output / name, ctx.output / "work" / name
     if ctx.resume and _phase_done(pdir):
         model, _ = load_classifier(pdir)

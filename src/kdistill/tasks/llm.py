@@ -806,7 +806,7 @@ def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
 def audit_run(cfg: LLMConfig, run_dir: Path, *, samples: int = 64) -> dict[str, Any]:
     """``kdistill audit RUN_DIR`` on an llm run: its students (the run folder's ``student`` / ``baseline``), report,
     evaluation history and training log are read back; the teacher and the data are rebuilt from the config; the
-    shift is measured on ``eval.shift``, or on WordNet glosses when the run configured none."""
+    shift is measured on ``eval.shift``, or on WordNet glosses when the run configured no shift."""
     from ..eval.audit import read_history
     from ..teachers.lm import load_causal_lm
 
