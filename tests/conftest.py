@@ -85,3 +85,13 @@ def serve(tiny_lm_dir):
     yield start
     for h in handles:
         h.stop()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run many times faster on one thread than on two when the 2 cores are shared with other work
+    (``pytestmark = pytest.mark.usefixtures("one_torch_thread")`` in a test module)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -30,14 +30,7 @@ from kdistill.eval.audit import (
 from kdistill.losses.logits import forward_kl
 from kdistill.teachers.tiny import tiny_llama, train_tokenizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (two threads on a busy 2-core machine are many times slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------------------------------ teacher hacking
