@@ -321,6 +321,58 @@ def export(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
     return export_classifier(p, out)
 
 
+def sample(run_dir: str | Path, *, n: int = 64, steps: int = 1, model: str = "student", seed: int = 0,
+           out: str | Path | None = None, labels: Sequence[int] | None = None) -> dict[str, Any]:
+    """Draw ``n`` samples in ``steps`` network evaluations from a diffusion run's ``model`` (``student``, a variant's
+    name, or ``teacher``: sampled with DDIM and the run's guidance) and write them as a grid PNG (``out``, default
+    ``<run>/samples/sample_<model>_<steps>_steps.png``). The student samples with the sampler its method declared
+    (recorded in its ``model.json``), with the run's guidance built in. ``labels``: the classes to draw (default:
+    every class in turn)."""
+    import torch
+
+    from .eval.generative import sample_grid_png
+    from .eval.metrics import latency_ms
+    from .exporters.classifier import load_classifier
+    from .models.diffusion import DiffusionSchedule, guided
+    from .models.diffusion import sample as draw
+
+    p = Path(run_dir)
+    cfg_path, mdir = p / "config.json", p / model
+    if not cfg_path.is_file() or json.loads(cfg_path.read_text()).get("task") != "diffusion":
+        raise KDistillError(f"sample: {str(p)!r} is not a diffusion run folder; expected the output folder of "
+                            "`kdistill run` on a diffusion recipe (e.g. runs/diffusion_fashion).")
+    if not (mdir / "model.json").is_file():
+        have = sorted(d.name for d in p.iterdir() if (d / "model.json").is_file() and d.name != "evaluator")
+        raise KDistillError(f"sample: the run has no model {model!r}; expected one of {have}.")
+    from .errors import expect
+
+    expect(isinstance(n, int) and n >= 1, "n", n, "an integer >= 1")
+    cfg = json.loads(cfg_path.read_text())
+    net, meta = load_classifier(mdir)
+    net.eval()
+    schedule = DiffusionSchedule(**meta["schedule"])
+    num_classes = int(meta["num_classes"])
+    if meta.get("role") == "teacher":
+        scale, sampler = float(cfg.get("guidance_scale", 1.0)), "ddim"
+        call = lambda z, t, y: guided(net, z, t, y, scale, num_classes)  # noqa: E731
+    else:
+        sampler, call = meta["sampler"], net
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn((n, *meta["input_shape"]), generator=g)
+    y = torch.tensor(list(labels), dtype=torch.long) if labels is not None else torch.arange(n) % num_classes
+    expect(len(y) == n and bool(((y >= 0) & (y < num_classes)).all()), "labels", list(y.tolist()),
+           f"{n} class ids in [0, {num_classes})")
+    x = draw(call, schedule, sampler=sampler, steps=steps, noise=noise, labels=y, generator=g)
+    ms = latency_ms(lambda: draw(call, schedule, sampler=sampler, steps=steps, noise=noise, labels=y), repeats=3,
+                    warmup=1)
+    dest = Path(out) if out is not None else p / "samples" / f"sample_{model}_{steps}_steps.png"
+    image = len(meta["input_shape"]) == 3
+    sample_grid_png(x, y, dest, class_names=meta.get("class_names"), image=image, title=f"{model}, {steps} steps",
+                    per_class=max(1, -(-n // num_classes)))
+    return {"out": str(dest), "model": model, "sampler": sampler, "steps": steps, "n": n,
+            "ms_per_sample": ms / n}
+
+
 def cache(recipe: str | Path | dict, *, output: str | Path | None = None, overrides: Sequence[str] = (),
           progress: bool = True) -> dict[str, Any]:
     """Run an ``llm`` recipe's teacher once over its training data and store the top-k targets (sharded

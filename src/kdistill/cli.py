@@ -126,6 +126,22 @@ def export_cmd(
         _fail(e)
 
 
+@app.command("sample")
+def sample_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A diffusion run folder (e.g. runs/diffusion_fashion).")],
+    n: Annotated[int, typer.Option("--n", help="How many samples.")] = 64,
+    steps: Annotated[int, typer.Option("--steps", help="Network evaluations per sample.")] = 1,
+    model: Annotated[str, typer.Option("--model", help="student, teacher, or a variant's name.")] = "student",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the noise.")] = 0,
+    out: Annotated[Path | None, typer.Option("--out", help="PNG path (default: <run>/samples/...).")] = None,
+) -> None:
+    """Draw samples from a diffusion run's student (or teacher) and write them as a grid PNG."""
+    try:
+        typer.echo(json.dumps(api.sample(run_dir, n=n, steps=steps, model=model, seed=seed, out=out), indent=2))
+    except KDistillError as e:
+        _fail(e)
+
+
 @app.command("cache")
 def cache_cmd(
     config: Annotated[str, typer.Argument(help="An llm recipe file or built-in name (e.g. llm/smollm2_kjv).")],

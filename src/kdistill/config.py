@@ -91,7 +91,10 @@ class FileSource(StrictModel):
 #: The method each task distils with when a recipe names none, and the one that trains a student (or a teacher)
 #: alone on its labels. Config is where defaults live: the tasks never spell a method's name.
 DEFAULT_METHODS = {"classification": "hinton_kd", "tabular": "hinton_kd", "llm": "llm_kd",
-                   "embedding": "embedding_kd", "graph": "glnn"}
+                   "embedding": "embedding_kd", "graph": "glnn",
+                   "diffusion": "consistency_distillation"}
+#: the objective a diffusion teacher (and a student without a teacher) trains with
+DENOISING = "denoising"
 ALONE = "none"
 
 #: the data selection each task uses when ``kdistill select`` runs on a recipe without ``data.selection``

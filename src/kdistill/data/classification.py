@@ -139,9 +139,13 @@ FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", 
 
 
 @DATASETS.register("fashion_mnist")
-def fashion_mnist(num_train: int | None = None, val_fraction: float = 0.1, data_seed: int = 42) -> ClassificationData:
+def fashion_mnist(num_train: int | None = None, val_fraction: float = 0.1, data_seed: int = 42,
+                  pixels: str = "standardised") -> ClassificationData:
     """Fashion-MNIST (Xiao et al., 2017) from Debian's ``dataset-fashion-mnist``: 28x28 grey images,
-    10 classes; ``num_train`` keeps a random subset of the 60k training images (CPU budgets)."""
+    10 classes; ``num_train`` keeps a random subset of the 60k training images (CPU budgets). ``pixels``:
+    ``"standardised"`` (zero mean, unit variance over the training pixels) or ``"signed"`` (``[-1, 1]``, the range
+    diffusion models generate in)."""
+    expect(pixels in ("standardised", "signed"), "pixels", pixels, "'standardised' or 'signed'")
     files = {os.path.basename(f): f for f in debian_files("dataset-fashion-mnist") if f.endswith("-ubyte.gz")}
 
     def idx(name: str, offset: int) -> np.ndarray:
@@ -156,7 +160,10 @@ def fashion_mnist(num_train: int | None = None, val_fraction: float = 0.1, data_
         keep = np.random.default_rng(data_seed).permutation(len(y))[: int(num_train)]
         x, y = x[keep], y[keep]
     x_tr, y_tr, x_va, y_va = _split_val(x, y, val_fraction, data_seed)
-    x_tr, x_va, x_te = _standardise(x_tr, x_va, x_te, per_feature=False)
+    if pixels == "standardised":
+        x_tr, x_va, x_te = _standardise(x_tr, x_va, x_te, per_feature=False)
+    else:
+        x_tr, x_va, x_te = (a * 2.0 - 1.0 for a in (x_tr, x_va, x_te))
     return _pack("fashion_mnist", x_tr, y_tr, x_va, y_va, x_te, y_te, 10, FASHION_CLASSES)
 
 

@@ -18,7 +18,7 @@ def _fmt(v: Any, nd: int = 4) -> str:
 
 
 # metrics where lower is better: the gain over the baseline is the reduction, the verdict a relative change
-LOWER_IS_BETTER = frozenset({"perplexity", "loss", "mse", "kl"})
+LOWER_IS_BETTER = frozenset({"perplexity", "loss", "mse", "kl", "fid"})
 
 
 def comparison_rows(report: dict[str, Any], metric: str = "accuracy") -> list[dict[str, Any]]:

@@ -63,12 +63,13 @@ def export_classifier(source: str | Path, out: str | Path, example: torch.Tensor
     save_classifier(out, model, model_name=meta["model"], model_kwargs=meta["kwargs"],
                     input_shape=tuple(meta["input_shape"]), num_classes=meta["num_classes"], extra=extra)
     reloaded, _ = load_classifier(out)
-    if example is None and hasattr(model, "example_inputs"):  # token ids, not Gaussian vectors
+    if example is None and hasattr(model, "example_inputs"):  # token ids, (z, t, y) of a denoiser: not one Gaussian
         example = model.example_inputs(16, int(meta["input_shape"][-1]))
     if example is None:
         example = torch.randn(16, *meta["input_shape"], generator=torch.Generator().manual_seed(0))
+    call = (lambda m: m(*example)) if isinstance(example, tuple) else (lambda m: m(example))  # noqa: E731
     with torch.no_grad():
-        diff = float((model(example) - reloaded(example)).abs().max())
+        diff = float((call(model) - call(reloaded)).abs().max())
     if diff > 1e-6:
         raise KDistillError(f"export check failed: reloaded model differs from the source by {diff:.3g} (expected 0).")
     return {"out": str(out), "max_abs_diff": diff, "params": meta["params"],

@@ -52,6 +52,16 @@ class SetupInfo:
     teacher_class_means: dict[str, Tensor] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class DiffusionStage:
+    """One stage of a diffusion distillation run: its ``name`` (a folder name) and whose outputs are its teacher:
+    ``"teacher"`` (the run's teacher, guided) or ``"previous"`` (a frozen copy of the student at the end of the stage
+    before; progressive distillation)."""
+
+    name: str
+    teacher: str = "teacher"
+
+
 class Method(nn.Module):
     """Base class. Subclasses set ``student_layers`` / ``teacher_layers`` (layer names to hook), and the class
     flags ``cacheable`` (teacher targets can be precomputed offline), ``needs_teacher`` and ``needs_prompts``.
@@ -72,7 +82,11 @@ class Method(nn.Module):
       only training a student; its forward is then the loss of a student trained on that set;
     * ``trains_on_unlabelled`` / :meth:`fit_graph`: graph distillation (task ``graph``): the student also trains on
       nodes without a label (``labels == -100``), and the method learns what it needs from the frozen teacher on the
-      training graph before the student trains (e.g. a codebook of node tokens).
+      training graph before the student trains (e.g. a codebook of node tokens);
+    * ``diffusion_sampler`` / :meth:`prepare_diffusion` / :meth:`diffusion_stages` / :meth:`set_diffusion_stage` /
+      :meth:`after_optimizer_step`: diffusion step distillation (task ``diffusion``): how the student samples, what
+      it copies or learns before training (an EMA target network, a fake-score network), the stages of the run (e.g.
+      halving the steps, the previous stage's student as the next teacher), and per-step updates of its own state.
     """
 
     cacheable: ClassVar[bool] = False
@@ -80,6 +94,8 @@ class Method(nn.Module):
     needs_prompts: ClassVar[bool] = False
     distills_data: ClassVar[bool] = False
     trains_on_unlabelled: ClassVar[bool] = False
+    #: how a diffusion student samples (a name in :data:`kdistill.models.diffusion.SAMPLERS`)
+    diffusion_sampler: ClassVar[str] = "ddim"
 
     def __init__(self) -> None:
         super().__init__()
@@ -160,6 +176,29 @@ class Method(nn.Module):
         ``node_features`` ``(N, F)``: their inputs; ``edge_index`` ``(2, E)``: the edges among them (row ids).
         Returns diagnostics for the report. Default: nothing to learn."""
         return {}
+
+    def prepare_diffusion(self, *, student: nn.Module, teacher: nn.Module, schedule: Any, guidance_scale: float,
+                          null_class: int, sample_shape: tuple[int, ...], num_classes: int,
+                          seed: int) -> dict[str, Any]:
+        """Diffusion step distillation, before the student trains: keep the ``schedule``
+        (:class:`kdistill.models.diffusion.DiffusionSchedule`) and copy or learn what the method needs -- never the
+        student or the teacher themselves, but e.g. an EMA copy of the student as a target network, or a copy of the
+        teacher as a trainable fake-score network. ``teacher`` is the raw denoiser ``(z, t, y) -> v``; the run samples
+        it with classifier-free guidance of ``guidance_scale`` (``null_class``: the label id of "no class").
+        ``sample_shape``: one example's shape. Returns diagnostics for the report. Default: nothing."""
+        return {}
+
+    def diffusion_stages(self) -> list[DiffusionStage]:
+        """The stages of a diffusion distillation run, trained one after another on equal shares of the step budget
+        (progressive distillation: one stage per halving). Default: one stage against the teacher."""
+        return [DiffusionStage("distil")]
+
+    def set_diffusion_stage(self, index: int) -> None:
+        """Called before stage ``index`` of :meth:`diffusion_stages` trains (and again when a run resumes in it)."""
+
+    def after_optimizer_step(self, student: nn.Module) -> None:
+        """Called after every optimizer step with the (unwrapped) student, e.g. to update an EMA target network held
+        as the method's own state (saved in its checkpoints)."""
 
     def log(self, name: str, value: Tensor | float) -> None:
         """Record a diagnostic (not a loss term); the loop collects it with :meth:`pop_metrics`."""

@@ -4,6 +4,7 @@ from . import (
     blackbox,  # noqa: F401
     classification,  # noqa: F401
     dataset_distillation,  # noqa: F401
+    diffusion,  # noqa: F401
     embedding,  # noqa: F401
     graph,  # noqa: F401
     llm,  # noqa: F401
