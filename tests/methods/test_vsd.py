@@ -118,3 +118,32 @@ def test_bad_kwargs_and_missing_prepare_fail_clearly():
 def test_three_steps_of_the_tiny_recipe(tmp_path):
     report = tiny_run(tmp_path / "run", "vsd", "method.kwargs.guidance_range=[1.0,3.0]")
     assert report["student"]["sampler"] == "consistency"
+
+
+def test_two_time_scale_rule_trains_the_generator_every_kth_step_only():
+    """``fake_updates=3`` (DMD2): steps 0, 3, 6 train generator and fake score; the steps between, the fake score only,
+    and the generator's parameters get no gradient (so its optimizer skips them)."""
+    sched = DiffusionSchedule()
+    torch.manual_seed(0)
+    student = MLPDenoiser((2,), 2, width=8, depth=1)
+    method = VSD(fake_updates=3)
+    method.prepare_diffusion(student=student, teacher=copy_of(student), schedule=sched, guidance_scale=2.0,
+                             null_class=2, sample_shape=(2,), num_classes=2, seed=0)
+    teacher = guided_teacher(copy_of(student), 2.0, 2)
+    batch = {"inputs": torch.zeros(8, 2), "labels": torch.tensor([0, 1] * 4)}
+    seen = []
+    for _ in range(7):
+        student.zero_grad(set_to_none=True)
+        method.zero_grad(set_to_none=True)
+        out = method(*outputs(student, teacher), batch)
+        sum(out.values()).backward()
+        got_grad = any(p.grad is not None for p in student.parameters())
+        seen.append((set(out), got_grad))
+        assert any(p.grad is not None for p in method.fake.parameters())
+        method.after_optimizer_step(student)
+    gen = [i for i, (terms, g) in enumerate(seen) if "generator" in terms]
+    assert gen == [0, 3, 6]
+    assert [g for _, g in seen] == [i in gen for i in range(7)]
+    assert int(method.step) == 7 and "step" in method.state_dict()
+    with pytest.raises(KDistillError, match="fake_updates"):
+        VSD(fake_updates=0)

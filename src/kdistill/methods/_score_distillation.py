@@ -12,6 +12,10 @@ One training step (task ``diffusion``), for labels ``y`` of the batch and fresh 
 
 The two objectives touch disjoint parameters (the fake predictions of the generator term run under ``no_grad``; the
 fake network sees detached samples), so the loop's one optimizer over ``student + method`` parameters trains both.
+``fake_updates = k`` is DMD2's two time-scale rule (Yin et al., "Improved Distribution Matching Distillation for Fast
+Image Synthesis", 2024): the generator term is added on every k-th optimizer step only, so the fake score network
+takes k updates per generator update. On the other steps the generator gets no gradient at all, and PyTorch's
+optimizers skip a parameter without one (its Adam moments do not move either).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from torch import Tensor, nn
 from ..errors import expect
 from ..losses.reduce import masked_mean
 from ..losses.score_distillation import sample_mse, surrogate_loss
+from ..modules.ema import frozen_copy  # noqa: F401  (re-exported for the subclasses)
 from ._diffusion import diffusion_nets, require_schedule
 from .base import Method, ModelOutput
 
@@ -42,11 +47,6 @@ def as_range(name: str, value: Sequence[float] | None, *, lowest: float, highest
     expect(lowest <= lo <= hi and (highest is None or hi <= highest), name, value,
            f"a pair [lo, hi] of numbers {bound} with lo <= hi", fix)
     return lo, hi
-
-
-def frozen_copy(module: nn.Module) -> nn.Module:
-    """A deep copy with ``requires_grad`` off (EMA targets, snapshots): never optimised, still saved in checkpoints."""
-    return copy.deepcopy(module).requires_grad_(False).eval()
 
 
 def trainable_copy(module: nn.Module) -> nn.Module:
@@ -79,9 +79,14 @@ class ScoreDistillation(Method):
 
     def __init__(self, *, generator_weight: float = 1.0, fake_weight: float = 1.0,
                  timestep_range: Sequence[float] = (0.02, 0.98),
-                 guidance_range: Sequence[float] | None = None) -> None:
+                 guidance_range: Sequence[float] | None = None, fake_updates: int = 1) -> None:
         super().__init__()
         n = self.method_name
+        expect(isinstance(fake_updates, int) and fake_updates >= 1, f"{n} fake_updates", fake_updates,
+               "an integer >= 1 (fake-score updates per generator update; DMD2 uses 5)")
+        self.fake_updates = int(fake_updates)
+        # optimizer steps taken: saved in checkpoints, so a resumed run keeps its place in the schedules
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
         expect(generator_weight > 0, f"{n} generator_weight", generator_weight, "a positive number")
         expect(fake_weight > 0, f"{n} fake_weight", fake_weight,
                "a positive number (the fake score network must follow the generator)")
@@ -136,6 +141,14 @@ class ScoreDistillation(Method):
         self.fake = self.init_fake(student=student, teacher=teacher)
         return info
 
+    def after_optimizer_step(self, student: nn.Module) -> None:
+        self.step += 1
+
+    @property
+    def generator_step(self) -> bool:
+        """Whether the generator trains at this step (every ``fake_updates``-th optimizer step)."""
+        return int(self.step) % self.fake_updates == 0
+
     def timesteps(self, batch_size: int, device: torch.device) -> Tensor:
         """Timesteps of the generator term, uniform over ``timestep_range`` (fractions of ``T - 1``)."""
         last = self.schedule.num_timesteps - 1
@@ -147,23 +160,28 @@ class ScoreDistillation(Method):
         net, real_net = diffusion_nets(self.method_name, student, teacher)
         y, mask = batch["labels"], batch.get("mask")
         b = y.shape[0]
-        x = one_step_sample(net, sched, torch.randn((b, *self.sample_shape), device=y.device), y)
+        train_generator = self.generator_step
+        with torch.set_grad_enabled(train_generator and torch.is_grad_enabled()):
+            x = one_step_sample(net, sched, torch.randn((b, *self.sample_shape), device=y.device), y)
         xd = x.detach()
 
-        t = self.timesteps(b, y.device)
-        with torch.no_grad():
-            z = sched.add_noise(xd, torch.randn_like(xd), t)
-            real = self.real_x0(real_net, z, t, y)
-            fake = sched.predict_x0(self.fake(z, t, y), z, t)
-        grad = self.generator_gradient(xd, fake, real, t)
-        out = {"generator": self.generator_weight * masked_mean(surrogate_loss(x, grad), mask)}
+        out: dict[str, Tensor] = {}
+        if train_generator:
+            t = self.timesteps(b, y.device)
+            with torch.no_grad():
+                z = sched.add_noise(xd, torch.randn_like(xd), t)
+                real = self.real_x0(real_net, z, t, y)
+                fake = sched.predict_x0(self.fake(z, t, y), z, t)
+            grad = self.generator_gradient(xd, fake, real, t)
+            out["generator"] = self.generator_weight * masked_mean(surrogate_loss(x, grad), mask)
+            self.log("grad_rms", grad.pow(2).mean().sqrt())
+            self.log("fake_real_gap", (fake - real).float().pow(2).mean().sqrt())
 
         # the fake score network learns the generator's current distribution (denoising loss on detached samples)
         tf = torch.randint(0, sched.num_timesteps, (b,), device=y.device)
         noise = torch.randn_like(xd)
         v = self.fake(sched.add_noise(xd, noise, tf), tf, y)
         out["fake_score"] = self.fake_weight * masked_mean(sample_mse(v, sched.v_target(xd, noise, tf)), mask)
-        out.update(self.extra_terms(net, batch))
-        self.log("grad_rms", grad.pow(2).mean().sqrt())
-        self.log("fake_real_gap", (fake - real).float().pow(2).mean().sqrt())
+        if train_generator:
+            out.update(self.extra_terms(net, batch))
         return out

@@ -42,9 +42,9 @@ class DistributionBacktracking(ScoreDistillation):
     def __init__(self, checkpoints: int = 4, degradation_steps: int = 400, degradation_lr: float = 1e-4,
                  degradation_batch: int = 64, generator_weight: float = 1.0, fake_weight: float = 1.0,
                  timestep_range: Sequence[float] = (0.02, 0.98),
-                 guidance_range: Sequence[float] | None = None) -> None:
+                 guidance_range: Sequence[float] | None = None, fake_updates: int = 1) -> None:
         super().__init__(generator_weight=generator_weight, fake_weight=fake_weight, timestep_range=timestep_range,
-                         guidance_range=guidance_range)
+                         guidance_range=guidance_range, fake_updates=fake_updates)
         expect(int(checkpoints) >= 2, "distribution_backtracking checkpoints", checkpoints,
                "an integer >= 2 (points of the degradation path, the teacher included)")
         expect(int(degradation_steps) >= int(checkpoints) - 1, "distribution_backtracking degradation_steps",
@@ -56,15 +56,10 @@ class DistributionBacktracking(ScoreDistillation):
         self.degradation_lr, self.degradation_batch = float(degradation_lr), int(degradation_batch)
         self.snapshots = nn.ModuleList()
         self.total_steps = 0
-        # optimizer steps taken: saved in checkpoints, so a resumed run walks the path from where it stopped
-        self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
     def set_total_steps(self, total_steps: int) -> None:
         expect(int(total_steps) >= 1, "distribution_backtracking total_steps", total_steps, "an integer >= 1")
         self.total_steps = int(total_steps)
-
-    def after_optimizer_step(self, student: nn.Module) -> None:
-        self.step += 1
 
     def target_index(self) -> int:
         """Which point of the path is the target now: ``checkpoints - 1`` (most degraded) during the first share of

@@ -44,9 +44,10 @@ class DMD(ScoreDistillation):
 
     def __init__(self, generator_weight: float = 1.0, fake_weight: float = 1.0,
                  timestep_range: Sequence[float] = (0.02, 0.98), guidance_range: Sequence[float] | None = None,
-                 regression_weight: float = 0.25, regression_pairs: int = 512, regression_steps: int = 50) -> None:
+                 regression_weight: float = 0.25, regression_pairs: int = 512, regression_steps: int = 50,
+                 fake_updates: int = 1) -> None:
         super().__init__(generator_weight=generator_weight, fake_weight=fake_weight, timestep_range=timestep_range,
-                         guidance_range=guidance_range)
+                         guidance_range=guidance_range, fake_updates=fake_updates)
         expect(regression_weight >= 0, "dmd regression_weight", regression_weight, "a number >= 0 (0: no regression)")
         expect(int(regression_pairs) >= 1, "dmd regression_pairs", regression_pairs, "an integer >= 1")
         expect(int(regression_steps) >= 1, "dmd regression_steps", regression_steps,

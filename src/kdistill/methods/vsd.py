@@ -39,9 +39,10 @@ class VSD(ScoreDistillation):
     method_name = "vsd"
 
     def __init__(self, generator_weight: float = 1.0, fake_weight: float = 1.0,
-                 timestep_range: Sequence[float] = (0.02, 0.98), guidance_range: Sequence[float] | None = None) -> None:
+                 timestep_range: Sequence[float] = (0.02, 0.98), guidance_range: Sequence[float] | None = None,
+                 fake_updates: int = 1) -> None:
         super().__init__(generator_weight=generator_weight, fake_weight=fake_weight, timestep_range=timestep_range,
-                         guidance_range=guidance_range)
+                         guidance_range=guidance_range, fake_updates=fake_updates)
 
     def generator_gradient(self, x: Tensor, fake_x0: Tensor, real_x0: Tensor, t: Tensor) -> Tensor:
         alpha, sigma = self.schedule.alpha_sigma(t, x.ndim)
