@@ -389,7 +389,7 @@ def cache(recipe: str | Path | dict, *, output: str | Path | None = None, overri
 
     c = TopKCache(root)
     return {"cache": str(root), "sequences": len(c), "tokens": c.tokens(), "bytes": c.bytes_on_disk(),
-            "bytes_per_token": c.bytes_on_disk() / max(1, c.tokens()), "k": c.k, "kd_temperature": c.kd_temperature}
+            "bytes_per_token": c.bytes_per_token(), "mode": c.mode, "k": c.k, "kd_temperature": c.kd_temperature}
 
 
 def select(recipe: str | Path | dict, *, output: str | Path, overrides: Sequence[str] = (),

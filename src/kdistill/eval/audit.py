@@ -218,11 +218,13 @@ def training_proxy(rows: Mapping[str, Tensor], *, teacher: nn.Module | None, cac
                    k: int = 64, seed: int = 0, batch_size: int = 8) -> dict[str, Any]:
     """:func:`proxy_targets` on ``count`` rows of the training tensors (seeded): the top-k cache's targets when the
     run trains from one (``cache``, a :class:`~kdistill.teachers.cache.TopKCache`, and ``rows`` its dataset's
-    tensors, at its temperature), else the teacher's at T = 1."""
+    tensors, at its temperature), else the teacher's, at the cache's temperature when it holds sampled targets
+    (no top-k to reuse) and at T = 1 without a cache."""
     picked = sample_rows(rows, count=count, seed=seed)
-    if cache is not None:
+    if cache is not None and "topk_logprobs" in picked:
         return proxy_targets(picked, k=k, kd_temperature=cache.kd_temperature, batch_size=batch_size)
-    return proxy_targets(picked, teacher=teacher, k=k, batch_size=batch_size)
+    return proxy_targets(picked, teacher=teacher, k=k, batch_size=batch_size,
+                         kd_temperature=cache.kd_temperature if cache is not None else 1.0)
 
 
 def read_history(checkpoints: str | Path) -> list[dict[str, Any]]:

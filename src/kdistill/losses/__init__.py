@@ -21,12 +21,12 @@ from .logits import (
     uld,
 )
 from .reduce import masked_mean, masked_sum
-from .topk import teacher_topk, topk_loss
+from .topk import sampled_loss, teacher_sample, teacher_topk, topk_loss
 
 __all__ = [
     "cross_entropy", "forward_kl", "generalized_jsd", "hint_mse", "kl_from_log_probs", "log_probs",
     "masked_mean", "masked_sum", "reverse_kl", "soft_cross_entropy",
     "TAIDSchedule", "entropy", "skew_kl", "skew_reverse_kl", "taid", "token_selective", "tvd", "uld",
-    "chunked", "fused_linear_loss", "teacher_topk", "topk_loss",
+    "chunked", "fused_linear_loss", "teacher_topk", "topk_loss", "teacher_sample", "sampled_loss",
 ]
 __all__ += ["cosine", "embedding_mse", "listwise_kl", "margin_mse", "token_cosine"]

@@ -1,4 +1,5 @@
-"""Divergences against cached top-k teacher log-probabilities plus the residual mass.
+"""Divergences against cached sparse teacher targets: top-k log-probabilities plus the residual mass, or tokens
+sampled from the teacher (:func:`sampled_loss`, an unbiased forward-KL estimate; see the section at the end).
 
 An offline cache (:mod:`kdistill.teachers.cache`) keeps, per token, the teacher's ``k`` largest
 log-probabilities at temperature ``T``, their vocabulary indices and ``log r_t``, the log of the
@@ -209,3 +210,111 @@ def topk_loss(student_logits: Tensor, topk_logprobs: Tensor, topk_indices: Tenso
     t = teacher_coarse(topk_logprobs, log_residual)
     # both are normalised log-probs already at the temperature: the divergence runs at T = 1
     return DIVERGENCES[divergence](s, t, kd_temperature=1.0, **divergence_kwargs)
+
+
+# ------------------------------------------------------------------------------------ sampled sparse targets
+# Random-sampling KD ("Sparse Logit Sampling: Accelerating Knowledge Distillation in LLMs", Anshumann et al.,
+# ACL 2025): instead of the k most likely tokens, store N tokens drawn from the teacher. The sparse target
+#
+#     q(v) = (c_v / N) * p_T(v) / p_prop(v)        c_v = how often v was drawn from p_prop
+#
+# has E[q(v)] = p_T(v) for every v, so any loss that is linear in the target -- the cross-entropy
+# -sum_v q(v) log p_s(v), hence forward KL = CE - H(p_T) -- is an unbiased estimate of the full one, and so is its
+# gradient. Top-k targets are biased (the coarsened KL is a lower bound, tested). With the proposal at the
+# targets' own temperature the weights are the counts / N: no teacher log-probs need storing.
+
+#: divergences whose value is linear in the teacher distribution (the sampled estimate is unbiased only for these)
+SAMPLED_DIVERGENCES = ("forward_kl",)
+
+
+def teacher_sample(teacher_logits: Tensor, *, samples: int, kd_temperature: float = 1.0,
+                   proposal_temperature: float | None = None,
+                   generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """Draw ``samples`` tokens per position from ``softmax(teacher_logits / proposal_temperature)`` (with
+    replacement; the proposal defaults to ``kd_temperature``, the targets' own distribution) and fold repeats.
+
+    Returns ``(sample_indices (..., N) int64, sample_counts (..., N) int64, log_ratio (..., N) fp32 or None,
+    teacher_entropy (...,) fp32)``: the distinct drawn ids in ascending order followed by padding (id 0, count
+    0), how often each was drawn (they sum to ``N``), ``log p_T(v) - log p_prop(v)`` at the ids (None when the
+    proposal is the targets' distribution: every ratio is 1) and the entropy of ``p_T`` (so the stored targets
+    give the forward KL, not only the cross-entropy). :func:`sample_weights` turns them into the target ``q``.
+    """
+    V = teacher_logits.shape[-1]
+    if not (isinstance(samples, int) and 1 <= samples <= 255):
+        raise KDistillError(f"sampled targets: samples={samples!r}, expected an integer in [1, 255] (draws per "
+                            "token; counts are stored in one byte). 24-64 is typical.")
+    L._check_temperature(kd_temperature)
+    prop_t = float(kd_temperature if proposal_temperature is None else proposal_temperature)
+    if not prop_t > 0:
+        raise KDistillError(f"proposal_temperature: got {proposal_temperature!r}, expected a positive number "
+                            "(or None: sample at kd_temperature).")
+    lead = teacher_logits.shape[:-1]
+    lp_t = L.log_probs(teacher_logits.reshape(-1, V), kd_temperature)
+    lp_q = lp_t if prop_t == kd_temperature else L.log_probs(teacher_logits.reshape(-1, V), prop_t)
+    n = lp_t.shape[0]
+    draws = (torch.multinomial(lp_q.exp(), samples, replacement=True, generator=generator) if n
+             else lp_t.new_zeros((0, samples), dtype=torch.long))
+    ordered = draws.sort(-1).values
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    slot = first.cumsum(-1) - 1  # the distinct-id slot of every draw
+    counts = torch.zeros_like(ordered).scatter_add_(1, slot, torch.ones_like(ordered))
+    ids = torch.zeros_like(ordered).scatter_(1, slot, ordered)  # draws in one slot share their id
+    ratio = None
+    if lp_q is not lp_t:
+        ratio = torch.where(counts > 0, lp_t.gather(-1, ids) - lp_q.gather(-1, ids), torch.zeros_like(lp_t[:, :1]))
+        ratio = ratio.reshape(*lead, samples)
+    ent = L.entropy(teacher_logits, kd_temperature=kd_temperature)
+    return ids.reshape(*lead, samples), counts.reshape(*lead, samples), ratio, ent
+
+
+def sample_weights(sample_counts: Tensor, log_ratio: Tensor | None = None) -> Tensor:
+    """The sparse target ``q`` of :func:`teacher_sample`'s draws, fp32 ``(..., N)``: ``counts / N`` (``N`` = the
+    counts' sum per position; all-zero rows, padding, stay 0) times the importance ratio when there is one."""
+    c = sample_counts.float()
+    w = c / c.sum(-1, keepdim=True).clamp_min(1.0)
+    return w if log_ratio is None else w * log_ratio.float().exp()
+
+
+def sampled_loss(student_logits: Tensor, sample_indices: Tensor, sample_weights: Tensor,
+                 teacher_entropy: Tensor | None = None, *, divergence: str = "forward_kl",
+                 kd_temperature: float = 1.0) -> Tensor:
+    """Unbiased estimate of the forward KL (or, without ``teacher_entropy``, the cross-entropy) against a sampled
+    sparse teacher target::
+
+        sum_j w_j * (log Z_s - z_s[i_j] / T)  -  H(p_T)          log Z_s = logsumexp(z_s / T)
+
+    ``student_logits (..., V)``, ``sample_indices (..., m)`` (any integer dtype; slots with weight 0 are padding),
+    ``sample_weights (..., m)`` (:func:`sample_weights`), ``teacher_entropy (...,)`` the teacher's entropy at the
+    cache temperature. Returns fp32 ``(...,)``, unreduced; usable under :func:`~kdistill.losses.chunked.chunked`
+    and :func:`~kdistill.losses.chunked.fused_linear_loss`. ``divergence`` must be one of
+    :data:`SAMPLED_DIVERGENCES`: the other divergences are not linear in the teacher distribution, so a sampled
+    target would bias them.
+    """
+    if divergence not in SAMPLED_DIVERGENCES:
+        raise KDistillError(f"sampled teacher targets: got divergence {divergence!r}, expected one of "
+                            f"{list(SAMPLED_DIVERGENCES)}: only a loss linear in the teacher distribution stays "
+                            "unbiased under sampling. Fix: use loss forward_kl, or a top-k cache (cache.mode: topk).")
+    lead = tuple(student_logits.shape[:-1])
+    if tuple(sample_indices.shape[:-1]) != lead or tuple(sample_weights.shape) != tuple(sample_indices.shape):
+        raise KDistillError(f"sampled targets: sample_indices {tuple(sample_indices.shape)} and sample_weights "
+                            f"{tuple(sample_weights.shape)}; expected both {lead} + (m,), the student's token shape. "
+                            "Is the cache aligned with this batch (same sequences, same order)?")
+    idx = sample_indices.long()
+    V = student_logits.shape[-1]
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= V):
+        raise KDistillError(f"sample_indices: got values in [{int(idx.min())}, {int(idx.max())}], expected "
+                            f"[0, {V - 1}] (the student's vocabulary). The cache was made with a different vocabulary.")
+    L._check_temperature(kd_temperature)
+    z = student_logits.float()
+    if kd_temperature != 1.0:
+        z = z / kd_temperature
+    w = sample_weights.float()
+    nll = safe_logsumexp(z).unsqueeze(-1) - z.gather(-1, idx)
+    out = torch.where(w > 0, w * nll, torch.zeros_like(nll)).sum(-1)  # padding never meets a -inf logit
+    if teacher_entropy is not None:
+        if tuple(teacher_entropy.shape) != lead:
+            raise KDistillError(f"teacher_entropy: got shape {tuple(teacher_entropy.shape)}, expected {lead} (one "
+                                "value per token).")
+        out = out - teacher_entropy.float()
+    return out

@@ -74,6 +74,7 @@ class Method(nn.Module):
     * :meth:`set_total_steps`: the run's number of optimizer steps (schedules);
     * :meth:`resolve_layers`: layer names that depend on the models (called by the loop, before capture);
     * :meth:`cache_identity`: what offline teacher targets must have been written with (e.g. its temperature);
+      :meth:`check_cache_mode`: whether it can train from a cache's kind of targets (top-k or sampled);
     * ``uses_token_states`` / ``needs_pairs`` / ``fused_head``: the forward outputs and data layout it reads;
     * ``cross_tokenizer`` / :meth:`set_vocab_map`: it compares a student and a teacher with different tokenizers
       (the batch then carries the teacher's own tokens and the alignment of :mod:`kdistill.data.align`);
@@ -122,6 +123,11 @@ class Method(nn.Module):
     def cache_identity(self) -> dict[str, Any]:
         """What precomputed teacher targets must match to serve this method (e.g. ``{"kd_temperature": 2.0}``)."""
         return {}
+
+    def check_cache_mode(self, mode: str) -> None:
+        """Raise a :class:`~kdistill.errors.KDistillError` (with the fix) when this method, as configured, cannot
+        train from cached targets of ``mode`` (``topk`` / ``sampled``, :data:`kdistill.teachers.cache.MODES`); checked
+        at config load and before a cache is written."""
 
     @property
     def uses_token_states(self) -> bool:

@@ -24,8 +24,11 @@ Teacher targets come either from teacher logits ``(B, T, V)`` or, offline, from 
 (``teacher.extra`` holds ``topk_logprobs`` / ``topk_indices`` / ``log_residual``, see
 :mod:`kdistill.teachers.cache`); then the divergence runs on the coarsened (k + 1)-category distributions
 of :mod:`kdistill.losses.topk` and the teacher is never loaded (``cacheable = True``; ``uld`` has no
-top-k form). ``chunk_size > 0`` evaluates the loss over row chunks (:func:`kdistill.losses.chunked.chunked`),
-same values and gradients with a fraction of the memory for large vocabularies.
+top-k form). A sampled cache (``cache.mode: sampled``) holds ``sample_indices`` / ``sample_weights`` /
+``teacher_entropy`` instead, for :func:`~kdistill.losses.topk.sampled_loss`: unbiased, so ``forward_kl`` only
+(:meth:`check_cache_mode` refuses the rest). ``chunk_size > 0`` evaluates the loss over row chunks
+(:func:`kdistill.losses.chunked.chunked`), same values and gradients with a fraction of the memory for large
+vocabularies.
 
 ``fused = True`` goes one step further: the student forward hands over its final hidden states and LM head
 (``student.extra``: ``hidden``, ``lm_head_weight``, optional ``lm_head_bias``, and the ``softcap`` /
@@ -61,7 +64,7 @@ from ..errors import KDistillError, expect, unknown_name
 from ..losses import logits as L
 from ..losses.chunked import apply_head_transform, chunked, fused_linear_loss
 from ..losses.reduce import kd_scale, masked_mean
-from ..losses.topk import DIVERGENCES, topk_loss
+from ..losses.topk import DIVERGENCES, SAMPLED_DIVERGENCES, sampled_loss, topk_loss
 from ..registry import METHODS
 from .base import Method, ModelOutput, label_loss, require_teacher
 
@@ -190,25 +193,39 @@ class LLMKD(Method):
             if self.chunk_size:
                 fn = chunked(fn, self.chunk_size)
             return fn(student_logits, teacher_logits, kd_temperature=self.kd_temperature, **kw)
-        args = self._topk_targets(teacher)
-        fn = chunked(topk_loss, self.chunk_size) if self.chunk_size else topk_loss
+        loss_fn, args = self._topk_targets(teacher)
+        fn = chunked(loss_fn, self.chunk_size) if self.chunk_size else loss_fn
         return fn(student_logits, *args, divergence=self.loss_name, kd_temperature=self.kd_temperature, **kw)
 
-    def _topk_targets(self, teacher: ModelOutput) -> list[Tensor]:
-        """The cached top-k targets of a teacher output (log-probs, indices, optional log residual), checked."""
+    def check_cache_mode(self, mode: str) -> None:
+        """Sampled targets estimate only losses linear in the teacher distribution without bias: refuse the others."""
+        if mode == "sampled" and self.loss_name not in SAMPLED_DIVERGENCES:
+            raise KDistillError(f"llm_kd loss {self.loss_name!r} with cache.mode 'sampled': a sampled target is an "
+                                f"unbiased estimate only for {list(SAMPLED_DIVERGENCES)} (linear in the teacher's "
+                                "distribution). Fix: loss: forward_kl, or cache.mode: topk.")
+
+    def _topk_targets(self, teacher: ModelOutput) -> tuple[Any, list[Tensor]]:
+        """The loss and the cached targets of a teacher output, checked: top-k (log-probs, indices, optional log
+        residual) for :func:`~kdistill.losses.topk.topk_loss`, or sampled (indices, weights, optional teacher
+        entropy) for :func:`~kdistill.losses.topk.sampled_loss`."""
         ex = teacher.extra
-        if "topk_logprobs" not in ex or "topk_indices" not in ex:
+        sampled = "sample_indices" in ex
+        if not sampled and ("topk_logprobs" not in ex or "topk_indices" not in ex):
             raise KDistillError("llm_kd: the teacher output has neither logits nor cached top-k targets "
                                 "(extra['topk_logprobs'], extra['topk_indices']). Give a teacher or a cache.")
         if self.loss_name not in DIVERGENCES:
             raise KDistillError(f"llm_kd loss {self.loss_name!r} cannot run on a top-k cache; expected one of "
                                 f"{sorted(DIVERGENCES)}. Fix: train with the teacher model instead of `cache:`.")
+        if sampled:
+            self.check_cache_mode("sampled")
         cache_t = ex.get("kd_temperature")
         if cache_t is not None and not math.isclose(float(cache_t), self.kd_temperature, rel_tol=1e-9):
             raise KDistillError(f"llm_kd: the cache was written at kd_temperature={cache_t}, the method uses "
                                 f"{self.kd_temperature}. Fix: set the same kd_temperature or re-run `kdistill cache`.")
-        args = [ex["topk_logprobs"], ex["topk_indices"], ex.get("log_residual")]
-        return args if args[-1] is not None else args[:-1]
+        keys = ("sample_indices", "sample_weights", "teacher_entropy") if sampled else (
+            "topk_logprobs", "topk_indices", "log_residual")
+        args = [ex.get(key) for key in keys]
+        return (sampled_loss if sampled else topk_loss), (args if args[-1] is not None else args[:-1])
 
     def fused_per_token(self, student: ModelOutput, teacher: ModelOutput, kd_mask: Tensor | None,
                         ce_mask: Tensor | None, labels: Tensor | None) -> tuple[Tensor, Tensor | None]:
@@ -247,7 +264,8 @@ class LLMKD(Method):
                                     teacher_softcap=tex.get("softcap"), teacher_logit_scale=tex.get("logit_scale"),
                                     **common)
         else:
-            out = fused_linear_loss(topk_loss, hidden, ex["lm_head_weight"], *self._topk_targets(teacher),
+            loss_fn, args = self._topk_targets(teacher)
+            out = fused_linear_loss(loss_fn, hidden, ex["lm_head_weight"], *args,
                                     divergence=self.loss_name, **common)
         return out if labels is not None else (out, None)
 

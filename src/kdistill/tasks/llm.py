@@ -325,12 +325,29 @@ class LMDataSpec(FileSource):
 
 
 class LMCacheSpec(StrictModel):
-    """Offline top-k teacher targets: ``kdistill cache RECIPE --output DIR`` writes them, ``dir`` uses them."""
+    """Offline teacher targets: ``kdistill cache RECIPE --output DIR`` writes them, ``dir`` uses them. ``mode``:
+    ``topk`` keeps the ``k`` most likely tokens per position; ``sampled`` keeps ``k`` tokens drawn from the teacher
+    (at ``proposal_temperature``, default the method's ``kd_temperature``), an unbiased forward-KL target of at most
+    ``7 + 3 k`` bytes per token (vocabularies up to 65,536), less when the draws repeat
+    (:mod:`kdistill.teachers.cache`)."""
 
     dir: str
+    mode: Literal["topk", "sampled"] = "topk"
     k: int = 32
+    proposal_temperature: float | None = None
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     shard_size: int = 64
+
+    @model_validator(mode="after")
+    def _check_mode(self) -> LMCacheSpec:
+        if self.mode == "sampled" and not 1 <= self.k <= 255:
+            raise ValueError(f"cache.k: got {self.k} with mode sampled, expected 1-255 draws per token (counts are "
+                             "stored in one byte); 24-64 is typical")
+        if self.proposal_temperature is not None and (self.mode != "sampled" or not self.proposal_temperature > 0):
+            raise ValueError(f"cache.proposal_temperature: got {self.proposal_temperature} with mode {self.mode}; "
+                             "expected a positive number and mode: sampled (it is the temperature tokens are drawn "
+                             "at). Fix: remove it, or set mode: sampled")
+        return self
 
 
 class LMShiftSpec(FileSource):
@@ -411,6 +428,11 @@ class LLMConfig(StrictModel):
         if self.cache is not None and not cls.cacheable:
             raise ValueError(f"method {self.method.name!r} is not cacheable (its targets depend on the student); "
                              f"remove `cache:` or use {DEFAULT_METHODS['llm']}")
+        if self.cache is not None:
+            try:
+                cls(**self.method.kwargs).check_cache_mode(self.cache.mode)
+            except KDistillError as e:  # the config layer reports it as this field's error
+                raise ValueError(str(e)) from None
         if cls.needs_prompts and self.data.prompt_tokens <= 0:
             raise ValueError(f"method {self.method.name!r} continues prompts: set data.prompt_tokens > 0, e.g. 32, "
                              "so each block is (prompt, continuation)")
@@ -468,6 +490,10 @@ class LLMConfig(StrictModel):
             raise ValueError("teacher.endpoint: got a served teacher and no `cache:`; training reads the teacher's "
                              "logits at every step, which a server does not give. Fix: add `cache: {dir: DIR, k: 20}` "
                              "and run `kdistill cache RECIPE` first (it scores the training data through the server)")
+        if self.cache.mode != "topk":
+            raise ValueError(f"cache.mode: got {self.cache.mode!r} with a served teacher (teacher.endpoint); drawing "
+                             "tokens needs the teacher's full distribution and a server returns its top-k log-probs. "
+                             "Fix: cache.mode: topk")
         if self.student.kind != "pretrained":
             raise ValueError(f"student.kind: got {self.student.kind!r}, which is built from the teacher's weights, "
                              "and the teacher is served (teacher.endpoint). Fix: `student: {pretrained: PATH_OR_ID}`")
@@ -589,7 +615,9 @@ def write_cache(cfg: LLMConfig, output: Path | None = None, *, progress: bool = 
     spec = cfg.cache or LMCacheSpec(dir=str(output))
     out = Path(output) if output is not None else Path(spec.dir)
     train_items, eval_items, stream = _corpus(cfg)
-    kd_t = targets_temperature(METHODS.get(cfg.method.name)(**cfg.method.kwargs).cache_identity())
+    method = METHODS.get(cfg.method.name)(**cfg.method.kwargs)
+    method.check_cache_mode(spec.mode)  # before the teacher runs: a cache the method cannot use is never written
+    kd_t = targets_temperature(method.cache_identity())
     if cfg.teacher.endpoint:
         return _write_served_cache(cfg, spec, out, train_items, eval_items, stream, kd_t, progress)
     teacher, tok = _teacher(cfg, corpus_texts(train_items))
@@ -606,7 +634,8 @@ def write_cache(cfg: LLMConfig, output: Path | None = None, *, progress: bool = 
                             teacher_fingerprint=model_fingerprint(teacher), tokenizer_hash=tokenizer_hash(tok),
                             vocab_size=int(teacher.config.vocab_size), dtype=spec.dtype, shard_size=spec.shard_size,
                             batch_size=cfg.train.batch_size, pad_id=int(tok.pad_token_id or 0),
-                            extra=_cache_identity(cfg), progress=report)
+                            extra=_cache_identity(cfg), progress=report, mode=spec.mode,
+                            proposal_temperature=spec.proposal_temperature, sample_seed=cfg.seed)
 
 
 def _write_served_cache(cfg: LLMConfig, spec: LMCacheSpec, out: Path, train_items: Any, eval_items: Any,
@@ -930,7 +959,8 @@ def _kd_set(cfg: LLMConfig, tok: Any, teacher: nn.Module, method: Any, base_set:
     if cfg.cache is not None:
         served = {"endpoint": teacher.scorer} if cfg.teacher.endpoint else {"teacher": teacher}
         cache = open_topk_cache(cfg.cache.dir, tokenizer=tok, train_blocks=train_blocks, **served,
-                                k=cfg.cache.k, dtype=cfg.cache.dtype,
+                                k=cfg.cache.k, dtype=cfg.cache.dtype, mode=cfg.cache.mode,
+                                proposal_temperature=cfg.cache.proposal_temperature,
                                 identity={**method.cache_identity(), **_cache_identity(cfg)})
         return cache_dataset(cache), cache, None
     if cfg.data.sequence_kd is not None:

@@ -109,8 +109,9 @@ def sequence_log_likelihood(model: nn.Module, tensors: Mapping[str, Tensor], *, 
 
 
 def cache_has_log_likelihood(cache: Any) -> bool:
-    """Whether a top-k cache holds the teacher's own log-probs (written at ``kd_temperature`` 1)."""
-    return cache is not None and abs(float(cache.kd_temperature) - 1.0) <= 1e-9
+    """Whether a top-k cache holds the teacher's own log-probs (top-k targets written at ``kd_temperature`` 1; a
+    sampled cache holds drawn tokens, no log-probs)."""
+    return cache is not None and cache.mode == "topk" and abs(float(cache.kd_temperature) - 1.0) <= 1e-9
 
 
 def cache_log_likelihood(cache: Any) -> Tensor | None:
