@@ -1,12 +1,12 @@
 """Task ``diffusion``: a many-step, class-conditional diffusion teacher distilled into a student that samples in 1-4
 steps, compared with the teacher itself sampled in as few steps (the naive baseline).
 
-The teacher (a v-prediction denoiser, :mod:`kdistill.models.diffusion`) trains here on the data with the
-``denoising`` objective (labels dropped to the null class now and then, so it can be guided) and is cached by
+The teacher (a v-prediction denoiser, :mod:`kdistill.models.diffusion`) trains here on the data with the objective
+``config.DENOISING`` names (labels dropped to the null class now and then, so it can be guided) and is cached by
 fingerprint like the classification teacher. Each student starts as a copy of the teacher (or, with ``student:``
 set, a fresh network of that family) and trains with its method against the teacher sampled with classifier-free
-guidance of ``guidance_scale``; a method may split its run into stages (:meth:`Method.diffusion_stages`, e.g. halving
-the steps with the previous stage's student as the teacher), trained on equal shares of ``train.max_steps``.
+guidance of ``guidance_scale``; a method may split its run into stages (:meth:`Method.diffusion_stages`, e.g.
+halving the steps with the previous stage's student as the teacher), trained on equal shares of ``train.max_steps``.
 
 Evaluation uses a fixed set of noises and balanced labels for every row: the teacher at ``eval.teacher_steps`` (the
 reference) and at each of ``eval.steps``, and every student at each of ``eval.steps`` with its method's sampler. A
@@ -72,7 +72,7 @@ class ScheduleSpec(StrictModel):
 
 
 class DiffusionTeacherSpec(StrictModel):
-    """The teacher denoiser, trained here with the ``denoising`` objective and cached by fingerprint."""
+    """The teacher denoiser, trained here with the objective ``config.DENOISING`` names; cached by fingerprint."""
 
     model: ModelSpec = ModelSpec(name="unet_denoiser", kwargs={"widths": [16, 32, 64]})
     train: TrainSpec = TrainSpec(epochs=1000, max_steps=5000, batch_size=128, lr=2e-3, warmup_steps=100,
