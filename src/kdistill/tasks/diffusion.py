@@ -403,6 +403,10 @@ def run_diffusion(cfg: DiffusionConfig, ctx: RunContext) -> dict[str, Any]:
     teacher_net = _Guided(teacher, cfg.guidance_scale, data.num_classes)
     lat_noise, lat_labels = noise[:e.latency_batch], labels[:e.latency_batch]
 
+    # grid titles: the teacher, or the method that trained each student
+    labels_of = {"teacher": "teacher", "student": cfg.method.name,
+                 **{n: f"{v.method.name} ({n})" for n, v in cfg.variants.items()}}
+
     def row(net: Any, sampler: str, steps: int, tag: str, reference: Tensor | None) -> tuple[dict[str, float], Tensor]:
         x = _generate(net, schedule, sampler=sampler, steps=steps, noise=noise, labels=labels, seed=cfg.seed,
                       batch_size=e.batch_size)
@@ -412,7 +416,8 @@ def run_diffusion(cfg: DiffusionConfig, ctx: RunContext) -> dict[str, Any]:
         metrics["ms_per_sample"] = ms / len(lat_noise)
         if accelerator.is_main_process:
             sample_grid_png(x, labels, ctx.output / "samples" / f"{tag}.png", class_names=data.class_names,
-                            title=f"{tag.replace('_', ' ')}", image=data.image, per_class=e.grid_per_class)
+                            title=f"{labels_of.get(tag.rsplit('_', 2)[0], tag)}, {steps} step{'s' * (steps > 1)}",
+                            image=data.image, per_class=e.grid_per_class)
         return metrics, x
 
     # The teacher's rows depend only on the teacher, the evaluator, the guidance and the eval settings: computed once
