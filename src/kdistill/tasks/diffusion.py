@@ -221,7 +221,8 @@ def _get_teacher(cfg: DiffusionConfig, data: GenerativeData, schedule: Diffusion
     history = {"seconds": res.seconds, "steps": res.steps}
     if accelerator.is_main_process:
         _save_denoiser(tdir, res.student, spec=spec.model, data=data, history=history,
-                       extra={"fingerprint": fp, "schedule": schedule.settings(), "role": "teacher"})
+                       extra={"fingerprint": fp, "schedule": schedule.settings(), "role": "teacher",
+                              "class_names": data.class_names})
         if spec.reuse:
             _publish(tdir, cached)
     accelerator.wait_for_everyone()
