@@ -40,6 +40,10 @@ same number of tokens), the teacher scores the sequences, then the student forwa
 (same timing callback as ``trl_step_ms``). When TRL cannot be imported, ``--peers`` reports
 ``trl_unavailable`` with the reason instead of the ``trl_*`` figures.
 
+``--device cuda --dtype bfloat16`` runs the same measurements on a GPU with both models' weights in bf16 (AdamW on
+bf16 weights; each timed call ends with ``torch.cuda.synchronize()``; ``generation_ms`` is what the method reports,
+timed without a synchronize). ``--peers`` is CPU only.
+
 ``--pair smollm2`` replaces the synthetic pair by the zoo's SmolLM2-135M teacher and a 6-layer layer-subset
 student built from it (``kdistill.students.llm.build_lm_student``), same measurements (slow on a CPU).
 
@@ -77,7 +81,13 @@ def main() -> None:
     ap.add_argument("--pair", choices=("synthetic", "smollm2"), default="synthetic",
                     help="synthetic random Llamas (default) or SmolLM2-135M -> its 6-layer subset (zoo, slow)")
     ap.add_argument("--peers", action="store_true", help="also time TRL's GKDTrainer (needs `pip install trl`)")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="both models' weights")
     args = ap.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.peers and device.type != "cpu":
+        raise SystemExit("--peers: TRL's GKDTrainer is timed on the CPU only; drop --peers or use --device cpu.")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     P = args.prompt_length if args.prompt_length is not None else args.length // 2
     if not 1 <= P < args.length:
         raise SystemExit(f"--prompt-length: got {P}, expected 1 <= prompt length < --length ({args.length}).")
@@ -101,12 +111,13 @@ def main() -> None:
 
     torch.manual_seed(0)
     teacher, student = make_pair(args.pair)
-    teacher.eval().requires_grad_(False)
+    teacher.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    student.to(device=device, dtype=dtype)
     student.train()
     V = int(teacher.config.vocab_size)
     # every on-policy step generates exactly `new` tokens (kdistill: no eos_id; TRL: no EOS in the generation config)
     student.generation_config.eos_token_id = None
-    ids = torch.randint(3, V, (args.batch, args.length))
+    ids = torch.randint(3, V, (args.batch, args.length)).to(device)
     labels = torch.full_like(ids, -100)
     labels[:, :-1] = ids[:, 1:]
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "mask": labels != -100}
@@ -146,7 +157,7 @@ def main() -> None:
 
     gkd = GKD(lmbda=1.0, beta=0.5, kd_temperature=1.0, sampling_temperature=1.0, max_new_tokens=new, seed=0)
     onpolicy_mod = DistillStep(student, gkd, fwd)
-    prompt_batch = lm_tensors(ids, prompt_length=P)
+    prompt_batch = {k: v.to(device) for k, v in lm_tensors(ids, prompt_length=P).items()}
     generation_ms: list[float] = []
 
     def onpolicy_step():
@@ -161,6 +172,7 @@ def main() -> None:
     peers = {k: f for k, f in (("trl_step_ms", trl_step), ("trl_onpolicy_step_ms", trl_onpolicy)) if f is not None}
     for fn in fns.values():  # warm-up
         fn()
+    sync()
     for fn in peers.values():
         fn(teacher, student, batch)
     generation_ms.clear()
@@ -177,6 +189,7 @@ def main() -> None:
                 continue
             t = time.perf_counter()
             fns[k]()
+            sync()
             times[k].append((time.perf_counter() - t) * 1e3)
     if args.show_rounds:  # on stderr: stdout stays one JSON object
         print(json.dumps({k: [round(x, 1) for x in v] for k, v in times.items()}), file=sys.stderr)
@@ -208,7 +221,7 @@ def main() -> None:
         import trl
 
         out["trl_version"] = trl.__version__
-    out.update({"pair": args.pair, "prompt_tokens": P, "new_tokens": new,
+    out.update({"pair": args.pair, "device": str(device), "dtype": args.dtype, "prompt_tokens": P, "new_tokens": new,
                 "tokens_per_step": args.batch * args.length, "vocab": V, "rounds": args.rounds,
                 "teacher_params": sum(p.numel() for p in teacher.parameters()),
                 "student_params": sum(p.numel() for p in student.parameters()),

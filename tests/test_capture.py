@@ -62,3 +62,40 @@ def test_capture_through_ddp_style_wrapper():
     with capture(Wrapper(inner), ["head"]) as f:
         Wrapper(inner)(torch.randn(2, 5))
     assert f["head"].shape == (2, 3)
+
+
+def test_names_resolve_through_activation_checkpoint_wrappers():
+    """Activation checkpointing (as FSDP setups apply it per layer) puts `_checkpoint_wrapped_module` into the paths;
+    the model's own names still resolve, to the wrapped modules, and features match the unwrapped model's."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    from kdistill.capture import attention_layers, resolve_modules
+
+    torch.manual_seed(0)
+    plain = build_mlp((5,), 3, width=8, depth=2)
+    wrapped = build_mlp((5,), 3, width=8, depth=2)
+    wrapped.load_state_dict(plain.state_dict())
+    wrapped.blocks[1] = checkpoint_wrapper(wrapped.blocks[1])
+    assert "blocks.1._checkpoint_wrapped_module.0" in dict(wrapped.named_modules())
+    resolved = resolve_modules(wrapped, ["blocks.1", "blocks.1.0"])
+    assert resolved["blocks.1"] is wrapped.blocks[1]._checkpoint_wrapped_module
+    assert isinstance(resolved["blocks.1.0"], nn.Linear)
+    x = torch.randn(4, 5)
+    with capture(plain, ["blocks.1.0", "blocks.1"]) as a:
+        plain(x)
+    with capture(wrapped, ["blocks.1.0", "blocks.1"]) as b:
+        wrapped(x)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert n_hooks(wrapped) == 0
+    with pytest.raises(UnknownNameError) as e:
+        resolve_modules(wrapped, ["blocks.1.1.0"])
+    assert "_checkpoint_wrapped_module" not in str(e.value) and "'blocks.1.0'" in str(e.value)
+    # a Llama with its first decoder layer wrapped: attention layers are found under their own names
+    from kdistill.teachers.tiny import tiny_llama
+
+    lm = tiny_llama(64, hidden_size=32, num_layers=2, num_heads=4)
+    lm.model.layers[0] = checkpoint_wrapper(lm.model.layers[0])
+    found = attention_layers(lm)
+    assert [x.q for x in found] == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    assert found[0].block == "model.layers.0" and found[0].head_dim == 8

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -12,18 +13,44 @@ from torch import Tensor, nn
 
 from .errors import unknown_name
 
+#: attribute names under which wrappers keep the module they wrap: FSDP1 (``FullyShardedDataParallel``), activation
+#: checkpointing (``CheckpointWrapper``) and ``torch.compile`` (``OptimizedModule``). They appear as path segments in
+#: ``named_modules()`` of a model whose *submodules* were wrapped (FSDP1's auto-wrap policy, per-layer compile).
+WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
+
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """Strip ``torch.compile`` (``._orig_mod``) and ``DistributedDataParallel`` / ``DataParallel``
-    (``.module``) wrappers, repeatedly, so module names resolve. FSDP and other wrappers are returned as
-    they are."""
+    """The model a user built, inside the wrappers around it, stripped repeatedly: ``torch.compile``
+    (``._orig_mod``), ``DistributedDataParallel`` / ``DataParallel`` and FSDP1's ``FullyShardedDataParallel``
+    (``.module``). FSDP2 (``fully_shard``) wraps nothing: it swaps the module's class for a subclass of it (e.g.
+    ``FSDPLlamaForCausalLM``) and keeps every submodule name, so such a module is returned as it is."""
     while True:
         if hasattr(model, "_orig_mod"):
             model = model._orig_mod  # torch.compile
-        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel, *_fsdp1())):
             model = model.module
         else:
             return model
+
+
+def _fsdp1() -> tuple[type, ...]:
+    """FSDP1's wrapper class, looked up without importing ``torch.distributed.fsdp`` (half a second): a model wrapped
+    in it implies the module is loaded."""
+    mod = sys.modules.get("torch.distributed.fsdp.fully_sharded_data_parallel")
+    cls = getattr(mod, "FullyShardedDataParallel", None)
+    return (cls,) if cls is not None else ()
+
+
+def named_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """``name -> submodule`` of the unwrapped model, with the names the model has when nothing wraps it: the
+    :data:`WRAPPER_SEGMENTS` that FSDP1 auto-wrapping, activation checkpointing or per-layer compilation put into the
+    paths are dropped, and a name that then denotes both a wrapper and what it wraps maps to the wrapped module."""
+    out: dict[str, nn.Module] = {}
+    for name, module in unwrap(model).named_modules():
+        if any(seg in name for seg in WRAPPER_SEGMENTS):
+            name = ".".join(p for p in name.split(".") if p not in WRAPPER_SEGMENTS)
+        out[name] = module  # a wrapper comes before its child: the innermost module wins
+    return out
 
 
 def device_of(model: nn.Module) -> torch.device:
@@ -39,7 +66,7 @@ def device_of(model: nn.Module) -> torch.device:
 def resolve_modules(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
     """Map layer names to submodules of the unwrapped model; unknown names raise with close matches."""
     model = unwrap(model)
-    available = dict(model.named_modules())
+    available = named_modules(model)
     out: dict[str, nn.Module] = {}
     for name in names:
         if name not in available:
@@ -139,7 +166,7 @@ def attention_layers(model: nn.Module) -> list[AttentionLayer]:
     children include one of :data:`QKV_CHILDREN` (cross-attention modules are skipped). Empty for a model without
     separate q/k/v projections."""
     model = unwrap(model)
-    modules = dict(model.named_modules())
+    modules = named_modules(model)
     fallback = _config_head_dim(model)
     found: list[AttentionLayer] = []
     for name, module in modules.items():

@@ -12,6 +12,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,41 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
+
+
+# ---------------------------------------------------------------------------------- FSDP2 (sharded) state
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    """Whether FSDP2 (``fully_shard``) holds some of ``module``'s parameters as DTensor shards: its state is then
+    gathered and scattered by all ranks together (:func:`gather_full_state`, :func:`scatter_full_state`)."""
+    if "torch.distributed.tensor" not in sys.modules:  # nothing can be sharded before DTensor is loaded
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def gather_full_state(model: torch.nn.Module, optimizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(model state, optimizer state)`` of a sharded model with every tensor whole, on the CPU of rank 0 (other
+    ranks get empty dicts). Every rank must call it: the shards are all-gathered. The model state has the keys of
+    the unsharded model's ``state_dict()``; the optimizer state is keyed by parameter name, not position."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(model, options=opts),
+            get_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), options=opts))
+
+
+def scatter_full_state(model: torch.nn.Module, optimizer: Any, model_state: dict[str, Any],
+                       optimizer_state: dict[str, Any]) -> None:
+    """Load whole-tensor states (as :func:`gather_full_state` returns them, given on every rank) into a sharded
+    model and its optimizer; each rank keeps its own shards. Every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_state, options=opts)
+    set_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), optimizer_state, options=opts)
 
 
 # -------------------------------------------------------------------------------------- manager

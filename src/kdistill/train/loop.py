@@ -31,7 +31,7 @@ from ..capture import capture, unwrap
 from ..errors import KDistillError, expect
 from ..io import write_bytes_atomic
 from ..methods.base import Method, ModelOutput, SetupInfo
-from .checkpoint import CheckpointManager, rng_state, set_rng_state
+from .checkpoint import CheckpointManager, gather_full_state, is_sharded, rng_state, scatter_full_state, set_rng_state
 from .optim import build_optimizer, build_scheduler
 
 Batch = dict[str, Any]
@@ -72,8 +72,26 @@ def make_accelerator(mixed_precision: str = "no", *, find_unused_parameters: boo
     # told cpu=True; without it every process would silently train alone on all the data.
     # split_batches: a loader's batch_size is the global batch, divided across processes, so `--nproc 2` takes the
     # same number of steps of the same batches as one process (Accelerate's default gives each process a batch).
-    return Accelerator(mixed_precision=mixed_precision, kwargs_handlers=kwargs, cpu=not torch.cuda.is_available(),
-                       dataloader_config=DataLoaderConfiguration(split_batches=True))
+    acc = Accelerator(mixed_precision=mixed_precision, kwargs_handlers=kwargs, cpu=not torch.cuda.is_available(),
+                      dataloader_config=DataLoaderConfiguration(split_batches=True))
+    _check_fsdp_took(acc)
+    return acc
+
+
+def _check_fsdp_took(accelerator: Any) -> None:
+    """Accelerate turns FSDP on only for accelerator processes (CUDA and the like): launched with an FSDP config on
+    CPUs it would silently train with DDP, every rank holding the whole model. Refuse instead."""
+    import os
+
+    from accelerate.utils import DistributedType
+
+    wanted = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if wanted and accelerator.distributed_type != DistributedType.FSDP:
+        raise KDistillError(
+            f"the launcher asked for FSDP (ACCELERATE_USE_FSDP=true), but Accelerate set up "
+            f"{accelerator.distributed_type.value} on {accelerator.device.type}: it enables FSDP only on GPUs. Fix: "
+            "launch on CUDA devices, or use the DDP config (recipes/accelerate/ddp.yaml) or `kdistill run --nproc N` "
+            "on CPUs.")
 
 
 def end_distributed(exit_code: int | None = None) -> None:
@@ -134,6 +152,13 @@ class DistillStep(nn.Module):
         self.student = student
         self.method = method
         self._forward = student_forward
+
+    @property
+    def _no_split_modules(self) -> list[str] | None:
+        """The student's layer classes to shard one by one (Hugging Face models list their decoder layers here):
+        Accelerate's FSDP auto-wrap (``TRANSFORMER_BASED_WRAP`` without a class list) reads it from the module it
+        prepares, which is this one."""
+        return getattr(self.student, "_no_split_modules", None)
 
     def forward(self, batch: Batch, teacher_out: ModelOutput | None) -> dict[str, Tensor]:
         with capture(self.student, self.method.student_layers) as feats:
@@ -344,7 +369,10 @@ def _optimizer_step(accelerator: Any, step_module: Any, opt: Any, sched: Any, te
                     max_grad_norm: float | None) -> None:
     """Clip (recording the norm in ``terms``), step the optimizer and the scheduler, clear the gradients."""
     if max_grad_norm is not None:
-        terms["grad_norm"] = accelerator.clip_grad_norm_(step_module.parameters(), max_grad_norm).detach().float()
+        norm = accelerator.clip_grad_norm_(step_module.parameters(), max_grad_norm)
+        if hasattr(norm, "full_tensor"):  # FSDP2: the norm of sharded (DTensor) gradients is a DTensor too
+            norm = norm.full_tensor()
+        terms["grad_norm"] = norm.detach().float()
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
@@ -353,15 +381,32 @@ def _optimizer_step(accelerator: Any, step_module: Any, opt: Any, sched: Any, te
 def _save_checkpoint(accelerator: Any, ckpt: CheckpointManager, inner: DistillStep, opt: Any, sched: Any,
                      aug_rng: np.random.Generator, pos: _Position, epoch: int, batch_in_epoch: int, *,
                      elapsed: float) -> None:
-    """Everything a resumed run needs to end with the same weights as an uninterrupted one (main process)."""
+    """Everything a resumed run needs to end with the same weights as an uninterrupted one (main process). Under
+    FSDP2 every rank takes part in gathering the whole tensors first; the files are the same as without it, except
+    that the optimizer state is keyed by parameter name (``optimizer_by_name``)."""
+    sharded = is_sharded(inner)
+    if sharded:
+        model_state, opt_state = gather_full_state(inner, opt)
+        student_state, method_state = _split_state(model_state)
+    else:
+        student_state, method_state, opt_state = inner.student.state_dict(), inner.method.state_dict(), None
     if accelerator.is_main_process:
         ckpt.save(pos.step, {
-            "student": inner.student.state_dict(), "method": inner.method.state_dict(),
-            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state(),
-            "aug_rng": aug_rng.bit_generator.state, "step": pos.step, "epoch": epoch,
+            "student": student_state, "method": method_state, "optimizer_by_name": sharded,
+            "optimizer": opt_state if sharded else opt.state_dict(), "scheduler": sched.state_dict(),
+            "rng": rng_state(), "aug_rng": aug_rng.bit_generator.state, "step": pos.step, "epoch": epoch,
             "batch_in_epoch": batch_in_epoch, "history": pos.history, "elapsed": elapsed,
         })
     accelerator.wait_for_everyone()
+
+
+def _split_state(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A :class:`DistillStep`'s state dict as ``(student state, method state)``."""
+    parts: tuple[dict[str, Any], dict[str, Any]] = ({}, {})
+    for k, v in state.items():
+        head, _, rest = k.partition(".")
+        parts[head == "method"][rest] = v
+    return parts
 
 
 @dataclass
@@ -403,9 +448,19 @@ def _restore(ckpt: CheckpointManager, inner: DistillStep, opt: Any, sched: Any, 
              batches_per_epoch: int) -> _Position:
     """Load the newest checkpoint into the models, optimizer, scheduler and RNGs; return where to continue."""
     state = ckpt.load()
-    inner.student.load_state_dict(state["student"])
-    inner.method.load_state_dict(state["method"])
-    opt.load_state_dict(state["optimizer"])
+    sharded, by_name = is_sharded(inner), bool(state.get("optimizer_by_name", False))
+    if sharded != by_name:
+        raise KDistillError(
+            f"checkpoint {str(ckpt.latest())!r} was written by a run {'with' if by_name else 'without'} FSDP, and this "
+            f"run is {'with' if sharded else 'without'} it; the optimizer states are stored differently. Fix: resume "
+            "with the launcher config the run started with, or start over without --resume.")
+    if sharded:  # every rank reads the whole state and keeps its shards
+        scatter_full_state(inner, opt, {**{f"student.{k}": v for k, v in state["student"].items()},
+                                        **{f"method.{k}": v for k, v in state["method"].items()}}, state["optimizer"])
+    else:
+        inner.student.load_state_dict(state["student"])
+        inner.method.load_state_dict(state["method"])
+        opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     aug_rng.bit_generator.state = state["aug_rng"]

@@ -1,0 +1,145 @@
+"""FSDP2 on CPU (gloo): `fit` under the shipped Accelerate fsdp.yaml with 2 processes gives the same update as one
+process on the whole batch, its checkpoints resume to the same weights as an uninterrupted run, and hooks resolve by
+the unwrapped model's names under FSDP1 and FSDP2. See _fsdp_worker.py for how FSDP is switched on on CPUs."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kdistill.errors import KDistillError
+from kdistill.recipes import launcher_config
+from kdistill.train import make_accelerator
+from kdistill.train.checkpoint import CheckpointManager
+
+HERE = Path(__file__).parent
+WORKER, CAPTURE_WORKER = HERE / "_fsdp_worker.py", HERE / "_fsdp_capture_worker.py"
+SHAPES = {"blocks.0.linear.weight": (8, 12), "blocks.0.linear.bias": (8,), "blocks.1.linear.weight": (8, 8),
+          "blocks.1.linear.bias": (8,), "head.weight": (4, 8), "head.bias": (4,)}
+
+
+def _env() -> dict[str, str]:
+    # CPU processes (gloo) even on a GPU machine: this is the CPU check of FSDP
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parents[1] / "src"), "CUDA_VISIBLE_DEVICES": ""}
+    for k in [k for k in env if k.startswith(("ACCELERATE_", "FSDP_")) or k in ("LOCAL_RANK", "RANK", "WORLD_SIZE")]:
+        del env[k]
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _bin(name: str) -> str:
+    return shutil.which(name) or str(Path(sys.executable).with_name(name))
+
+
+def _fsdp(out: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """The worker under `accelerate launch` with the shipped fsdp.yaml, 2 processes."""
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [_bin("accelerate"), "launch", "--config_file", str(launcher_config("fsdp")), "--num_processes", "2",
+           "--main_process_port", str(_free_port()), str(WORKER), str(out), *args]
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0 or not check, r.stderr[-4000:]
+    return r
+
+
+def _plain(out: Path, *args: str) -> subprocess.CompletedProcess:
+    """The worker as one ordinary process (no launcher, no FSDP)."""
+    out.mkdir(parents=True, exist_ok=True)
+    return subprocess.run([sys.executable, str(WORKER), str(out), *args], env=_env(), capture_output=True, text=True,
+                          timeout=240)
+
+
+def _info(out: Path) -> dict:
+    return json.loads((out / "info.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp")
+    r = _plain(root / "plain")
+    assert r.returncode == 0, r.stderr[-4000:]
+    _fsdp(root / "fsdp")
+    return root
+
+
+@pytest.mark.distributed
+def test_fsdp_two_processes_equal_one_process_on_the_whole_batch(runs):
+    info = _info(runs / "fsdp")
+    assert info["world"] == 2 and info["distributed_type"] == "DistributedType.FSDP" and info["steps"] == 6
+    # TRANSFORMER_BASED_WRAP found the student's _no_split_modules through DistillStep: each Block is its own unit
+    assert info["fsdp_units"] == ["blocks.0", "blocks.1"]
+    # every parameter really is split in two (dimension 0 of every tensor here is even)
+    assert info["full_numel"] == {k: torch.Size(s).numel() for k, s in SHAPES.items()}
+    assert info["local_numel"] == {k: n // 2 for k, n in info["full_numel"].items()}
+    one = load_file(str(runs / "plain" / "weights.safetensors"))
+    two = load_file(str(runs / "fsdp" / "weights.safetensors"))
+    assert one.keys() == two.keys() and any(k.startswith("method.") for k in one)  # fitnet's projector too
+    for k in one:
+        assert torch.allclose(one[k], two[k], atol=1e-5), f"{k}: max diff {(one[k] - two[k]).abs().max()}"
+    # and the comparison is not vacuous: training moved the weights well beyond the tolerance
+    assert _info(runs / "plain")["moved"] > 1e-2 and info["moved"] > 1e-2
+
+@pytest.mark.distributed
+def test_fsdp_checkpoint_resumes_to_the_uninterrupted_weights(runs, tmp_path):
+    part = tmp_path / "part"
+    _fsdp(part, "crash_at", "3")
+    assert _info(part) == {"crashed_at": 3}
+    ckpt = CheckpointManager(part / "run" / "checkpoints")
+    assert ckpt.latest().name == "step-000000002"
+    state = ckpt.load()
+    # the whole tensors were gathered, and the optimizer state is keyed by parameter name
+    assert state["optimizer_by_name"] is True and state["step"] == 2 and state["batch_in_epoch"] == 4
+    assert {k: tuple(v.shape) for k, v in state["student"].items()} == SHAPES
+    adam = state["optimizer"]["state"]
+    assert set(adam) >= {f"student.{k}" for k in SHAPES} and any(k.startswith("method.") for k in adam)
+    assert tuple(adam["student.blocks.0.linear.weight"]["exp_avg"].shape) == SHAPES["blocks.0.linear.weight"]
+    # a run without FSDP refuses this checkpoint (its optimizer state is stored another way) and says why
+    refused = _plain(part, "resume")
+    assert refused.returncode != 0 and "written by a run with FSDP" in refused.stderr
+    _fsdp(part, "resume")
+    assert _info(part)["steps"] == 6
+    resumed = load_file(str(part / "weights.safetensors"))
+    full = load_file(str(runs / "fsdp" / "weights.safetensors"))
+    assert resumed.keys() == full.keys()
+    for k in full:
+        assert torch.allclose(resumed[k], full[k], atol=1e-6, rtol=0), f"{k}: {(resumed[k] - full[k]).abs().max()}"
+
+
+@pytest.mark.distributed
+def test_hooks_resolve_by_name_under_fsdp1_and_fsdp2(tmp_path):
+    out = tmp_path / "capture.json"
+    cmd = [_bin("torchrun"), "--standalone", "--nproc_per_node=2", str(CAPTURE_WORKER), str(out)]
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-4000:]
+    report = json.loads(out.read_text())
+    # FSDP2 keeps the object (its class becomes a subclass); FSDP1 wraps it and unwrap strips the wrapper
+    assert report["fsdp2"]["outer"] == report["fsdp2"]["unwrapped"] == "FSDPStudent"
+    assert report["fsdp1"]["outer"] == "FullyShardedDataParallel" and report["fsdp1"]["unwrapped"] == "Student"
+    # FSDP1 names its auto-wrapped layers `blocks.1._fsdp_wrapped_module.linear`; the plain names still resolve,
+    # to the wrapped modules themselves
+    assert report["fsdp1"]["resolved"] == {"blocks.1": "Block", "blocks.1.linear": "Linear", "head": "Linear"}
+    assert report["fsdp2"]["resolved"] == {"blocks.1": "FSDPBlock", "blocks.1.linear": "Linear", "head": "Linear"}
+    for kind in ("fsdp1", "fsdp2"):
+        assert all(d < 1e-6 for d in report[kind]["max_diff"].values()), (kind, report[kind]["max_diff"])
+        assert report[kind]["hooks_left"] == 0
+        err = report[kind]["unknown_name_error"]
+        assert "Did you mean 'blocks.1.linear'" in err and "_fsdp_wrapped_module" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="Accelerate enables FSDP on GPUs")
+def test_an_fsdp_launch_on_cpus_is_refused_not_run_as_ddp(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(KDistillError, match="enables FSDP only on GPUs") as e:
+        make_accelerator()
+    assert "ddp.yaml" in str(e.value)
