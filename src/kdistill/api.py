@@ -408,6 +408,27 @@ def select(recipe: str | Path | dict, *, output: str | Path, overrides: Sequence
         return task.select(cfg, Path(output), progress)
 
 
+def design(recipe: str | Path | dict, *, output: str | Path, budget: str | None = None, capacity_gap: bool = False,
+           overrides: Sequence[str] = (), progress: bool = True) -> dict[str, Any]:
+    """Size and shape the student before distilling (docs/data_and_students.md): the candidates of the recipe's
+    ``design.space`` within ``budget`` (``"params=N"``, ``"latency_ms=X"`` or both, comma-separated; ``None``: no
+    limit), ranked without training (DisWOT), the best few distilled briefly with the recipe's method; writes
+    ``design.json`` (every candidate's params, FLOPs, latency, scores), ``pareto.png`` and ``recipe.yaml`` (the
+    recipe with the chosen student) to ``output``. ``capacity_gap``: every candidate is distilled and trained alone,
+    and ``capacity_gap.png`` shows where distillation helps most. Supported tasks: classification."""
+    from .students.design import parse_budget
+
+    limits = parse_budget(budget)  # a malformed budget fails before anything loads
+    cfg = load_config(recipe, overrides)
+    task = TASKS.get(getattr(cfg, "task", "classification"))
+    if task.design is None:
+        able = [n for n, t in TASKS.items() if t.design is not None]
+        raise KDistillError(f"design: the recipe's task is {task.name!r}, which has no student search; expected a "
+                            f"recipe of one of: {', '.join(able)}.")
+    with quiet_hub_progress(not progress):
+        return task.design(cfg, Path(output), budget=limits, capacity_gap=capacity_gap, progress=progress)
+
+
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key_env: str | None = None,
           max_tokens_limit: int = 512, max_prompt_tokens: int = 2048, max_request_bytes: int = 1_000_000,
           max_batch_size: int = 8, threads: int | None = None) -> None:

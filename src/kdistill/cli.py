@@ -173,6 +173,27 @@ def select_cmd(
         _fail(e)
 
 
+@app.command("design")
+def design_cmd(
+    config: Annotated[str, typer.Argument(help="A classification recipe file or built-in name.")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value overrides")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for design.json, pareto.png and "
+                                                                "recipe.yaml.")] = ...,
+    budget: Annotated[Optional[str], typer.Option("--budget", "-b", help="params=N, latency_ms=X (per batch, "
+                                                                         "measured here), or both: "
+                                                                         "params=N,latency_ms=X.")] = None,
+    capacity_gap: Annotated[bool, typer.Option("--capacity-gap", help="Distil and train alone every candidate: "
+                                                                      "where does distillation help most?")] = False,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide progress.")] = False,
+) -> None:
+    """Choose the student: candidates within a budget, ranked without training (DisWOT), the best distilled briefly."""
+    try:
+        typer.echo(json.dumps(api.design(config, output=output, budget=budget, capacity_gap=capacity_gap,
+                                         overrides=list(overrides or []), progress=not no_progress), indent=2))
+    except KDistillError as e:
+        _fail(e)
+
+
 @app.command("serve")
 def serve_cmd(
     model: Annotated[str, typer.Argument(help="Zoo name (smollm2-135m), a saved Hugging Face causal LM folder, "

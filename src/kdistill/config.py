@@ -157,6 +157,65 @@ class SelectionSpec(StrictModel):
                 "budget": self.budget, "subset": self.subset, "options": dict(self.options)}
 
 
+#: ``design.space`` when a recipe gives none: MLP and CNN students by width and depth (24 candidates)
+DEFAULT_DESIGN_SPACE: dict[str, dict[str, list[Any]]] = {
+    "mlp": {"width": [16, 32, 64, 128, 256], "depth": [1, 2, 3]},
+    "cnn": {"width": [4, 8, 16], "depth": [2, 3, 4]},
+}
+
+
+class DesignSpec(StrictModel):
+    """``design:`` (``kdistill design``): the student search space and how candidates are judged
+    (:mod:`kdistill.students.design`).
+
+    ``space``: ``{model family: {kwarg: [values]}}``, every combination one candidate (a single value is a fixed
+    argument); ``top_k`` candidates, best by the training-free DisWOT score, are distilled briefly (0: all of them);
+    ``steps``: optimizer steps of each brief distillation (the recipe's other ``train`` settings are kept);
+    ``score_batches`` x ``score_batch_size`` training examples feed the training-free scores; ``law_fraction``: the
+    student-to-teacher size ratio the Law of Capacity Gap's rule of thumb predicts to be best (the optimal teacher
+    is about 2.5 times the student, so 0.4)."""
+
+    space: dict[str, dict[str, Any]] = DEFAULT_DESIGN_SPACE
+    top_k: int = 3
+    steps: int = 300
+    score_batches: int = 4
+    score_batch_size: int = 64
+    law_fraction: float = 0.4
+
+    @field_validator("space")
+    @classmethod
+    def _space(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, list[Any]]]:
+        from . import models  # noqa: F401  (fills MODELS)
+        from .registry import MODELS
+
+        if not v:
+            raise ValueError("design.space: got an empty search space; expected {family: {argument: [values]}}, "
+                             "e.g. {mlp: {width: [32, 64], depth: [1, 2]}}")
+        out: dict[str, dict[str, list[Any]]] = {}
+        for family, args in v.items():
+            MODELS.get(family)  # an unknown family: close matches
+            if not isinstance(args, dict):
+                raise ValueError(f"design.space.{family}: got {args!r}, expected a mapping of argument -> list of "
+                                 "values, e.g. {width: [32, 64], depth: [1, 2]}")
+            lists = {k: list(x) if isinstance(x, (list, tuple)) else [x] for k, x in args.items()}
+            for k, x in lists.items():
+                if not x:
+                    raise ValueError(f"design.space.{family}.{k}: got an empty list; expected at least one value")
+            check_kwargs("model", family, MODELS.get(family), {k: x[0] for k, x in lists.items()},
+                         provided=("input_shape", "num_classes"))
+            out[family] = lists
+        return out
+
+    @model_validator(mode="after")
+    def _numbers(self) -> DesignSpec:
+        for name, low in (("top_k", 0), ("steps", 1), ("score_batches", 1), ("score_batch_size", 2)):
+            if getattr(self, name) < low:
+                raise ValueError(f"design.{name}: got {getattr(self, name)}, expected an integer >= {low}")
+        if not 0.0 < self.law_fraction < 1.0:
+            raise ValueError(f"design.law_fraction: got {self.law_fraction}, expected a number in (0, 1)")
+        return self
+
+
 class MethodSpec(NamedSpec):
     """A distillation method from ``METHODS``; kwargs go to its constructor."""
 

@@ -56,3 +56,20 @@ def model_latency_ms(model: nn.Module, example: Tensor, repeats: int = 30) -> fl
         return latency_ms(lambda: model(example), repeats=repeats)
     finally:
         model.train(was)
+
+
+@torch.no_grad()
+def model_flops(model: nn.Module, example: Tensor) -> int:
+    """Floating-point operations of one forward pass of ``model`` (eval mode) on ``example`` (a batch: pass one row
+    for a per-example figure), counted by ``torch.utils.flop_counter``: matrix products and convolutions, two per
+    multiply-add; element-wise work (activations, normalisation, pooling) is not counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was = model.training
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(example.to(device_of(model)))
+        return int(counter.get_total_flops())
+    finally:
+        model.train(was)

@@ -184,21 +184,24 @@ def pkt(student_features: Tensor, teacher_features: Tensor, *, eps: float = 1e-7
 # ---------------------------------------------------------------------------------------------- similarity preserving
 
 
+def similarity_gram(x: Tensor) -> Tensor:
+    """``(N, ...) -> (N, N)`` float32: ``row_normalize(X X^T)`` of the rows flattened (each row of the Gram matrix
+    scaled to unit L2 norm; an all-zero row stays zero). The relation matrix of similarity-preserving KD, and of
+    DisWOT's training-free student ranking (``kdistill.eval.diswot``)."""
+    x = x.float().flatten(1)
+    return F.normalize(x @ x.t(), dim=1)
+
+
 def similarity_preserving(student_features: Tensor, teacher_features: Tensor) -> Tensor:
     """Similarity-preserving KD per anchor row, shape ``(B,)``: ``sum_j (G_s - G_t)_ij^2 / B`` with
-    ``G = row_normalize(F F^T)`` (features flattened), so the mean over rows is ``||G_s - G_t||_F^2 / B^2``.
+    ``G = row_normalize(F F^T)`` (:func:`similarity_gram`), so the mean over rows is ``||G_s - G_t||_F^2 / B^2``.
 
     Tung & Mori, 2019, "Similarity-Preserving Knowledge Distillation".
     """
     _same_batch(student_features, teacher_features, "similarity_preserving")
     _min_batch(student_features, 2, "similarity_preserving")
-
-    def gram(x: Tensor) -> Tensor:
-        x = x.float().flatten(1)
-        return F.normalize(x @ x.t(), dim=1)
-
     n = student_features.shape[0]
-    return (gram(student_features) - gram(teacher_features)).pow(2).sum(1) / n
+    return (similarity_gram(student_features) - similarity_gram(teacher_features)).pow(2).sum(1) / n
 
 
 # ---------------------------------------------------------------------------------------------- ND

@@ -27,3 +27,6 @@ class Task:
     description: str = ""
     #: ``kdistill select``: ``(config, output folder, progress) -> summary``; None for tasks without data selection
     select: Callable[[Any, Path, bool], dict[str, Any]] | None = None
+    #: ``kdistill design``: ``(config, output folder, *, budget, capacity_gap, progress) -> summary``; None for tasks
+    #: without a student search
+    design: Callable[..., dict[str, Any]] | None = None

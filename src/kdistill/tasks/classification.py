@@ -21,6 +21,7 @@ from ..config import (
     DEFAULT_METHODS,
     DEFAULT_SELECTORS,
     AugmentSpec,
+    DesignSpec,
     MethodSpec,
     NamedSpec,
     SelectionSpec,
@@ -31,11 +32,11 @@ from ..config import (
 from ..data.augment import build_augment
 from ..data.classification import ClassificationData, load_dataset
 from ..data.selection import Selection, pool_fingerprint, select_training_subset, write_subset
-from ..errors import close_matches
-from ..eval.metrics import agreement, classification_metrics, model_latency_ms
+from ..errors import KDistillError, close_matches
+from ..eval.metrics import agreement, classification_metrics, model_flops, model_latency_ms
 from ..eval.report import write_report
 from ..exporters.classifier import load_classifier, save_classifier
-from ..io import cache_root, load_state_dict, seed_everything, write_json_atomic
+from ..io import cache_root, load_state_dict, seed_everything, write_bytes_atomic, write_json_atomic
 from ..models.classifiers import count_params, predict_logits
 from ..registry import DATASETS, METHODS, MODELS, TASKS
 from ..train.classifier import train_classifier
@@ -150,6 +151,7 @@ class ClassificationConfig(StrictModel):
     variants: dict[str, VariantSpec] = {}
     teacher_cache: bool = True  # precompute teacher logits once when inputs are fixed and only logits are used
     eval: EvalSpec = EvalSpec()
+    design: DesignSpec | None = None  # `kdistill design`: the student search space (default: DesignSpec())
 
     @model_validator(mode="after")
     def _text(self) -> ClassificationConfig:
@@ -462,6 +464,123 @@ def build_report(cfg: Any, data: ClassificationData, task: str, teacher: torch.n
     return report, curves
 
 
+def design_classification(cfg: ClassificationConfig, output: Path, *, budget: dict[str, float],
+                          capacity_gap: bool = False, progress: bool = True) -> dict[str, Any]:
+    """``kdistill design``: every candidate of ``design.space`` (:mod:`kdistill.students.design`) built and measured
+    (params, FLOPs, latency per batch here), those over ``budget`` set aside, the rest ranked without training by
+    DisWOT (:mod:`kdistill.eval.diswot`); the ``design.top_k`` best (with ``capacity_gap``: all, each also trained
+    alone on labels) distilled for ``design.steps`` steps with the recipe's method. Writes ``design.json``,
+    ``pareto.png``, ``recipe.yaml`` (the recipe with the most accurate distilled student, by validation accuracy)
+    and, with ``capacity_gap``, ``capacity_gap.png`` into ``output``."""
+    import yaml
+
+    from ..eval.diswot import score_candidates
+    from ..students import design
+
+    t_start = time.perf_counter()
+    spec = cfg.design or DesignSpec()
+    data = load_dataset(cfg.data.name, **cfg.data.kwargs)
+    accelerator = make_accelerator(cfg.train.mixed_precision)
+    _, (teacher, *_) = _teachers(cfg, data, accelerator, RunContext(output / "work", False, progress),
+                                 cfg.data.kwargs.get("tokenizer"))
+    lat_x, one = data.x_train[: cfg.eval.latency_batch_size], data.x_train[:1]
+    hooked = METHODS.get(cfg.method.name)(**cfg.method.kwargs).student_layers
+
+    def accuracy_of(model: torch.nn.Module) -> dict[str, float]:
+        return {"val_accuracy": classification_metrics(predict_logits(model, data.x_val), data.y_val)["accuracy"],
+                "test_accuracy": classification_metrics(predict_logits(model, data.x_test), data.y_test)["accuracy"]}
+
+    rows: list[dict[str, Any]] = []
+    for cand in design.candidates(spec.space):
+        seed_everything(cfg.seed)
+        model = _build(ModelSpec(name=cand.family, kwargs=cand.kwargs), data)
+        row = {"name": cand.name, "family": cand.family, "kwargs": cand.kwargs, "params": count_params(model),
+               "flops": model_flops(model, one), "latency_ms": model_latency_ms(model, lat_x, cfg.eval.latency_repeats)}
+        missing = [n for n in hooked if n not in dict(model.named_modules())]
+        row["excluded"] = design.over_budget(params=row["params"], latency_ms=row["latency_ms"], budget=budget) + (
+            [f"no layer {', '.join(missing)} for the method to read"] if missing else [])
+        rows.append(row)
+    eligible = [r for r in rows if not r["excluded"]]
+    if not eligible:
+        small = min(rows, key=lambda r: r["params"])
+        raise KDistillError(f"design: none of the {len(rows)} candidates of design.space fits: got budget {budget} "
+                            f"(the smallest, {small['name']}, has {small['params']:,} params and runs a batch in "
+                            f"{small['latency_ms']:.3f} ms: {'; '.join(small['excluded'])}); expected at least one "
+                            "candidate within it. Fix: raise --budget, or add smaller widths / depths to design.space.")
+
+    g = torch.Generator().manual_seed(cfg.seed)  # the same examples for every candidate
+    picked = torch.randperm(len(data.y_train), generator=g)[: spec.score_batches * spec.score_batch_size]
+    batches = [data.x_train[i] for i in picked.split(spec.score_batch_size) if len(i) >= 2]
+    builders = {r["name"]: (lambda r=r: _build(ModelSpec(name=r["family"], kwargs=r["kwargs"]), data))
+                for r in eligible}
+    for name, score in score_candidates(builders, teacher, batches, seed=cfg.seed).items():
+        next(r for r in eligible if r["name"] == name).update(score)
+    eligible.sort(key=lambda r: (-r["diswot"], r["params"], r["name"]))
+    for i, r in enumerate(eligible):
+        r["rank_diswot"] = i + 1
+
+    brief = cfg.train.model_copy(update={"max_steps": spec.steps, "epochs": 10**6})
+    to_train = eligible if capacity_gap or spec.top_k == 0 else eligible[: spec.top_k]
+    needs_teacher = METHODS.get(cfg.method.name).needs_teacher
+    phases = [("distilled", cfg.method, cfg.augment)] + ([("alone", MethodSpec(name=ALONE), None)] if capacity_gap
+                                                         else [])
+    for r in to_train:
+        for phase, mspec, aspec in phases:
+            model, _, secs = _train_phase(
+                f"candidates/{r['name']}/{phase}", cfg=cfg, data=data,
+                model_spec=ModelSpec(name=r["family"], kwargs=r["kwargs"]), train=brief, method_spec=mspec,
+                augment_spec=aspec, teacher=teacher if phase == "distilled" and needs_teacher else None,
+                accelerator=accelerator, ctx=RunContext(output, False, progress),
+                extra_meta={"method": mspec.model_dump(), "design": r["name"]})
+            r[phase] = {**accuracy_of(model), "train_seconds": secs}
+
+    done = [r for r in eligible if "distilled" in r]
+    front = [done[i]["name"] for i in design.pareto_front([r["latency_ms"] for r in done],
+                                                          [r["distilled"]["val_accuracy"] for r in done])]
+    chosen = max(done, key=lambda r: (r["distilled"]["val_accuracy"], -r["latency_ms"]))
+    teacher_entry = {"params": count_params(teacher), "flops": model_flops(teacher, one),
+                     "latency_ms": model_latency_ms(teacher, lat_x, cfg.eval.latency_repeats), **accuracy_of(teacher)}
+    target = [r["distilled"]["test_accuracy"] for r in done]
+    scores = {"diswot": [r["diswot"] for r in done], "params": [r["params"] for r in done],
+              "flops": [r["flops"] for r in done]}
+    out: dict[str, Any] = {
+        "recipe": cfg.name, "task": "classification", "method": cfg.method.name, "seed": cfg.seed,
+        "budget": budget, "design": spec.model_dump(), "teacher": teacher_entry,
+        "latency_batch_size": int(lat_x.shape[0]), "score_examples": int(sum(len(b) for b in batches)),
+        "candidates": eligible + [r for r in rows if r["excluded"]],
+        "ranking": [r["name"] for r in eligible], "pareto_front": front, "chosen": chosen["name"],
+        "rank_correlation": {"target": "test accuracy after distillation", "n": len(done),
+                             **design.rank_correlations(scores, target)},
+    }
+    if capacity_gap:
+        out["rank_correlation_gain"] = {
+            "target": "distilled minus alone test accuracy", "n": len(done),
+            **design.rank_correlations(scores, [r["distilled"]["test_accuracy"] - r["alone"]["test_accuracy"]
+                                                for r in done])}
+        out["capacity_gap"] = design.capacity_gap_summary(
+            [{"name": r["name"], "params": r["params"], "distilled": r["distilled"]["test_accuracy"],
+              "alone": r["alone"]["test_accuracy"]} for r in done],
+            teacher_params=teacher_entry["params"], teacher_accuracy=teacher_entry["test_accuracy"],
+            law_fraction=spec.law_fraction)
+        design.plot_capacity_gap(output / "capacity_gap.png", out["capacity_gap"])
+    design.plot_pareto(output / "pareto.png",
+                       [{"name": r["name"], "family": r["family"], "latency_ms": r["latency_ms"],
+                         "accuracy": r["distilled"]["val_accuracy"]} for r in done], front, chosen["name"],
+                       teacher={"accuracy": teacher_entry["val_accuracy"]})
+    recipe = {**cfg.model_dump(mode="json", exclude_unset=True),
+              "student": {"name": chosen["family"], "kwargs": chosen["kwargs"]}}
+    head = (f"# kdistill design: the student {chosen['name']} ({chosen['params']:,} params, "
+            f"{chosen['latency_ms']:.3f} ms per batch of {int(lat_x.shape[0])} here, validation accuracy "
+            f"{chosen['distilled']['val_accuracy']:.4f} after {spec.steps} steps); see design.json\n")
+    write_bytes_atomic(output / "recipe.yaml", (head + yaml.safe_dump(recipe, sort_keys=False)).encode())
+    out["wall_seconds"] = time.perf_counter() - t_start
+    write_json_atomic(output / "design.json", out)
+    return {"output": str(output), "recipe": str(output / "recipe.yaml"), "chosen": chosen["name"],
+            "candidates": len(rows), "within_budget": len(eligible), "distilled": len(done), "pareto_front": front,
+            "rank_correlation": out["rank_correlation"],
+            **({"capacity_gap": out["capacity_gap"]["best_gain"]} if capacity_gap else {})}
+
+
 TASKS.register("classification")(Task("classification", ClassificationConfig, run_classification,
                                       "teacher classifier -> student classifier, with baseline and variants",
-                                      select=select_classification))
+                                      select=select_classification, design=design_classification))
