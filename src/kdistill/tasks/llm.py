@@ -327,9 +327,9 @@ class LMDataSpec(FileSource):
 class LMCacheSpec(StrictModel):
     """Offline teacher targets: ``kdistill cache RECIPE --output DIR`` writes them, ``dir`` uses them. ``mode``:
     ``topk`` keeps the ``k`` most likely tokens per position; ``sampled`` keeps ``k`` tokens drawn from the teacher
-    (at ``proposal_temperature``, default the method's ``kd_temperature``), an unbiased forward-KL target of at most
-    ``7 + 3 k`` bytes per token (vocabularies up to 65,536), less when the draws repeat
-    (:mod:`kdistill.teachers.cache`)."""
+    (at ``proposal_temperature``; default: the temperature the method's ``cache_identity`` asks targets to be written
+    at), an unbiased forward-KL target of at most ``7 + 3 k`` bytes per token (vocabularies up to 65,536), less when
+    the draws repeat (:mod:`kdistill.teachers.cache`)."""
 
     dir: str
     mode: Literal["topk", "sampled"] = "topk"
