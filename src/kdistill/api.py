@@ -399,13 +399,20 @@ def select(recipe: str | Path | dict, *, output: str | Path, overrides: Sequence
     ``output``: ``subset.jsonl`` (every pool example's index, score, whether it was kept) and ``selection.json``.
     A recipe reuses it with ``data.selection.subset=<output>``. Supported tasks: classification, llm, blackbox."""
     cfg = load_config(recipe, overrides)
-    task = TASKS.get(getattr(cfg, "task", "classification"))
-    if task.select is None:
-        able = [n for n, t in TASKS.items() if t.select is not None]
-        raise KDistillError(f"select: the recipe's task is {task.name!r}, which has no data selection; expected a "
-                            f"recipe of one of: {', '.join(able)}.")
+    run = _task_hook(cfg, "select", "data selection")
     with quiet_hub_progress(not progress):
-        return task.select(cfg, Path(output), progress)
+        return run(cfg, Path(output), progress)
+
+
+def _task_hook(cfg: Any, hook: str, what: str) -> Any:
+    """The recipe's task's ``hook`` (``Task.select`` / ``Task.design``), or one error naming the tasks that have it."""
+    task = TASKS.get(getattr(cfg, "task", "classification"))
+    fn = getattr(task, hook)
+    if fn is None:
+        able = [n for n, t in TASKS.items() if getattr(t, hook) is not None]
+        raise KDistillError(f"{hook}: the recipe's task is {task.name!r}, which has no {what}; expected a recipe of "
+                            f"one of: {', '.join(able)}.")
+    return fn
 
 
 def design(recipe: str | Path | dict, *, output: str | Path, budget: str | None = None, capacity_gap: bool = False,
@@ -420,13 +427,9 @@ def design(recipe: str | Path | dict, *, output: str | Path, budget: str | None 
 
     limits = parse_budget(budget)  # a malformed budget fails before anything loads
     cfg = load_config(recipe, overrides)
-    task = TASKS.get(getattr(cfg, "task", "classification"))
-    if task.design is None:
-        able = [n for n, t in TASKS.items() if t.design is not None]
-        raise KDistillError(f"design: the recipe's task is {task.name!r}, which has no student search; expected a "
-                            f"recipe of one of: {', '.join(able)}.")
+    run = _task_hook(cfg, "design", "student search")
     with quiet_hub_progress(not progress):
-        return task.design(cfg, Path(output), budget=limits, capacity_gap=capacity_gap, progress=progress)
+        return run(cfg, Path(output), budget=limits, capacity_gap=capacity_gap, progress=progress)
 
 
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key_env: str | None = None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,17 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def publish_dir(src: str | Path, dst: str | Path) -> None:
+    """Copy the finished folder ``src`` to ``dst`` (e.g. a trained teacher into the cache) so that ``dst`` is never
+    seen half-written: copy into a temporary sibling, remove an older ``dst``, rename."""
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
+    shutil.copytree(src, tmp, dirs_exist_ok=True)
+    if dst.exists():
+        shutil.rmtree(dst)
+    os.replace(tmp, dst)
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:

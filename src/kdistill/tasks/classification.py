@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from dataclasses import replace
@@ -36,7 +35,7 @@ from ..errors import KDistillError, close_matches
 from ..eval.metrics import agreement, classification_metrics, model_flops, model_latency_ms
 from ..eval.report import write_report
 from ..exporters.classifier import load_classifier, save_classifier
-from ..io import cache_root, load_state_dict, seed_everything, write_bytes_atomic, write_json_atomic
+from ..io import cache_root, load_state_dict, publish_dir, seed_everything, write_bytes_atomic, write_json_atomic
 from ..models.classifiers import count_params, predict_logits
 from ..registry import DATASETS, METHODS, MODELS, TASKS
 from ..train.classifier import train_classifier
@@ -308,11 +307,7 @@ def _get_teacher(cfg: ClassificationConfig, spec: TeacherSpec, folder: str, data
                                      accelerator=accelerator, ctx=RunContext(ctx.output, False, ctx.progress),
                                      extra_meta={"fingerprint": fp})
     if spec.reuse and accelerator.is_main_process:
-        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
-        shutil.copytree(tdir, tmp, dirs_exist_ok=True)
-        if cached.exists():
-            shutil.rmtree(cached)
-        os.replace(tmp, cached)
+        publish_dir(tdir, cached)
     return model, hist, secs, "trained"
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -40,7 +39,14 @@ from ..eval.generative import frechet_distance, precision_recall, sample_grid_pn
 from ..eval.metrics import classification_metrics, latency_ms
 from ..eval.report import write_report
 from ..exporters.classifier import load_classifier, save_classifier
-from ..io import cache_root, load_state_dict, save_state_dict_atomic, seed_everything, write_json_atomic
+from ..io import (
+    cache_root,
+    load_state_dict,
+    publish_dir,
+    save_state_dict_atomic,
+    seed_everything,
+    write_json_atomic,
+)
 from ..methods.base import Method, ModelOutput
 from ..models.classifiers import count_params, predict_logits
 from ..models.diffusion import SAMPLERS, DiffusionSchedule, guided, sample
@@ -162,11 +168,8 @@ class _Guided(nn.Module):
         return guided(self.net, z, t, y, self.scale if guidance_scale is None else guidance_scale, self.null_class)
 
 
-def _student_forward(model: nn.Module, batch: dict[str, Any]) -> ModelOutput:
-    return ModelOutput(logits=None, extra={"net": model})
-
-
-def _teacher_forward(model: nn.Module, batch: dict[str, Any]) -> ModelOutput:
+def _net_output(model: nn.Module, batch: dict[str, Any]) -> ModelOutput:
+    """The forward of both models in the loop: the network itself, which the method calls as often as it needs."""
     return ModelOutput(logits=None, extra={"net": model})
 
 
@@ -179,15 +182,6 @@ def _save_denoiser(d: Path, model: nn.Module, *, spec: ModelSpec, data: Generati
     save_classifier(d, model, model_name=spec.name, model_kwargs=spec.kwargs, input_shape=data.sample_shape,
                     num_classes=data.num_classes, extra={"denoiser_format": DENOISER_FORMAT, **extra})
     write_json_atomic(d / "history.json", history)
-
-
-def _publish(src: Path, dst: Path) -> None:
-    """Copy a finished folder into the cache atomically (a temporary sibling, then a rename)."""
-    tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
-    shutil.copytree(src, tmp, dirs_exist_ok=True)
-    if dst.exists():
-        shutil.rmtree(dst)
-    os.replace(tmp, dst)
 
 
 def _get_teacher(cfg: DiffusionConfig, data: GenerativeData, schedule: DiffusionSchedule, accelerator: Any,
@@ -215,7 +209,7 @@ def _get_teacher(cfg: DiffusionConfig, data: GenerativeData, schedule: Diffusion
     loader = make_loader(TensorDictDataset(inputs=data.x_train, labels=data.y_train), spec.train.batch_size,
                          seed=spec.seed, drop_last=True)
     res = fit(student=model, method=method, train_loader=loader, accelerator=accelerator,
-              student_forward=_student_forward, output_dir=ctx.output / "work" / "teacher", resume=ctx.resume,
+              student_forward=_net_output, output_dir=ctx.output / "work" / "teacher", resume=ctx.resume,
               phase="teacher", progress=ctx.progress,
               seed=spec.seed, **spec.train.model_dump(exclude={"batch_size", "mixed_precision"}))
     history = {"seconds": res.seconds, "steps": res.steps}
@@ -224,7 +218,7 @@ def _get_teacher(cfg: DiffusionConfig, data: GenerativeData, schedule: Diffusion
                        extra={"fingerprint": fp, "schedule": schedule.settings(), "role": "teacher",
                               "class_names": data.class_names})
         if spec.reuse:
-            _publish(tdir, cached)
+            publish_dir(tdir, cached)
     accelerator.wait_for_everyone()
     return res.student, history, "trained", fp
 
@@ -256,7 +250,7 @@ def _get_evaluator(cfg: DiffusionConfig, data: GenerativeData, accelerator: Any,
                         input_shape=data.sample_shape, num_classes=data.num_classes,
                         extra={"fingerprint": fp, "role": "evaluator"})
         write_json_atomic(edir / "history.json", {"seconds": res.seconds, "test": test})
-        _publish(edir, cached)
+        publish_dir(edir, cached)
     accelerator.wait_for_everyone()
     return model, test, fp
 
@@ -312,7 +306,7 @@ def _train_student(name: str, spec: MethodSpec, *, cfg: DiffusionConfig, data: G
         else:
             method.set_total_steps(per_stage)
             res = fit(student=student, method=method, teacher=stage_teacher, train_loader=loader,
-                      accelerator=accelerator, student_forward=_student_forward, teacher_forward=_teacher_forward,
+                      accelerator=accelerator, student_forward=_net_output, teacher_forward=_net_output,
                       output_dir=sdir, resume=ctx.resume, phase=f"{name}/{stage.name}", progress=ctx.progress,
                       seed=cfg.seed + i, on_step=lambda step, model: method.after_optimizer_step(model),
                       **{**cfg.train.model_dump(exclude={"batch_size", "mixed_precision"}), "max_steps": per_stage})

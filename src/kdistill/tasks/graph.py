@@ -16,7 +16,6 @@ test nodes: the MLP on their features, the GNN including the fetch of their ``la
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -32,7 +31,14 @@ from ..errors import close_matches
 from ..eval.metrics import accuracy, agreement, classification_metrics, latency_ms
 from ..eval.report import write_report
 from ..exporters.classifier import load_classifier, save_classifier
-from ..io import cache_root, load_state_dict, save_state_dict_atomic, seed_everything, write_json_atomic
+from ..io import (
+    cache_root,
+    load_state_dict,
+    publish_dir,
+    save_state_dict_atomic,
+    seed_everything,
+    write_json_atomic,
+)
 from ..models.classifiers import count_params, predict_logits
 from ..models.gnn import GraphModel, neighbour_fetch
 from ..registry import METHODS, MODELS, TASKS
@@ -181,11 +187,7 @@ def _get_teacher(*, fingerprint: str, model_kwargs: dict[str, Any], data: GraphD
                                                 "fingerprint": fingerprint})
         write_json_atomic(tdir / "history.json", {"history": res.history, "seconds": res.seconds})
         if reuse:
-            tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
-            shutil.copytree(tdir, tmp, dirs_exist_ok=True)
-            if cached.exists():
-                shutil.rmtree(cached)
-            os.replace(tmp, cached)
+            publish_dir(tdir, cached)
     accelerator.wait_for_everyone()
     return res.student, res.history, res.seconds, "trained"
 
