@@ -1,8 +1,9 @@
 """Diffusion step-distillation benchmark (issue 23): every diffusion method on Fashion-MNIST, 1/2/4 sampling steps.
 
 Runs the recipe ``diffusion/<method>`` of every registered diffusion distillation method (a method that overrides
-``Method.prepare_diffusion`` and needs a teacher), and ``diffusion/vsd_snoopi`` (VSD with SNOOPI's random-scale
-guidance), once per seed, through the task runner. Every run shares one teacher
+``Method.prepare_diffusion`` and needs a teacher), ``diffusion/vsd_snoopi`` (VSD with SNOOPI's random-scale
+guidance) and ``diffusion/denoising`` (the no-teacher control: the same steps on the data alone), once per seed,
+through the task runner. Every run shares one teacher
 (the recipes' teacher: a class-conditional UNet trained once and reused from the cache), one evaluator classifier and
 the same student budget, and starts its student from the teacher's weights. The seed draws the student's noise and
 timesteps and the evaluation noises; the teacher's rows (50 DDIM steps, the reference, and 1/2/4 steps, the naive
@@ -42,7 +43,7 @@ from kdistill.methods.base import Method  # noqa: E402
 from kdistill.registry import METHODS  # noqa: E402
 
 #: rows beyond one per method: recipes that run a method with an option worth its own row
-EXTRA_ROWS = ("vsd_snoopi",)
+EXTRA_ROWS = ("vsd_snoopi", "denoising")
 METRICS = ("fid", "precision", "recall", "accuracy", "mse_to_teacher", "ms_per_sample")
 
 
