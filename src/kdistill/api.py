@@ -142,14 +142,20 @@ def quiet_hub_progress(quiet: bool = True) -> Iterator[None]:
 
 def _launch(recipe: Any, out: Path, overrides: Sequence[str], resume: bool, nproc: int,
             progress: bool = True) -> dict[str, Any]:
-    import tempfile
-
     if not isinstance(recipe, (str, Path, type(None))):
         raise KDistillError("run(nproc > 1) needs a recipe path or name, not a dict (it relaunches the CLI).")
+    args = ["run"] + ([str(recipe)] if recipe is not None else []) + ["--output", str(out)]
+    args += (["--resume"] if resume else []) + ([] if progress else ["--no-progress"]) + list(overrides)
+    _torchrun(args, nproc, "run", "(add --resume to continue)")
+    return json.loads((out / "report.json").read_text())
+
+
+def _torchrun(cli_args: Sequence[str], nproc: int, command: str, again: str) -> None:
+    """``kdistill <cli_args>`` under ``torchrun --nproc_per_node nproc``; a rank's user error is raised here once."""
+    import tempfile
+
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
-    cmd = [torchrun, "--standalone", f"--nproc_per_node={nproc}", "-m", "kdistill.cli", "run"]
-    cmd += ([str(recipe)] if recipe is not None else []) + ["--output", str(out)] + (["--resume"] if resume else [])
-    cmd += ([] if progress else ["--no-progress"]) + list(overrides)
+    cmd = [torchrun, "--standalone", f"--nproc_per_node={nproc}", "-m", "kdistill.cli", *cli_args]
     with tempfile.TemporaryDirectory(prefix="kdistill-launch-") as tmp:
         errors = Path(tmp) / "error"
         proc = subprocess.run(cmd, env={**os.environ, _LAUNCHED_ENV: "1", _ERROR_FILE_ENV: str(errors)})
@@ -157,10 +163,8 @@ def _launch(recipe: Any, out: Path, overrides: Sequence[str], resume: bool, npro
         if reported:
             raise KDistillError(reported[0].read_text())
     if proc.returncode != 0:
-        raise KDistillError(f"run --nproc {nproc}: torchrun exited with code {proc.returncode}; a process failed "
-                            "(its messages are above). Fix what they report, then run again "
-                            "(add --resume to continue).")
-    return json.loads((out / "report.json").read_text())
+        raise KDistillError(f"{command} --nproc {nproc}: torchrun exited with code {proc.returncode}; a process "
+                            f"failed (its messages are above). Fix what they report, then run again {again}.")
 
 
 def evaluate(checkpoint: str | Path) -> dict[str, Any]:
@@ -374,17 +378,32 @@ def sample(run_dir: str | Path, *, n: int = 64, steps: int = 1, model: str = "st
 
 
 def cache(recipe: str | Path | dict, *, output: str | Path | None = None, overrides: Sequence[str] = (),
-          progress: bool = True) -> dict[str, Any]:
+          progress: bool = True, nproc: int = 1) -> dict[str, Any]:
     """Run an ``llm`` recipe's teacher once over its training data and store the top-k targets (sharded
     safetensors + manifest) in ``output`` (default: the recipe's ``cache.dir``). Resumable: run it again
-    after an interruption. Train from it with ``cache.dir=<output>``."""
+    after an interruption. Train from it with ``cache.dir=<output>``. ``nproc > 1`` runs the teacher in that many
+    processes under ``torchrun`` (one GPU each where there are GPUs), each writing its own shards; the cache equals
+    a one-process cache byte for byte."""
     from .tasks.llm import write_cache
 
     cfg = load_config(recipe, overrides)
     if getattr(cfg, "task", None) != "llm":
         raise KDistillError(f"cache: recipe task is {getattr(cfg, 'task', None)!r}; expected an 'llm' recipe "
                             "(top-k caches are for language-model teachers).")
-    root = write_cache(cfg, Path(output) if output is not None else None, progress=progress)
+    if not (isinstance(nproc, int) and nproc >= 1):
+        raise KDistillError(f"cache: got nproc {nproc!r}, expected an integer >= 1 (processes to run the teacher in).")
+    if nproc > 1 and "LOCAL_RANK" not in os.environ:
+        if not isinstance(recipe, (str, Path)):
+            raise KDistillError("cache(nproc > 1) needs a recipe path or name, not a dict (it relaunches the CLI).")
+        out = output if output is not None else getattr(cfg.cache, "dir", None)
+        if out is None:
+            raise KDistillError("cache: the recipe has no `cache:` section and no --output was given; expected one "
+                                "of them to name the cache directory.")
+        _torchrun(["cache", str(recipe), "--output", str(out), *([] if progress else ["--no-progress"]),
+                   *overrides], nproc, "cache", "(it resumes where it stopped)")
+        root = Path(out)
+    else:
+        root = write_cache(cfg, Path(output) if output is not None else None, progress=progress)
     from .teachers.cache import TopKCache
 
     c = TopKCache(root)

@@ -149,13 +149,26 @@ def cache_cmd(
     output: Annotated[Optional[Path],
                       typer.Option("--output", "-o", help="Cache folder (default: the recipe's cache.dir).")] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide progress.")] = False,
+    nproc: Annotated[int, typer.Option(help="Processes to run the teacher in (torchrun; one GPU each).")] = 1,
 ) -> None:
     """Run the teacher once and store its top-k log-probs (resumable, verified) for training without it."""
+    import os
+
+    from .train.loop import end_distributed  # imports torch: not at CLI start-up
+
     try:
-        typer.echo(json.dumps(api.cache(config, output=output, overrides=list(overrides or []),
-                                        progress=not no_progress), indent=2))
+        info = api.cache(config, output=output, overrides=list(overrides or []), progress=not no_progress,
+                         nproc=nproc)
+        if int(os.environ.get("RANK", "0")) == 0:
+            typer.echo(json.dumps(info, indent=2))
+        end_distributed(exit_code=0)  # a torchrun rank whose shards are written and merged leaves here
     except KDistillError as e:
+        if api.hand_error_to_launcher(e):
+            end_distributed(exit_code=0)
+            raise typer.Exit(0) from None
         _fail(e)
+    finally:
+        end_distributed()
 
 
 @app.command("select")

@@ -50,7 +50,7 @@ from ..eval.report import write_report
 from ..io import write_json_atomic
 from ..methods.base import ModelOutput
 from ..registry import METHODS, TASKS
-from ..train.loop import fit, make_accelerator
+from ..train.loop import fit, join_torchrun, make_accelerator
 from .base import RunContext, Task
 
 
@@ -620,22 +620,27 @@ def write_cache(cfg: LLMConfig, output: Path | None = None, *, progress: bool = 
     kd_t = targets_temperature(method.cache_identity())
     if cfg.teacher.endpoint:
         return _write_served_cache(cfg, spec, out, train_items, eval_items, stream, kd_t, progress)
+    rank, world, barrier, device = join_torchrun()  # under torchrun, ranks write disjoint shards
     teacher, tok = _teacher(cfg, corpus_texts(train_items))
     train_blocks = held_out_tensors(tok, train_items, eval_items, stream=stream, **cfg.data.tensor_kwargs())[0]
+    fingerprint = model_fingerprint(teacher)  # of the weights as loaded, wherever they run
+    teacher.to(device)
 
     def teacher_fn(ids: Tensor, attn: Tensor) -> Tensor:
-        return teacher(input_ids=ids, attention_mask=attn).logits
+        return teacher(input_ids=ids.to(device), attention_mask=attn.to(device)).logits
 
     def report(done: int, total: int) -> None:
         if progress:
-            print(f"[cache] shard {done}/{total}", flush=True)
+            print(f"[cache] shard {done}/{total}" if world == 1 else f"[cache rank {rank}] shard {done}/{total}",
+                  flush=True)
 
     return write_topk_cache(out, teacher_fn, train_blocks.tolist(), k=spec.k, kd_temperature=kd_t,
-                            teacher_fingerprint=model_fingerprint(teacher), tokenizer_hash=tokenizer_hash(tok),
+                            teacher_fingerprint=fingerprint, tokenizer_hash=tokenizer_hash(tok),
                             vocab_size=int(teacher.config.vocab_size), dtype=spec.dtype, shard_size=spec.shard_size,
                             batch_size=cfg.train.batch_size, pad_id=int(tok.pad_token_id or 0),
                             extra=_cache_identity(cfg), progress=report, mode=spec.mode,
-                            proposal_temperature=spec.proposal_temperature, sample_seed=cfg.seed)
+                            proposal_temperature=spec.proposal_temperature, sample_seed=cfg.seed,
+                            rank=rank, world_size=world, barrier=barrier)
 
 
 def _write_served_cache(cfg: LLMConfig, spec: LMCacheSpec, out: Path, train_items: Any, eval_items: Any,

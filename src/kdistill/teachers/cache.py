@@ -63,6 +63,9 @@ Safety:
   ``max_loaded_shards`` parsed shards stay in memory.
 * **refused on mismatch**: a manifest whose teacher, tokenizer, mode, k, temperature or data differ from the
   run raises with the differing fields.
+* **many writers**: under ``torchrun`` each rank writes the shards dealt to it and lists them in
+  ``manifest.rank-<r>.json``; rank 0 merges the lists into ``manifest.json`` (also those an interrupted job left,
+  re-hashing the shards they name). The result equals a one-process cache byte for byte.
 
 A teacher served over HTTP (:class:`kdistill.teachers.api.EndpointScorer`) is written through ``topk_fn``
 instead of ``teacher_fn``: the server returns top-k log-probs at temperature 1 (never logits), the residual is
@@ -323,6 +326,9 @@ def write_topk_cache(
     mode: str = "topk",
     proposal_temperature: float | None = None,
     sample_seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Callable[[], None] | None = None,
 ) -> Path:
     """Run the teacher over ``sequences`` (lists of token ids) and write the top-k cache to ``output_dir``.
 
@@ -339,7 +345,21 @@ def write_topk_cache(
     ``topk_fn`` (instead of ``teacher_fn``): a teacher that answers top-k log-probs directly (a served model, at
     temperature 1 only); ``teacher_probe``: its probe log-probs, stored in the manifest and compared within a
     tolerance on resume (see :func:`kdistill.teachers.api.probe_difference`).
+
+    Many processes (``world_size > 1``, e.g. under ``torchrun``; ``barrier`` synchronises them): every rank calls
+    this with the same arguments and its ``rank``. Rank 0 creates (or checks) the manifest and takes in what an
+    interrupted run left; the shards still missing are dealt round-robin, each rank writes its own, atomically, and
+    lists them in its own ``manifest.rank-<r>.json``; rank 0 then merges the lists into ``manifest.json``. Shard
+    ``i`` holds the same sequences (and, sampled, the same draws) whoever writes it, so the cache equals a
+    single-process one byte for byte; an interruption loses no listed shard, whichever process count resumes.
+    ``progress(done, total)`` counts this rank's shards when ``world_size > 1``.
     """
+    if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+        raise KDistillError(f"write_topk_cache: got rank {rank!r} of world_size {world_size!r}; expected an integer "
+                            "world_size >= 1 and 0 <= rank < world_size.")
+    if world_size > 1 and barrier is None:
+        raise KDistillError(f"write_topk_cache: world_size {world_size} needs a barrier (e.g. "
+                            "torch.distributed.barrier) so that rank 0 merges the manifest after every rank wrote.")
     if (teacher_fn is None) == (topk_fn is None):
         raise KDistillError("write_topk_cache: expected exactly one of teacher_fn (logits) and topk_fn (top-k "
                             "log-probs of a served teacher).")
@@ -394,40 +414,30 @@ def write_topk_cache(
     if mode == "sampled":
         identity.update(proposal_temperature=prop_t, sample_seed=int(sample_seed))
     index_dtype = torch.uint16 if vocab_size <= 65536 else torch.int32
-    if (root / MANIFEST).exists():
-        manifest = _read_manifest(root)
-        if manifest["mode"] != mode:
-            raise _mode_error(f"cache directory {str(root)!r}", manifest["mode"], mode,
-                              "write to a new --output directory (or delete this one).")
-        diffs = _mismatch(manifest, identity)
-        if diffs:
-            raise KDistillError(
-                f"cache directory {str(root)!r} holds a different cache: " + "; ".join(diffs)
-                + ". Fix: write to a new --output directory (or delete this one).")
-        if teacher_probe is not None:
-            why = _probe_diff(manifest.get("teacher_probe"), teacher_probe)
-            if why is not None:
-                raise KDistillError(f"cache directory {str(root)!r} was written from another served teacher: {why}. "
-                                    "Fix: write to a new --output directory (or delete this one).")
-    else:
-        manifest = {**identity, "index_dtype": str(index_dtype).removeprefix("torch."), "shards": [],
-                    "complete": False}
-        if teacher_probe is not None:
-            manifest["teacher_probe"] = dict(teacher_probe)
-        write_json_atomic(root / MANIFEST, manifest)
-    for stale in root.glob(".*.tmp"):  # temporary files of an interrupted write; never listed
-        stale.unlink()
-
+    if (root / MANIFEST).exists():  # every rank checks (the same files, the same verdict: none waits on a failed one)
+        _check_existing(root, identity, mode, teacher_probe)
     num_shards = math.ceil(len(sequences) / shard_size)
-    good: dict[int, dict[str, Any]] = {}
-    for entry in manifest["shards"]:
-        if _check_shard(root, entry) is None:
-            good[entry["index"]] = entry
-    written = 0
-    for i in range(num_shards):
-        if i in good:
-            continue
-        if stop_after_shards is not None and written >= stop_after_shards:
+    if rank == 0:
+        if not (root / MANIFEST).exists():
+            manifest = {**identity, "index_dtype": str(index_dtype).removeprefix("torch."), "shards": [],
+                        "complete": False}
+            if teacher_probe is not None:
+                manifest["teacher_probe"] = dict(teacher_probe)
+            write_json_atomic(root / MANIFEST, manifest)
+        for stale in root.glob(".*.tmp"):  # temporary files of an interrupted write; never listed
+            stale.unlink()
+        _merge_rank_lists(root, num_shards, verify=True)
+    if barrier is not None:
+        barrier()
+    manifest = _read_manifest(root)
+    # rank 0 has just verified the listed shards (world_size 1: verify here; they are the same process's)
+    good = {e["index"]: e for e in manifest["shards"]}
+    missing = [i for i in range(num_shards) if i not in good]
+    mine = missing[rank::world_size]
+    ranks_list = root / f"manifest.rank-{rank}.json"
+    written: list[dict[str, Any]] = []
+    for i in mine:
+        if stop_after_shards is not None and len(written) >= stop_after_shards:
             break
         start, stop = i * shard_size, min(len(sequences), (i + 1) * shard_size)
         if topk_fn is not None:
@@ -444,18 +454,73 @@ def write_topk_cache(
         path = root / _shard_name(i)
         # no safetensors metadata: its key order is not deterministic, and the manifest holds it all
         save_state_dict_atomic(path, tensors)
-        good[i] = {"index": i, "file": path.name, "start": start, "count": stop - start,
-                   "tokens": int(tensors["lengths"].sum()), "bytes": path.stat().st_size, "sha256": _sha256_file(path)}
-        manifest["shards"] = [good[j] for j in sorted(good)]
-        manifest["complete"] = len(good) == num_shards
-        write_json_atomic(root / MANIFEST, manifest)
-        written += 1
-        if progress is not None:
-            progress(len(good), num_shards)
-    manifest["shards"] = [good[j] for j in sorted(good)]
+        entry = {"index": i, "file": path.name, "start": start, "count": stop - start,
+                 "tokens": int(tensors["lengths"].sum()), "bytes": path.stat().st_size, "sha256": _sha256_file(path)}
+        written.append(entry)
+        if world_size == 1:
+            good[i] = entry
+            _write_shard_list(root, manifest, good, num_shards)
+            if progress is not None:
+                progress(len(good), num_shards)
+        else:  # only rank 0 writes manifest.json; each rank lists its own shards
+            write_json_atomic(ranks_list, {"shards": written})
+            if progress is not None:
+                progress(len(written), len(mine))
+    if world_size == 1:
+        _write_shard_list(root, manifest, good, num_shards)
+        return root
+    barrier()
+    if rank == 0:
+        _merge_rank_lists(root, num_shards, verify=False)  # each rank hashed its shards as it wrote them
+    barrier()  # every rank returns with the merged manifest on disk
+    return root
+
+
+def _check_existing(root: Path, identity: Mapping[str, Any], mode: str, teacher_probe: Mapping[str, Any] | None,
+                    ) -> None:
+    """Refuse to write into ``root`` when its manifest describes another cache (mode, identity, served teacher)."""
+    manifest = _read_manifest(root)
+    if manifest["mode"] != mode:
+        raise _mode_error(f"cache directory {str(root)!r}", manifest["mode"], mode,
+                          "write to a new --output directory (or delete this one).")
+    diffs = _mismatch(manifest, identity)
+    if diffs:
+        raise KDistillError(
+            f"cache directory {str(root)!r} holds a different cache: " + "; ".join(diffs)
+            + ". Fix: write to a new --output directory (or delete this one).")
+    if teacher_probe is not None:
+        why = _probe_diff(manifest.get("teacher_probe"), teacher_probe)
+        if why is not None:
+            raise KDistillError(f"cache directory {str(root)!r} was written from another served teacher: {why}. "
+                                "Fix: write to a new --output directory (or delete this one).")
+
+
+def _write_shard_list(root: Path, manifest: dict[str, Any], good: Mapping[int, Mapping[str, Any]],
+                      num_shards: int) -> None:
+    manifest["shards"] = [dict(good[j]) for j in sorted(good)]
     manifest["complete"] = len(good) == num_shards
     write_json_atomic(root / MANIFEST, manifest)
-    return root
+
+
+def _merge_rank_lists(root: Path, num_shards: int, *, verify: bool) -> None:
+    """Fold the per-rank shard lists (``manifest.rank-<r>.json``, of this or an interrupted multi-process run) into
+    ``manifest.json`` and delete them; with ``verify``, every listed shard is checked (size, SHA-256) and broken ones
+    are dropped, to be written again."""
+    manifest = _read_manifest(root)
+    entries = list(manifest["shards"])
+    lists = sorted(root.glob("manifest.rank-*.json"))
+    for f in lists:
+        try:
+            entries += json.loads(f.read_text())["shards"]
+        except (json.JSONDecodeError, KeyError):  # cannot happen with atomic writes; a damaged list lists nothing
+            pass
+    good: dict[int, dict[str, Any]] = {}
+    for entry in entries:
+        if not verify or _check_shard(root, entry) is None:
+            good[int(entry["index"])] = entry
+    _write_shard_list(root, manifest, good, num_shards)
+    for f in lists:
+        f.unlink()
 
 
 Encoder = Callable[[Tensor, Tensor], dict[str, Tensor]]

@@ -115,6 +115,28 @@ def end_distributed(exit_code: int | None = None) -> None:
             os._exit(exit_code)
 
 
+def join_torchrun() -> tuple[int, int, Callable[[], None] | None, torch.device]:
+    """``(rank, world_size, barrier, device)`` of this process for work split across ranks outside the training
+    loop (Accelerate sets up its own group there). Started by ``torchrun`` with ``WORLD_SIZE > 1``: joins the
+    process group (NCCL on GPUs, gloo on CPUs) unless already joined, device ``cuda:<LOCAL_RANK>`` or the CPU,
+    barrier ``torch.distributed.barrier``. Otherwise ``(0, 1, None, cuda:0 or cpu)``."""
+    import os
+
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if world <= 1:
+        return 0, 1, None, torch.device("cuda:0" if cuda else "cpu")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), dist.barrier, device
+
+
 def default_forward(model: nn.Module, batch: Batch) -> Tensor:
     return model(batch["inputs"])
 
