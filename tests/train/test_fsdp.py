@@ -21,6 +21,7 @@ from kdistill.train.checkpoint import CheckpointManager
 
 HERE = Path(__file__).parent
 WORKER, CAPTURE_WORKER = HERE / "_fsdp_worker.py", HERE / "_fsdp_capture_worker.py"
+LLM_WORKER = HERE / "_fsdp_llm_worker.py"
 SHAPES = {"blocks.0.linear.weight": (8, 12), "blocks.0.linear.bias": (8,), "blocks.1.linear.weight": (8, 8),
           "blocks.1.linear.bias": (8,), "head.weight": (4, 8), "head.bias": (4,)}
 
@@ -43,20 +44,20 @@ def _bin(name: str) -> str:
     return shutil.which(name) or str(Path(sys.executable).with_name(name))
 
 
-def _fsdp(out: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def _fsdp(out: Path, *args: str, check: bool = True, worker: Path = WORKER) -> subprocess.CompletedProcess:
     """The worker under `accelerate launch` with the shipped fsdp.yaml, 2 processes."""
     out.mkdir(parents=True, exist_ok=True)
     cmd = [_bin("accelerate"), "launch", "--config_file", str(launcher_config("fsdp")), "--num_processes", "2",
-           "--main_process_port", str(_free_port()), str(WORKER), str(out), *args]
+           "--main_process_port", str(_free_port()), str(worker), str(out), *args]
     r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
     assert r.returncode == 0 or not check, r.stderr[-4000:]
     return r
 
 
-def _plain(out: Path, *args: str) -> subprocess.CompletedProcess:
+def _plain(out: Path, *args: str, worker: Path = WORKER) -> subprocess.CompletedProcess:
     """The worker as one ordinary process (no launcher, no FSDP)."""
     out.mkdir(parents=True, exist_ok=True)
-    return subprocess.run([sys.executable, str(WORKER), str(out), *args], env=_env(), capture_output=True, text=True,
+    return subprocess.run([sys.executable, str(worker), str(out), *args], env=_env(), capture_output=True, text=True,
                           timeout=240)
 
 
@@ -143,3 +144,24 @@ def test_an_fsdp_launch_on_cpus_is_refused_not_run_as_ddp(monkeypatch):
     with pytest.raises(KDistillError, match="enables FSDP only on GPUs") as e:
         make_accelerator()
     assert "ddp.yaml" in str(e.value)
+
+
+@pytest.mark.distributed
+def test_llm_fused_head_under_fsdp_shards_the_teacher_and_equals_one_process(tmp_path):
+    r = _plain(tmp_path / "plain", worker=LLM_WORKER)
+    assert r.returncode == 0, r.stderr[-4000:]
+    _fsdp(tmp_path / "fsdp", worker=LLM_WORKER)
+    plain, info = _info(tmp_path / "plain"), _info(tmp_path / "fsdp")
+    assert info["world"] == 2 and info["steps"] == plain["steps"] == 4
+    # the teacher's decoder layers are split in two on each rank; embeddings, final norm and LM head stay whole
+    layers = {k: n for k, n in info["teacher_full"].items() if k.startswith("model.layers.")}
+    assert info["teacher_sharded"] == {k: n // 2 for k, n in layers.items()} and info["teacher_head_is_plain"]
+    assert plain["teacher_sharded"] == {} and "lm_head.weight" in info["student_sharded"]
+    # the student (tied embeddings, fused forward KL on both models' hidden states + LM heads) trains as on one
+    # process over the whole batch
+    one = load_file(str(tmp_path / "plain" / "weights.safetensors"))
+    two = load_file(str(tmp_path / "fsdp" / "weights.safetensors"))
+    assert one.keys() == two.keys()
+    for k in one:
+        assert torch.allclose(one[k], two[k], atol=2e-5), f"{k}: max diff {(one[k] - two[k]).abs().max()}"
+    assert plain["moved"] > 1e-2

@@ -94,6 +94,29 @@ def _check_fsdp_took(accelerator: Any) -> None:
             "on CPUs.")
 
 
+def _uses_fsdp2(accelerator: Any) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP and bool(getattr(accelerator, "is_fsdp2", False))
+
+
+def _place_teacher(teacher: nn.Module, device: torch.device, *, sharded: bool) -> None:
+    """Put the frozen teacher on ``device``. Under FSDP2 (``sharded``) every layer the teacher names in
+    ``_no_split_modules`` (a Hugging Face model's decoder layers) is sharded across the ranks with ``fully_shard``
+    and gathered only while it runs (inference only: no gradients, resharded after its forward), so no rank holds
+    the whole teacher; what lies outside those layers (embeddings, final norm, LM head) stays whole on every rank,
+    where the fused loss reads the LM head as a plain tensor. A teacher that names no layer classes is kept whole.
+    Sharding happens before the move, so the full weights never reach the device."""
+    names = set(getattr(teacher, "_no_split_modules", None) or []) if sharded else set()
+    layers = [m for m in teacher.modules() if type(m).__name__ in names]
+    if layers:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in layers:
+            fully_shard(layer, reshard_after_forward=True)
+    teacher.to(device)
+
+
 def end_distributed(exit_code: int | None = None) -> None:
     """Under torchrun, tear the process group down. With ``exit_code`` (a rank whose outputs are all written),
     also leave at once with that code, without the interpreter's exit-time cleanup: on a loaded machine a
@@ -304,7 +327,8 @@ def fit(
     device = accelerator.device
     if teacher is not None:
         # Frozen for good: eval mode (dropout off, BN statistics fixed), no gradients, never optimised.
-        teacher.eval().requires_grad_(False).to(device)
+        teacher.eval().requires_grad_(False)
+        _place_teacher(teacher, device, sharded=_uses_fsdp2(accelerator))
     method.resolve_layers(unwrap(student), unwrap(teacher) if teacher is not None else None)  # names to hook
     teacher_fn = _teacher_fn(teacher, method, teacher_forward, teacher_targets)
     _setup_method(student, method, train_loader, student_forward, teacher_fn, device)
