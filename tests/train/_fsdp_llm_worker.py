@@ -1,5 +1,5 @@
 """Run by tests/train/test_fsdp.py: LLM distillation with the fused LM-head loss under FSDP2 (2 CPU processes, the
-shipped fsdp.yaml; see _fsdp_worker.py for how FSDP is switched on on CPUs), or as one plain process for the
+shipped fsdp.yaml, KDISTILL_CPU_FSDP=1), or as one plain process for the
 reference.
 
     python _fsdp_llm_worker.py OUT_DIR
@@ -64,7 +64,7 @@ def main(out: Path) -> None:
             "teacher_sharded": local_numel(teacher),
             "teacher_full": {k: v.numel() for k, v in teacher.state_dict().items()},
             "teacher_head_is_plain": not isinstance(teacher.get_output_embeddings().weight, DTensor),
-            "student_sharded": sorted(local_numel(res.student)),
+            "student_sharded": sorted(local_numel(student)),  # sharded in place; fit returns a whole copy
             "moved": max(float((state[k] - v).abs().max()) for k, v in initial.items())}))
     acc.wait_for_everyone()
 

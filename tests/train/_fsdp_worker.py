@@ -3,12 +3,12 @@ processes, or as one plain process (no launcher, no FSDP) for the reference.
 
     python _fsdp_worker.py OUT_DIR [crash_at STEP | resume]
 
-Accelerate 1.15 turns FSDP on only for GPU-type processes: on CPUs its state stays MULTI_CPU, and
-``kdistill.train.make_accelerator`` refuses an FSDP launch there rather than silently running DDP. torch's FSDP2
-(``fully_shard``) itself runs on gloo, so this worker builds Accelerate's FSDP plugin from the launcher's ``FSDP_*``
-variables (that is, from fsdp.yaml), makes the accelerator without them, and switches its state to FSDP before
-``fit``. From there on -- ``prepare`` (auto-wrap by ``_no_split_modules``, the optimizer's parameter swap),
-``no_sync``, ``clip_grad_norm_``, the loop's checkpoints and resume -- it is the code a GPU run executes.
+Accelerate 1.15 turns FSDP on only for GPU-type processes: on CPUs ``kdistill.train.make_accelerator`` refuses an
+FSDP launch rather than silently running DDP, unless ``KDISTILL_CPU_FSDP=1`` (set by the test) asks it to switch
+FSDP2 on for CPU processes: it builds Accelerate's FSDP plugin from the launcher's ``FSDP_*`` variables (that is,
+from fsdp.yaml) and switches the accelerator's state to FSDP. From there on -- ``prepare`` (auto-wrap by
+``_no_split_modules``, the optimizer's parameter swap), ``no_sync``, ``clip_grad_norm_``, the loop's checkpoints and
+resume -- it is the code a GPU run executes.
 
 Trains a small student (two ``Block`` layers, listed in ``_no_split_modules`` like a Hugging Face model's decoder
 layers) with fitnet (hooks a Block; owns a projector) and AdamW, 2 micro-batches per step, gradient clipping, for 6
@@ -57,19 +57,9 @@ class Interrupted(Exception):
 
 
 def accelerator():
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
-        return make_accelerator()
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-    plugin = FullyShardedDataParallelPlugin()  # reads FSDP_VERSION, FSDP_AUTO_WRAP_POLICY, ... (from fsdp.yaml)
-    os.environ["ACCELERATE_USE_FSDP"] = "false"
     acc = make_accelerator()
-    # as Accelerate's own state set-up does for GPUs (it copies the type into PartialState, which later
-    # AcceleratorState() calls read back)
-    acc.state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
-    acc.state.fsdp_plugin = plugin
-    assert acc.is_fsdp2, "fsdp.yaml should ask for FSDP2"
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        assert acc.is_fsdp2, "fsdp.yaml should ask for FSDP2"
     return acc
 
 
@@ -110,8 +100,11 @@ def main(out: Path, mode: str, arg: int | None) -> None:
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
-    units = sorted(n for n, m in acc.unwrap_model(res.student).named_modules() if isinstance(m, FSDPModule))
-    local = {k: v.to_local().numel() for k, v in res.student.state_dict().items() if isinstance(v, DTensor)}
+    # FSDP2 sharded `student` in place; fit hands back a whole copy of it (an ordinary module, as under DDP)
+    units = sorted(n for n, m in student.named_modules() if isinstance(m, FSDPModule))
+    local = {k: v.to_local().numel() for k, v in student.state_dict().items() if isinstance(v, DTensor)}
+    returned_whole = not any(isinstance(v, DTensor) for v in res.student.state_dict().values()) and \
+        not isinstance(res.student, FSDPModule)
     state = {f"student.{k}": v for k, v in full(res.student).items()}
     state.update({f"method.{k}": v for k, v in full(res.method).items()})
     if acc.is_main_process:
@@ -120,7 +113,7 @@ def main(out: Path, mode: str, arg: int | None) -> None:
             "world": acc.num_processes, "distributed_type": str(acc.distributed_type), "fsdp_units": units,
             "local_numel": local, "full_numel": {k[len("student."):]: v.numel() for k, v in state.items()
                                                  if k.startswith("student.")},
-            "steps": res.steps,
+            "steps": res.steps, "returned_whole": returned_whole,
             "moved": max(float((state[f"student.{k}"] - v).abs().max()) for k, v in initial.items())}))
     acc.wait_for_everyone()
 

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from kdistill.errors import KDistillError
 from kdistill.recipes import launcher_config
 from kdistill.train import make_accelerator
+from kdistill.train.loop import CPU_FSDP_ENV
 from kdistill.train.checkpoint import CheckpointManager
 
 HERE = Path(__file__).parent
@@ -31,6 +32,7 @@ def _env() -> dict[str, str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parents[1] / "src"), "CUDA_VISIBLE_DEVICES": ""}
     for k in [k for k in env if k.startswith(("ACCELERATE_", "FSDP_")) or k in ("LOCAL_RANK", "RANK", "WORLD_SIZE")]:
         del env[k]
+    env[CPU_FSDP_ENV] = "1"  # FSDP2 on CPU processes (make_accelerator refuses an FSDP launch on CPUs otherwise)
     return env
 
 
@@ -83,6 +85,7 @@ def test_fsdp_two_processes_equal_one_process_on_the_whole_batch(runs):
     # every parameter really is split in two (dimension 0 of every tensor here is even)
     assert info["full_numel"] == {k: torch.Size(s).numel() for k, s in SHAPES.items()}
     assert info["local_numel"] == {k: n // 2 for k, n in info["full_numel"].items()}
+    assert info["returned_whole"]  # fit returns an ordinary module holding the whole trained weights
     one = load_file(str(runs / "plain" / "weights.safetensors"))
     two = load_file(str(runs / "fsdp" / "weights.safetensors"))
     assert one.keys() == two.keys() and any(k.startswith("method.") for k in one)  # fitnet's projector too
@@ -141,9 +144,10 @@ def test_hooks_resolve_by_name_under_fsdp1_and_fsdp2(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="Accelerate enables FSDP on GPUs")
 def test_an_fsdp_launch_on_cpus_is_refused_not_run_as_ddp(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.delenv(CPU_FSDP_ENV, raising=False)
     with pytest.raises(KDistillError, match="enables FSDP only on GPUs") as e:
         make_accelerator()
-    assert "ddp.yaml" in str(e.value)
+    assert "ddp.yaml" in str(e.value) and CPU_FSDP_ENV in str(e.value)
 
 
 @pytest.mark.distributed
@@ -165,3 +169,28 @@ def test_llm_fused_head_under_fsdp_shards_the_teacher_and_equals_one_process(tmp
     for k in one:
         assert torch.allclose(one[k], two[k], atol=2e-5), f"{k}: max diff {(one[k] - two[k]).abs().max()}"
     assert plain["moved"] > 1e-2
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_kdistill_run_llm_under_fsdp_equals_one_process(tmp_path):
+    """The whole llm task under the shipped fsdp.yaml (2 CPU processes): evaluation during and after training, the
+    report and the saved student, from a run whose student and teacher layers were sharded."""
+    cmd = [_bin("accelerate"), "launch", "--config_file", str(launcher_config("fsdp")), "--num_processes", "2",
+           "--main_process_port", str(_free_port()), "-m", "kdistill.cli", "run", "llm/tiny", "--output",
+           str(tmp_path / "fsdp"), "--no-progress", "train.eval_every=2"]
+    env = {**_env(), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-4000:]
+    r = subprocess.run([sys.executable, "-m", "kdistill.cli", "run", "llm/tiny", "--output", str(tmp_path / "one"),
+                        "--no-progress", "train.eval_every=2"], env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-4000:]
+    one, two = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "fsdp"))
+    for row in ("baseline", "student"):
+        a, b = one[row]["metrics"]["perplexity"], two[row]["metrics"]["perplexity"]
+        assert abs(a - b) <= 1e-4 * a, (row, a, b)
+    w1 = load_file(str(tmp_path / "one" / "student" / "model.safetensors"))
+    w2 = load_file(str(tmp_path / "fsdp" / "student" / "model.safetensors"))
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], atol=2e-5), f"{k}: {(w1[k] - w2[k]).abs().max()}"

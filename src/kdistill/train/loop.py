@@ -16,9 +16,10 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,17 +73,50 @@ def make_accelerator(mixed_precision: str = "no", *, find_unused_parameters: boo
     # told cpu=True; without it every process would silently train alone on all the data.
     # split_batches: a loader's batch_size is the global batch, divided across processes, so `--nproc 2` takes the
     # same number of steps of the same batches as one process (Accelerate's default gives each process a batch).
+    cpu_fsdp = _cpu_fsdp_plugin()
     acc = Accelerator(mixed_precision=mixed_precision, kwargs_handlers=kwargs, cpu=not torch.cuda.is_available(),
                       dataloader_config=DataLoaderConfiguration(split_batches=True))
+    if cpu_fsdp is not None:
+        from accelerate.state import PartialState
+        from accelerate.utils import DistributedType
+
+        # as Accelerate's own set-up does on GPUs (it copies the type into PartialState, read back by later calls)
+        acc.state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
+        acc.state.fsdp_plugin = cpu_fsdp
+        os.environ["ACCELERATE_USE_FSDP"] = "true"
     _check_fsdp_took(acc)
     return acc
 
 
+#: set to 1 to run an FSDP launch on CPU processes (gloo) instead of refusing it: slow, for checking an FSDP set-up
+#: (recipes/accelerate/fsdp.yaml, hooks, checkpoints, the fused loss) on a machine without GPUs, as the tests do
+CPU_FSDP_ENV = "KDISTILL_CPU_FSDP"
+
+
+def _cpu_fsdp_plugin() -> Any:
+    """Accelerate enables FSDP only for GPU-type processes. torch's FSDP2 (``fully_shard``) itself runs on gloo, so
+    with ``KDISTILL_CPU_FSDP=1`` on a machine without CUDA an FSDP launch builds Accelerate's FSDP plugin from the
+    launcher's ``FSDP_*`` variables (that is, from the launch config), lets Accelerate set up the CPU processes
+    without it, and then switches its state to FSDP2: from there on (``prepare``, ``no_sync``, clipping,
+    checkpoints) it is the code a GPU run executes. None when not asked for."""
+    wanted = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if not (wanted and os.environ.get(CPU_FSDP_ENV) == "1" and not torch.cuda.is_available()):
+        return None
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()  # reads FSDP_VERSION, FSDP_AUTO_WRAP_POLICY, ...
+    if plugin.fsdp_version != 2:
+        raise KDistillError(f"{CPU_FSDP_ENV}=1: the launch config asks for FSDP version {plugin.fsdp_version}; "
+                            "expected 2 (fully_shard runs on CPU processes, FSDP1 does not). Fix: fsdp_version: 2, "
+                            "as in recipes/accelerate/fsdp.yaml.")
+    os.environ["ACCELERATE_USE_FSDP"] = "false"  # Accelerate would otherwise look for GPUs
+    return plugin
+
+
 def _check_fsdp_took(accelerator: Any) -> None:
     """Accelerate turns FSDP on only for accelerator processes (CUDA and the like): launched with an FSDP config on
-    CPUs it would silently train with DDP, every rank holding the whole model. Refuse instead."""
-    import os
-
+    CPUs it would silently train with DDP, every rank holding the whole model. Refuse instead (unless
+    ``KDISTILL_CPU_FSDP=1`` switched FSDP2 on for CPU processes)."""
     from accelerate.utils import DistributedType
 
     wanted = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
@@ -91,7 +125,7 @@ def _check_fsdp_took(accelerator: Any) -> None:
             f"the launcher asked for FSDP (ACCELERATE_USE_FSDP=true), but Accelerate set up "
             f"{accelerator.distributed_type.value} on {accelerator.device.type}: it enables FSDP only on GPUs. Fix: "
             "launch on CUDA devices, or use the DDP config (recipes/accelerate/ddp.yaml) or `kdistill run --nproc N` "
-            "on CPUs.")
+            f"on CPUs (or set {CPU_FSDP_ENV}=1 to check the FSDP set-up on CPU processes, slowly).")
 
 
 def _uses_fsdp2(accelerator: Any) -> bool:
@@ -124,7 +158,6 @@ def end_distributed(exit_code: int | None = None) -> None:
     with 'terminate called without an active exception' (3 of 12 two-rank runs of the DDP test worker with two
     busy cores; 0 of 24 when the worker leaves this way). Outside a process group this does nothing."""
     import logging
-    import os
     import sys
 
     import torch.distributed as dist
@@ -143,8 +176,6 @@ def join_torchrun() -> tuple[int, int, Callable[[], None] | None, torch.device]:
     loop (Accelerate sets up its own group there). Started by ``torchrun`` with ``WORLD_SIZE > 1``: joins the
     process group (NCCL on GPUs, gloo on CPUs) unless already joined, device ``cuda:<LOCAL_RANK>`` or the CPU,
     barrier ``torch.distributed.barrier``. Otherwise ``(0, 1, None, cuda:0 or cpu)``."""
-    import os
-
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -332,6 +363,8 @@ def fit(
     method.resolve_layers(unwrap(student), unwrap(teacher) if teacher is not None else None)  # names to hook
     teacher_fn = _teacher_fn(teacher, method, teacher_forward, teacher_targets)
     _setup_method(student, method, train_loader, student_forward, teacher_fn, device)
+    # FSDP2 shards the student in place; the caller gets back a whole copy built on this weightless skeleton
+    skeleton = _meta_copy(student) if _uses_fsdp2(accelerator) else None
     step_module, opt, loader = _prepare(accelerator, DistillStep(student, method, student_forward), train_loader,
                                         optimizer=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum)
     total_steps, sched = _schedule(opt, len(loader), grad_accum=grad_accum, epochs=epochs, max_steps=max_steps,
@@ -355,7 +388,8 @@ def fit(
 
     def do_eval(epoch: int) -> None:
         if evaluate is not None:
-            pos.history.append({"step": pos.step, "epoch": epoch, **_evaluated(inner.student, evaluate)})
+            with _root_gathered(step_module):
+                pos.history.append({"step": pos.step, "epoch": epoch, **_evaluated(inner.student, evaluate)})
             log.eval_row(pos.history[-1])
 
     step_module.train()
@@ -398,8 +432,50 @@ def fit(
         log.close()
     if evaluate is not None and (not pos.history or pos.history[-1]["step"] != pos.step):
         do_eval(epochs - 1)
-    return FitResult(student=inner.student, method=inner.method, history=pos.history, steps=pos.step,
-                     seconds=pos.elapsed + time.perf_counter() - t0, time_shares=log.time_shares())
+    seconds = pos.elapsed + time.perf_counter() - t0
+    student_out = inner.student if skeleton is None else _whole_copy(skeleton, inner.student, device)
+    return FitResult(student=student_out, method=inner.method, history=pos.history, steps=pos.step,
+                     seconds=seconds, time_shares=log.time_shares())
+
+
+def _meta_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose parameters are on the meta device (no memory), buffers copied as they are (some,
+    like rotary frequencies, are not in the state dict). Ties between parameters are kept."""
+    import copy
+
+    memo: dict[int, Any] = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+                            for p in module.parameters()}
+    return copy.deepcopy(module, memo)
+
+
+def _whole_copy(skeleton: nn.Module, sharded: nn.Module, device: torch.device) -> nn.Module:
+    """``skeleton`` (:func:`_meta_copy` of the student before FSDP2 sharded it) holding the trained weights of
+    ``sharded``, whole, on ``device`` of every rank: an ordinary module for evaluation and export, as under DDP.
+    Every rank must call it (the shards are all-gathered)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True))
+    skeleton.load_state_dict(state, assign=True)
+    if callable(getattr(skeleton, "tie_weights", None)):  # assign=True replaced tied parameters one by one
+        skeleton.tie_weights()
+    return skeleton.to(device)
+
+
+@contextmanager
+def _root_gathered(step_module: nn.Module) -> Any:
+    """Under FSDP2, the root unit's own parameters (a Hugging Face model's embeddings, final norm, LM head) are
+    gathered only by the root's forward; evaluation calls the student directly, so gather them around it (every
+    rank evaluates). The layer units gather themselves in their own forward."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not (is_sharded(step_module) and isinstance(step_module, FSDPModule)):
+        yield
+        return
+    step_module.unshard()
+    try:
+        yield
+    finally:
+        step_module.reshard()
 
 
 def _schedule(opt: Any, batches_per_epoch: int, *, grad_accum: int, epochs: int, max_steps: int | None,
