@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 from kdistill.errors import KDistillError
 from kdistill.recipes import launcher_config
 from kdistill.train import make_accelerator
-from kdistill.train.loop import CPU_FSDP_ENV
 from kdistill.train.checkpoint import CheckpointManager
+from kdistill.train.loop import CPU_FSDP_ENV
 
 HERE = Path(__file__).parent
 WORKER, CAPTURE_WORKER = HERE / "_fsdp_worker.py", HERE / "_fsdp_capture_worker.py"
