@@ -1,6 +1,6 @@
 """FSDP2 on CPU (gloo): `fit` under the shipped Accelerate fsdp.yaml with 2 processes gives the same update as one
 process on the whole batch, its checkpoints resume to the same weights as an uninterrupted run, and hooks resolve by
-the unwrapped model's names under FSDP1 and FSDP2. See _fsdp_worker.py for how FSDP is switched on on CPUs."""
+the unwrapped model's names under FSDP1 and FSDP2. KDISTILL_CPU_FSDP=1 switches FSDP2 on for the CPU processes."""
 
 import json
 import os
