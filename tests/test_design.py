@@ -287,5 +287,5 @@ def test_capacity_gap_mode_distils_and_trains_alone_every_candidate(tmp_path):
 
 
 def test_design_refuses_a_task_without_a_student_search(tmp_path):
-    with pytest.raises(KDistillError, match="has no student search; expected a recipe of one of: classification"):
-        api.design("llm/tiny", output=tmp_path / "x", progress=False)
+    with pytest.raises(KDistillError, match="has no student search; expected a recipe of one of: classification, llm"):
+        api.design("diffusion/tiny", output=tmp_path / "x", progress=False)

@@ -441,7 +441,7 @@ def design(recipe: str | Path | dict, *, output: str | Path, budget: str | None 
     limit), ranked without training (DisWOT), the best few distilled briefly with the recipe's method; writes
     ``design.json`` (every candidate's params, FLOPs, latency, scores), ``pareto.png`` and ``recipe.yaml`` (the
     recipe with the chosen student) to ``output``. ``capacity_gap``: every candidate is distilled and trained alone,
-    and ``capacity_gap.png`` shows where distillation helps most. Supported tasks: classification."""
+    and ``capacity_gap.png`` shows where distillation helps most. Supported tasks: classification, llm."""
     from .students.design import parse_budget
 
     limits = parse_budget(budget)  # a malformed budget fails before anything loads

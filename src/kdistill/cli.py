@@ -188,7 +188,7 @@ def select_cmd(
 
 @app.command("design")
 def design_cmd(
-    config: Annotated[str, typer.Argument(help="A classification recipe file or built-in name.")],
+    config: Annotated[str, typer.Argument(help="A classification or llm recipe file or built-in name.")],
     overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value overrides")] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for design.json, pareto.png and "
                                                                 "recipe.yaml.")] = ...,

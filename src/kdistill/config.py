@@ -164,23 +164,28 @@ DEFAULT_DESIGN_SPACE: dict[str, dict[str, list[Any]]] = {
 }
 
 
-class DesignSpec(StrictModel):
-    """``design:`` (``kdistill design``): the student search space and how candidates are judged
-    (:mod:`kdistill.students.design`).
+class DesignSettings(StrictModel):
+    """How ``kdistill design`` judges candidates, for every task: ``top_k`` candidates, best by the training-free
+    score, are distilled briefly (0: all of them); ``steps``: optimizer steps of each brief distillation (the
+    recipe's other ``train`` settings are kept); ``score_batches`` x ``score_batch_size`` training examples feed the
+    training-free scores; ``law_fraction``: the student-to-teacher size ratio the Law of Capacity Gap's rule of thumb
+    predicts to be best (the optimal teacher is about 2.5 times the student, so 0.4)."""
 
-    ``space``: ``{model family: {kwarg: [values]}}``, every combination one candidate (a single value is a fixed
-    argument); ``top_k`` candidates, best by the training-free DisWOT score, are distilled briefly (0: all of them);
-    ``steps``: optimizer steps of each brief distillation (the recipe's other ``train`` settings are kept);
-    ``score_batches`` x ``score_batch_size`` training examples feed the training-free scores; ``law_fraction``: the
-    student-to-teacher size ratio the Law of Capacity Gap's rule of thumb predicts to be best (the optimal teacher
-    is about 2.5 times the student, so 0.4)."""
-
-    space: dict[str, dict[str, Any]] = DEFAULT_DESIGN_SPACE
     top_k: int = 3
     steps: int = 300
     score_batches: int = 4
     score_batch_size: int = 64
     law_fraction: float = 0.4
+
+
+class DesignSpec(DesignSettings):
+    """``design:`` (``kdistill design``) of a classification recipe: the student search space
+    (:mod:`kdistill.students.design`) and :class:`DesignSettings`.
+
+    ``space``: ``{model family: {kwarg: [values]}}``, every combination one candidate (a single value is a fixed
+    argument)."""
+
+    space: dict[str, dict[str, Any]] = DEFAULT_DESIGN_SPACE
 
     @field_validator("space")
     @classmethod

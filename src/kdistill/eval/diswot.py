@@ -127,3 +127,33 @@ def score_candidates(builders: Mapping[str, Callable[[], nn.Module]], teacher: n
         seed_everything(seed)
         out[name] = diswot_score(build(), batches, teacher_features)
     return out
+
+
+# ------------------------------------------------------------------------------------------------ language models
+
+@torch.no_grad()
+def lm_diswot_features(model: nn.Module, batch: Mapping[str, Tensor], classes: Tensor) -> DisWOTFeatures:
+    """DisWOT's inputs for a Hugging Face causal LM on a batch of token blocks (an adaptation: the paper scores image
+    classifiers). The LM head is the classifier and the next tokens its classes, restricted to ``classes`` (the
+    ``K`` most frequent next tokens of the scoring text: the full ``(V, V)`` semantic matrix would have 49,152^2
+    entries for SmolLM2); the maps are the final hidden states the head reads, one position per token (padding
+    zeroed), and the embedding their mean over the real tokens. Both matrices stay width-free, so a pruned, layer
+    subset or fresh student is compared with its teacher as an image student is."""
+    from ..teachers.lm import has_lm_head
+
+    if not has_lm_head(model):
+        raise KDistillError(f"diswot: got a {type(model).__name__}; expected a Hugging Face causal LM with a linear "
+                            "LM head (get_output_embeddings) on base_model.")
+    was = model.training
+    model.eval()
+    try:
+        dev = device_of(model)
+        mask = batch["attention_mask"].to(dev)
+        hidden = model.base_model(input_ids=batch["input_ids"].to(dev), attention_mask=mask).last_hidden_state
+    finally:
+        model.train(was)
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    hidden = (hidden * m).float()
+    embed = hidden.sum(1) / m.sum(1).clamp_min(1.0).float()
+    weight = model.get_output_embeddings().weight.detach()[classes.to(dev)]
+    return DisWOTFeatures(hidden.transpose(1, 2).cpu(), embed.cpu(), weight.float().cpu())

@@ -171,9 +171,12 @@ def _save(fig: Any, path: Path) -> None:
 
 
 def plot_pareto(path: Path, points: Sequence[Mapping[str, Any]], front: Sequence[str], chosen: str | None, *,
-                teacher: Mapping[str, float] | None = None) -> None:
+                teacher: Mapping[str, float] | None = None,
+                ylabel: str = "validation accuracy after brief distillation", lower_is_better: bool = False) -> None:
     """Accuracy after brief distillation against measured latency: every distilled candidate, the front joined
-    by a line, the chosen one circled (``points``: ``name``, ``latency_ms``, ``accuracy``, ``family``)."""
+    by a line, the chosen one circled (``points``: ``name``, ``latency_ms``, ``accuracy``, ``family``; with
+    ``lower_is_better`` the ``accuracy`` values are a loss such as perplexity, drawn on an inverted log axis so that
+    better is up)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -194,15 +197,18 @@ def plot_pareto(path: Path, points: Sequence[Mapping[str, Any]], front: Sequence
     if teacher:
         ax.axhline(teacher["accuracy"], color="grey", lw=0.8, ls=":", label="teacher")
     ax.set_xscale("log")
+    if lower_is_better:
+        ax.set_yscale("log")
+        ax.invert_yaxis()
     ax.set_xlabel("latency per batch on this machine (ms, log)")
-    ax.set_ylabel("validation accuracy after brief distillation")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title("Student design: accuracy vs latency")
     _save(fig, path)
 
 
-def plot_capacity_gap(path: Path, summary: Mapping[str, Any]) -> None:
+def plot_capacity_gap(path: Path, summary: Mapping[str, Any], *, ylabel: str = "test accuracy") -> None:
     """Distilled and alone accuracy against student size (log), the teacher's line, and the gain on a second axis,
     with the law's predicted size marked."""
     import matplotlib
@@ -220,7 +226,7 @@ def plot_capacity_gap(path: Path, summary: Mapping[str, Any]) -> None:
                label=f"law: {summary['law_fraction']:g} x teacher")
     ax.set_xscale("log")
     ax.set_xlabel("student parameters (log)")
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     gain = ax.twinx()
     gain.plot(x, [r["gain"] for r in rows], "g.", alpha=0.6)
@@ -230,7 +236,7 @@ def plot_capacity_gap(path: Path, summary: Mapping[str, Any]) -> None:
         grid = [lo + (hi - lo) * i / 50 for i in range(51)]
         gain.plot([10 ** g for g in grid], [coef[0] * g * g + coef[1] * g + coef[2] for g in grid], "g-", lw=1)
     gain.axhline(0.0, color="g", lw=0.6, alpha=0.5)
-    gain.set_ylabel("gain of distillation (distilled - alone accuracy)", color="g")
+    gain.set_ylabel(f"gain of distillation (distilled - alone, {ylabel})", color="g")
     ax.legend(fontsize=7, loc="lower right")
     ax.set_title("Capacity gap: what distillation adds, by student size")
     _save(fig, path)

@@ -27,13 +27,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import field_validator, model_validator
+from pydantic import ValidationError, field_validator, model_validator
 from torch import Tensor, nn
 
 from ..config import (
     ALONE,
     DEFAULT_METHODS,
     DEFAULT_SELECTORS,
+    DesignSettings,
     FileSource,
     MethodSpec,
     SelectionSpec,
@@ -406,6 +407,48 @@ class LMEvalSpec(StrictModel):
     audit: LMAuditSpec = LMAuditSpec()
 
 
+class LMDesignSpec(DesignSettings):
+    """``design:`` of an llm recipe (``kdistill design``; :mod:`kdistill.tasks.llm_design`). ``space``:
+    ``{student kind: {field of student: [values]}}``, every combination one candidate (``{layer_subset: {num_layers:
+    [2, 4, 6]}, pruned: {target_params: [60000000]}}``); the recipe's other ``student`` fields (e.g.
+    ``calibration_batches``) are kept. ``classes``: DisWOT's semantic matrix is taken over the ``classes`` most
+    frequent next tokens of the scoring blocks. ``rank_by``: the training-free score that picks the ``top_k``:
+    ``diswot`` or ``zero_shot_kl`` (the untrained candidate's KL(teacher || student) on the scoring blocks; meaningful
+    for students built from the teacher's weights). ``score_batch_size`` counts blocks. Latency: the median of
+    ``latency_repeats`` forwards over ``eval.batch_size`` training blocks."""
+
+    space: dict[str, dict[str, Any]] = {"layer_subset": {"num_layers": [1, 2, 3, 4, 6, 8]}}
+    steps: int = 100
+    score_batch_size: int = 8
+    classes: int = 256
+    latency_repeats: int = 5
+    rank_by: Literal["diswot", "zero_shot_kl"] = "diswot"
+
+    @field_validator("space")
+    @classmethod
+    def _space(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, list[Any]]]:
+        from ..students.design import candidates
+
+        if not v:
+            raise ValueError("design.space: got an empty search space; expected {student kind: {field: [values]}}, "
+                             "e.g. {layer_subset: {num_layers: [2, 4, 6]}}")
+        out: dict[str, dict[str, list[Any]]] = {}
+        for kind, args in v.items():
+            if not isinstance(args, dict):
+                raise ValueError(f"design.space.{kind}: got {args!r}, expected a mapping of student field -> list of "
+                                 "values, e.g. {num_layers: [2, 4]}")
+            out[kind] = {k: list(x) if isinstance(x, (list, tuple)) else [x] for k, x in args.items()}
+            if any(not x for x in out[kind].values()):
+                raise ValueError(f"design.space.{kind}: an argument has an empty list; expected at least one value")
+        for cand in candidates(out):  # every candidate is a valid `student:` section
+            try:
+                LMStudentSpec(kind=cand.family, **cand.kwargs)
+            except ValidationError as e:
+                raise ValueError(f"design.space: candidate {cand.name} is not a valid student: "
+                                 f"{e.errors()[0]['msg']} (fields: {', '.join(LMStudentSpec.model_fields)})") from None
+        return out
+
+
 class LLMConfig(StrictModel):
     task: Literal["llm"] = "llm"
     name: str = "llm"
@@ -421,6 +464,7 @@ class LLMConfig(StrictModel):
     train: TrainSpec = TrainSpec(epochs=1, batch_size=8, lr=3e-4, log_every=10)
     baseline: bool = True
     eval: LMEvalSpec = LMEvalSpec()
+    design: LMDesignSpec | None = None  # `kdistill design`: the student search space (default: LMDesignSpec())
 
     @model_validator(mode="after")
     def _check(self) -> LLMConfig:
@@ -976,6 +1020,12 @@ def _kd_set(cfg: LLMConfig, tok: Any, teacher: nn.Module, method: Any, base_set:
     return lm_dataset(train_blocks, prompt_length=cfg.data.prompt_tokens), None, None
 
 
+def _design_llm(cfg: LLMConfig, output: Path, **kwargs: Any) -> dict[str, Any]:
+    from .llm_design import design_llm
+
+    return design_llm(cfg, output, **kwargs)
+
+
 TASKS.register("llm")(Task("llm", LLMConfig, run_llm,
                            "causal LM teacher -> smaller causal LM (token-level / top-k cached / on-policy KD)",
-                           select=select_llm))
+                           select=select_llm, design=_design_llm))
