@@ -101,7 +101,8 @@ def test_llm_design_ranks_measures_distils_and_writes_the_recipe(tmp_path):
     # the top 2 were distilled by the llm task, in their own folders, and the better one chosen
     assert r["distilled"] == 2 and r["within_budget"] == 4 and r["candidates"] == 5
     done = [c for c in d["candidates"] if "distilled" in c]
-    assert [c["rank"] for c in done] == [1, 2] and (tmp_path / "a" / "candidates" / done[0]["name"] / "report.json").exists()
+    assert [c["rank"] for c in done] == [1, 2]
+    assert (tmp_path / "a" / "candidates" / done[0]["name"] / "report.json").exists()
     assert d["chosen"] == min(done, key=lambda c: c["distilled"]["perplexity"])["name"]
     assert (tmp_path / "a" / "pareto.png").stat().st_size > 1000
     # the recipe loads and carries the chosen student
