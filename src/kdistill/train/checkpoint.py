@@ -89,7 +89,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def is_sharded(module: torch.nn.Module) -> bool:
     """Whether FSDP2 (``fully_shard``) holds some of ``module``'s parameters as DTensor shards: its state is then
-    gathered and scattered by all ranks together (:func:`gather_full_state`, :func:`scatter_full_state`)."""
+    saved and loaded shard by shard by all ranks together (:func:`sharded_state`)."""
     if "torch.distributed.tensor" not in sys.modules:  # nothing can be sharded before DTensor is loaded
         return False
     from torch.distributed.tensor import DTensor
@@ -97,43 +97,55 @@ def is_sharded(module: torch.nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in module.parameters())
 
 
-def gather_full_state(model: torch.nn.Module, optimizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(model state, optimizer state)`` of a sharded model with every tensor whole, on the CPU of rank 0 (other
-    ranks get empty dicts). Every rank must call it: the shards are all-gathered. The model state has the keys of
-    the unsharded model's ``state_dict()``; the optimizer state is keyed by parameter name, not position."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+def sharded_state(model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
+    """``{"model": ..., "optimizer": ...}`` state dicts of a sharded model and its optimizer as DTensor shards (each
+    rank's own part; the optimizer keyed by parameter name), for :meth:`CheckpointManager.save` ``shards=`` and
+    :meth:`CheckpointManager.load_shards`. Every rank must call it. An optimizer that has not stepped yet gets its
+    state initialised first, so a resumed run has every tensor to load into."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return (get_model_state_dict(model, options=opts),
-            get_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), options=opts))
+    return {"model": get_model_state_dict(model),
+            "optimizer": get_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer))}
 
 
-def scatter_full_state(model: torch.nn.Module, optimizer: Any, model_state: dict[str, Any],
-                       optimizer_state: dict[str, Any]) -> None:
-    """Load whole-tensor states (as :func:`gather_full_state` returns them, given on every rank) into a sharded
-    model and its optimizer; each rank keeps its own shards. Every rank must call it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+def load_sharded_state(model: torch.nn.Module, optimizer: Any, state: dict[str, Any]) -> None:
+    """Put :func:`sharded_state`-shaped ``state`` (as filled by :meth:`CheckpointManager.load_shards`) back into the
+    sharded model and its optimizer. Every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    opts = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, model_state, options=opts)
-    set_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), optimizer_state, options=opts)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), state["optimizer"])
 
 
 # -------------------------------------------------------------------------------------- manager
 
 
 class CheckpointManager:
-    """``<root>/step-<n>/{state.safetensors, state.json}`` + ``<root>/latest.json``; keeps ``keep`` newest."""
+    """``<root>/step-<n>/{state.safetensors, state.json}`` + ``<root>/latest.json``; keeps ``keep`` newest.
+
+    Under FSDP2 a checkpoint also holds ``shards/``: every rank's own shards of the model and optimizer state,
+    written by ``torch.distributed.checkpoint`` (one ``__<rank>_0.distcp`` file per rank and a ``.metadata`` index),
+    so no rank ever holds the whole state; the directory is still renamed into place only once complete."""
 
     def __init__(self, root: str | Path, keep: int = 2) -> None:
         self.root = Path(root)
         self.keep = keep
 
-    def save(self, step: int, state: dict[str, Any]) -> Path:
-        self.root.mkdir(parents=True, exist_ok=True)
-        skeleton, tensors = flatten_state(state)
+    def save(self, step: int, state: dict[str, Any], *, shards: dict[str, Any] | None = None, main: bool = True,
+             barrier: Any = None) -> Path:
+        """Write ``state`` (tensors and JSON-able values) as checkpoint ``step``. With ``shards`` (a state dict of
+        DTensor shards, :func:`sharded_state`) every rank calls this with its own shards and the same ``barrier``;
+        ``main`` marks the one rank that writes ``state`` and publishes the checkpoint."""
         final = self.root / f"step-{step:09d}"
+        if shards is not None:
+            return self._save_sharded(step, state, shards, final, main=main, barrier=barrier)
+        self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".step-{step:09d}.", suffix=".tmp"))
+        return self._publish(step, state, tmp, final)
+
+    def _publish(self, step: int, state: dict[str, Any], tmp: Path, final: Path) -> Path:
+        """Write ``state`` into the temporary folder ``tmp`` and rename it to ``final``; point latest.json at it."""
+        skeleton, tensors = flatten_state(state)
         try:
             save_state_dict_atomic(tmp / "state.safetensors", tensors)
             write_json_atomic(tmp / "state.json", {"format_version": FORMAT_VERSION, "step": step, "state": skeleton})
@@ -147,6 +159,37 @@ class CheckpointManager:
         write_json_atomic(self.root / "latest.json", {"step": step, "dir": final.name})
         self._prune(final.name)
         return final
+
+    def _save_sharded(self, step: int, state: dict[str, Any], shards: dict[str, Any], final: Path, *, main: bool,
+                      barrier: Any) -> Path:
+        import torch.distributed.checkpoint as dcp
+
+        if barrier is None:
+            raise KDistillError("CheckpointManager.save(shards=...): expected a barrier (every rank writes its shards "
+                                "into one folder, which the main rank then publishes).")
+        tmp = self.root / f".step-{step:09d}.sharded.tmp"  # the same name on every rank
+        if main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        barrier()
+        dcp.save(shards, checkpoint_id=str(tmp / "shards"))  # collective: returns once the index is written
+        if main:
+            self._publish(step, {**state, "sharded": True}, tmp, final)
+        barrier()  # nobody goes on (or exits) before the checkpoint is in place
+        return final
+
+    @staticmethod
+    def load_shards(path: Path, target: dict[str, Any]) -> None:
+        """Fill ``target`` (:func:`sharded_state` of the model and optimizer being resumed) in place from checkpoint
+        ``path``'s shards; every rank reads its own part. Every rank must call it."""
+        import torch.distributed.checkpoint as dcp
+
+        if not (path / "shards" / ".metadata").is_file():
+            raise KDistillError(f"checkpoint {str(path)!r} has no complete shards/ folder (no shards/.metadata); "
+                                "expected the sharded state an FSDP run writes. Fix: point latest.json at an earlier "
+                                "step-* folder, or start over without --resume.")
+        dcp.load(target, checkpoint_id=str(path / "shards"))
 
     def _prune(self, current: str) -> None:
         dirs = sorted(p for p in self.root.glob("step-*") if p.is_dir())

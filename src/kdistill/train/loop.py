@@ -32,7 +32,14 @@ from ..capture import capture, unwrap
 from ..errors import KDistillError, expect
 from ..io import write_bytes_atomic
 from ..methods.base import Method, ModelOutput, SetupInfo
-from .checkpoint import CheckpointManager, gather_full_state, is_sharded, rng_state, scatter_full_state, set_rng_state
+from .checkpoint import (
+    CheckpointManager,
+    is_sharded,
+    load_sharded_state,
+    rng_state,
+    set_rng_state,
+    sharded_state,
+)
 from .optim import build_optimizer, build_scheduler
 
 Batch = dict[str, Any]
@@ -503,32 +510,20 @@ def _optimizer_step(accelerator: Any, step_module: Any, opt: Any, sched: Any, te
 def _save_checkpoint(accelerator: Any, ckpt: CheckpointManager, inner: DistillStep, opt: Any, sched: Any,
                      aug_rng: np.random.Generator, pos: _Position, epoch: int, batch_in_epoch: int, *,
                      elapsed: float) -> None:
-    """Everything a resumed run needs to end with the same weights as an uninterrupted one (main process). Under
-    FSDP2 every rank takes part in gathering the whole tensors first; the files are the same as without it, except
-    that the optimizer state is keyed by parameter name (``optimizer_by_name``)."""
-    sharded = is_sharded(inner)
-    if sharded:
-        model_state, opt_state = gather_full_state(inner, opt)
-        student_state, method_state = _split_state(model_state)
-    else:
-        student_state, method_state, opt_state = inner.student.state_dict(), inner.method.state_dict(), None
+    """Everything a resumed run needs to end with the same weights as an uninterrupted one. Under FSDP2 every rank
+    writes its own shards of the model and optimizer state (``shards/``, :func:`sharded_state`); the main process
+    writes the rest (scheduler, RNG states, position) and publishes the checkpoint."""
+    state = {"scheduler": sched.state_dict(), "rng": rng_state(), "aug_rng": aug_rng.bit_generator.state,
+             "step": pos.step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "history": pos.history,
+             "elapsed": elapsed}
+    if is_sharded(inner):
+        ckpt.save(pos.step, state, shards=sharded_state(inner, opt), main=accelerator.is_main_process,
+                  barrier=accelerator.wait_for_everyone)
+        return
     if accelerator.is_main_process:
-        ckpt.save(pos.step, {
-            "student": student_state, "method": method_state, "optimizer_by_name": sharded,
-            "optimizer": opt_state if sharded else opt.state_dict(), "scheduler": sched.state_dict(),
-            "rng": rng_state(), "aug_rng": aug_rng.bit_generator.state, "step": pos.step, "epoch": epoch,
-            "batch_in_epoch": batch_in_epoch, "history": pos.history, "elapsed": elapsed,
-        })
+        ckpt.save(pos.step, {**state, "student": inner.student.state_dict(), "method": inner.method.state_dict(),
+                             "optimizer": opt.state_dict()})
     accelerator.wait_for_everyone()
-
-
-def _split_state(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A :class:`DistillStep`'s state dict as ``(student state, method state)``."""
-    parts: tuple[dict[str, Any], dict[str, Any]] = ({}, {})
-    for k, v in state.items():
-        head, _, rest = k.partition(".")
-        parts[head == "method"][rest] = v
-    return parts
 
 
 @dataclass
@@ -570,15 +565,16 @@ def _restore(ckpt: CheckpointManager, inner: DistillStep, opt: Any, sched: Any, 
              batches_per_epoch: int) -> _Position:
     """Load the newest checkpoint into the models, optimizer, scheduler and RNGs; return where to continue."""
     state = ckpt.load()
-    sharded, by_name = is_sharded(inner), bool(state.get("optimizer_by_name", False))
-    if sharded != by_name:
+    sharded, written_sharded = is_sharded(inner), bool(state.get("sharded", False))
+    if sharded != written_sharded:
         raise KDistillError(
-            f"checkpoint {str(ckpt.latest())!r} was written by a run {'with' if by_name else 'without'} FSDP, and this "
-            f"run is {'with' if sharded else 'without'} it; the optimizer states are stored differently. Fix: resume "
-            "with the launcher config the run started with, or start over without --resume.")
-    if sharded:  # every rank reads the whole state and keeps its shards
-        scatter_full_state(inner, opt, {**{f"student.{k}": v for k, v in state["student"].items()},
-                                        **{f"method.{k}": v for k, v in state["method"].items()}}, state["optimizer"])
+            f"checkpoint {str(ckpt.latest())!r} was written by a run {'with' if written_sharded else 'without'} FSDP, "
+            f"and this run is {'with' if sharded else 'without'} it; the model and optimizer states are stored "
+            "differently. Fix: resume with the launcher config the run started with, or start over without --resume.")
+    if sharded:  # every rank reads its own shards
+        target = sharded_state(inner, opt)
+        ckpt.load_shards(ckpt.latest(), target)
+        load_sharded_state(inner, opt, target)
     else:
         inner.student.load_state_dict(state["student"])
         inner.method.load_state_dict(state["method"])
