@@ -184,6 +184,78 @@ def test_ddk_sampler_follows_the_weights_and_the_hook_reweights_every_n_steps():
     assert float(three.weights[2]) == 0.0 and len(list(three)) == 50
 
 
+def test_ddk_sampler_replays_its_weight_changes_for_a_resumed_epoch():
+    domains = torch.tensor([0] * 40 + [1] * 40 + [2] * 40)
+    live = S.DomainSampler(domains, draws=60, seed=3)
+    it, seen = iter(live), []
+    for i in range(60):
+        if i in (10, 25):  # weights change mid-epoch, as DDK's hook does between steps
+            live.weights = torch.tensor([0.7, 0.2, 0.1]) if i == 10 else torch.tensor([0.1, 0.1, 0.8])
+        seen.append(next(it))
+        if i == 29:
+            saved = json.loads(json.dumps(live.state_dict()))  # what a checkpoint after 30 draws holds
+    # a fresh sampler restored from the checkpoint re-draws the first 30 (the resumed loop skips them) and goes on
+    # exactly as the interrupted one did, with the weights in force at each draw
+    resumed = S.DomainSampler(domains, draws=60, seed=3)
+    resumed.load_state_dict(saved)
+    assert list(resumed) == seen
+    assert torch.allclose(resumed.weights, torch.tensor([0.1, 0.1, 0.8], dtype=torch.float64))
+    # without the replay (only the final weights restored) the first 30 draws would differ
+    plain = S.DomainSampler(domains, draws=60, seed=3, weights=torch.tensor([0.1, 0.1, 0.8]))
+    assert list(plain)[:30] != seen[:30]
+
+
+def test_fit_resumes_a_ddk_run_to_the_uninterrupted_weights_and_history(tmp_path):
+    from kdistill.data import TensorDictDataset, make_loader
+    from kdistill.methods.hinton_kd import HintonKD
+    from kdistill.models import build_mlp
+    from kdistill.train import fit, make_accelerator
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(120, 6, generator=g), torch.randint(0, 3, (120,), generator=g)
+    domains = torch.arange(120) % 3
+    torch.manual_seed(1)
+    teacher = build_mlp((6,), 3, width=16, depth=1)
+
+    class Crash(Exception):
+        pass
+
+    def run(out, crash_at=None, resume=False):
+        sampler = S.DomainSampler(domains, draws=48, seed=0)
+        hook = S.DomainReweighter(sampler, teacher_losses=torch.tensor([0.02, 1.0, 30.0]), every=2, smoothing=1.0,
+                                  student_losses=lambda m: torch.stack([
+                                      torch.nn.functional.cross_entropy(m(x[domains == d]), y[domains == d]).detach()
+                                      for d in range(3)]))
+
+        class Hook:  # the reweighter, and a crash after optimizer step `crash_at`
+            state_dict, load_state_dict = hook.state_dict, hook.load_state_dict
+
+            def __call__(self, step, student):
+                hook(step, student)
+                if step == crash_at:
+                    raise Crash
+
+        torch.manual_seed(2)
+        student = build_mlp((6,), 3, width=8, depth=1)
+        try:
+            res = fit(student=student, method=HintonKD(), teacher=teacher, accelerator=make_accelerator(),
+                      train_loader=make_loader(TensorDictDataset(inputs=x, labels=y), 8, sampler=sampler),
+                      epochs=2, lr=0.05, progress=False, output_dir=out, checkpoint_every=4, resume=resume,
+                      on_step=Hook(), seed=0)
+        except Crash:
+            return None, None
+        return res.student.state_dict(), hook.history
+
+    full, history = run(tmp_path / "full")
+    assert run(tmp_path / "part", crash_at=5) == (None, None)  # checkpoint at step 4, mid-epoch (6 steps per epoch)
+    resumed, resumed_history = run(tmp_path / "part", resume=True)
+    assert [h["step"] for h in resumed_history] == [h["step"] for h in history] == [0, 2, 4, 6, 8, 10, 12]
+    assert all(torch.allclose(torch.tensor(a["weights"]), torch.tensor(b["weights"]))
+               for a, b in zip(resumed_history, history))
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+
+
 def test_ddk_static_choice_draws_more_from_the_lagging_domain():
     domains = torch.tensor([0] * 30 + [1] * 30)
     lagging = torch.tensor([1.0] * 30 + [3.0] * 30)  # per-example losses of the initial student

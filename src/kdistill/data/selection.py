@@ -442,9 +442,12 @@ def allocate(weights: Tensor, budget: int, capacity: Tensor) -> Tensor:
 class DomainSampler(Sampler[int]):
     """Draws ``draws`` pool indices per epoch from the rows ``among`` (default: all but ``exclude``): each draw picks
     a domain by the current ``weights``, then the next row of that domain in a seeded shuffle (reshuffled when the
-    domain runs out). ``weights`` may change while
-    an epoch is being drawn (DDK's :class:`DomainReweighter` updates them every few steps); the order depends only on
-    the seed, the epoch and the weights at each draw. ``subset = True``: it covers part of the dataset by design."""
+    domain runs out). ``weights`` may change while an epoch is being drawn (DDK's :class:`DomainReweighter` updates
+    them every few steps); the order depends only on the seed, the epoch and the weights at each draw. The sampler
+    logs when, in draws, the weights changed during the current epoch (:meth:`state_dict`), so a resumed run that
+    re-draws the epoch's first batches to skip them replays the same changes at the same draws and continues with
+    exactly the indices the interrupted run would have drawn. ``subset = True``: it covers part of the dataset by
+    design."""
 
     subset = True
 
@@ -462,8 +465,21 @@ class DomainSampler(Sampler[int]):
         expect(draws >= 1, "draws", draws, "an integer >= 1")
         self.draws, self.seed, self.epoch = int(draws), int(seed), 0
         sizes = torch.tensor([len(m) for m in self.members], dtype=torch.float64)
-        self.weights = (weights.double() if weights is not None else sizes / sizes.sum()).clone()
-        self.weights[sizes == 0] = 0.0
+        w = (weights.double() if weights is not None else sizes / sizes.sum()).clone()
+        w[sizes == 0] = 0.0
+        self._weights, self._drawn = w, 0
+        self._log: dict[str, Any] | None = None  # this epoch: its starting weights and every change, by draw
+        self._replay: dict[str, Any] | None = None  # a checkpoint's log, replayed by the next __iter__ of its epoch
+
+    @property
+    def weights(self) -> Tensor:
+        return self._weights
+
+    @weights.setter
+    def weights(self, value: Tensor) -> None:
+        self._weights = value.double().clone()
+        if self._log is not None:
+            self._log["changes"].append([self._drawn, self._weights.tolist()])
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -471,17 +487,38 @@ class DomainSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.draws
 
+    def state_dict(self) -> dict[str, Any]:
+        """The current weights and this epoch's log (its starting weights, and the draw at which each change came)."""
+        return {"weights": self._weights.tolist(), "log": self._log}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`: the weights now, and the log that the next pass over the same epoch replays."""
+        self._weights = torch.tensor(state["weights"], dtype=torch.float64)
+        self._replay = state.get("log")
+
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        replay, self._replay = self._replay, None
+        pending: list[list[Any]] = []
+        if replay is not None and int(replay["epoch"]) == self.epoch:
+            self._weights = torch.tensor(replay["start"], dtype=torch.float64)
+            pending = [list(c) for c in replay["changes"]]
+        self._drawn = 0
+        self._log = {"epoch": self.epoch, "start": self._weights.tolist(), "changes": []}
         queues: list[list[int]] = [[] for _ in self.members]
-        for _ in range(self.draws):
-            w = self.weights.clone()
+        for i in range(self.draws):
+            while pending and int(pending[0][0]) <= i:  # a change the interrupted run made before this draw
+                self.weights = torch.tensor(pending.pop(0)[1], dtype=torch.float64)
+            w = self._weights.clone()
             w[[len(m) == 0 for m in self.members]] = 0.0
             d = int(torch.multinomial(w / w.sum(), 1, generator=g))
             if not queues[d]:
                 m = self.members[d]
                 queues[d] = m[torch.randperm(len(m), generator=g)].tolist()
+            self._drawn = i + 1
             yield queues[d].pop()
+        for _, w in pending:  # changes made after the epoch's last draw
+            self.weights = torch.tensor(w, dtype=torch.float64)
 
 
 class DomainReweighter:
@@ -507,6 +544,14 @@ class DomainReweighter:
                                   self.teacher_losses[present], s[present], smoothing=self.smoothing)
         self.sampler.weights = new
         self.history.append({"step": int(step), "weights": new.tolist(), "student_losses": s.tolist()})
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps (``fit`` saves the ``on_step`` hook's state): the history and the sampler's."""
+        return {"history": self.history, "sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = list(state["history"])
+        self.sampler.load_state_dict(state["sampler"])
 
 
 # --------------------------------------------------------------------------------------- the choice

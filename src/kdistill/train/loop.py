@@ -353,7 +353,8 @@ def fit(
     With ``resume=True`` and a checkpoint under ``output_dir/checkpoints``, training continues from it and
     ends with the same weights as an uninterrupted run (same data order, RNG states and schedule).
     ``on_step(step, student)`` runs after every optimizer step (e.g. DDK's domain reweighting, which changes what a
-    data sampler draws next); what it keeps is its own and is not checkpointed.
+    data sampler draws next); when it has ``state_dict()`` / ``load_state_dict()``, its state is checkpointed with the
+    rest and restored on resume.
     """
     expect(grad_accum >= 1, "grad_accum", grad_accum, "an integer >= 1")
     expect(epochs >= 1, "epochs", epochs, "an integer >= 1")
@@ -382,7 +383,7 @@ def fit(
     ckpt = CheckpointManager(out_dir / "checkpoints") if out_dir is not None else None
     pos = _Position()
     if resume and ckpt is not None and ckpt.latest() is not None:
-        pos = _restore(ckpt, inner, opt, sched, aug_rng, len(loader))
+        pos = _restore(ckpt, inner, opt, sched, aug_rng, len(loader), hook=on_step)
         if accelerator.is_main_process and out_dir is not None:
             _truncate_jsonl(out_dir / "metrics.jsonl", pos.step)
         accelerator.print(f"[{phase}] resumed at step {pos.step} (epoch {pos.epoch}, batch {pos.skip})")
@@ -431,7 +432,7 @@ def fit(
                 if ckpt is not None and ((checkpoint_every and pos.step % checkpoint_every == 0)
                                          or (not checkpoint_every and end_of_epoch) or last):
                     _save_checkpoint(accelerator, ckpt, inner, opt, sched, aug_rng, pos, epoch, n_in_epoch,
-                                     elapsed=pos.elapsed + time.perf_counter() - t0)
+                                     elapsed=pos.elapsed + time.perf_counter() - t0, hook=on_step)
                 log.progress(pos.step)
                 if last:
                     break
@@ -509,13 +510,15 @@ def _optimizer_step(accelerator: Any, step_module: Any, opt: Any, sched: Any, te
 
 def _save_checkpoint(accelerator: Any, ckpt: CheckpointManager, inner: DistillStep, opt: Any, sched: Any,
                      aug_rng: np.random.Generator, pos: _Position, epoch: int, batch_in_epoch: int, *,
-                     elapsed: float) -> None:
+                     elapsed: float, hook: Any = None) -> None:
     """Everything a resumed run needs to end with the same weights as an uninterrupted one. Under FSDP2 every rank
     writes its own shards of the model and optimizer state (``shards/``, :func:`sharded_state`); the main process
     writes the rest (scheduler, RNG states, position) and publishes the checkpoint."""
     state = {"scheduler": sched.state_dict(), "rng": rng_state(), "aug_rng": aug_rng.bit_generator.state,
              "step": pos.step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "history": pos.history,
              "elapsed": elapsed}
+    if callable(getattr(hook, "state_dict", None)):  # the on_step hook's own state (e.g. DDK's domain weights)
+        state["on_step"] = hook.state_dict()
     if is_sharded(inner):
         ckpt.save(pos.step, state, shards=sharded_state(inner, opt), main=accelerator.is_main_process,
                   barrier=accelerator.wait_for_everyone)
@@ -562,7 +565,7 @@ def _prepare(accelerator: Any, step_module: DistillStep, train_loader: Any, **op
 
 
 def _restore(ckpt: CheckpointManager, inner: DistillStep, opt: Any, sched: Any, aug_rng: np.random.Generator,
-             batches_per_epoch: int) -> _Position:
+             batches_per_epoch: int, *, hook: Any = None) -> _Position:
     """Load the newest checkpoint into the models, optimizer, scheduler and RNGs; return where to continue."""
     state = ckpt.load()
     sharded, written_sharded = is_sharded(inner), bool(state.get("sharded", False))
@@ -580,6 +583,8 @@ def _restore(ckpt: CheckpointManager, inner: DistillStep, opt: Any, sched: Any, 
         inner.method.load_state_dict(state["method"])
         opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
+    if "on_step" in state and callable(getattr(hook, "load_state_dict", None)):
+        hook.load_state_dict(state["on_step"])
     set_rng_state(state["rng"])
     aug_rng.bit_generator.state = state["aug_rng"]
     pos = _Position(step=int(state["step"]), epoch=int(state["epoch"]), skip=int(state["batch_in_epoch"]),
