@@ -111,6 +111,11 @@ def test_llm_design_ranks_measures_distils_and_writes_the_recipe(tmp_path):
     chosen = rows[d["chosen"]]
     assert cfg.student.kind == chosen["family"] and "design" not in recipe
     assert all(getattr(cfg.student, k) == v for k, v in chosen["kwargs"].items())
+    # run again into the same folder (as after an interruption): finished candidates are reused, not retrained
+    reports = {c["name"]: (tmp_path / "a" / "candidates" / c["name"] / "report.json") for c in done}
+    stamps = {n: f.stat().st_mtime_ns for n, f in reports.items()}
+    again = _design(tmp_path, "a")
+    assert again["chosen"] == r["chosen"] and {n: f.stat().st_mtime_ns for n, f in reports.items()} == stamps
     # deterministic given the seed: the same scores and ranking again
     _design(tmp_path, "b", top_k=1)
     d2 = json.loads((tmp_path / "b" / "design.json").read_text())

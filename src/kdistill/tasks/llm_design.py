@@ -14,7 +14,8 @@ scoring blocks:
 
 The ``top_k`` by ``design.rank_by`` (with ``capacity_gap``: all, each also trained alone with cross-entropy) are
 distilled for ``design.steps`` steps by the ``llm`` task itself, with the recipe's method, data and cache, each in
-``candidates/<name>``. Quality is held-out perplexity (the llm task has one held-out split, so the choice and the
+``candidates/<name>`` (a design run again after an interruption reuses every candidate that finished with the same
+settings). Quality is held-out perplexity (the llm task has one held-out split, so the choice and the
 figure read the same text; classification designs choose on validation and report test). The capacity gap's
 "accuracy" is ``-ln(perplexity)``, the negative held-out cross-entropy in nats, so gains are nats saved.
 """
@@ -36,6 +37,7 @@ from ..eval.metrics import model_flops, model_latency_ms
 from ..io import seed_everything, write_bytes_atomic, write_json_atomic
 from ..losses.logits import forward_kl
 from ..models.classifiers import count_params
+from ..rundir import CONFIG_FILE, prepare_run_folder
 from .base import RunContext
 from .llm import LLMConfig, LMDesignSpec, LMStudentSpec, _corpus, _student, _teacher, run_llm
 
@@ -71,6 +73,18 @@ def zero_shot_kl(model: torch.nn.Module, batches: list[dict[str, Tensor]], teach
     finally:
         model.train(was)
     return total / max(1, count)
+
+
+def _finished_run(folder: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The report of a finished run in ``folder`` made with exactly ``config``, else None."""
+    import json
+
+    try:
+        if json.loads((folder / CONFIG_FILE).read_text()) == json.loads(json.dumps(config)):
+            return json.loads((folder / "report.json").read_text())
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def design_llm(cfg: LLMConfig, output: Path, *, budget: dict[str, float], capacity_gap: bool = False,
@@ -165,7 +179,11 @@ def design_llm(cfg: LLMConfig, output: Path, *, budget: dict[str, float], capaci
     for r in to_train:
         run_cfg = cfg.model_copy(update={"student": student_spec(design.Candidate(r["family"], r["kwargs"])),
                                          "train": brief, "baseline": capacity_gap, "design": None})
-        report = run_llm(run_cfg, RunContext(output / "candidates" / r["name"], False, progress))
+        cdir, want = output / "candidates" / r["name"], run_cfg.model_dump(mode="json")
+        report = _finished_run(cdir, want)  # a design run again (after an interruption) reuses finished candidates
+        if report is None:
+            prepare_run_folder(cdir, want, resume=False)  # clears the folder, records the config
+            report = run_llm(run_cfg, RunContext(cdir, False, progress))
         teacher_ppl = report["teacher"]["metrics"]["perplexity"]
         r["distilled"] = {"perplexity": report["student"]["metrics"]["perplexity"],
                           "train_seconds": report["student"].get("train_seconds")}
