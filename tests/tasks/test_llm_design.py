@@ -89,6 +89,7 @@ def _design(tmp_path, name, *extra, budget=None, capacity_gap=False, space=SPACE
 def test_llm_design_ranks_measures_distils_and_writes_the_recipe(tmp_path):
     r = _design(tmp_path, "a")
     d = json.loads((tmp_path / "a" / "design.json").read_text())
+    assert d["complete"] is True  # (while running it holds the scores and finished runs, "complete": false)
     rows = {c["name"]: c for c in d["candidates"]}
     # the teacher has 4 layers: a 6-layer subset is set aside with the reason, a 4-layer copy is the teacher itself
     assert "expected an integer in [1, 4]" in rows["layer_subset_num_layers6"]["excluded"][0]
@@ -145,3 +146,29 @@ def test_llm_design_refusals(tmp_path):
         load_config("llm/tiny", ['design={"space": {"pruned": {"calibration_batches": [2]}}}'])
     with pytest.raises(KDistillError, match="design.space"):
         load_config("llm/tiny", ['design={"space": {"layer_subset": {"num_layerz": [2]}}}'])
+
+
+def test_an_interrupted_llm_design_leaves_its_progress_and_resumes(tmp_path, monkeypatch):
+    import kdistill.tasks.llm_design as D
+
+    real, calls = D.run_llm, []
+
+    def interrupted(cfg, ctx):
+        calls.append(ctx.output.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(cfg, ctx)
+
+    monkeypatch.setattr(D, "run_llm", interrupted)
+    space = {"layer_subset": {"num_layers": [1, 2]}}
+    with pytest.raises(KeyboardInterrupt):
+        _design(tmp_path, "p", space=space)
+    d = json.loads((tmp_path / "p" / "design.json").read_text())
+    assert d["complete"] is False and d["to_distil"] == 2
+    assert [c["name"] for c in d["candidates"] if "distilled" in c] == [calls[0]]
+    assert all("diswot" in c and "zero_shot_kl" in c for c in d["candidates"])
+    # run again: the finished candidate is reused, only the other one is distilled
+    calls.clear()
+    monkeypatch.setattr(D, "run_llm", lambda cfg, ctx: calls.append(ctx.output.name) or real(cfg, ctx))
+    _design(tmp_path, "p", space=space)
+    assert len(calls) == 1 and json.loads((tmp_path / "p" / "design.json").read_text())["complete"] is True

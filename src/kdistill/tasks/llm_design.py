@@ -91,7 +91,8 @@ def design_llm(cfg: LLMConfig, output: Path, *, budget: dict[str, float], capaci
                progress: bool = True) -> dict[str, Any]:
     """``kdistill design`` for an llm recipe (see the module docstring). Writes ``design.json``, ``pareto.png``,
     ``recipe.yaml`` (the recipe with the student of the lowest held-out perplexity after brief distillation) and,
-    with ``capacity_gap``, ``capacity_gap.png`` into ``output``; the brief runs are in ``output/candidates``."""
+    with ``capacity_gap``, ``capacity_gap.png`` into ``output``; the brief runs are in ``output/candidates``. While it
+    runs, ``design.json`` holds the scores and the brief runs finished so far (``"complete": false``)."""
     import yaml
 
     from ..eval.diswot import diswot_distances, lm_diswot_features
@@ -176,6 +177,14 @@ def design_llm(cfg: LLMConfig, output: Path, *, budget: dict[str, float], capaci
     to_train = eligible if capacity_gap or spec.top_k == 0 else eligible[: spec.top_k]
     brief = cfg.train.model_copy(update={"max_steps": spec.steps, "epochs": 10**6})
     teacher_ppl = None
+
+    def progress_file() -> None:  # the scores and the brief runs so far, readable while a long design runs
+        write_json_atomic(output / "design.json", {
+            "recipe": cfg.name, "task": "llm", "complete": False, "budget": budget, "design": spec.model_dump(),
+            "rank_by": spec.rank_by, "ranking": [r["name"] for r in eligible], "to_distil": len(to_train),
+            "candidates": eligible + [r for r in rows if r["excluded"]]})
+
+    progress_file()
     for r in to_train:
         run_cfg = cfg.model_copy(update={"student": student_spec(design.Candidate(r["family"], r["kwargs"])),
                                          "train": brief, "baseline": capacity_gap, "design": None})
@@ -190,6 +199,7 @@ def design_llm(cfg: LLMConfig, output: Path, *, budget: dict[str, float], capaci
         if capacity_gap:
             r["alone"] = {"perplexity": report["baseline"]["metrics"]["perplexity"],
                           "train_seconds": report["baseline"].get("train_seconds")}
+        progress_file()
 
     done = [r for r in eligible if "distilled" in r]
     ppl = [r["distilled"]["perplexity"] for r in done]
@@ -202,7 +212,8 @@ def design_llm(cfg: LLMConfig, output: Path, *, budget: dict[str, float], capaci
     scores = {"diswot": [r["diswot"] for r in done], "zero_shot_kl": [-r["zero_shot_kl"] for r in done],
               "params": [r["params"] for r in done], "flops": [r["flops"] for r in done]}
     out: dict[str, Any] = {
-        "recipe": cfg.name, "task": "llm", "method": cfg.method.name, "seed": cfg.seed, "budget": budget,
+        "recipe": cfg.name, "task": "llm", "complete": True, "method": cfg.method.name, "seed": cfg.seed,
+        "budget": budget,
         "design": spec.model_dump(), "teacher": teacher_entry, "latency_batch": list(lat_x.shape),
         "score_blocks": int(sum(len(b["input_ids"]) for b in batches)), "classes": int(len(classes)),
         "candidates": eligible + [r for r in rows if r["excluded"]], "rank_by": spec.rank_by,
