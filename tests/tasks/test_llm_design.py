@@ -15,7 +15,8 @@ from kdistill import api
 from kdistill.config import load_config
 from kdistill.errors import KDistillError
 from kdistill.eval.diswot import diswot_distances, lm_diswot_features
-from kdistill.tasks.llm_design import frequent_next_tokens, zero_shot_kl
+from kdistill.eval.lm import zero_shot_kl
+from kdistill.tasks.llm_design import frequent_next_tokens
 
 V = 64
 

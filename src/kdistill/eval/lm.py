@@ -11,8 +11,9 @@ import torch
 from torch import Tensor, nn
 
 from ..capture import device_of
-from ..data.lm import label_mask, lm_tensors
+from ..data.lm import IGNORE_INDEX, label_mask, lm_tensors
 from ..errors import KDistillError
+from ..losses.logits import forward_kl as _forward_kl
 from ..losses.topk import teacher_topk, topk_loss
 from ..models.classifiers import count_params
 
@@ -189,3 +190,20 @@ def lm_report_markdown(report: Mapping[str, Any]) -> str:
         md += [f"- *{k}*: {v!r}" for k, v in g.items() if k != "prompt"]
         md.append("")
     return "\n".join(md)
+
+
+@torch.no_grad()
+def zero_shot_kl(model: nn.Module, batches: list[dict[str, Tensor]], teacher_logits: list[Tensor]) -> float:
+    """Mean KL(teacher || model) per predicted token over ``batches`` (full vocabulary, temperature 1)."""
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for b, t in zip(batches, teacher_logits):
+            s = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
+            mask = b["labels"] != IGNORE_INDEX
+            total += float(_forward_kl(s[mask], t[mask]).sum())
+            count += int(mask.sum())
+    finally:
+        model.train(was)
+    return total / max(1, count)

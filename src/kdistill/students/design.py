@@ -240,3 +240,20 @@ def plot_capacity_gap(path: Path, summary: Mapping[str, Any], *, ylabel: str = "
     ax.legend(fontsize=7, loc="lower right")
     ax.set_title("Capacity gap: what distillation adds, by student size")
     _save(fig, path)
+
+
+def write_design(output: Path, *, recipe: dict[str, Any], head: str, design: dict[str, Any], seconds: float,
+                 candidates: int, within_budget: int, distilled: int, capacity_gap: bool) -> dict[str, Any]:
+    """Write ``recipe.yaml`` (``head`` comment + the recipe with the chosen student) and ``design.json`` (``design``
+    with ``wall_seconds``) atomically into ``output``; return the summary ``kdistill design`` prints."""
+    import yaml
+
+    from ..io import write_json_atomic
+
+    write_bytes_atomic(output / "recipe.yaml", (head + yaml.safe_dump(recipe, sort_keys=False)).encode())
+    design["wall_seconds"] = seconds
+    write_json_atomic(output / "design.json", design)
+    return {"output": str(output), "recipe": str(output / "recipe.yaml"), "chosen": design["chosen"],
+            "candidates": candidates, "within_budget": within_budget, "distilled": distilled,
+            "pareto_front": design["pareto_front"], "rank_correlation": design["rank_correlation"],
+            **({"capacity_gap": design["capacity_gap"]["best_gain"]} if capacity_gap else {})}

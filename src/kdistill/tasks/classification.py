@@ -35,7 +35,7 @@ from ..errors import KDistillError, close_matches
 from ..eval.metrics import agreement, classification_metrics, model_flops, model_latency_ms
 from ..eval.report import write_report
 from ..exporters.classifier import load_classifier, save_classifier
-from ..io import cache_root, load_state_dict, publish_dir, seed_everything, write_bytes_atomic, write_json_atomic
+from ..io import cache_root, load_state_dict, publish_dir, seed_everything, write_json_atomic
 from ..models.classifiers import count_params, predict_logits
 from ..registry import DATASETS, METHODS, MODELS, TASKS
 from ..train.classifier import train_classifier
@@ -467,7 +467,6 @@ def design_classification(cfg: ClassificationConfig, output: Path, *, budget: di
     alone on labels) distilled for ``design.steps`` steps with the recipe's method. Writes ``design.json``,
     ``pareto.png``, ``recipe.yaml`` (the recipe with the most accurate distilled student, by validation accuracy)
     and, with ``capacity_gap``, ``capacity_gap.png`` into ``output``."""
-    import yaml
 
     from ..eval.diswot import score_candidates
     from ..students import design
@@ -567,13 +566,9 @@ def design_classification(cfg: ClassificationConfig, output: Path, *, budget: di
     head = (f"# kdistill design: the student {chosen['name']} ({chosen['params']:,} params, "
             f"{chosen['latency_ms']:.3f} ms per batch of {int(lat_x.shape[0])} here, validation accuracy "
             f"{chosen['distilled']['val_accuracy']:.4f} after {spec.steps} steps); see design.json\n")
-    write_bytes_atomic(output / "recipe.yaml", (head + yaml.safe_dump(recipe, sort_keys=False)).encode())
-    out["wall_seconds"] = time.perf_counter() - t_start
-    write_json_atomic(output / "design.json", out)
-    return {"output": str(output), "recipe": str(output / "recipe.yaml"), "chosen": chosen["name"],
-            "candidates": len(rows), "within_budget": len(eligible), "distilled": len(done), "pareto_front": front,
-            "rank_correlation": out["rank_correlation"],
-            **({"capacity_gap": out["capacity_gap"]["best_gain"]} if capacity_gap else {})}
+    return design.write_design(output, recipe=recipe, head=head, design=out, seconds=time.perf_counter() - t_start,
+                               candidates=len(rows), within_budget=len(eligible), distilled=len(done),
+                               capacity_gap=capacity_gap)
 
 
 TASKS.register("classification")(Task("classification", ClassificationConfig, run_classification,

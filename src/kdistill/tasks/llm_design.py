@@ -33,9 +33,9 @@ from torch import Tensor
 from ..data.lm import IGNORE_INDEX, corpus_texts, held_out_tensors, lm_dataset
 from ..data.loaders import TensorDictDataset
 from ..errors import KDistillError
+from ..eval.lm import zero_shot_kl
 from ..eval.metrics import model_flops, model_latency_ms
-from ..io import seed_everything, write_bytes_atomic, write_json_atomic
-from ..losses.logits import forward_kl
+from ..io import seed_everything, write_json_atomic
 from ..models.classifiers import count_params
 from ..rundir import CONFIG_FILE, prepare_run_folder
 from .base import RunContext
@@ -58,23 +58,6 @@ def frequent_next_tokens(batches: list[dict[str, Tensor]], k: int) -> Tensor:
     return ids[order[:k]]
 
 
-@torch.no_grad()
-def zero_shot_kl(model: torch.nn.Module, batches: list[dict[str, Tensor]], teacher_logits: list[Tensor]) -> float:
-    """Mean KL(teacher || model) per predicted token over ``batches`` (full vocabulary, temperature 1)."""
-    was = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        for b, t in zip(batches, teacher_logits):
-            s = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
-            mask = b["labels"] != IGNORE_INDEX
-            total += float(forward_kl(s[mask], t[mask]).sum())
-            count += int(mask.sum())
-    finally:
-        model.train(was)
-    return total / max(1, count)
-
-
 def _finished_run(folder: Path, config: dict[str, Any]) -> dict[str, Any] | None:
     """The report of a finished run in ``folder`` made with exactly ``config``, else None."""
     import json
@@ -93,8 +76,6 @@ def design_llm(cfg: LLMConfig, output: Path, *, budget: dict[str, float], capaci
     ``recipe.yaml`` (the recipe with the student of the lowest held-out perplexity after brief distillation) and,
     with ``capacity_gap``, ``capacity_gap.png`` into ``output``; the brief runs are in ``output/candidates``. While it
     runs, ``design.json`` holds the scores and the brief runs finished so far (``"complete": false``)."""
-    import yaml
-
     from ..eval.diswot import diswot_distances, lm_diswot_features
     from ..students import design
     from ..students.pruning import calibration_batches
@@ -245,10 +226,6 @@ def design_llm(cfg: LLMConfig, output: Path, *, budget: dict[str, float], capaci
     head = (f"# kdistill design: the student {chosen['name']} ({chosen['params']:,} params, "
             f"{chosen['latency_ms']:.1f} ms per batch of {lat_x.shape[0]} x {lat_x.shape[1]} tokens here, held-out "
             f"perplexity {chosen['distilled']['perplexity']:.2f} after {spec.steps} steps); see design.json\n")
-    write_bytes_atomic(output / "recipe.yaml", (head + yaml.safe_dump(recipe, sort_keys=False)).encode())
-    out["wall_seconds"] = time.perf_counter() - t_start
-    write_json_atomic(output / "design.json", out)
-    return {"output": str(output), "recipe": str(output / "recipe.yaml"), "chosen": chosen["name"],
-            "candidates": len(rows), "within_budget": len(eligible), "distilled": len(done), "pareto_front": front,
-            "rank_correlation": out["rank_correlation"],
-            **({"capacity_gap": out["capacity_gap"]["best_gain"]} if capacity_gap else {})}
+    return design.write_design(output, recipe=recipe, head=head, design=out, seconds=time.perf_counter() - t_start,
+                               candidates=len(rows), within_budget=len(eligible), distilled=len(done),
+                               capacity_gap=capacity_gap)
