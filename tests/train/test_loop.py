@@ -174,3 +174,25 @@ def test_fp16_on_cuda():
               train_loader=make_loader(TensorDictDataset(inputs=x, labels=y), 16), max_steps=3, progress=False)
     make_accelerator("no")
     assert res.steps == 3 and next(res.student.parameters()).is_cuda
+
+
+def test_adamw_is_fused_where_torch_allows_and_matches_the_unfused_update():
+    from kdistill.train.optim import build_optimizer
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(6, 3), torch.nn.Linear(6, 3)
+    b.load_state_dict(a.state_dict())
+    fused = build_optimizer(a.parameters(), lr=1e-2, weight_decay=0.1)
+    assert fused.param_groups[0]["fused"] is True
+    plain = torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=0.1)
+    for _ in range(5):
+        x = torch.randn(8, 6)
+        for m, o in ((a, fused), (b, plain)):
+            m(x).square().mean().backward()
+            o.step()
+            o.zero_grad()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    # parameters the fused kernel cannot take fall back to the per-parameter update
+    on_meta = torch.nn.Parameter(torch.zeros(3, device="meta"))
+    assert not build_optimizer([on_meta]).param_groups[0]["fused"]

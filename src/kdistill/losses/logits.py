@@ -274,10 +274,11 @@ def cross_entropy(student_logits: Tensor, labels: Tensor) -> Tensor:
             f"cross_entropy labels: got shape {tuple(labels.shape)}, expected "
             f"{tuple(student_logits.shape[:-1])} (logits without the class axis)."
         )
-    ls = log_probs(student_logits)
-    valid = labels >= 0
-    picked = ls.gather(-1, labels.clamp_min(0).long().unsqueeze(-1)).squeeze(-1)
-    return torch.where(valid, -picked, torch.zeros_like(picked))
+    V = student_logits.shape[-1]
+    # torch's fused kernel (log-softmax + pick in one op, one backward op): every negative label -> ignored (0)
+    out = F.cross_entropy(student_logits.reshape(-1, V).float(), labels.reshape(-1).long().clamp_min(-1),
+                          ignore_index=-1, reduction="none")
+    return out.reshape(labels.shape)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -746,14 +747,7 @@ def divergence_rows(name: str, student_logits: Tensor, teacher_logits: Tensor, *
     t = float(kd_temperature)
     n = student_logits.shape[0]
     dt = _compute_dtype(student_logits, teacher_logits)
-    values = torch.empty(n, dtype=dt, device=student_logits.device)
-    grad = None
-    if need_grad:
-        grad = (grad_into if grad_into is not None else
-                torch.empty(student_logits.shape, dtype=grad_dtype or dt, device=student_logits.device))
     sides = _infinite_sides(name, kw)
-    # when the gradient overwrites the student logits, an infinite row is reported before its logits are gone
-    check_each = sides is not None and grad is not None and grad.data_ptr() == student_logits.data_ptr()
 
     def raise_at(r: int) -> None:
         pos = (tuple(int(i) for i in torch.unravel_index(torch.tensor(offset + r), tuple(lead)))
@@ -765,6 +759,20 @@ def divergence_rows(name: str, student_logits: Tensor, teacher_logits: Tensor, *
 
     rows_fn = _ROWS[name]
     rows = _block_rows(student_logits)
+    if n <= rows and grad_into is None:  # one block (classifier logits, accelerators): no copies into buffers
+        values, g = rows_fn(student_logits, teacher_logits, t, need_grad, **kw)
+        grad = None
+        if need_grad:
+            grad = (g / t if t != 1.0 else g).to(grad_dtype or dt)
+        if sides is not None and (bad := _first_non_finite(values)) is not None:
+            raise_at(bad[0])
+        return values.to(dt), grad
+    values, grad = torch.empty(n, dtype=dt, device=student_logits.device), None
+    if need_grad:
+        grad = (grad_into if grad_into is not None else
+                torch.empty(student_logits.shape, dtype=grad_dtype or dt, device=student_logits.device))
+    # when the gradient overwrites the student logits, an infinite row is reported before its logits are gone
+    check_each = sides is not None and grad is not None and grad.data_ptr() == student_logits.data_ptr()
     for i in range(0, n, rows):
         j = slice(i, i + rows)
         v, g = rows_fn(student_logits[j], teacher_logits[j], t, need_grad, **kw)
@@ -773,8 +781,7 @@ def divergence_rows(name: str, student_logits: Tensor, teacher_logits: Tensor, *
             raise_at(i + bad[0])
         if need_grad:
             grad[j] = g / t if t != 1.0 else g
-    bad = _first_non_finite(values)
-    if bad is not None and sides is not None:
+    if sides is not None and (bad := _first_non_finite(values)) is not None:
         raise_at(bad[0])
     return values, grad
 

@@ -40,7 +40,7 @@ class HintonKD(Method):
         teacher = require_teacher("hinton_kd", teacher)
         t = self.kd_temperature
         kl = forward_kl(student.logits, teacher.logits, kd_temperature=t)
-        out = {"kd": self.alpha * kd_scale(t) * masked_mean(kl, batch.get("mask"))}
+        out = {"kd": masked_mean(kl, batch.get("mask")) * (self.alpha * kd_scale(t))}  # one multiply, not two
         if self.alpha < 1.0:
             out["ce"] = (1.0 - self.alpha) * label_loss(student.logits, batch)
         return out

@@ -16,8 +16,17 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], *, optimizer: str = "a
     params = [p for p in params if p.requires_grad]
     expect(optimizer in ("adamw", "sgd"), "optimizer", optimizer, "'adamw' or 'sgd'")
     if optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=_can_fuse(params) or None)
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=momentum > 0)
+
+
+def _can_fuse(params: list[torch.nn.Parameter]) -> bool:
+    """Whether torch's fused AdamW kernel (one kernel over all parameters instead of ~10 ops per parameter) can
+    take these parameters: floating point, plain tensors (not FSDP2's DTensor shards), on CPU or CUDA. On the
+    default classic recipe it turns a 0.21 ms optimizer step into 0.06 ms (``benchmarks/overhead.py``); the
+    update is the same AdamW, computed in one pass."""
+    return bool(params) and all(
+        type(p.data) is torch.Tensor and p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
 def build_scheduler(opt: torch.optim.Optimizer, *, schedule: str = "cosine", total_steps: int, warmup_steps: int = 0,
