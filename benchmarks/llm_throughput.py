@@ -10,9 +10,13 @@ Prints one JSON object::
 * ``kd_step_ms``: what ``kdistill.train.loop.fit`` does per micro-batch with ``llm_kd`` (forward KL,
   ``kd_temperature`` 2): teacher forward (no_grad) + ``DistillStep`` (student forward + method) + backward
   + AdamW step;
+* ``kd_fused_step_ms``: the same step with ``llm_kd(fused=True)`` as the ``llm`` task runs it: neither model's
+  ``(tokens, V)`` logits are built; the loss takes both models' final hidden states and LM heads and builds the
+  logits chunk by chunk (one chunk at these sizes), forming the student gradient in its forward;
 * ``cached_step_ms``: the same from cached top-32 teacher targets (fp16 log-probs, int indices, residual),
   the teacher never runs;
-* ``overhead_ratio = kd_step / (student_step + teacher_forward)`` (target <= 1.05) and
+* ``overhead_ratio = kd_step / (student_step + teacher_forward)`` (target <= 1.05; ``fused_overhead_ratio``
+  the same for ``kd_fused_step``) and
   ``cached_ratio = cached_step / student_step`` (target <= 1.15).
 
 The pair is a Llama-style teacher (hidden 256, 6 layers, vocabulary 8192) and a smaller student (hidden
@@ -107,6 +111,8 @@ def main() -> None:
     from kdistill.methods.base import ModelOutput
     from kdistill.methods.gkd import GKD
     from kdistill.methods.llm_kd import LLMKD
+    from kdistill.students.llm import fused_student_output
+    from kdistill.teachers.lm import fused_head_output
     from kdistill.train.loop import DistillStep
 
     torch.manual_seed(0)
@@ -152,6 +158,14 @@ def main() -> None:
             t_out = ModelOutput(fwd(teacher, batch))
         update(kd_step_mod, batch, t_out)
 
+    kd_fused_mod = DistillStep(student, LLMKD(loss="forward_kl", kd_temperature=2.0, fused=True),
+                               fused_student_output)
+
+    def kd_fused_step():
+        with torch.no_grad():
+            t_out = fused_head_output(teacher, batch)
+        update(kd_fused_mod, batch, t_out)
+
     def cached_step():
         update(kd_step_mod, batch, ModelOutput(None, extra=cached))
 
@@ -168,7 +182,7 @@ def main() -> None:
         generation_ms.append(gkd.pop_metrics()["generation_seconds"] * 1e3)
 
     fns = {"student_step_ms": student_step, "teacher_forward_ms": teacher_forward, "kd_step_ms": kd_step,
-           "cached_step_ms": cached_step, "onpolicy_step_ms": onpolicy_step}
+           "kd_fused_step_ms": kd_fused_step, "cached_step_ms": cached_step, "onpolicy_step_ms": onpolicy_step}
     peers = {k: f for k, f in (("trl_step_ms", trl_step), ("trl_onpolicy_step_ms", trl_onpolicy)) if f is not None}
     for fn in fns.values():  # warm-up
         fn()
@@ -202,6 +216,7 @@ def main() -> None:
         return med[num] / sum(med[d] for d in den), statistics.median(per_round)
 
     pairs = {"overhead_ratio": ("kd_step_ms", ("student_step_ms", "teacher_forward_ms")),
+             "fused_overhead_ratio": ("kd_fused_step_ms", ("student_step_ms", "teacher_forward_ms")),
              "cached_ratio": ("cached_step_ms", ("student_step_ms",))}
     if trl_step is not None:
         pairs["trl_ratio"] = ("trl_step_ms", ("student_step_ms", "teacher_forward_ms"))
