@@ -16,6 +16,9 @@ This is the one loader of causal LMs (the llm task, ``kdistill serve`` and the b
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -315,9 +318,10 @@ def _check_head_once(model: Any, batch: dict[str, Any], softcap: float | None, s
     try:
         with torch.no_grad():
             full = model(input_ids=ids, attention_mask=attn).logits.float()
-            hidden = model.base_model(input_ids=ids, attention_mask=attn).last_hidden_state
-            mine = apply_head_transform(F.linear(hidden, head.weight, head.bias).float(), softcap=softcap,
-                                        logit_scale=scale)
+            with _root_gathered(model):
+                hidden = model.base_model(input_ids=ids, attention_mask=attn).last_hidden_state
+                mine = apply_head_transform(F.linear(hidden, head.weight, head.bias).float(), softcap=softcap,
+                                            logit_scale=scale)
     finally:
         model.train(was)
     exact = head.weight.dtype == torch.float32
@@ -346,8 +350,29 @@ def fused_head_output(model: Any, batch: dict[str, Any]) -> Any:
                             "without the fused head.")
     softcap, scale = head_transform(model)
     _check_head_once(model, batch, softcap, scale)
-    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    head = model.get_output_embeddings()
-    return ModelOutput(None, extra={"hidden": hidden, "lm_head_weight": head.weight,
-                                    "lm_head_bias": getattr(head, "bias", None), "softcap": softcap,
-                                    "logit_scale": scale})
+    with _root_gathered(model) as gathered:
+        ids, attn = batch["input_ids"], batch["attention_mask"]
+        hidden = model.base_model(input_ids=ids, attention_mask=attn).last_hidden_state
+        head = model.get_output_embeddings()
+        weight, bias = head.weight, getattr(head, "bias", None)
+        if gathered:  # the gathered storage is freed when the root reshards: the loss reads a copy (step-long)
+            weight, bias = weight.detach().clone(), (None if bias is None else bias.detach().clone())
+    return ModelOutput(None, extra={"hidden": hidden, "lm_head_weight": weight, "lm_head_bias": bias,
+                                    "softcap": softcap, "logit_scale": scale})
+
+
+@contextmanager
+def _root_gathered(model: Any) -> Iterator[bool]:
+    """For calls that bypass a model's own forward (``base_model``, reading the LM head's weight): when the model
+    is an FSDP2 root (``fit`` shards a teacher's embeddings, final norm and LM head there, next to its sharded
+    decoder layers), gather its root parameters for the block and reshard them after; yields whether it did.
+    Every rank must enter together (it is a collective), as every rank runs the teacher in the same step."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is None or not isinstance(model, fsdp.FSDPModule):
+        yield False
+        return
+    model.unshard()
+    try:
+        yield True
+    finally:
+        model.reshard()

@@ -145,10 +145,11 @@ def _uses_fsdp2(accelerator: Any) -> bool:
 
 def _place_teacher(teacher: nn.Module, device: torch.device, *, sharded: bool) -> None:
     """Put the frozen teacher on ``device``. Under FSDP2 (``sharded``) every layer the teacher names in
-    ``_no_split_modules`` (a Hugging Face model's decoder layers) is sharded across the ranks with ``fully_shard``
-    and gathered only while it runs (inference only: no gradients, resharded after its forward), so no rank holds
-    the whole teacher; what lies outside those layers (embeddings, final norm, LM head) stays whole on every rank,
-    where the fused loss reads the LM head as a plain tensor. A teacher that names no layer classes is kept whole.
+    ``_no_split_modules`` (a Hugging Face model's decoder layers) is sharded across the ranks with ``fully_shard``,
+    and then the teacher itself, which shards what lies outside those layers (embeddings, final norm, LM head; tied
+    or not) as one more unit. Each unit is gathered only while it runs (inference only: no gradients, resharded
+    after its forward), so no rank holds the whole teacher; the fused loss reads a gathered copy of the LM head
+    (:func:`kdistill.teachers.lm.fused_head_output`). A teacher that names no layer classes is kept whole.
     Sharding happens before the move, so the full weights never reach the device."""
     names = set(getattr(teacher, "_no_split_modules", None) or []) if sharded else set()
     layers = [m for m in teacher.modules() if type(m).__name__ in names]
@@ -157,6 +158,9 @@ def _place_teacher(teacher: nn.Module, device: torch.device, *, sharded: bool) -
 
         for layer in layers:
             fully_shard(layer, reshard_after_forward=True)
+        # set explicitly: FSDP2 would otherwise keep a root's parameters gathered after forward (for a backward
+        # the teacher never runs)
+        fully_shard(teacher, reshard_after_forward=True)
     teacher.to(device)
 
 
