@@ -90,9 +90,11 @@ def test_errors_say_what_to_change(toks):
         cross_blocks(s, t, ["tiny"], block_length=32, max_blocks=2)
     with pytest.raises(KDistillError, match="data.stream, cache"):
         check_cross_data(layout="text", stream=True, cache=True, sequence_kd=False, prompt_tokens=0)
-    with pytest.raises(KDistillError, match="messages_column"):
-        check_cross_data(layout="chat", stream=False, cache=False, sequence_kd=False, prompt_tokens=0)
+    with pytest.raises(KDistillError, match="data.prompt_tokens on text blocks"):
+        check_cross_data(layout="text", stream=False, cache=False, sequence_kd=False, prompt_tokens=8)
     check_cross_data(layout="text", stream=False, cache=False, sequence_kd=False, prompt_tokens=0)
+    check_cross_data(layout="chat", stream=False, cache=False, sequence_kd=False, prompt_tokens=0)
+    check_cross_data(layout="prompts", stream=False, cache=False, sequence_kd=False, prompt_tokens=8)
 
 
 def test_vocab_map_pairs_equal_strings(toks):
@@ -116,3 +118,61 @@ def test_char_blocks_are_the_text_blocks_with_character_counts(toks):
     row, chars = held["input_ids"][0], held["target_chars"][0]
     assert chars[-1] == 0 and all(int(c) == (1 if int(i) == t.eos_token_id else len(t.decode([int(i)])))
                                   for i, c in zip(row[1:], chars[:-1]))
+
+
+def test_prompt_rows_align_the_reply_after_each_sides_own_context(toks):
+    from kdistill.data.align import cross_rows, shift_positions, side_of
+
+    s, t = toks
+    prompts = [("In the beginning", " God created the heaven and the earth."),
+               ("And God said,", " Let there be light: and there was light.")]
+    r = cross_rows(s, t, prompts, layout="prompts", block_length=40, prompt_tokens=12)
+    assert r["input_ids"].shape == r["teacher_input_ids"].shape == (2, 40)
+    for i, (prompt, reply) in enumerate(prompts):
+        cs, ct = (len(x(prompt, add_special_tokens=False)["input_ids"]) for x in (s, t))
+        assert int(r["teacher_offset"][i]) == ct - cs
+        for tok, side, c in ((s, "student", cs), (t, "teacher", ct)):
+            v = side_of(r, side)
+            trained = v["labels"][i][v["mask"][i]]
+            assert tok.decode(trained) == reply + tok.eos_token  # the reply and its EOS, never the prompt
+            assert v["mask"][i].nonzero().flatten().tolist() == list(range(c - 1, c - 1 + len(trained)))
+            assert int(v["target_chars"][i].sum()) == len(reply) + 1  # EOS = one character on both sides
+        # groups tile the reply: the first is predicted by each side's last prompt token
+        assert int(r["group_student_start"][i, 0]) == cs - 1 and int(r["group_teacher_start"][i, 0]) == ct - 1
+        n = int((r["group_student_start"][i] >= 0).sum())
+        assert int(r["student_group"][i].max()) == int(r["teacher_group"][i].max()) == n - 1
+    # shifting the teacher by teacher_offset puts its i-th reply position under the student's
+    shifted, valid = shift_positions(r["teacher_mask"], r["teacher_offset"])
+    both = shifted & valid & r["mask"]
+    n_s, n_t = r["mask"].sum(1), r["teacher_mask"].sum(1)
+    assert both.sum(1).tolist() == torch.minimum(n_s, n_t).tolist()
+    first = r["mask"].float().argmax(1)
+    assert all(bool(shifted[i, first[i]]) for i in range(2))
+
+
+def test_chat_rows_one_per_assistant_turn_and_errors(toks):
+    from kdistill.data.align import cross_rows
+
+    s, t = toks
+    chat = [[{"role": "user", "content": "In the beginning"},
+             {"role": "assistant", "content": "God created the heaven."},
+             {"role": "user", "content": "And then?"},
+             {"role": "assistant", "content": "And the earth."}]]
+    r = cross_rows(s, t, chat, layout="chat", block_length=128)
+    assert r["input_ids"].shape[0] == 2  # one row per assistant turn, the turns before it as its context
+    for i, reply in enumerate(("God created the heaven.", "And the earth.")):
+        assert s.decode(r["labels"][i][r["mask"][i]]) == reply + s.eos_token
+        ctx = s.apply_chat_template(chat[0][: 2 * i + 1], tokenize=False, add_generation_prompt=True)
+        n = int(r["mask"][i].float().argmax()) + 1
+        assert s.decode(r["input_ids"][i, :n]) == ctx  # the student's own chat template
+    # a reply cut where both tokenisations end a token, within block_length on each side
+    cut = cross_rows(s, t, [("In", " the beginning God created the heaven and the earth.")], layout="prompts",
+                     block_length=8, prompt_tokens=4)
+    ns, nt = int(cut["mask"].sum()), int(cut["teacher_mask"].sum())
+    assert 1 <= ns and 1 <= nt and s.decode(cut["labels"][0][cut["mask"][0]]) == t.decode(
+        cut["teacher_labels"][0][cut["teacher_mask"][0]])
+    with pytest.raises(KDistillError, match=r"row 1 \(student\): the context has \d+ tokens, expected 1 to 2"):
+        cross_rows(s, t, [("In the beginning God created", "x")], layout="prompts", block_length=16, prompt_tokens=2)
+    full = max(len(x("In the", add_special_tokens=False)["input_ids"]) for x in (s, t))
+    with pytest.raises(KDistillError, match="nothing of the reply fits"):  # the context fills the row on one side
+        cross_rows(s, t, [("In the", " beginning")], layout="prompts", block_length=full, prompt_tokens=full)

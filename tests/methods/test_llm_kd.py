@@ -233,3 +233,25 @@ def test_fused_teacher_head_with_ce_mix_equals_full_logits(loss):
     for n, p in student.named_parameters():
         if n in g_full:
             assert torch.allclose(p.grad, g_full[n], atol=1e-5, rtol=1e-4), n
+
+
+def test_uld_on_cross_tokenizer_rows_pairs_the_ith_reply_token_of_each_side():
+    """Rows whose contexts differ in length (teacher_offset): ULD meets the student's i-th reply position with the
+    teacher's i-th, up to the shorter reply; the teacher's context positions never enter."""
+    from kdistill.methods.base import ModelOutput
+    from kdistill.methods.llm_kd import LLMKD
+
+    torch.manual_seed(0)
+    zs, zt = torch.randn(2, 8, 5, requires_grad=True), torch.randn(2, 8, 7)
+    mask = torch.zeros(2, 8, dtype=torch.bool)
+    t_mask = torch.zeros(2, 8, dtype=torch.bool)
+    mask[0, 1:4], t_mask[0, 3:7] = True, True  # row 0: student reply at 1-3, teacher's at 3-6 (offset 2)
+    mask[1, 4:7], t_mask[1, 2:5] = True, True  # row 1: the teacher's context is 2 tokens shorter (offset -2)
+    batch = {"mask": mask, "teacher_mask": t_mask, "teacher_offset": torch.tensor([2, -2]),
+             "labels": torch.zeros(2, 8, dtype=torch.long)}
+    got = LLMKD(loss="uld", alpha=1.0)(ModelOutput(zs), ModelOutput(zt), batch)["kd"]
+    pairs = [(0, 1, 3), (0, 2, 4), (0, 3, 5), (1, 4, 2), (1, 5, 3), (1, 6, 4)]
+    want = torch.stack([L.uld(zs[b, i][None], zt[b, j][None])[0] for b, i, j in pairs]).mean()
+    assert torch.allclose(got, want, atol=1e-6)
+    got.backward()
+    assert zs.grad[0, 0].abs().sum() == 0 and zs.grad[0, 1].abs().sum() > 0  # context positions get no gradient

@@ -54,3 +54,37 @@ def test_own_tokenizer_config_errors():
         load_config("llm/tiny", [OWN.replace("420", "100"), "method={name: cross_tokenizer_kd}"])
     cfg = load_config("llm/tiny", [OWN, "method={name: cross_tokenizer_kd}"])
     assert cfg.student.tokenizer_kwargs() == {"train_bpe_vocab_size": 420}
+
+
+@pytest.mark.parametrize("layout, method", [
+    ("prompts", "{name: cross_tokenizer_kd, kwargs: {ce_weight: 0.5}}"),
+    ("chat", "{name: llm_kd, kwargs: {loss: uld, alpha: 0.5}}"),
+])
+def test_own_tokenizer_on_prompt_rows_and_chats(tmp_path, layout, method):
+    """Prompt rows and chat conversations with a student that has its own tokenizer: each side formats the context
+    its own way, the replies are aligned by characters and trained on; both models are scored on the same replies."""
+    import json
+
+    import yaml
+
+    from kdistill.recipes import find_recipe
+
+    verses = yaml.safe_load(find_recipe("llm/tiny_cross_tokenizer").read_text())["data"]["texts"]
+    pairs = [(" ".join(v.split()[:3]), " " + " ".join(v.split()[3:12])) for v in verses]
+    if layout == "prompts":
+        rows = [{"prompt": p, "completion": c} for p, c in pairs]
+        data = "{files: %s, prompt_column: prompt, completion_column: completion, prompt_tokens: 24, "
+    else:
+        rows = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": c.strip()}]}
+                for p, c in pairs]
+        data = "{files: %s, messages_column: messages, "
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    overrides = [f"method={method}", "data=" + data % (tmp_path / "rows.jsonl") + "block_length: 96, "
+                 "eval_fraction: 0.15}", "baseline=false"]
+    r = api.run("llm/tiny_cross_tokenizer", output=tmp_path / "run", progress=False, quiet=True, overrides=overrides)
+    assert r["vocab"]["cross_tokenizer"] and r["data"]["format"] == layout and r["student"]["steps"] == 3
+    for name in ("teacher", "student"):
+        m = r[name]["metrics"]
+        assert math.isfinite(m["perplexity"]) and 0 < m["bits_per_char"] < 20
+    log = (tmp_path / "run" / "work" / "student" / "metrics.jsonl").read_text()
+    assert ("exact_share" in log) == (layout == "prompts")

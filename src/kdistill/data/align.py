@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ..errors import KDistillError
-from .lm import IGNORE_INDEX, BlockPacker, label_mask, lm_tensors, pad_id_of
+from .lm import IGNORE_INDEX, BlockPacker, label_mask, lm_tensors, pad_id_of, template_ids
 
 #: batch keys of the teacher's side of a cross-tokenizer batch (read by the teacher forward)
 TEACHER_KEYS = ("teacher_input_ids", "teacher_attention_mask")
@@ -254,27 +254,171 @@ def char_text_blocks(tokenizer: Any, texts: Iterable[str], *, block_length: int,
 
 def check_cross_data(*, layout: str, stream: bool, cache: bool, sequence_kd: bool, prompt_tokens: int) -> None:
     """Refuse the data settings a cross-tokenizer run does not support yet (one error naming them)."""
-    bad = [name for name, on in (("data.messages_column / data.prompt_column", layout != "text"),
-                                 ("data.stream", stream), ("cache", cache), ("data.sequence_kd", sequence_kd),
-                                 ("data.prompt_tokens", prompt_tokens > 0)) if on]
+    bad = [name for name, on in (("data.stream", stream), ("cache", cache), ("data.sequence_kd", sequence_kd),
+                                 ("data.prompt_tokens on text blocks", prompt_tokens > 0 and layout == "text"))
+           if on]
     if bad:
         raise KDistillError(f"teacher and student use different tokenizers, and the recipe sets {', '.join(bad)}; "
-                            "expected a text corpus packed into blocks (data.name kjv / texts, or files with a "
-                            "text_column, not streamed), trained from the live teacher. Cross-tokenizer runs align "
-                            "the two tokenisations of each text, which is not implemented for chat or prompt rows, "
-                            "streams, top-k caches or stored generations yet. Fix: remove them, or give the student "
-                            "the teacher's tokenizer.")
+                            "expected texts packed into blocks, chat conversations (data.messages_column) or prompt "
+                            "rows (data.prompt_column), read from files or a built-in corpus (not streamed) and "
+                            "trained from the live teacher. Cross-tokenizer runs align the two tokenisations of each "
+                            "text, which is not implemented for streams, top-k caches, stored generations or prompts "
+                            "cut from text blocks yet. Fix: remove them, or give the student the teacher's tokenizer.")
 
 
-def cross_tensors(student_tokenizer: Any, teacher_tokenizer: Any, train_texts: Sequence[str],
-                  eval_texts: Sequence[str], *, block_length: int, train_tokens: int, eval_tokens: int
+def cross_tensors(student_tokenizer: Any, teacher_tokenizer: Any, train_items: Sequence[Any],
+                  eval_items: Sequence[Any], *, block_length: int, train_tokens: int, eval_tokens: int,
+                  layout: str = "text", prompt_tokens: int = 0
                   ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
-    """``(training tensors, teacher held-out tensors, student held-out tensors)`` of a cross-tokenizer run: the
-    aligned blocks of :func:`cross_blocks` (within ``train_tokens`` student tokens), and the held-out texts packed by
-    each tokenizer alone with ``target_chars`` (:func:`char_text_blocks`: each model is scored on its own tokens,
-    bits per character compares them)."""
-    train = cross_blocks(student_tokenizer, teacher_tokenizer, train_texts, block_length=block_length,
+    """``(training tensors, teacher held-out tensors, student held-out tensors)`` of a cross-tokenizer run.
+
+    Texts (``layout="text"``): the aligned blocks of :func:`cross_blocks` (within ``train_tokens`` student tokens),
+    and the held-out texts packed by each tokenizer alone with ``target_chars`` (:func:`char_text_blocks`: each model
+    is scored on its own tokens, bits per character compares them). Chat conversations and prompt rows: the aligned
+    rows of :func:`cross_rows`, and the two sides of the held-out rows (each model scored on the same replies in its
+    own tokens and format, ``target_chars`` included)."""
+    if layout != "text":
+        kw = dict(layout=layout, block_length=block_length, prompt_tokens=prompt_tokens)
+        held = cross_rows(student_tokenizer, teacher_tokenizer, eval_items, **kw, where="data (validation split)")
+        train = cross_rows(student_tokenizer, teacher_tokenizer, train_items, **kw, where="data (train split)")
+        return train, side_of(held, "teacher"), side_of(held, "student")
+    train = cross_blocks(student_tokenizer, teacher_tokenizer, train_items, block_length=block_length,
                          max_blocks=max(1, train_tokens // block_length))
-    held = [char_text_blocks(t, eval_texts, block_length=block_length, tokens=eval_tokens)
+    held = [char_text_blocks(t, eval_items, block_length=block_length, tokens=eval_tokens)
             for t in (teacher_tokenizer, student_tokenizer)]
     return train, held[0], held[1]
+
+
+# ------------------------------------------------------------------------------------ chat and prompt rows
+
+def _contexts_and_replies(items: Sequence[Any], layout: str, where: str) -> list[tuple[int, Any, str]]:
+    """``(row, context, reply)`` of every training target: a prompt row's prompt (text or chat turns) and its
+    completion; for a conversation, each assistant turn with the turns before it as its context."""
+    out = []
+    for row, item in enumerate(items):
+        if layout == "prompts":
+            prompt, completion = item
+            out.append((row, prompt, completion))
+            continue
+        if layout != "chat":
+            raise KDistillError(f"{where}: got layout {layout!r}, expected 'chat' or 'prompts' (texts are packed by "
+                                "cross_blocks).")
+        for i, m in enumerate(item):
+            if m["role"] == "assistant":
+                out.append((row, item[:i], m["content"]))
+    return out
+
+
+def _context_ids(tokenizer: Any, context: Any, *, width: int, where: str) -> list[int]:
+    """A context's tokens in this tokenizer's own format: chat turns through its chat template with the generation
+    prompt, a text prompt as plain tokens; an empty context, or one longer than ``width`` tokens, is refused."""
+    if isinstance(context, list):
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise KDistillError(f"{where}: the rows hold chat turns and this tokenizer has no chat template; "
+                                "expected both tokenizers to format chats (tokenizer.chat_template). Fix: give the "
+                                "student a chat model's tokenizer, or use prompt rows with text prompts.")
+        ids = template_ids(tokenizer, context, add_generation_prompt=True)
+    else:
+        ids = list(tokenizer(context, add_special_tokens=False)["input_ids"])
+    if not 1 <= len(ids) <= width:
+        raise KDistillError(f"{where}: the context has {len(ids)} tokens, expected 1 to {width} (data.prompt_tokens "
+                            "for prompt rows, block_length - 1 for chats). Fix: raise that limit or shorten the "
+                            "context.")
+    return ids
+
+
+def cross_rows(student_tokenizer: Any, teacher_tokenizer: Any, items: Sequence[Any], *, layout: str,
+               block_length: int, prompt_tokens: int = 0, where: str = "data") -> dict[str, Tensor]:
+    """Aligned rows of chat conversations (``layout="chat"``: one row per assistant turn, the turns before it as
+    context) or (prompt, completion) rows (``"prompts"``), ``(N, block_length)`` each, with the keys of
+    :func:`cross_blocks` plus ``target_chars`` / ``teacher_target_chars`` (characters of the token each position
+    predicts), ``teacher_labels`` and ``teacher_offset`` ``(N,)``: the teacher's context minus the student's, in
+    tokens (methods that pair positions in order, as ULD does, shift the teacher by it: :func:`shift_positions`).
+
+    Each side formats the context its own way (its chat template, or the prompt's tokens), then the reply's tokens
+    and its EOS; only the reply is aligned (its text is the same on both sides) and trained on. The reply's first
+    group is predicted by each side's last context token, which has read the whole context. A reply is cut at the
+    last shared token boundary that fits ``block_length`` on both sides. A context longer than ``prompt_tokens``
+    (prompt rows) or ``block_length - 1`` tokens (chat) on either side, or a reply of which nothing fits, is refused
+    with its row."""
+    _require_fast(student_tokenizer, "student")
+    _require_fast(teacher_tokenizer, "teacher")
+    L = int(block_length)
+    width = prompt_tokens if layout == "prompts" else L - 1
+    rows: list[tuple[list[int], list[tuple[int, int]], list[int], list[tuple[int, int]]]] = []
+    for row, context, reply in _contexts_and_replies(items, layout, where):
+        at = f"{where}, row {row + 1}"
+        cs = _context_ids(student_tokenizer, context, width=width, where=f"{at} (student)")
+        ct = _context_ids(teacher_tokenizer, context, width=width, where=f"{at} (teacher)")
+        S, T = _text_tokens(student_tokenizer, reply, 0), _text_tokens(teacher_tokenizer, reply, 0)
+        groups = [g for g in align_spans([e for _, e in S], [e for _, e in T])
+                  if len(cs) + g[1] <= L and len(ct) + g[3] <= L]
+        if not groups:
+            raise KDistillError(f"{at}: nothing of the reply fits in data.block_length = {L} tokens after the context "
+                                f"({len(cs)} student / {len(ct)} teacher tokens). Fix: raise block_length or shorten "
+                                "the context.")
+        rows.append((cs, S[:groups[-1][1]], ct, T[:groups[-1][3]]))
+    if not rows:
+        raise KDistillError(f"{where}: no reply to train on; expected prompt rows or conversations with an "
+                            "assistant turn.")
+    return _row_tensors(rows, L, pad_student=pad_id_of(student_tokenizer), pad_teacher=pad_id_of(teacher_tokenizer))
+
+
+def _row_tensors(rows: list[tuple[list[int], list[tuple[int, int]], list[int], list[tuple[int, int]]]], L: int, *,
+                 pad_student: int, pad_teacher: int) -> dict[str, Tensor]:
+    n = len(rows)
+    out = {k: torch.full((n, L), pad, dtype=torch.long) for k, pad in (("input_ids", pad_student),
+                                                                       ("teacher_input_ids", pad_teacher))}
+    for k in ("attention_mask", "teacher_attention_mask", "target_chars", "teacher_target_chars"):
+        out[k] = torch.zeros((n, L), dtype=torch.long)
+    for k in ("student_group", "teacher_group", "group_student_start", "group_teacher_start"):
+        out[k] = torch.full((n, L), -1, dtype=torch.long)
+    out["group_exact"] = torch.zeros((n, L), dtype=torch.bool)
+    labels = torch.full((n, L), IGNORE_INDEX, dtype=torch.long)
+    teacher_labels = torch.full((n, L), IGNORE_INDEX, dtype=torch.long)
+    for r, (cs, S, ct, T) in enumerate(rows):
+        for ctx, reply, ids, attn, lab, chars in ((cs, S, "input_ids", "attention_mask", labels, "target_chars"),
+                                                  (ct, T, "teacher_input_ids", "teacher_attention_mask",
+                                                   teacher_labels, "teacher_target_chars")):
+            reply_ids = [i for i, _ in reply]
+            seq = torch.tensor(ctx + reply_ids, dtype=torch.long)
+            out[ids][r, :len(seq)], out[attn][r, :len(seq)] = seq, 1
+            c = len(ctx)
+            lab[r, c - 1:c - 1 + len(reply)] = torch.tensor(reply_ids, dtype=torch.long)
+            ends = [e for _, e in reply]
+            out[chars][r, c - 1:c - 1 + len(reply)] = torch.tensor([e - p for e, p in zip(ends, [0, *ends[:-1]])])
+        for g, (s0, s1, t0, t1) in enumerate(align_spans([e for _, e in S], [e for _, e in T])):
+            s0, s1, t0, t1 = s0 + len(cs), s1 + len(cs), t0 + len(ct), t1 + len(ct)
+            out["group_student_start"][r, g], out["group_teacher_start"][r, g] = s0 - 1, t0 - 1
+            out["group_exact"][r, g] = s1 - s0 == 1 and t1 - t0 == 1
+            out["student_group"][r, s0 - 1:s1 - 1] = g
+            out["teacher_group"][r, t0 - 1:t1 - 1] = g
+    out.update(labels=labels, mask=label_mask(labels), teacher_labels=teacher_labels,
+               teacher_mask=label_mask(teacher_labels),
+               teacher_offset=torch.tensor([len(ct) - len(cs) for cs, _, ct, _ in rows], dtype=torch.long))
+    return out
+
+
+def shift_positions(x: Tensor, offset: Tensor) -> tuple[Tensor, Tensor]:
+    """``(y, valid)`` with ``y[b, p] = x[b, p + offset[b]]`` along the position axis (dim 1; any trailing axes) and
+    ``valid[b, p]`` False where ``p + offset[b]`` falls outside the row (``y`` repeats an edge value there). Pairs a
+    cross-tokenizer row's i-th reply position on the student side with the teacher's (``teacher_offset``: how many
+    more context tokens the teacher's side has)."""
+    B, L = x.shape[:2]
+    pos = torch.arange(L, device=x.device).unsqueeze(0) + offset.to(x.device).long().unsqueeze(1)
+    valid = (pos >= 0) & (pos < L)
+    idx = pos.clamp(0, L - 1)
+    y = x.gather(1, idx.view(B, L, *([1] * (x.dim() - 2))).expand(B, L, *x.shape[2:]))
+    return y, valid
+
+
+def side_of(tensors: Mapping[str, Tensor], side: str) -> dict[str, Tensor]:
+    """One model's LM tensors (``input_ids``, ``attention_mask``, ``labels``, ``mask``, ``target_chars``) from
+    aligned rows (:func:`cross_rows`): ``"student"`` or ``"teacher"``, e.g. to score each on its own tokens."""
+    if side == "student":
+        keys = {k: k for k in ("input_ids", "attention_mask", "labels", "mask", "target_chars")}
+    elif side == "teacher":
+        keys = {k: f"teacher_{k}" for k in ("input_ids", "attention_mask", "labels", "mask", "target_chars")}
+    else:
+        raise KDistillError(f"side_of: got side {side!r}, expected 'student' or 'teacher'.")
+    return {k: tensors[v] for k, v in keys.items()}

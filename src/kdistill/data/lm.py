@@ -111,7 +111,7 @@ def cache_dataset(cache: Any) -> TensorDictDataset:
     return TensorDictDataset(**batch)
 
 
-def _template_ids(tokenizer: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool) -> list[int]:
+def template_ids(tokenizer: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool) -> list[int]:
     out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
     if isinstance(out, dict) or hasattr(out, "keys"):  # a BatchEncoding in recent transformers
         out = out["input_ids"]
@@ -150,13 +150,13 @@ def chat_tensors(tokenizer: Any, conversations: Sequence[list[dict[str, str]]], 
     attn = torch.zeros((n, max_length), dtype=torch.long)
     labels = torch.full((n, max_length), IGNORE_INDEX, dtype=torch.long)
     for row, messages in enumerate(conversations):
-        full = _template_ids(tokenizer, messages, add_generation_prompt=False)
+        full = template_ids(tokenizer, messages, add_generation_prompt=False)
         train = torch.zeros(len(full), dtype=torch.bool)  # True where the token is part of an assistant reply
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            start = len(_template_ids(tokenizer, messages[:i], add_generation_prompt=True))
-            upto = _template_ids(tokenizer, messages[: i + 1], add_generation_prompt=False)
+            start = len(template_ids(tokenizer, messages[:i], add_generation_prompt=True))
+            upto = template_ids(tokenizer, messages[: i + 1], add_generation_prompt=False)
             if full[: len(upto)] != upto or start > len(upto):
                 raise KDistillError(f"{where}, row {row + 1}: the chat template does not extend its own prefixes "
                                     "(the tokens of the first turns change when a turn is added), so the assistant "
@@ -192,7 +192,7 @@ def prompt_ids(tokenizer: Any, prompts: Sequence[str | list[dict[str, str]]], *,
                 raise KDistillError(f"{where}, row {row + 1}: the prompt is a list of chat turns and the tokenizer "
                                     "has no chat template; expected a chat model's tokenizer. Fix: use such a "
                                     "tokenizer, or give the prompt as text.")
-            ids = _template_ids(tokenizer, prompt, add_generation_prompt=True)
+            ids = template_ids(tokenizer, prompt, add_generation_prompt=True)
         else:
             ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
         if not ids or len(ids) > prompt_width:

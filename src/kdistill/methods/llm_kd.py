@@ -45,7 +45,8 @@ TAID, token-selective: their gradients shrink like ``1/T^2``), ``k = 1`` for ``t
 a ``T^2`` on those would grow their gradients ``T``-fold (x8 at T = 8).
 With ``loss: uld`` it also serves a student with its own tokenizer (``cross_tokenizer``): the llm task then feeds
 the teacher its own tokens of the same text (:mod:`kdistill.data.align`) and the i-th student position is paired
-with the i-th teacher position, as ULD pairs the answer tokens in order, up to the shorter of the two.
+with the i-th teacher position, as ULD pairs the answer tokens in order, up to the shorter of the two (on chat and
+prompt rows, the i-th reply position: the batch's ``teacher_offset`` shifts the teacher past its own context).
 When to use: the student shares the teacher's tokenizer (``uld`` otherwise); ``forward_kl`` is the safe
 default, ``skew_*`` / ``taid`` help when the student is much smaller than the teacher.
 """
@@ -273,7 +274,10 @@ class LLMKD(Method):
         teacher = require_teacher("llm_kd", teacher)
         mask = batch.get("mask")
         if mask is not None and "teacher_mask" in batch:  # cross-tokenizer batch: pairs up to the shorter sequence
-            mask = mask & batch["teacher_mask"]
+            t_mask = batch["teacher_mask"]
+            if "teacher_offset" in batch:  # chat / prompt rows: each side's reply starts after its own context
+                teacher, t_mask = _shift_teacher(teacher, t_mask, batch["teacher_offset"])
+            mask = mask & t_mask
         ce_per_token = None
         if self.fused and student.logits is None:  # hidden states + LM head (the task's training forward)
             per_token, ce_per_token = self.fused_per_token(student, teacher, mask, batch.get("mask"),
@@ -290,3 +294,24 @@ class LLMKD(Method):
             if self.training and torch.is_grad_enabled():
                 self._taid_update(_mean_over_ranks(kd.detach()))
         return out
+
+
+def _shift_teacher(teacher: ModelOutput, teacher_mask: Tensor, offset: Tensor) -> tuple[ModelOutput, Tensor]:
+    """The teacher's per-position outputs (logits, or the fused head's hidden states) and mask moved by ``offset``
+    positions per row, so that the i-th reply position of the student meets the teacher's i-th
+    (:func:`kdistill.data.align.shift_positions`)."""
+    from ..data.align import shift_positions
+
+    mask, valid = shift_positions(teacher_mask, offset)
+    extra = dict(teacher.extra)
+    logits = teacher.logits
+    if logits is not None:
+        logits = shift_positions(logits, offset)[0]
+    elif "hidden" in extra:
+        extra["hidden"] = shift_positions(extra["hidden"], offset)[0]
+    else:
+        raise KDistillError("llm_kd: a cross-tokenizer row batch needs the teacher's logits or hidden states to pair "
+                            "reply positions; got neither (a top-k cache cannot serve a student with its own "
+                            "tokenizer).")
+    return ModelOutput(logits, features=teacher.features, extra=extra), mask & valid
+

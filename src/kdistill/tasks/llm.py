@@ -934,7 +934,8 @@ def _cross_data(cfg: LLMConfig, tok: Any, student_tok: Any, train_items: list[An
                      sequence_kd=cfg.data.sequence_kd is not None, prompt_tokens=cfg.data.prompt_tokens)
     cross_t, eval_t, s_eval_t = cross_tensors(student_tok, tok, train_items, eval_items,
                                               block_length=cfg.data.block_length,
-                                              train_tokens=cfg.data.train_tokens, eval_tokens=cfg.data.eval_tokens)
+                                              train_tokens=cfg.data.train_tokens, eval_tokens=cfg.data.eval_tokens,
+                                              layout=cfg.data.layout, prompt_tokens=cfg.data.prompt_tokens)
     return student_tok, vocab_map(student_tok, tok), TensorDictDataset(**cross_t), eval_t, s_eval_t
 
 
