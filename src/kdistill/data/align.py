@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ..errors import KDistillError
-from .lm import IGNORE_INDEX, BlockPacker, label_mask, lm_tensors, pad_id_of, template_ids
+from .lm import IGNORE_INDEX, BlockPacker, context_ids, label_mask, lm_tensors, pad_id_of
 
 #: batch keys of the teacher's side of a cross-tokenizer batch (read by the teacher forward)
 TEACHER_KEYS = ("teacher_input_ids", "teacher_attention_mask")
@@ -310,16 +310,9 @@ def _contexts_and_replies(items: Sequence[Any], layout: str, where: str) -> list
 
 
 def _context_ids(tokenizer: Any, context: Any, *, width: int, where: str) -> list[int]:
-    """A context's tokens in this tokenizer's own format: chat turns through its chat template with the generation
-    prompt, a text prompt as plain tokens; an empty context, or one longer than ``width`` tokens, is refused."""
-    if isinstance(context, list):
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise KDistillError(f"{where}: the rows hold chat turns and this tokenizer has no chat template; "
-                                "expected both tokenizers to format chats (tokenizer.chat_template). Fix: give the "
-                                "student a chat model's tokenizer, or use prompt rows with text prompts.")
-        ids = template_ids(tokenizer, context, add_generation_prompt=True)
-    else:
-        ids = list(tokenizer(context, add_special_tokens=False)["input_ids"])
+    """A context's tokens in this tokenizer's own format (:func:`kdistill.data.lm.context_ids`); an empty context,
+    or one longer than ``width`` tokens, is refused."""
+    ids = context_ids(tokenizer, context, where=where)
     if not 1 <= len(ids) <= width:
         raise KDistillError(f"{where}: the context has {len(ids)} tokens, expected 1 to {width} (data.prompt_tokens "
                             "for prompt rows, block_length - 1 for chats). Fix: raise that limit or shorten the "

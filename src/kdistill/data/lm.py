@@ -180,6 +180,18 @@ def _check_prompt_width(prompt_width: int, max_length: int) -> None:
                             f"({max_length}).")
 
 
+def context_ids(tokenizer: Any, context: str | list[dict[str, str]], *, where: str) -> list[int]:
+    """The tokens of what a model continues from: chat turns (``[{role, content}, ...]``) through the tokenizer's
+    chat template with its generation prompt, or a text as plain tokens (no special tokens)."""
+    if isinstance(context, list):
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise KDistillError(f"{where}: the prompt is a list of chat turns and the tokenizer has no chat template; "
+                                "expected a chat model's tokenizer. Fix: use such a tokenizer, or give the prompt as "
+                                "text.")
+        return template_ids(tokenizer, context, add_generation_prompt=True)
+    return list(tokenizer(context, add_special_tokens=False)["input_ids"])
+
+
 def prompt_ids(tokenizer: Any, prompts: Sequence[str | list[dict[str, str]]], *, prompt_width: int,
                where: str = "data") -> list[list[int]]:
     """Token ids of each prompt: a text (no special tokens), or chat turns (``[{role, content}, ...]``) formatted
@@ -187,14 +199,7 @@ def prompt_ids(tokenizer: Any, prompts: Sequence[str | list[dict[str, str]]], *,
     prompt that is empty or longer than ``prompt_width`` tokens is refused with its row."""
     out = []
     for row, prompt in enumerate(prompts):
-        if isinstance(prompt, list):
-            if getattr(tokenizer, "chat_template", None) is None:
-                raise KDistillError(f"{where}, row {row + 1}: the prompt is a list of chat turns and the tokenizer "
-                                    "has no chat template; expected a chat model's tokenizer. Fix: use such a "
-                                    "tokenizer, or give the prompt as text.")
-            ids = template_ids(tokenizer, prompt, add_generation_prompt=True)
-        else:
-            ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        ids = context_ids(tokenizer, prompt, where=f"{where}, row {row + 1}")
         if not ids or len(ids) > prompt_width:
             raise KDistillError(f"{where}, row {row + 1}: the prompt has {len(ids)} tokens, expected 1 to "
                                 f"data.prompt_tokens = {prompt_width}. Fix: raise prompt_tokens (block_length "
