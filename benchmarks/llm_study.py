@@ -4,7 +4,9 @@ Each row is one ``kdistill run`` of the ``llm/smollm2_kjv`` recipe (SmolLM2-135M
 copy, King James Bible text) with only the method (and what the method needs) changed; every row trains the same
 student from the same initial weights on the same ``--tokens`` training tokens, with the same optimizer, schedule
 and seed. Rows that can learn from cached top-k teacher log-probs share one cache (``--cache``, written once by
-``kdistill cache llm/smollm2_kjv``); sequence-level KD and GKD run the teacher live.
+``kdistill cache llm/smollm2_kjv``); sequence-level KD and GKD run the teacher live. ``forward_kl_sampled`` is
+forward KL from an unbiased sampled cache of the same data instead (``--sampled-cache``, written by ``kdistill cache
+llm/smollm2_kjv cache.mode=sampled cache.k=32``).
 
 Resumable by (row, seed): a finished run has ``OUT/<row>/seed<s>/report.json`` and is not run again; an
 interrupted one continues from its last checkpoint (``--resume``). Each run's output goes to
@@ -38,6 +40,7 @@ from typing import Any
 
 RECIPE = "llm/smollm2_kjv"
 PROMPT_TOKENS = 32  # prompt of each 128-token block that sequence-level KD and GKD continue
+SAMPLED_DRAWS = 32  # teacher draws per token of the sampled cache (--sampled-cache)
 
 
 def _kd(loss: str, alpha: float = 1.0, **loss_kwargs: Any) -> dict[str, Any]:
@@ -60,6 +63,8 @@ MINILM = {"name": "minilm", "kwargs": {"relations": ["qq", "kk", "vv"], "relatio
 ROWS: dict[str, dict[str, Any]] = {
     "cross_entropy": {"method": {"name": "none"}, "cache": None},
     "forward_kl": _kd("forward_kl"),
+    # the same row from an unbiased sampled cache (Random-Sampling KD) of 32 draws per token, a third of the bytes
+    "forward_kl_sampled": {**_kd("forward_kl"), "cache": "sampled"},
     "pruned_cross_entropy": {"student": PRUNED, "method": {"name": "none"}, "cache": None},
     "pruned_forward_kl": {"student": PRUNED, **_kd("forward_kl")},
     "reverse_kl": _kd("reverse_kl"),
@@ -84,7 +89,7 @@ BASELINE_OF = {"pruned_forward_kl": "pruned_cross_entropy"}
 
 
 def overrides(row: str, *, seed: int, tokens: int, cache: str | None, eval_every: int,
-              student: dict[str, Any] | None) -> list[str]:
+              student: dict[str, Any] | None, sampled_cache: str | None = None) -> list[str]:
     """``key=value`` overrides of one (row, seed): values as JSON (a YAML flow value)."""
     o: dict[str, Any] = {"seed": seed, "baseline": False, "data.train_tokens": tokens,
                          "train.eval_every": eval_every, "train.checkpoint_every": eval_every}
@@ -92,7 +97,14 @@ def overrides(row: str, *, seed: int, tokens: int, cache: str | None, eval_every
         o["cache.dir"] = cache
     if student:
         o["student"] = student
-    o.update(ROWS[row])
+    row_o = dict(ROWS[row])
+    if row_o.get("cache") == "sampled":
+        if not sampled_cache:
+            raise SystemExit(f"row {row}: needs --sampled-cache (kdistill cache {RECIPE} --output DIR "
+                             f"cache.mode=sampled cache.k={SAMPLED_DRAWS})")
+        del row_o["cache"]
+        o.update({"cache.dir": sampled_cache, "cache.mode": "sampled", "cache.k": SAMPLED_DRAWS})
+    o.update(row_o)
     return [f"{k}={json.dumps(v)}" for k, v in o.items()]
 
 
@@ -103,7 +115,8 @@ def run_one(out: Path, row: str, seed: int, args: argparse.Namespace) -> None:
     d.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "kdistill", "run", args.recipe,
            *overrides(row, seed=seed, tokens=args.tokens, cache=args.cache, eval_every=args.eval_every,
-                      student=json.loads(args.student) if args.student else None),
+                      student=json.loads(args.student) if args.student else None,
+                      sampled_cache=args.sampled_cache),
            "-o", str(d), "--no-progress"]
     if (d / "work").exists():
         cmd.append("--resume")
@@ -204,6 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/llm_study"))
     p.add_argument("--recipe", default=RECIPE)
     p.add_argument("--cache", default=None, help="top-k cache folder shared by the cacheable rows")
+    p.add_argument("--sampled-cache", default=None,
+                   help=f"sampled cache ({SAMPLED_DRAWS} draws per token) of the same data, for forward_kl_sampled")
     p.add_argument("--tokens", type=int, default=150_000, help="training tokens of every row")
     p.add_argument("--eval-every", type=int, default=30, help="steps between held-out evaluations/checkpoints")
     p.add_argument("--student", default=None, help="JSON student section replacing the recipe's")
