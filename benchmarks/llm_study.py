@@ -67,6 +67,7 @@ ROWS: dict[str, dict[str, Any]] = {
     "forward_kl_sampled": {**_kd("forward_kl"), "cache": "sampled"},
     "pruned_cross_entropy": {"student": PRUNED, "method": {"name": "none"}, "cache": None},
     "pruned_forward_kl": {"student": PRUNED, **_kd("forward_kl")},
+    "pruned_forward_kl_sampled": {"student": PRUNED, **_kd("forward_kl"), "cache": "sampled"},
     "reverse_kl": _kd("reverse_kl"),
     "jsd_0.5": _kd("generalized_jsd", beta=0.5),
     "skew_kl_0.1": _kd("skew_kl", skew=0.1),
@@ -85,7 +86,7 @@ ROWS: dict[str, dict[str, Any]] = {
 }
 BASELINE_ROW = "cross_entropy"
 # rows whose cross-entropy baseline is another row (a different student)
-BASELINE_OF = {"pruned_forward_kl": "pruned_cross_entropy"}
+BASELINE_OF = {"pruned_forward_kl": "pruned_cross_entropy", "pruned_forward_kl_sampled": "pruned_cross_entropy"}
 
 
 def overrides(row: str, *, seed: int, tokens: int, cache: str | None, eval_every: int,
