@@ -294,6 +294,22 @@ def _key(row: dict) -> tuple:
     return (row["vocab"], row["tokens"], row["hidden"], row.get("loss"), row.get("dtype"), row.get("device"))
 
 
+def table(rows: list[dict]) -> str:
+    """The eager (``naive``) and fused peaks and times of every row, sorted by vocabulary and tokens; ``—`` where a
+    variant was not run (the row's ``skipped`` says why) or not timed."""
+    def cell(v: float | None, fmt: str) -> str:
+        return "—" if v is None else format(v, fmt)
+
+    lines = ["| V | tokens | hidden | eager peak MB | fused peak MB | fused / eager peak | eager ms | fused ms | "
+             "fused / eager time | max abs diff (grad) |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["vocab"], r["tokens"])):
+        lines.append(f"| {r['vocab']:,} | {r['tokens']:,} | {r['hidden']:,} | {cell(r.get('naive_peak_mb'), ',.1f')} | "
+                     f"{cell(r.get('fused_peak_mb'), ',.1f')} | {cell(r.get('fused_vs_naive_peak'), '.3f')} | "
+                     f"{cell(r.get('naive_ms'), ',.0f')} | {cell(r.get('fused_ms'), ',.0f')} | "
+                     f"{cell(r.get('fused_vs_naive_time'), '.3f')} | {cell(r.get('max_abs_diff_grad'), '.1e')} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--vocab", type=int, nargs="+", default=[49152, 131072, 262144])
@@ -308,9 +324,13 @@ def main() -> None:
     ap.add_argument("--max-gb", type=float, default=None, help="default: 80%% of MemAvailable at start")
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="JSON lines file; '-' prints only")
     ap.add_argument("--fresh", action="store_true", help="measure rows already in --out again and replace them")
+    ap.add_argument("--table", action="store_true", help="print the rows of --out as a markdown table, run nothing")
     ap.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     ap.add_argument("--timing", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.table:
+        print(table([json.loads(line) for line in Path(args.out).read_text().splitlines() if line.strip()]))
+        return
     if args.variant:
         child(args)
         return
