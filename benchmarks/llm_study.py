@@ -94,8 +94,8 @@ def overrides(row: str, *, seed: int, tokens: int, cache: str | None, eval_every
     """``key=value`` overrides of one (row, seed): values as JSON (a YAML flow value)."""
     o: dict[str, Any] = {"seed": seed, "baseline": False, "data.train_tokens": tokens,
                          "train.eval_every": eval_every, "train.checkpoint_every": eval_every}
-    if cache:
-        o["cache.dir"] = cache
+    if cache:  # the shared top-k cache (the recipe's own default is a sampled one)
+        o.update({"cache.dir": cache, "cache.mode": "topk"})
     if student:
         o["student"] = student
     row_o = dict(ROWS[row])
