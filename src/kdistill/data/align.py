@@ -294,15 +294,15 @@ def cross_tensors(student_tokenizer: Any, teacher_tokenizer: Any, train_items: S
 def _contexts_and_replies(items: Sequence[Any], layout: str, where: str) -> list[tuple[int, Any, str]]:
     """``(row, context, reply)`` of every training target: a prompt row's prompt (text or chat turns) and its
     completion; for a conversation, each assistant turn with the turns before it as its context."""
+    if layout not in ("chat", "prompts"):
+        raise KDistillError(f"{where}: got layout {layout!r}, expected 'chat' or 'prompts' (texts are packed by "
+                            "cross_blocks).")
     out = []
     for row, item in enumerate(items):
         if layout == "prompts":
             prompt, completion = item
             out.append((row, prompt, completion))
             continue
-        if layout != "chat":
-            raise KDistillError(f"{where}: got layout {layout!r}, expected 'chat' or 'prompts' (texts are packed by "
-                                "cross_blocks).")
         for i, m in enumerate(item):
             if m["role"] == "assistant":
                 out.append((row, item[:i], m["content"]))
@@ -338,7 +338,7 @@ def cross_rows(student_tokenizer: Any, teacher_tokenizer: Any, items: Sequence[A
     _require_fast(teacher_tokenizer, "teacher")
     L = int(block_length)
     width = prompt_tokens if layout == "prompts" else L - 1
-    rows: list[tuple[list[int], list[tuple[int, int]], list[int], list[tuple[int, int]]]] = []
+    rows: list[_Row] = []
     for row, context, reply in _contexts_and_replies(items, layout, where):
         at = f"{where}, row {row + 1}"
         cs = _context_ids(student_tokenizer, context, width=width, where=f"{at} (student)")
@@ -350,15 +350,18 @@ def cross_rows(student_tokenizer: Any, teacher_tokenizer: Any, items: Sequence[A
             raise KDistillError(f"{at}: nothing of the reply fits in data.block_length = {L} tokens after the context "
                                 f"({len(cs)} student / {len(ct)} teacher tokens). Fix: raise block_length or shorten "
                                 "the context.")
-        rows.append((cs, S[:groups[-1][1]], ct, T[:groups[-1][3]]))
+        rows.append((cs, S[:groups[-1][1]], ct, T[:groups[-1][3]], groups))
     if not rows:
         raise KDistillError(f"{where}: no reply to train on; expected prompt rows or conversations with an "
                             "assistant turn.")
     return _row_tensors(rows, L, pad_student=pad_id_of(student_tokenizer), pad_teacher=pad_id_of(teacher_tokenizer))
 
 
-def _row_tensors(rows: list[tuple[list[int], list[tuple[int, int]], list[int], list[tuple[int, int]]]], L: int, *,
-                 pad_student: int, pad_teacher: int) -> dict[str, Tensor]:
+#: one aligned row: student context ids, student reply (id, end) tokens, the same for the teacher, the reply's groups
+_Row = tuple[list[int], list[tuple[int, int]], list[int], list[tuple[int, int]], list[tuple[int, int, int, int]]]
+
+
+def _row_tensors(rows: list[_Row], L: int, *, pad_student: int, pad_teacher: int) -> dict[str, Tensor]:
     n = len(rows)
     out = {k: torch.full((n, L), pad, dtype=torch.long) for k, pad in (("input_ids", pad_student),
                                                                        ("teacher_input_ids", pad_teacher))}
@@ -369,7 +372,7 @@ def _row_tensors(rows: list[tuple[list[int], list[tuple[int, int]], list[int], l
     out["group_exact"] = torch.zeros((n, L), dtype=torch.bool)
     labels = torch.full((n, L), IGNORE_INDEX, dtype=torch.long)
     teacher_labels = torch.full((n, L), IGNORE_INDEX, dtype=torch.long)
-    for r, (cs, S, ct, T) in enumerate(rows):
+    for r, (cs, S, ct, T, groups) in enumerate(rows):
         for ctx, reply, ids, attn, lab, chars in ((cs, S, "input_ids", "attention_mask", labels, "target_chars"),
                                                   (ct, T, "teacher_input_ids", "teacher_attention_mask",
                                                    teacher_labels, "teacher_target_chars")):
@@ -380,7 +383,7 @@ def _row_tensors(rows: list[tuple[list[int], list[tuple[int, int]], list[int], l
             lab[r, c - 1:c - 1 + len(reply)] = torch.tensor(reply_ids, dtype=torch.long)
             ends = [e for _, e in reply]
             out[chars][r, c - 1:c - 1 + len(reply)] = torch.tensor([e - p for e, p in zip(ends, [0, *ends[:-1]])])
-        for g, (s0, s1, t0, t1) in enumerate(align_spans([e for _, e in S], [e for _, e in T])):
+        for g, (s0, s1, t0, t1) in enumerate(groups):
             s0, s1, t0, t1 = s0 + len(cs), s1 + len(cs), t0 + len(ct), t1 + len(ct)
             out["group_student_start"][r, g], out["group_teacher_start"][r, g] = s0 - 1, t0 - 1
             out["group_exact"][r, g] = s1 - s0 == 1 and t1 - t0 == 1
@@ -388,7 +391,7 @@ def _row_tensors(rows: list[tuple[list[int], list[tuple[int, int]], list[int], l
             out["teacher_group"][r, t0 - 1:t1 - 1] = g
     out.update(labels=labels, mask=label_mask(labels), teacher_labels=teacher_labels,
                teacher_mask=label_mask(teacher_labels),
-               teacher_offset=torch.tensor([len(ct) - len(cs) for cs, _, ct, _ in rows], dtype=torch.long))
+               teacher_offset=torch.tensor([len(r[2]) - len(r[0]) for r in rows], dtype=torch.long))
     return out
 
 

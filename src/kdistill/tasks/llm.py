@@ -740,7 +740,8 @@ def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
     own_tok = (student_tokenizer(**cfg.student.tokenizer_kwargs(), texts=corpus_texts(train_items))
                if cfg.student.tokenizer is not None else None)
     probe_student, probe_tok = _student(cfg, teacher, calib, fused_head=main_method.fused_head, tokenizer=own_tok)
-    plan = check_vocab(teacher, probe_student, tok, probe_tok, cross_tokenizer=main_method.cross_tokenizer)
+    plan = check_vocab(teacher, probe_student, tok, probe_tok, cross_tokenizer=main_method.cross_tokenizer,
+                       fused_head=main_method.fused_head)
     del probe_student
     s_tok, s_eval_t, vmap = tok, eval_t, None
     if plan.cross:  # the student reads its own tokens of the same texts, aligned by characters (data.align)
@@ -748,10 +749,6 @@ def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
                                                               streamed=stream is not None)
 
     accelerator = make_accelerator(cfg.train.mixed_precision)
-    if main_method.fused_head and not plan.is_identity:
-        raise KDistillError(f"method {cfg.method.name!r} as configured reads the student's hidden states and LM "
-                            "head (a fused head), which needs identical teacher and student vocabularies (no padded "
-                            "rows); configure it without the fused head.")
     kd_set, cache, sequences_info = _kd_set(cfg, tok, teacher, main_method, base_set, train_blocks, train_t,
                                             train_items, out)
     selection, select_inputs = None, {}

@@ -108,14 +108,28 @@ def cross_tokenizer_error(teacher_size: int | None = None, student_size: int | N
 
 
 def check_vocab(teacher: Any, student: Any, teacher_tokenizer: Any,
-                student_tokenizer: Any | None = None, *, cross_tokenizer: bool = False) -> VocabAlignment:
+                student_tokenizer: Any | None = None, *, cross_tokenizer: bool = False,
+                fused_head: bool = False) -> VocabAlignment:
     """Check that teacher and student can be compared token by token; return how to align their logits.
 
     ``teacher`` / ``student``: models (the LM head's rows are counted) or row counts. ``student_tokenizer``
     ``None`` means the student reuses the teacher's tokenizer. Different tokenizers are accepted with
     ``cross_tokenizer`` (the method compares distributions across vocabularies; the result has ``cross=True``).
-    Raises :class:`KDistillError` otherwise.
+    ``fused_head`` (the method reads hidden states and LM heads, never logits, so nothing can be padded or aligned)
+    accepts only identical vocabularies. Raises :class:`KDistillError` otherwise.
     """
+    plan = _vocab_plan(teacher, student, teacher_tokenizer, student_tokenizer, cross_tokenizer=cross_tokenizer)
+    if fused_head and not plan.is_identity:
+        raise KDistillError(
+            f"the method reads the student's hidden states and LM head (a fused head), and the vocabularies differ "
+            f"(teacher {plan.teacher_rows} rows, student {plan.student_rows}, tokenizer {plan.tokenizer_size}"
+            f"{', different tokenizers' if plan.cross else ''}); expected identical teacher and student "
+            "vocabularies (no padded rows). Fix: configure the method without the fused head.")
+    return plan
+
+
+def _vocab_plan(teacher: Any, student: Any, teacher_tokenizer: Any, student_tokenizer: Any | None, *,
+                cross_tokenizer: bool) -> VocabAlignment:
     from .cache import tokenizer_hash
 
     t_rows, s_rows = _rows(teacher), _rows(student)
