@@ -5,7 +5,8 @@
 #      losses equal to the eager ones in values and gradients, fp16 / bf16 training, the tiny LLM recipe) and the
 #      forward-KL step cost at V = 49,152 over 4,096 tokens;
 #   2. benchmarks/llm_throughput.py in bf16 on the GPU (batch 8 x 256 tokens, 5 rounds);
-#   3. benchmarks/llm_memory.py in bf16 on the GPU: V = 49,152 and 131,072 at 2,048 tokens.
+#   3. benchmarks/llm_memory.py in bf16 on the GPU, the issue's whole grid: V = 49,152 / 131,072 / 262,144 x
+#      512 / 2,048 / 8,192 tokens, eager vs fused, and the fused loss at chunks of 256 / 1,024 / 4,096 rows.
 # Prints one JSON document (benchmarks/device_check_report.py combines the steps): {"device_check": {...},
 # "llm_throughput": {...}, "llm_memory": [rows], "steps": {name: {"returncode", "seconds", "timed_out", "ok",
 # "stderr_tail"}}, "ok": bool}; exits 1 when a step failed.
@@ -38,7 +39,7 @@ done
 STEPS=(
   "device_check|270|benchmarks/device_check.py|--tokens 4096 --repeats 5"
   "llm_throughput|120|benchmarks/llm_throughput.py|--device cuda --dtype bfloat16 --batch 8 --length 256 --rounds 5"
-  "llm_memory|180|benchmarks/llm_memory.py|--device cuda --dtype bfloat16 --vocab 49152 131072 --tokens 2048 --rounds 3 --out -"
+  "llm_memory|200|benchmarks/llm_memory.py|--device cuda --dtype bfloat16 --vocab 49152 131072 262144 --tokens 512 2048 8192 --variants naive fused --chunk-sweep 256 1024 4096 --rounds 5 --out -"
 )
 
 [[ -n "$PY" && -x "$(command -v "$PY")" ]] || { echo "device_check.sh: no Python interpreter found; set PYTHON=..." >&2; exit 2; }

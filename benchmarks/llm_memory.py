@@ -46,6 +46,8 @@ Time (``*_ms``): one more subprocess runs every variant that fits, in a random o
 rounds after a warm-up, and reports each variant's best forward + backward time; ``fused_vs_naive_time`` is the
 median over rounds of the paired ratio ``fused / naive`` (paired within a round, so a slow phase of a shared
 machine hits both). The memory children run their variant once.
+``--chunk-sweep C1 C2 ...`` also times the fused variant at each chunk size in that process and rounds (row field
+``fused_by_chunk``: ``{chunk: {"ms", "peak_mb"}}``, peaks on CUDA only), to choose the chunk rule per device.
 
 Memory guard: a variant whose estimated need exceeds ``--max-gb`` (default 80% of MemAvailable at start) is not
 run; the row records it in ``skipped`` with the estimate, and its fields are null. Differences
@@ -117,9 +119,10 @@ def _setup(args: argparse.Namespace):
     kd = {"kd_temperature": 2.0}
 
     def run(v, hidden, weight, t_hidden, t_weight, mask):
-        if v == "fused":
+        if v == "fused" or v.startswith("fused@"):  # fused@C: the fused variant with chunk C (--chunk-sweep)
+            chunk = int(v.partition("@")[2] or args.chunk)
             per_token = fused_linear_loss(fn, hidden, weight, teacher_hidden=t_hidden, teacher_weight=t_weight,
-                                          chunk_size=args.chunk, grad_hint=mask, **kd)
+                                          chunk_size=chunk, grad_hint=mask, **kd)
         else:
             with torch.no_grad():
                 teacher = F.linear(t_hidden, t_weight)
@@ -183,28 +186,38 @@ def timing_child(args: argparse.Namespace) -> None:
     import random
     import statistics
 
+    import torch
+
     inputs, _, run, warm_up, sync = _setup(args)
     hidden, weight = inputs[:2]
-    for v in args.variants:
+    cuda = hidden.device.type == "cuda"
+    variants = list(args.variants) + [f"fused@{c}" for c in args.chunk_sweep]
+    for v in variants:
         warm_up(v)
-    times: dict[str, list[float]] = {v: [] for v in args.variants}
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    peaks: dict[str, float] = {}  # CUDA only: max_memory_allocated above the inputs, per variant
     ratios = []
     rng = random.Random(0)
     for _ in range(args.rounds):
-        order = list(args.variants)
+        order = list(variants)
         rng.shuffle(order)
         this = {}
         for v in order:
             hidden.grad = weight.grad = None
             sync()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
             t0 = time.perf_counter()
             run(v, *inputs)
             sync()
             this[v] = time.perf_counter() - t0
             times[v].append(this[v])
+            if cuda:
+                peaks[v] = max(peaks.get(v, 0.0), (torch.cuda.max_memory_allocated() - before) / 2**20)
         if "fused" in this and "naive" in this:
             ratios.append(this["fused"] / this["naive"])
-    print(json.dumps({"ms": {v: min(t) * 1e3 for v, t in times.items()},
+    print(json.dumps({"ms": {v: min(t) * 1e3 for v, t in times.items()}, "peak_mb": peaks,
                       "fused_vs_naive_time": statistics.median(ratios) if ratios else None}))
 
 
@@ -243,6 +256,8 @@ def measure_row(vocab: int, tokens: int, hidden: int, args: argparse.Namespace) 
             cmd = [sys.executable, __file__, "--timing", "--variants", *results, "--vocab", str(vocab), "--tokens",
                    str(tokens), "--hidden", str(hidden), "--chunk", str(chunk), "--loss", args.loss, "--dtype",
                    args.dtype, "--device", args.device, "--rounds", str(args.rounds)]
+            if args.chunk_sweep:
+                cmd += ["--chunk-sweep", *map(str, args.chunk_sweep)]
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode != 0:
                 failed["timing"] = f"exit {res.returncode}: {' | '.join(res.stderr.strip().splitlines()[-3:])}"
@@ -281,6 +296,13 @@ def measure_row(vocab: int, tokens: int, hidden: int, args: argparse.Namespace) 
         row["fused_vs_naive_peak"] = round(results["fused"]["peak_mb"] / results["naive"]["peak_mb"], 3)
     if timing["fused_vs_naive_time"] is not None:
         row["fused_vs_naive_time"] = round(timing["fused_vs_naive_time"], 3)
+    if args.chunk_sweep and timing["ms"]:
+        # the fused variant at other chunk sizes, timed in the same process and rounds as the row's variants
+        # (peaks on CUDA only: there max_memory_allocated is exact in one process)
+        row["fused_by_chunk"] = {str(c): {"ms": ms(f"fused@{c}"),
+                                          "peak_mb": (round(timing["peak_mb"][f"fused@{c}"], 1)
+                                                      if f"fused@{c}" in timing.get("peak_mb", {}) else None)}
+                                 for c in args.chunk_sweep}
     if failed:
         row["failed"] = failed
     row.update(skipped=skipped, threads=os.cpu_count(), rounds=args.rounds,
@@ -316,6 +338,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="+", default=[512, 2048, 8192])
     ap.add_argument("--hidden", type=int, default=None, help="default: 576 at V <= 65,536, else 2,048")
     ap.add_argument("--chunk", type=int, default=None, help="default: fused_chunk_size(tokens, vocab)")
+    ap.add_argument("--chunk-sweep", type=int, nargs="+", default=[],
+                    help="also time the fused variant with each of these chunk sizes (row field fused_by_chunk)")
     ap.add_argument("--loss", default="forward_kl")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--rounds", type=int, default=3, help="timing rounds (0: no timing)")

@@ -40,7 +40,8 @@ def test_dry_run_reports_a_flag_a_script_does_not_have(tmp_path):
     shutil.copy(ROOT / "benchmarks" / "device_check_report.py", bench)
     flags = {"device_check.py": ["--tokens", "--repeats", "--out"],
              "llm_throughput.py": ["--device", "--batch", "--length", "--rounds"],  # no --dtype
-             "llm_memory.py": ["--device", "--dtype", "--vocab", "--tokens", "--rounds", "--out"]}
+             "llm_memory.py": ["--device", "--dtype", "--vocab", "--tokens", "--variants", "--chunk-sweep", "--rounds",
+                               "--out"]}
     for name, opts in flags.items():
         (bench / name).write_text("import argparse\nap = argparse.ArgumentParser()\n"
                                   + "".join(f"ap.add_argument({o!r}, nargs='*')\n" for o in opts) + "ap.parse_args()\n")

@@ -264,3 +264,15 @@ def test_chat_turn_prompts_are_formatted_with_the_chat_template(tmp_path):
     assert r["generations"][0]["prompt"].startswith(want[:5])  # held-out generations start from the template
     log = [json.loads(x) for x in (tmp_path / "run" / "work" / "student" / "metrics.jsonl").read_text().splitlines()]
     assert all(0 < row["generation_share"] < 1 for row in log)
+
+
+@pytest.mark.gpu
+def test_fused_teacher_head_recipe_on_cuda_in_bf16(tmp_path):
+    """llm_kd fused: true in bf16 on the GPU (the loss reads both models' hidden states and heads), against the
+    same run with the eager loss: the same perplexity up to bf16 rounding."""
+    runs = {}
+    for fused in ("true", "false"):
+        r = api.run("llm/tiny", output=tmp_path / fused, progress=False, quiet=True,
+                    overrides=[f"method.kwargs.fused={fused}", "train.mixed_precision=bf16", "baseline=false"])
+        runs[fused] = r["student"]["metrics"]["perplexity"]
+    assert math.isfinite(runs["true"]) and abs(runs["true"] / runs["false"] - 1) < 0.05
