@@ -153,3 +153,23 @@ def test_fused_closed_form_equals_per_chunk_autograd(name):
     masked_mean(a, mask).backward()
     masked_mean(b, mask).backward()
     assert torch.allclose(h1.grad, h2.grad, atol=1e-6) and torch.allclose(W1.grad, W2.grad, atol=1e-6)
+
+
+def test_addmm_fp32_runs_in_the_operands_precision():
+    """fp32 operands: an fp32 GEMM; bf16 operands: the bf16 product (a bf16 GEMM) added into the fp32
+    accumulator, not an fp32 GEMM of the upcast operands (~10x slower on a GPU)."""
+    from kdistill.losses.chunked import addmm_fp32_, gemm_dtype
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(40, 24, generator=g), torch.randn(24, 16, generator=g)
+    acc = torch.ones(40, 16)
+    assert addmm_fp32_(acc, a, b) is acc
+    torch.testing.assert_close(acc, 1 + a @ b)
+    lo = torch.ones(40, 16)
+    addmm_fp32_(lo, a.bfloat16(), b.bfloat16())
+    assert lo.dtype == torch.float32
+    torch.testing.assert_close(lo, 1 + (a.bfloat16() @ b.bfloat16()).float())  # the bf16 product, exactly
+    assert float((lo - (1 + a @ b)).abs().max()) > 0  # ... which differs from the fp32 one
+    assert gemm_dtype(a, b) == torch.float32 and gemm_dtype(a.bfloat16(), b) == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert gemm_dtype(a, b) == torch.bfloat16

@@ -158,3 +158,16 @@ def test_fused_teacher_head_in_bf16_is_close_to_fp32_on_cuda():
     assert v16.dtype == torch.float32
     assert float((v16 - v32).abs().max() / v32.abs().max()) < 3e-2
     assert float((g16 - g32).norm() / g32.norm()) < 5e-2
+
+
+def test_addmm_fp32_in_bf16_on_cuda():
+    """The fused head's weight-gradient GEMM in a bf16 run: a bf16 GEMM into the fp32 accumulator (through
+    addmm's out_dtype where this torch has it), equal to the bf16 product added in fp32."""
+    from kdistill.losses.chunked import addmm_fp32_
+
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(256, 512, generator=g).cuda().bfloat16(), torch.randn(512, 128, generator=g).cuda().bfloat16())
+    acc = torch.full((256, 128), 0.5, device="cuda")
+    addmm_fp32_(acc, a, b)
+    assert acc.dtype == torch.float32
+    torch.testing.assert_close(acc, 0.5 + a.float() @ b.float(), rtol=1e-2, atol=1e-2)

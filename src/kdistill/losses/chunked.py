@@ -229,6 +229,39 @@ class _FusedSpec:
         self.rows_kwargs, self.temperature = rows_kw, float(kwargs.get("kd_temperature", 1.0))
 
 
+_LOW = (torch.bfloat16, torch.float16)
+_ADDMM_OUT_DTYPE: bool | None = None  # whether torch.addmm(..., out_dtype=float32, out=acc) works here (CUDA)
+
+
+def addmm_fp32_(acc: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``acc += a @ b`` for an fp32 accumulator ``acc``, in the precision of ``a`` and ``b``: fp32 operands run an
+    fp32 GEMM (``addmm_``); bf16 / fp16 operands run a bf16 / fp16 GEMM (fp32 accumulation inside the GEMM, as
+    autocast's matmuls), through ``torch.addmm(out_dtype=float32)`` into ``acc`` where this torch has it (CUDA,
+    no temporary), else one ``(rows, cols)`` product in the operands' dtype added to ``acc``. An fp32 GEMM is ~10x
+    slower than a bf16 one on a GPU: this is what keeps a fused head in a bf16 run as fast as the eager loss."""
+    global _ADDMM_OUT_DTYPE
+    if a.dtype not in _LOW or b.dtype != a.dtype:
+        return acc.addmm_(a.float(), b.float())
+    with torch.autocast(acc.device.type, enabled=False):
+        if acc.is_cuda and _ADDMM_OUT_DTYPE is not False:
+            try:
+                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+                _ADDMM_OUT_DTYPE = True
+                return acc
+            except (RuntimeError, TypeError, NotImplementedError):
+                _ADDMM_OUT_DTYPE = False
+        return acc.add_(a @ b)
+
+
+def gemm_dtype(*xs: Tensor) -> torch.dtype:
+    """The dtype a head's matmuls run in: autocast's where it is on for the tensors' device, else the lowest
+    precision among ``xs`` (bf16 / fp16), else fp32."""
+    dev = xs[0].device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return next((x.dtype for x in xs if x.dtype in _LOW), torch.float32)
+
+
 class _Grads:
     """The student-side gradient buffers of one fused call: hidden ``(N, H)``, weight (an fp32 accumulator), bias.
     Allocated at the first chunk's :meth:`add`, after that chunk's teacher logits are freed, so the weight-sized
@@ -252,7 +285,10 @@ class _Grads:
         if self.h is not None:
             self.h[sl] = (dz.to(weight.dtype) @ weight).to(self.h.dtype)
         if self.w is not None:
-            self.w.addmm_(dz.t().to(torch.float32), hidden[sl].to(torch.float32))
+            # on a GPU, in the matmuls' precision (bf16 runs: a bf16 GEMM into the fp32 accumulator); on the CPU in
+            # fp32, where a bf16 GEMM is not faster
+            dt = gemm_dtype(hidden, weight) if weight.is_cuda else torch.float32
+            addmm_fp32_(self.w, dz.t().to(dt), hidden[sl].to(dt))
         if self.b is not None:
             self.b += dz.sum(0).to(torch.float32)
 
