@@ -30,7 +30,8 @@ then ``backward()`` to the student's hidden states and head:
 
 Both fused variants pass ``grad_hint=mask`` (what ``llm_kd`` passes), so the gradient is formed in the forward
 pass. ``chunk`` is :func:`kdistill.losses.chunked.fused_chunk_size` of the sizes unless ``--chunk`` is given: one
-chunk while the ``(tokens, V)`` fp32 logits take <= 512 MiB, else equal chunks of <= 256 MiB / (16 V) rows.
+chunk while the ``(tokens, V)`` fp32 logits take <= 512 MiB, else equal chunks of <= 256 MiB / (16 V) rows (on
+``--device cuda``: equal chunks of <= 4 GiB / (16 V) rows).
 
 How peak memory is measured (CPU). Each variant runs in its own fresh subprocess (allocator caches and earlier
 peaks cannot leak between variants). After the inputs are built, the child resets the kernel's resident-set
@@ -226,7 +227,7 @@ def measure_row(vocab: int, tokens: int, hidden: int, args: argparse.Namespace) 
 
     from kdistill.losses.chunked import fused_chunk_size
 
-    chunk = args.chunk or fused_chunk_size(tokens, vocab)
+    chunk = args.chunk or fused_chunk_size(tokens, vocab, device=args.device)
     dtype_bytes = 2 if args.dtype in ("bfloat16", "float16") else 4
     results, skipped, failed = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -337,7 +338,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, nargs="+", default=[49152, 131072, 262144])
     ap.add_argument("--tokens", type=int, nargs="+", default=[512, 2048, 8192])
     ap.add_argument("--hidden", type=int, default=None, help="default: 576 at V <= 65,536, else 2,048")
-    ap.add_argument("--chunk", type=int, default=None, help="default: fused_chunk_size(tokens, vocab)")
+    ap.add_argument("--chunk", type=int, default=None, help="default: fused_chunk_size(tokens, vocab, device)")
     ap.add_argument("--chunk-sweep", type=int, nargs="+", default=[],
                     help="also time the fused variant with each of these chunk sizes (row field fused_by_chunk)")
     ap.add_argument("--loss", default="forward_kl")

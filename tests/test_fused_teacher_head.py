@@ -322,6 +322,22 @@ def test_chunk_rule_one_chunk_when_small_and_equal_bounded_chunks_beyond():
     assert fused_chunk_size(8192, 10**9) == 8  # at least 8 rows
 
 
+
+def test_chunk_rule_on_cuda_takes_larger_chunks():
+    # 4 GiB / (16 V) rows per chunk, one chunk when the batch has no more rows (no CUDA device needed: a rule)
+    assert fused_chunk_size(8192, 262_144, device="cuda") == 1024
+    assert fused_chunk_size(8192, 131_072, device=torch.device("cuda", 0)) == 2048
+    assert fused_chunk_size(2048, 131_072, device="cuda") == 2048
+    assert fused_chunk_size(512, 262_144, device="cuda") == 512
+    assert fused_chunk_size(8192, 49_152, device="cuda") == 4096  # 2 balanced chunks of <= 5,461 rows
+    assert fused_chunk_size(0, 10, device="cuda") == 1
+    assert fused_chunk_size(8192, 262_144, device="cpu") == fused_chunk_size(8192, 262_144) == 64
+    for tokens, vocab in ((8192, 49_152), (5000, 131_072), (30_000, 262_144)):
+        c = fused_chunk_size(tokens, vocab, device="cuda")
+        chunks = -(-tokens // c)
+        assert c * vocab * 16 <= C.CUDA_CHUNK_BUDGET_BYTES and chunks * c - tokens < chunks
+
+
 def _tiny(kind):
     import transformers as tr
 
