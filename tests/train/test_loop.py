@@ -196,3 +196,33 @@ def test_adamw_is_fused_where_torch_allows_and_matches_the_unfused_update():
     # parameters the fused kernel cannot take fall back to the per-parameter update
     on_meta = torch.nn.Parameter(torch.zeros(3, device="meta"))
     assert not build_optimizer([on_meta]).param_groups[0]["fused"]
+
+
+def test_plain_runs_call_backward_and_the_optimizer_directly_and_the_schedule_holds():
+    """Without a loss scaler, DeepSpeed or XLA the loop calls loss.backward() and the wrapped optimizer's step
+    itself (Accelerate's wrappers add a division by 1 and per-call checks); the scheduler is built on that
+    optimizer, so it sees every step (no 'lr_scheduler.step() before optimizer.step()' warning) and the cosine
+    schedule ends where it should."""
+    import types
+    import warnings
+
+    from kdistill.train.loop import _direct_calls
+
+    acc = make_accelerator()
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    wrapped = types.SimpleNamespace(optimizer=opt, step=lambda: None)
+    backward, step = _direct_calls(acc, wrapped)
+    assert backward is torch.Tensor.backward and step == opt.step
+    scaled = types.SimpleNamespace(scaler=object(), gradient_accumulation_steps=1,
+                                   distributed_type=acc.distributed_type, backward=acc.backward)
+    backward, step = _direct_calls(scaled, wrapped)
+    assert backward == acc.backward and step is wrapped.step
+
+    x, y = data()
+    ds = TensorDictDataset(inputs=x, labels=y)
+    teacher, student = models()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*lr_scheduler.step.*")
+        res = fit(student=student, method=HintonKD(), teacher=teacher, train_loader=make_loader(ds, 16, seed=0),
+                  accelerator=acc, epochs=2, lr=0.05, schedule="cosine", progress=False)
+    assert res.steps == 14

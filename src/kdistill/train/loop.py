@@ -381,8 +381,10 @@ def fit(
     skeleton = _meta_copy(student) if _uses_fsdp2(accelerator) else None
     step_module, opt, loader = _prepare(accelerator, DistillStep(student, method, student_forward), train_loader,
                                         optimizer=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum)
-    total_steps, sched = _schedule(opt, len(loader), grad_accum=grad_accum, epochs=epochs, max_steps=max_steps,
-                                   schedule=schedule, warmup_steps=warmup_steps, step_size=step_size, gamma=gamma)
+    # on the wrapped optimizer: its `step` is what the loop calls (the scheduler marks it to check the call order)
+    total_steps, sched = _schedule(getattr(opt, "optimizer", opt), len(loader), grad_accum=grad_accum,
+                                   epochs=epochs, max_steps=max_steps, schedule=schedule,
+                                   warmup_steps=warmup_steps, step_size=step_size, gamma=gamma)
     inner = accelerator.unwrap_model(step_module)
     aug_rng = np.random.default_rng([int(seed), accelerator.process_index, 7])
     out_dir = Path(output_dir) if output_dir is not None else None
@@ -399,6 +401,7 @@ def fit(
     # fp32: no autocast context at all (entering Accelerate's costs a few microseconds per call)
     autocast = accelerator.autocast if accelerator.mixed_precision != "no" else nullcontext
     check_finite = device.type == "cpu"  # a per-step check costs a host sync on accelerators
+    backward, opt_step = _direct_calls(accelerator, opt)
 
     def do_eval(epoch: int) -> None:
         if evaluate is not None:
@@ -420,8 +423,8 @@ def fit(
                 # ---- one optimizer step over the window --------------------------------------------
                 t_step = time.perf_counter()
                 terms = _window_step(window, accelerator, step_module, teacher_fn, augment, aug_rng, autocast,
-                                     check_finite=check_finite, phase=phase, step=pos.step)
-                _optimizer_step(accelerator, step_module, opt, sched, terms, max_grad_norm=max_grad_norm)
+                                     backward, check_finite=check_finite, phase=phase, step=pos.step)
+                _optimizer_step(accelerator, step_module, opt, opt_step, sched, terms, max_grad_norm=max_grad_norm)
                 window = []
                 pos.step += 1
                 log.add(terms, inner.method.pop_metrics(), seconds=time.perf_counter() - t_step)
@@ -501,15 +504,31 @@ def _schedule(opt: Any, batches_per_epoch: int, *, grad_accum: int, epochs: int,
     return total_steps, build_scheduler(opt, total_steps=total_steps, steps_per_epoch=steps_per_epoch, **schedule)
 
 
-def _optimizer_step(accelerator: Any, step_module: Any, opt: Any, sched: Any, terms: dict[str, Tensor], *,
-                    max_grad_norm: float | None) -> None:
+def _direct_calls(accelerator: Any, opt: Any) -> tuple[Callable[[Tensor], None], Callable[[], Any]]:
+    """``(backward, optimizer step)`` for the per-step path. Accelerate's wrappers divide the loss by its
+    gradient-accumulation steps (always 1 here: the loop accumulates itself, one more op forward and backward) and
+    look for loss scalers, XLA and LOMO on every call (~0.1 ms per step together on a small model); where none of
+    these applies, the loop calls ``loss.backward()`` and the wrapped optimizer's ``step`` itself, which is what
+    the wrappers end up calling (DDP and FSDP hook into ``backward`` through the module, not the wrapper)."""
+    from accelerate.utils import DistributedType
+
+    plain = (getattr(accelerator, "scaler", None) is None and accelerator.gradient_accumulation_steps == 1
+             and accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM,
+                                                      DistributedType.XLA))
+    if not plain:
+        return accelerator.backward, opt.step
+    return Tensor.backward, getattr(opt, "optimizer", opt).step
+
+
+def _optimizer_step(accelerator: Any, step_module: Any, opt: Any, opt_step: Callable[[], Any], sched: Any,
+                    terms: dict[str, Tensor], *, max_grad_norm: float | None) -> None:
     """Clip (recording the norm in ``terms``), step the optimizer and the scheduler, clear the gradients."""
     if max_grad_norm is not None:
         norm = accelerator.clip_grad_norm_(step_module.parameters(), max_grad_norm)
         if hasattr(norm, "full_tensor"):  # FSDP2: the norm of sharded (DTensor) gradients is a DTensor too
             norm = norm.full_tensor()
         terms["grad_norm"] = norm.detach().float()
-    opt.step()
+    opt_step()
     sched.step()
     # the wrapped optimizer's own zero_grad: Accelerate's wrapper inspects its signature on every call (~0.1 ms);
     # the loop accumulates gradients itself, so every call here ends a window and clearing is always wanted
@@ -619,8 +638,8 @@ def _epoch_batches(accelerator: Any, loader: Any, epoch: int, pos: _Position):
 
 
 def _window_step(window: list[Batch], accelerator: Any, step_module: Any, teacher_fn: Callable, augment: Any,
-                 aug_rng: np.random.Generator, autocast: Any, *, check_finite: bool, phase: str,
-                 step: int) -> dict[str, Tensor]:
+                 aug_rng: np.random.Generator, autocast: Any, backward: Callable[[Tensor], None], *,
+                 check_finite: bool, phase: str, step: int) -> dict[str, Tensor]:
     """Forward and backward of the micro-batches of one optimizer step, each scaled by its share of the
     window's examples (or tokens) over all ranks; returns the window's loss terms as detached tensors."""
     world, device = accelerator.num_processes, accelerator.device
@@ -644,7 +663,7 @@ def _window_step(window: list[Batch], accelerator: Any, step_module: Any, teache
         if check_finite and not torch.isfinite(total):
             raise _non_finite(phase, step, losses)
         scale = counts[i] * world / n_global
-        accelerator.backward(total if scale == 1.0 else total * scale)
+        backward(total if scale == 1.0 else total * scale)
         # Detached tensors, not floats: no host sync per step (it would stall a GPU).
         w = counts[i] / max(sum(counts), 1.0)
         for k, v in (*losses.items(), ("loss", total)):
