@@ -287,22 +287,28 @@ class _Grads:
         self.h = self.w = self.b = None
         self.ready = False
 
-    def _allocate(self, hidden: Tensor, weight: Tensor) -> None:
+    def _allocate(self, hidden: Tensor, weight: Tensor, accumulate: bool = True) -> None:
         dev = weight.device
+        self.accumulate = accumulate
         self.h = torch.zeros_like(hidden) if self.need[0] else None
-        self.w = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if self.need[1] else None
+        self.w = (torch.zeros(weight.shape, dtype=torch.float32, device=dev) if self.need[1] and accumulate
+                  else None)
         self.b = torch.zeros(weight.shape[0], dtype=torch.float32, device=dev) if self.need[2] else None
         self.ready = True
 
     def add(self, sl: slice, dz: Tensor, hidden: Tensor, weight: Tensor) -> None:
+        # on a GPU, in the matmuls' precision (bf16 runs: bf16 GEMMs); on the CPU in fp32, where bf16 is not faster
+        dt = gemm_dtype(hidden, weight) if weight.is_cuda else torch.float32
+        if not self.ready and self.need[1] and (sl.start or 0) == 0 and (sl.stop or 0) >= hidden.shape[0]:
+            # one chunk: the weight gradient is one GEMM, written directly (as the eager backward writes it), with
+            # no fp32 accumulator to zero, add into and convert (on a GPU that traffic cost as much as the GEMM)
+            self._allocate(hidden, weight, accumulate=False)
+            self.w = dz.t().to(dt) @ hidden.to(dt)
         if not self.ready:
             self._allocate(hidden, weight)
         if self.h is not None:
             self.h[sl] = (dz.to(weight.dtype) @ weight).to(self.h.dtype)
-        if self.w is not None:
-            # on a GPU, in the matmuls' precision (bf16 runs: a bf16 GEMM into the fp32 accumulator); on the CPU in
-            # fp32, where a bf16 GEMM is not faster
-            dt = gemm_dtype(hidden, weight) if weight.is_cuda else torch.float32
+        if self.w is not None and self.accumulate:
             addmm_fp32_(self.w, dz.t().to(dt), hidden[sl].to(dt))
         if self.b is not None:
             self.b += dz.sum(0).to(torch.float32)
