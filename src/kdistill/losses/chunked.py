@@ -272,8 +272,11 @@ def gemm_dtype(*xs: Tensor) -> torch.dtype:
     """The dtype a head's matmuls run in: autocast's where it is on for the tensors' device, else the lowest
     precision among ``xs`` (bf16 / fp16), else fp32."""
     dev = xs[0].device.type
-    if torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4: per device type
+        if torch.is_autocast_enabled(dev):
+            return torch.get_autocast_dtype(dev)
+    elif dev == "cuda" and torch.is_autocast_enabled():
+        return torch.get_autocast_gpu_dtype()
     return next((x.dtype for x in xs if x.dtype in _LOW), torch.float32)
 
 
