@@ -236,6 +236,11 @@ class MethodSpec(NamedSpec):
             raise ConfigError(f"method {self.name!r} rejected its kwargs {self.kwargs}: {e}") from None
         return self
 
+    def build(self) -> Any:
+        """A fresh instance of the method with these kwargs: the tasks build methods only through this, so they
+        never read a method's kwargs themselves."""
+        return METHODS.get(self.name)(**self.kwargs)
+
 
 class AugmentSpec(NamedSpec):
     """A loop-level input augmentation from ``AUGMENTS`` (e.g. ``mixup``)."""

@@ -179,7 +179,7 @@ class ClassificationConfig(StrictModel):
                                  "positive numbers, one per entry of `teachers:`")
         if len(self.teachers) > 1:
             for spec in [self.method, *(v.method for v in self.variants.values())]:
-                if METHODS.get(spec.name)(**spec.kwargs).teacher_layers:
+                if spec.build().teacher_layers:
                     raise ValueError(f"method {spec.name!r} reads teacher features, which several teachers do not "
                                      "share; with `teachers:` use a method on the teachers' predictions (e.g. "
                                      f"{DEFAULT_METHODS['classification']})")
@@ -251,7 +251,7 @@ def _train_phase(name: str, *, cfg: ClassificationConfig, data: ClassificationDa
         shutil.rmtree(work)  # a fresh run never continues from stale checkpoints
     seed_everything(cfg.seed)  # every student starts from the same initial weights
     model = _build(model_spec, data)
-    method = METHODS.get(method_spec.name)(**method_spec.kwargs)
+    method = method_spec.build()
     augment = build_augment(augment_spec.name, data.num_classes, **augment_spec.kwargs) if augment_spec else None
     if augment is not None and hasattr(augment, "bind") and teacher is not None:
         augment.bind(student=model, teacher=teacher)  # model-aware augmentations (hard_augment) score candidates
@@ -478,7 +478,7 @@ def design_classification(cfg: ClassificationConfig, output: Path, *, budget: di
     _, (teacher, *_) = _teachers(cfg, data, accelerator, RunContext(output / "work", False, progress),
                                  cfg.data.kwargs.get("tokenizer"))
     lat_x, one = data.x_train[: cfg.eval.latency_batch_size], data.x_train[:1]
-    hooked = METHODS.get(cfg.method.name)(**cfg.method.kwargs).student_layers
+    hooked = cfg.method.build().student_layers
 
     def accuracy_of(model: torch.nn.Module) -> dict[str, float]:
         return {"val_accuracy": classification_metrics(predict_logits(model, data.x_val), data.y_val)["accuracy"],

@@ -93,7 +93,7 @@ def run_dataset_distillation(cfg: DatasetDistillationConfig, ctx: RunContext) ->
     teacher, teacher_hist, teacher_secs, teacher_source = _get_teacher(run_view, cfg.teacher, "teacher", data,
                                                                        accelerator, ctx)
     teacher.eval()
-    method = METHODS.get(cfg.method.name)(**cfg.method.kwargs)
+    method = cfg.method.build()
     alone = METHODS.get(ALONE)()
     fit_kwargs = cfg.train.model_dump(exclude={"batch_size", "mixed_precision"})
     fit_kwargs["progress"] = False

@@ -264,7 +264,7 @@ def _train_student(name: str, spec: MethodSpec, *, cfg: DiffusionConfig, data: G
     method. A finished stage leaves the student's and the method's weights in ``<name>/stages/<stage>``, so a resumed
     run continues at the first unfinished stage (and inside it from its last checkpoint)."""
     pdir = ctx.output / name
-    method = METHODS.get(spec.name)(**spec.kwargs)
+    method = spec.build()
     if ctx.resume and _done(pdir):
         model, _ = load_classifier(pdir)
         return model, method, json.loads((pdir / "history.json").read_text())

@@ -304,7 +304,7 @@ def run_embedding(cfg: EmbeddingConfig, ctx: RunContext) -> dict[str, Any]:
         if g > 1:  # one row = (query, positive[, negative]): (R, G, ...) tensors, flattened back per batch
             tensors = {k: v.view(-1, g, *v.shape[1:]) for k, v in tensors.items()}
             t_train = t_train.view(-1, g, t_train.shape[-1])
-        method = METHODS.get(cfg.method.name)(**cfg.method.kwargs)
+        method = cfg.method.build()
         # the teacher runs live when the method reads token states or other internals (not cacheable)
         student_forward, teacher_kwargs = training_forwards(teacher, list(tensors), group_size=g,
                                                             token_states=method.uses_token_states

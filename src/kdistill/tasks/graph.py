@@ -229,7 +229,7 @@ def _train_student(name: str, spec: MethodSpec, *, data: GraphData, split: Graph
         return model, hist["history"], hist["seconds"], hist.get("graph_fit", {})
     if not ctx.resume and work.exists():
         shutil.rmtree(work)
-    method = METHODS.get(spec.name)(**spec.kwargs)
+    method = spec.build()
     rows = torch.nonzero(observed).flatten() if method.trains_on_unlabelled else split.train
     labels = torch.full_like(data.y, IGNORE_INDEX)
     labels[split.train] = data.y[split.train]

@@ -469,12 +469,13 @@ class LLMConfig(StrictModel):
     @model_validator(mode="after")
     def _check(self) -> LLMConfig:
         cls = METHODS.get(self.method.name)
+        method = self.method.build()  # one instance for the checks below (cheap: no shape-dependent parts yet)
         if self.cache is not None and not cls.cacheable:
             raise ValueError(f"method {self.method.name!r} is not cacheable (its targets depend on the student); "
                              f"remove `cache:` or use {DEFAULT_METHODS['llm']}")
         if self.cache is not None:
             try:
-                cls(**self.method.kwargs).check_cache_mode(self.cache.mode)
+                method.check_cache_mode(self.cache.mode)
             except KDistillError as e:  # the config layer reports it as this field's error
                 raise ValueError(str(e)) from None
         if cls.needs_prompts and self.data.prompt_tokens <= 0:
@@ -506,12 +507,12 @@ class LLMConfig(StrictModel):
         if any(t.endpoint for t in self.teachers):
             raise ValueError("teachers: a served teacher (endpoint) cannot be part of a mixture; use `teacher:`")
         if self.teacher.endpoint:
-            self._check_served(cls)
+            self._check_served(method)
         if self.student.tokenizer is not None:
-            self._check_own_tokenizer(cls)
+            self._check_own_tokenizer(method)
         return self
 
-    def _check_own_tokenizer(self, cls: Any) -> None:
+    def _check_own_tokenizer(self, method: Any) -> None:
         """A student with its own tokenizer: a method that compares across tokenizers, on text blocks."""
         from ..data.align import check_cross_data
         from ..teachers.vocab import cross_tokenizer_error
@@ -520,12 +521,12 @@ class LLMConfig(StrictModel):
         try:
             check_cross_data(layout=d.layout, stream=d.stream, cache=self.cache is not None,
                              sequence_kd=d.sequence_kd is not None, prompt_tokens=d.prompt_tokens)
-            if not cls(**self.method.kwargs).cross_tokenizer:
+            if not method.cross_tokenizer:
                 raise cross_tokenizer_error()
         except KDistillError as e:
             raise ValueError(str(e)) from None
 
-    def _check_served(self, cls: Any) -> None:
+    def _check_served(self, method: Any) -> None:
         """A teacher over HTTP gives top-k log-probs, not logits or weights: it needs a cache and a student that is
         not built from the teacher."""
         from ..teachers.cache import check_served_temperature
@@ -545,7 +546,7 @@ class LLMConfig(StrictModel):
             raise ValueError("teacher.endpoint: no local tokenizer; expected teacher.tokenizer (the served model's "
                              "tokenizer: zoo name, folder or hub id) or student.pretrained")
         try:
-            check_served_temperature(cls(**self.method.kwargs).cache_identity(), self.method.name)
+            check_served_temperature(method.cache_identity(), self.method.name)
         except KDistillError as e:  # the config layer reports it as this field's error
             raise ValueError(str(e)) from None
 
@@ -659,7 +660,7 @@ def write_cache(cfg: LLMConfig, output: Path | None = None, *, progress: bool = 
     spec = cfg.cache or LMCacheSpec(dir=str(output))
     out = Path(output) if output is not None else Path(spec.dir)
     train_items, eval_items, stream = _corpus(cfg)
-    method = METHODS.get(cfg.method.name)(**cfg.method.kwargs)
+    method = cfg.method.build()
     method.check_cache_mode(spec.mode)  # before the teacher runs: a cache the method cannot use is never written
     kd_t = targets_temperature(method.cache_identity())
     if cfg.teacher.endpoint:
@@ -736,7 +737,7 @@ def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
     # a pruned student measures importance on the same rows of the training data in every phase
     calib = (calibration_batches(base_set, num_batches=cfg.student.calibration_batches,
                                  batch_size=cfg.train.batch_size) if cfg.student.kind == "pruned" else None)
-    main_method = METHODS.get(cfg.method.name)(**cfg.method.kwargs)
+    main_method = cfg.method.build()
     own_tok = (student_tokenizer(**cfg.student.tokenizer_kwargs(), texts=corpus_texts(train_items))
                if cfg.student.tokenizer is not None else None)
     probe_student, probe_tok = _student(cfg, teacher, calib, fused_head=main_method.fused_head, tokenizer=own_tok)
@@ -795,7 +796,7 @@ def run_llm(cfg: LLMConfig, ctx: RunContext) -> dict[str, Any]:
         pdir, work = out / name, out / "work" / name
         if not ctx.resume and work.exists():
             shutil.rmtree(work)
-        method = METHODS.get(method_spec.name)(**method_spec.kwargs)
+        method = method_spec.build()
         # same initial weights in both phases
         student = _student(cfg, teacher, calib, fused_head=method.fused_head, tokenizer=own_tok)[0]
         method.set_total_steps(total_steps * cfg.train.grad_accum)
@@ -893,7 +894,7 @@ def audit_run(cfg: LLMConfig, run_dir: Path, *, samples: int = 64) -> dict[str, 
                                                 **cfg.data.tensor_kwargs())
     students = {n: load_causal_lm(str(run_dir / n)) for n in ("baseline", "student") if (run_dir / n).is_dir()}
     work = run_dir / "work" / "student"
-    main_method = METHODS.get(cfg.method.name)(**cfg.method.kwargs)
+    main_method = cfg.method.build()
     return _audits(cfg, teacher, tok, students, train_blocks, train_t, train_items, report,
                    history=report["student"].get("history") or read_history(work / "checkpoints"),
                    log_rows=read_log(work / "metrics.jsonl"), log_term=main_method.teacher_divergence_term,
@@ -981,7 +982,7 @@ def select_llm(cfg: LLMConfig, output: Path, progress: bool = True) -> dict[str,
     base_set = TensorDictDataset(**train_t) if train_t is not None else lm_dataset(train_blocks)
     calib = (calibration_batches(base_set, num_batches=cfg.student.calibration_batches,
                                  batch_size=cfg.train.batch_size) if cfg.student.kind == "pruned" else None)
-    main_method = METHODS.get(cfg.method.name)(**cfg.method.kwargs)
+    main_method = cfg.method.build()
     cache = None
     if cfg.cache is not None and (Path(cfg.cache.dir) / MANIFEST).is_file():
         cache = _kd_set(cfg, tok, teacher, main_method, base_set, train_blocks, train_t, train_items, output)[1]

@@ -20,7 +20,7 @@ from ..config import DEFAULT_METHODS, AugmentSpec, MethodSpec, StrictModel, Trai
 from ..data.classification import load_dataset
 from ..eval.report import write_report
 from ..io import seed_everything
-from ..registry import METHODS, TASKS
+from ..registry import TASKS
 from ..teachers.sklearn import _estimators, estimator_size, fit_sklearn_teacher
 from ..train.loop import make_accelerator
 from .base import RunContext, Task
@@ -49,7 +49,7 @@ class SklearnTeacherSpec(StrictModel):
 
 
 def _logit_only(spec: MethodSpec) -> None:
-    method = METHODS.get(spec.name)(**spec.kwargs)
+    method = spec.build()
     if method.teacher_layers:
         raise ValueError(f"method {spec.name!r} needs teacher features {list(method.teacher_layers)}, but a "
                          "scikit-learn teacher has no layers; pick a method that reads only the teacher's "
