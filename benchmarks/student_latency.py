@@ -17,7 +17,6 @@ import argparse
 import json
 import random
 import statistics
-import time
 
 
 def main() -> None:
@@ -33,6 +32,8 @@ def main() -> None:
         raise SystemExit(f"--names: got {len(args.names)} names for {len(args.models)} models; expected one each.")
     import torch
     import transformers as tr
+
+    from kdistill.eval.metrics import latency_ms
 
     torch.set_num_threads(args.threads)
     names = args.names or args.models
@@ -52,17 +53,15 @@ def main() -> None:
         for _ in range(args.rounds):
             order = list(models)
             rng.shuffle(order)
-            for n in order:
+            for n in order:  # one timed call per model and round (kdistill's timer), models interleaved
                 m = models[n]
-                t = time.perf_counter()
-                m(ids)
-                fwd[n].append(time.perf_counter() - t)
-                t = time.perf_counter()
-                m.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
-                dec[n].append((time.perf_counter() - t) / args.new_tokens)
+                fwd[n].append(latency_ms(lambda: m(ids), repeats=1, warmup=0))
+                dec[n].append(latency_ms(lambda: m.generate(prompt, max_new_tokens=args.new_tokens,
+                                                            min_new_tokens=args.new_tokens, do_sample=False),
+                                         repeats=1, warmup=0) / args.new_tokens)
     out = {n: {"params": sum(p.numel() for p in m.parameters()), "layers": m.config.num_hidden_layers,
-               "hidden": m.config.hidden_size, "forward_ms": round(statistics.median(fwd[n]) * 1e3, 1),
-               "decode_ms_per_token": round(statistics.median(dec[n]) * 1e3, 2)} for n, m in models.items()}
+               "hidden": m.config.hidden_size, "forward_ms": round(statistics.median(fwd[n]), 1),
+               "decode_ms_per_token": round(statistics.median(dec[n]), 2)} for n, m in models.items()}
     out["settings"] = {"tokens": args.tokens, "new_tokens": args.new_tokens, "rounds": args.rounds,
                        "threads": args.threads, "dtype": "float32", "batch": 1}
     print(json.dumps(out, indent=1))
