@@ -14,6 +14,13 @@ Settings (cheap on purpose: 2 shared CPU cores):
   128-token blocks, same steps at every budget. Strategies: ``miniplm`` (the reference: the student's
   architecture trained on a random 10% of the pool), ``ddk`` (the KJV's books, reweighted every 16 steps),
   ``random``. Metric: held-out perplexity (the last 5% of the KJV).
+* ``blackbox``: the recipe ``selection/wordnet_supersense_rad``: SmolLM2-135M, served here behind the OpenAI-
+  compatible API, labels WordNet noun glosses into five supersenses (300 training glosses per seed); a TF-IDF + MLP
+  student learns its soft labels. The budget is the number of glosses sent to the teacher. Strategies: ``rad``
+  (20% random seed, then RAD's robust distribution over a proxy's margins), ``pcoreset`` (k-center over a proxy's
+  probabilities from the same seed), ``random``. Metric: the student's test accuracy against WordNet's labels. All
+  runs share one response store (``<work>/blackbox_responses.sqlite``): the teacher is deterministic (greedy), so
+  a gloss is sent once across strategies and budgets.
 
     nice -n 5 python benchmarks/selection.py --out docs/selection.json        # about 30 min of CPU
     python benchmarks/selection.py --parts classification --seeds 0 --quick   # a smoke run
@@ -43,8 +50,11 @@ import torch  # noqa: E402
 from kdistill import api  # noqa: E402
 
 FRACTIONS = (0.1, 0.25, 0.5)
-METHODS = {"classification": ("random", "pcoreset", "kd3", "rad"), "llm": ("random", "miniplm", "ddk")}
-METRIC = {"classification": ("accuracy", "higher"), "llm": ("perplexity", "lower")}
+METHODS = {"classification": ("random", "pcoreset", "kd3", "rad"), "llm": ("random", "miniplm", "ddk"),
+           "blackbox": ("random", "pcoreset", "rad")}
+METRIC = {"classification": ("accuracy", "higher"), "llm": ("perplexity", "lower"), "blackbox": ("accuracy", "higher")}
+PARTS = tuple(METHODS)
+BLACKBOX_RECIPE = "selection/wordnet_supersense_rad"
 
 
 def classification_recipe(seed: int, quick: bool) -> dict[str, Any]:
@@ -107,18 +117,40 @@ SELECTION_OPTIONS = {"ddk": {"groups": "book", "every": 16, "heldout_per_domain"
                      "miniplm": {"reference_fraction": 0.1, "reference_epochs": 3}}
 
 
+def blackbox_overrides(method: str | None, fraction: float | None, seed: int, work: Path, quick: bool,
+                       threads: int) -> list[str]:
+    """``key=value`` overrides of :data:`BLACKBOX_RECIPE` for one row: the strategy at a fraction of the pool
+    (``method=None``: every training gloss), no request cap, the shared response store."""
+    sel = None if method is None else {"method": method, "fraction": fraction}
+    o: dict[str, Any] = {"seed": seed, "data.selection": sel, "teacher.max_requests": None,
+                         "teacher.store": str(work / "blackbox_responses.sqlite"), "teacher.serve_threads": threads,
+                         "label.variants": False}
+    if quick:
+        o["data.kwargs.per_class_train"] = 12
+        o["data.kwargs.per_class_test"] = 10
+        o["student.epochs"] = 5
+    return [f"{k}={json.dumps(v)}" for k, v in o.items()]
+
+
 def run_row(part: str, method: str | None, fraction: float | None, seed: int, work: Path, quick: bool,
-            teacher: str | None = None) -> dict[str, Any]:
-    recipe = classification_recipe(seed, quick) if part == "classification" else llm_recipe(seed, teacher, quick)
-    if method is not None:
-        recipe["data"]["selection"] = {"method": method, "fraction": fraction, **SELECTION_OPTIONS.get(method, {})}
+            teacher: str | None = None, threads: int = 1) -> dict[str, Any]:
     name = f"{part}_{method or 'full'}_{fraction or 1.0}_{seed}"
     t0 = time.perf_counter()
-    rep = api.run(recipe, output=work / name, progress=False, quiet=True)
+    if part == "blackbox":
+        rep = api.run(BLACKBOX_RECIPE, output=work / name, progress=False, quiet=True,
+                      overrides=blackbox_overrides(method, fraction, seed, work, quick, threads))
+    else:
+        recipe = classification_recipe(seed, quick) if part == "classification" else llm_recipe(seed, teacher, quick)
+        if method is not None:
+            recipe["data"]["selection"] = {"method": method, "fraction": fraction,
+                                           **SELECTION_OPTIONS.get(method, {})}
+        rep = api.run(recipe, output=work / name, progress=False, quiet=True)
     metric = METRIC[part][0]
     row = {"part": part, "method": method or "full", "fraction": fraction or 1.0, "seed": seed,
            metric: rep["student"]["metrics"][metric], "teacher": rep["teacher"]["metrics"].get(metric),
            "seconds": time.perf_counter() - t0}
+    if part == "blackbox":  # the same student on the gold labels of the same texts
+        row["gold_labels"] = rep.get("baseline", {}).get("metrics", {}).get("accuracy")
     sel = rep.get("selection")
     if sel:
         row["selection"] = {k: sel[k] for k in ("budget", "pool", "mean_score_kept", "cover_radius",
@@ -141,6 +173,10 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 vals = [r[metric] for r in mine if r["method"] == method and r["fraction"] == frac]
                 cell: dict[str, Any] = {"mean": statistics.mean(vals),
                                         "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "n": len(vals)}
+                gold = [r["gold_labels"] for r in mine if r["method"] == method and r["fraction"] == frac
+                        and r.get("gold_labels") is not None]
+                if gold:  # black box: the same student on the gold labels of the same texts
+                    cell["gold_labels"] = statistics.mean(gold)
                 if method not in ("random", "full"):
                     diffs = []
                     for r in mine:
@@ -181,6 +217,8 @@ def markdown(doc: dict[str, Any]) -> str:
                     row.append("")
                     continue
                 txt = f"{c['mean']:.4g} ± {c['std']:.2g}"
+                if "gold_labels" in c:
+                    txt += f" [gold labels {c['gold_labels']:.3g}]"
                 if "gain_vs_random" in c:
                     txt += f" ({c['gain_vs_random']:+.3g} vs random, better in {c['wins_vs_random']})"
                 row.append(txt)
@@ -191,7 +229,7 @@ def markdown(doc: dict[str, Any]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--parts", nargs="+", default=["classification", "llm"], choices=["classification", "llm"])
+    ap.add_argument("--parts", nargs="+", default=["classification", "llm"], choices=list(PARTS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--llm-seeds", nargs="+", type=int, default=None, help="seeds of the llm part (default --seeds)")
     ap.add_argument("--fractions", nargs="+", type=float, default=list(FRACTIONS))
@@ -222,7 +260,7 @@ def main() -> None:
             key = (part, method or "full", frac or 1.0, seed)
             if key in done:
                 continue
-            row = run_row(part, method, frac, seed, args.work, args.quick, teacher)
+            row = run_row(part, method, frac, seed, args.work, args.quick, teacher, args.threads)
             rows.append(row)
             with open(log, "a") as f:
                 f.write(json.dumps(row) + "\n")
