@@ -121,7 +121,7 @@ def run_one(out: Path, row: str, seed: int, args: argparse.Namespace) -> None:
                       student=json.loads(args.student) if args.student else None,
                       sampled_cache=args.sampled_cache),
            "-o", str(d), "--no-progress"]
-    if (d / "work").exists():
+    if (d / "config.json").exists():  # started before: keep what it wrote (checkpoints, stored generations)
         cmd.append("--resume")
     t0 = time.time()
     with open(d.parent / f"{d.name}.log", "a") as log:  # beside the run: kdistill wants an empty folder

@@ -43,3 +43,21 @@ def test_sampled_rows_without_a_sampled_cache_are_refused_before_anything_runs(s
     err = capsys.readouterr().err
     assert "forward_kl_sampled need --sampled-cache" in err and "cache.mode=sampled" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_started_run_is_resumed_not_wiped(study, tmp_path, monkeypatch):
+    """A row stopped before its first checkpoint (sequence-level KD while it stores the teacher's generations) has
+    a run folder but no ``work/``; restarting it without --resume would empty the folder and lose the generations."""
+    import argparse
+    import subprocess
+
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: (calls.append(cmd), argparse.Namespace(returncode=0))[1])
+    args = argparse.Namespace(recipe=study.RECIPE, tokens=1000, cache=None, eval_every=30, student=None,
+                              sampled_cache=None)
+    study.run_one(tmp_path, "sequence_kd", 0, args)
+    assert "--resume" not in calls[-1]  # nothing there yet: a fresh run
+    (tmp_path / "sequence_kd" / "seed0").mkdir(parents=True)
+    (tmp_path / "sequence_kd" / "seed0" / "config.json").write_text("{}")
+    study.run_one(tmp_path, "sequence_kd", 0, args)
+    assert calls[-1][-1] == "--resume"
