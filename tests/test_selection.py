@@ -477,3 +477,69 @@ def test_llm_select_and_ddk_run_on_your_own_files(tmp_path):
     sel = ddk["selection"]
     assert sel["dynamic"] and sel["domains"] == ["light", "rest"]
     assert [h["step"] for h in sel["student_reweighting"]] == [0, 1, 2]  # the loop's on_step hook ran every step
+
+
+def _domain_table(path, n=240, seed=0):
+    """Two features, two classes, three domains: in ``easy`` the class is the sign of x0; in ``noisy`` half of
+    the labels are flipped; ``tiny`` has 4 rows. x1 carries the domain index, so rows can be matched to domains."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        dom = "tiny" if i < 4 else ("easy" if i % 2 else "noisy")
+        x0 = float(torch.randn(1, generator=g))
+        y = int(x0 > 0)
+        if dom == "noisy" and float(torch.rand(1, generator=g)) < 0.5:
+            y = 1 - y
+        rows.append({"x0": x0, "x1": {"easy": 0.0, "noisy": 1.0, "tiny": 2.0}[dom], "source": dom,
+                     "label": ["neg", "pos"][y]})
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return rows
+
+
+def test_a_files_domain_column_is_carried_per_training_row_and_never_a_feature(tmp_path):
+    from kdistill.data.classification import table_files
+
+    _domain_table(tmp_path / "t.jsonl")
+    d = table_files(files=str(tmp_path / "t.jsonl"), domain_column="source", standardise=False)
+    assert d.x_train.shape[1] == 2 and len(d.train_domains) == len(d.y_train)  # x0, x1; not the domain
+    code = {"easy": 0.0, "noisy": 1.0, "tiny": 2.0}
+    assert [code[s] for s in d.train_domains] == d.x_train[:, 1].tolist()  # aligned with the split's rows
+    assert table_files(files=str(tmp_path / "t.jsonl"), feature_columns=["x0"]).train_domains is None
+    with pytest.raises(KDistillError, match="column 'sorce' is not in the data"):
+        table_files(files=str(tmp_path / "t.jsonl"), domain_column="sorce")
+    with pytest.raises(KDistillError, match="also in data.feature_columns"):
+        table_files(files=str(tmp_path / "t.jsonl"), domain_column="source", feature_columns=["x0", "source"])
+
+
+def test_ddk_on_a_classification_table_reweights_domains_during_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDISTILL_CACHE", str(tmp_path / "cache"))
+    _domain_table(tmp_path / "t.jsonl")
+    r = {**CLS, "data": {"files": str(tmp_path / "t.jsonl"), "label_column": "label",
+                         "selection": {"method": "ddk", "domain_column": "source", "fraction": 0.5, "every": 2,
+                                       "heldout_per_domain": 4}},
+         "baseline": True, "train": {"epochs": 2, "batch_size": 16, "lr": 0.01}}
+    cfg = load_config(r)
+    assert cfg.data.kwargs["domain_column"] == "source"  # one place: every later read of the data drops it
+    rep = api.run(r, output=tmp_path / "run", progress=False, quiet=True)
+    sel = rep["selection"]
+    assert sel["dynamic"] and sel["domains"] == ["easy", "noisy", "tiny"] and sel["heldout"] == 8  # tiny too small
+    steps = math.ceil(sel["budget"] / 16)  # each epoch draws the budget, not the pool
+    for phase in ("student", "baseline"):
+        hist = sel[f"{phase}_reweighting"]
+        assert [h["step"] for h in hist] == list(range(0, 2 * steps + 1, 2))[: len(hist)] and len(hist) >= steps
+        w = hist[-1]["weights"]
+        # DDK weighs a domain by the student's loss over the teacher's: on the easy one the teacher is nearly
+        # perfect and the student a multiple of its loss; on the noisy one the teacher is no better than chance
+        assert abs(sum(w) - 1) < 1e-9 and w[0] > w[1]
+    assert rep["data"]["train"] == 192  # the whole pool (80% of 240 rows): DDK draws from it during training
+    # the saved student re-reads its data without the domain column among the features
+    assert api.evaluate(tmp_path / "run")["metrics"]["accuracy"] == rep["student"]["metrics"]["accuracy"]
+    static = api.select(r, output=tmp_path / "sel", progress=False)  # `kdistill select`: DDK's static choice
+    assert static["method"] == "ddk" and static["budget"] == sel["budget"]
+    with pytest.raises(ConfigError, match="expected your own files"):
+        load_config({**CLS, "data": {"name": "wine", "selection": {"method": "ddk", "domain_column": "x"}}})
+    with pytest.raises(ConfigError, match="built-in classification datasets have no domain groups"):
+        load_config({**CLS, "data": {"name": "wine", "selection": {"method": "ddk", "groups": "book"}}})
+    with pytest.raises(KDistillError, match="needs the domain of every training example"):
+        api.run({**CLS, "data": {"name": "wine", "selection": {"method": "ddk"}}}, output=tmp_path / "no",
+                progress=False, quiet=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -30,6 +30,8 @@ class ClassificationData:
     y_test: Tensor
     num_classes: int
     class_names: list[str] = field(default_factory=list)
+    #: the domain of each training example (your files' ``domain_column``), for domain-aware selection (DDK)
+    train_domains: list[str] | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -393,7 +395,7 @@ def table_files(files: Any = None, label_column: str = "label", feature_columns:
                 format: str = "auto", hf_dataset: dict[str, Any] | None = None, validation_fraction: float = 0.1,
                 test_fraction: float = 0.1, data_seed: int = 0, standardise: bool = True,
                 image_column: str | None = None, label_files: Any = None, image_layout: str = "auto",
-                image_scale: float = 1.0) -> ClassificationData:
+                image_scale: float = 1.0, domain_column: str | None = None) -> ClassificationData:
     """Your own table (``data.files``: CSV, TSV, JSON lines, JSON, Parquet; or ``data.hf_dataset``) with a
     ``label_column`` of class names or ids, and either numeric ``feature_columns`` (default: every column but
     the label; standardised with the training split's statistics) or a ``text_column`` tokenized by
@@ -406,8 +408,12 @@ def table_files(files: Any = None, label_column: str = "label", feature_columns:
     H x W x C or C x H x W (``image_layout``: ``auto``, ``HWC``, ``CHW``); every model gets ``(C, H, W)`` float32
     values divided by ``image_scale`` (255 turns 8-bit pixels into [0, 1], which ``hf`` image models expect), not
     standardised. Held-out splits not given as files are cut from the training rows (seeded); class names are
-    kept (``kdistill eval`` uses them)."""
-    from .files import load_rows
+    kept (``kdistill eval`` uses them).
+
+    ``domain_column``: a column naming each row's domain (a source, a site, a language), never a feature; the
+    training rows' domains are kept in ``train_domains`` for domain-aware selection (DDK, ``data.selection``). The
+    held-out splits need not have it."""
+    from .files import load_rows, require_columns
 
     arrays = _array_files(files)
     images = image_column is not None or arrays or label_files is not None
@@ -422,6 +428,13 @@ def table_files(files: Any = None, label_column: str = "label", feature_columns:
     if label_files is not None and not arrays:
         raise KDistillError("data.label_files: labels as .npy files go with .npy image files in data.files; got "
                             "other files. Fix: remove label_files (a table names its label_column).")
+    if domain_column is not None and (arrays or label_files is not None):
+        raise KDistillError(f"data.domain_column {domain_column!r}: domains are read from a table column; .npy / "
+                            ".npz array files have no columns. Fix: give a table (CSV, JSON lines, Parquet) with an "
+                            "image_column and the domain column, or remove domain_column.")
+    if domain_column is not None and domain_column in (feature_columns or []):
+        raise KDistillError(f"data.domain_column {domain_column!r} is also in data.feature_columns; expected the "
+                            "domain to be a label of the row, not a feature. Fix: remove it from feature_columns.")
     if arrays:
         image_column = image_column or "image"
         rows = _array_rows(files, label_files, image_column, label_column, validation_fraction, test_fraction,
@@ -430,16 +443,21 @@ def table_files(files: Any = None, label_column: str = "label", feature_columns:
         rows = load_rows(files=files, format=format, hf_dataset=hf_dataset, validation_fraction=validation_fraction,
                          test_fraction=test_fraction, seed=data_seed,
                          columns=[label_column, text_column, image_column, *(feature_columns or [])])
+    domains = None
+    if domain_column is not None:
+        require_columns(rows["train"], [domain_column], where="data (train split)")
+        domains = [str(r[domain_column]) for r in rows["train"]]
     ids, names = _label_ids({s: [r[label_column] for r in part] for s, part in rows.items()}, label_column)
     if image_column is not None:
         x = _images(rows, image_column, layout=image_layout, scale=image_scale)
-        return _pack("files", x["train"], ids["train"], x["validation"], ids["validation"], x["test"], ids["test"],
-                     len(names), names)
+        return replace(_pack("files", x["train"], ids["train"], x["validation"], ids["validation"], x["test"],
+                             ids["test"], len(names), names), train_domains=domains)
     if text_column is not None:
         x = _tokenized(tokenizer, rows, text_column, max_length)
-        return _pack("files", x["train"], ids["train"], x["validation"], ids["validation"], x["test"], ids["test"],
-                     len(names), names)
-    features = list(feature_columns) if feature_columns else [c for c in rows["train"][0] if c != label_column]
+        return replace(_pack("files", x["train"], ids["train"], x["validation"], ids["validation"], x["test"],
+                             ids["test"], len(names), names), train_domains=domains)
+    features = (list(feature_columns) if feature_columns
+                else [c for c in rows["train"][0] if c not in (label_column, domain_column)])
     if not features:
         raise KDistillError(f"data: no feature columns besides the label {label_column!r}; expected numeric "
                             "feature columns (data.feature_columns).")
@@ -459,7 +477,8 @@ def table_files(files: Any = None, label_column: str = "label", feature_columns:
     x_tr, x_va, x_te = xs["train"], xs["validation"], xs["test"]
     if standardise:
         x_tr, x_va, x_te = _standardise(x_tr, x_va, x_te)
-    return _pack("files", x_tr, ids["train"], x_va, ids["validation"], x_te, ids["test"], len(names), names)
+    return replace(_pack("files", x_tr, ids["train"], x_va, ids["validation"], x_te, ids["test"], len(names), names),
+                   train_domains=domains)
 
 
 def load_dataset(name: str, **kwargs: Any) -> ClassificationData:

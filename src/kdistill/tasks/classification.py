@@ -7,6 +7,7 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
@@ -45,7 +46,7 @@ from .base import RunContext, Task
 #: the fields of your own data (``data: {files: ..., label_column: ...}``), read by the ``files`` dataset
 _FILE_FIELDS = ("files", "hf_dataset", "format", "label_column", "feature_columns", "text_column", "tokenizer",
                 "max_length", "validation_fraction", "test_fraction", "data_seed", "standardise", "image_column",
-                "label_files", "image_layout", "image_scale")
+                "label_files", "image_layout", "image_scale", "domain_column")
 
 
 class DataSpec(NamedSpec):
@@ -78,6 +79,28 @@ class ClassificationDataSpec(DataSpec):
     (:class:`~kdistill.config.SelectionSpec`); the teacher still trains on all of it."""
 
     selection: SelectionSpec | None = None
+
+    @model_validator(mode="after")
+    def _domains(self) -> ClassificationDataSpec:
+        """``data.selection.domain_column`` is the files' ``domain_column`` (one place, so every later read of
+        ``data.kwargs`` -- ``kdistill eval``, a distilled set's source -- keeps the column out of the features)."""
+        sel = self.selection
+        if sel is not None and sel.groups is not None:
+            raise ValueError(f"data.selection.groups: got {sel.groups!r}; built-in classification datasets have no "
+                             "domain groups. Fix: give your own files with a column naming each row's domain, as "
+                             "data.selection.domain_column.")
+        if sel is None or sel.domain_column is None:
+            return self
+        if self.name != "files":
+            raise ValueError(f"data.selection.domain_column: got {sel.domain_column!r} with data.name {self.name!r}; "
+                             "expected your own files (data.files or data.hf_dataset), whose column names each row's "
+                             "domain.")
+        given = self.kwargs.get("domain_column")
+        if given is not None and given != sel.domain_column:
+            raise ValueError(f"data.domain_column {given!r} and data.selection.domain_column {sel.domain_column!r}: "
+                             "expected one domain column. Fix: give it once.")
+        self.kwargs["domain_column"] = sel.domain_column  # in place: assignment would validate this model again
+        return self
 
 
 class ModelSpec(NamedSpec):
@@ -240,8 +263,10 @@ def _phase_done(d: Path) -> bool:
 def _train_phase(name: str, *, cfg: ClassificationConfig, data: ClassificationData, model_spec: ModelSpec,
                  train: TrainSpec, method_spec: MethodSpec, augment_spec: AugmentSpec | None,
                  teacher: torch.nn.Module | None, accelerator: Any, ctx: RunContext,
-                 extra_meta: dict[str, Any] | None = None) -> tuple[torch.nn.Module, list[dict], float]:
-    """Train one model (or reload it when a resumed run already finished this phase)."""
+                 extra_meta: dict[str, Any] | None = None, schedule: tuple[Any, Any] | None = None
+                 ) -> tuple[torch.nn.Module, list[dict], float]:
+    """Train one model (or reload it when a resumed run already finished this phase). ``schedule``: the
+    ``(sampler, on_step)`` that draws its training examples (DDK), else every example each epoch."""
     pdir, work = ctx.output / name, ctx.output / "work" / name
     if ctx.resume and _phase_done(pdir):
         model, _ = load_classifier(pdir)
@@ -262,6 +287,7 @@ def _train_phase(name: str, *, cfg: ClassificationConfig, data: ClassificationDa
                            batch_size=train.batch_size, seed=cfg.seed, teacher=teacher, augment=augment,
                            teacher_table=cfg.teacher_cache, evaluate=evaluate, output_dir=work, resume=ctx.resume,
                            phase=name, progress=ctx.progress,
+                           sampler=schedule[0] if schedule else None, on_step=schedule[1] if schedule else None,
                            **train.model_dump(exclude={"batch_size", "mixed_precision"}))
     if accelerator.is_main_process:
         save_classifier(pdir, res.student, model_name=model_spec.name, model_kwargs=model_spec.kwargs,
@@ -323,11 +349,19 @@ def run_classification(cfg: ClassificationConfig, ctx: RunContext) -> dict[str, 
     specs = teacher_specs(cfg)
     got, (teacher, teacher_hist, teacher_secs, teacher_source) = _teachers(cfg, data, accelerator, ctx, tokenizer)
 
-    selection = None
+    selection, schedule, reweighting = None, None, {}
     if cfg.data.selection is not None:  # the teacher saw the whole training split; the students see the subset
-        selection, _ = _select(cfg, cfg.data.selection, data, teacher, accelerator, ctx.output / "work" / "selection")
-        data = replace(data, x_train=data.x_train[selection.indices], y_train=data.y_train[selection.indices])
-    trained = train_students(cfg, data, teacher, accelerator, ctx)
+        selection, inputs = _select(cfg, cfg.data.selection, data, teacher, accelerator,
+                                    ctx.output / "work" / "selection")
+        if selection.schedule is None:
+            data = replace(data, x_train=data.x_train[selection.indices], y_train=data.y_train[selection.indices],
+                           train_domains=None)
+        else:  # DDK: every phase draws from the pool by domain weights that follow its own student
+
+            def schedule(phase: str) -> tuple[Any, Any]:
+                reweighting[phase] = selection.schedule(inputs["example_losses"])
+                return reweighting[phase]
+    trained = train_students(cfg, data, teacher, accelerator, ctx, schedule=schedule)
     teacher_entry = {"params": count_params(teacher), "source": teacher_source, "train_seconds": teacher_secs,
                      "model": specs[0].model.model_dump() if len(specs) == 1 else [s.model.model_dump() for s in specs]}
     if len(got) > 1:
@@ -338,7 +372,8 @@ def run_classification(cfg: ClassificationConfig, ctx: RunContext) -> dict[str, 
         teacher_entry["weights"] = teacher.weights.tolist()
     report, curves = build_report(cfg, data, "classification", teacher, teacher_entry, trained, t_start)
     if selection is not None:
-        report["selection"] = selection.summary()
+        report["selection"] = {**selection.summary(),
+                               **{f"{n}_reweighting": hook.history for n, (_, hook) in reweighting.items()}}
     curves = {"teacher": teacher_hist, **curves}
     if accelerator.is_main_process:
         write_report(report, ctx.output, curves=curves)
@@ -368,9 +403,10 @@ def _teachers(cfg: ClassificationConfig, data: ClassificationData, accelerator: 
 
 
 def _select(cfg: ClassificationConfig, spec: SelectionSpec, data: ClassificationData, teacher: torch.nn.Module,
-            accelerator: Any, work: Path) -> tuple[Selection, str]:
-    """The training subset of ``spec`` and the pool's fingerprint. A proxy student (the recipe's student and method,
-    the recipe's training settings) is trained on a seed slice when a strategy asks for one."""
+            accelerator: Any, work: Path) -> tuple[Selection, dict[str, Any]]:
+    """The training subset of ``spec`` and the inputs it was chosen with (``pool``: the pool's fingerprint). A proxy
+    student (the recipe's student and method, the recipe's training settings) is trained on a seed slice when a
+    strategy asks for one; the initial student (DDK's first comparison) is built as every phase builds it."""
     from ..train.selection import classifier_inputs
 
     def train_proxy(indices: torch.Tensor) -> torch.nn.Module:
@@ -380,10 +416,15 @@ def _select(cfg: ClassificationConfig, spec: SelectionSpec, data: Classification
                             teacher=teacher if METHODS.get(cfg.method.name).needs_teacher else None,
                             accelerator=accelerator, ctx=RunContext(work, False, False))[0]
 
+    def initial_student() -> torch.nn.Module:
+        seed_everything(cfg.seed)
+        return _build(cfg.student, data)
+
     pool = pool_fingerprint(data.x_train, data.y_train)
-    inputs = classifier_inputs(teacher=teacher, x=data.x_train, train_proxy=train_proxy)
-    return select_training_subset(**spec.entry_kwargs(), n=len(data.y_train), seed=cfg.seed, pool=pool,
-                                  **inputs), pool
+    inputs = classifier_inputs(teacher=teacher, x=data.x_train, y=data.y_train, train_proxy=train_proxy,
+                               initial_student=initial_student, domains=data.train_domains)
+    return (select_training_subset(**spec.entry_kwargs(), n=len(data.y_train), seed=cfg.seed, pool=pool, **inputs),
+            {**inputs, "pool": pool})
 
 
 def select_classification(cfg: ClassificationConfig, output: Path, progress: bool = True) -> dict[str, Any]:
@@ -394,7 +435,8 @@ def select_classification(cfg: ClassificationConfig, output: Path, progress: boo
     ctx = RunContext(output / "work", False, progress)
     _, (teacher, *_) = _teachers(cfg, data, accelerator, ctx, cfg.data.kwargs.get("tokenizer"))
     spec = cfg.data.selection or SelectionSpec(method=DEFAULT_SELECTORS["classification"])
-    selection, pool = _select(cfg, spec, data, teacher, accelerator, ctx.output / "selection")
+    selection, inputs = _select(cfg, spec, data, teacher, accelerator, ctx.output / "selection")
+    pool = inputs["pool"]
     names = data.class_names
     write_subset(output, selection, pool=pool,
                  describe=lambda i: f"label {names[int(data.y_train[i])] if names else int(data.y_train[i])}")
@@ -405,8 +447,10 @@ Trained = dict[str, tuple[torch.nn.Module, list[dict], float]]
 
 
 def train_students(cfg: Any, data: ClassificationData, teacher: torch.nn.Module, accelerator: Any,
-                   ctx: RunContext) -> Trained:
-    """Train the baseline (if asked), the main student and every variant: same data, seed and budget."""
+                   ctx: RunContext, schedule: Callable[[str], tuple[Any, Any]] | None = None) -> Trained:
+    """Train the baseline (if asked), the main student and every variant: same data, seed and budget.
+    ``schedule(phase)``: ``(sampler, on_step)`` of a selection that redraws the training examples as the phase's
+    student learns (DDK), else every phase trains on all of ``data``."""
     phases: list[tuple[str, MethodSpec, AugmentSpec | None]] = []
     if cfg.baseline:
         phases.append(("baseline", MethodSpec(name=ALONE), None))
@@ -419,7 +463,8 @@ def train_students(cfg: Any, data: ClassificationData, teacher: torch.nn.Module,
                                      method_spec=mspec, augment_spec=aspec,
                                      teacher=teacher if needs_teacher else None, accelerator=accelerator, ctx=ctx,
                                      extra_meta={"method": mspec.model_dump(),
-                                                 "augment": aspec.model_dump() if aspec else None})
+                                                 "augment": aspec.model_dump() if aspec else None},
+                                     schedule=schedule(name) if schedule is not None else None)
     return trained
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Sampler
 
 from ..data.loaders import TensorDictDataset, make_loader
 from ..methods.base import Method
@@ -20,7 +21,7 @@ def train_classifier(model: nn.Module, method: Method, x_train: Tensor, y_train:
                      augment: Callable[..., Any] | None = None, teacher_table: bool = False,
                      target_probs: Tensor | None = None, batch_extra: dict[str, Tensor] | None = None,
                      teacher_targets: Callable[[dict[str, Any]], Any] | None = None,
-                     **fit_kwargs: Any) -> FitResult:
+                     sampler: Sampler[int] | None = None, **fit_kwargs: Any) -> FitResult:
     """Train ``model`` with ``method`` on ``(x_train, y_train)``.
 
     Each batch carries its examples' dataset positions (``index``: per-example memory banks, the teacher table).
@@ -31,14 +32,15 @@ def train_classifier(model: nn.Module, method: Method, x_train: Tensor, y_train:
     labels); ``batch_extra``: other per-example tensors a method reads from its batches, by name (e.g. the
     representation targets of a distilled set). ``teacher_targets``: the teacher's outputs of a batch, looked up
     by its ``index`` (a table computed beforehand, e.g. a GNN's outputs on the whole graph), instead of a teacher
-    forward. ``fit_kwargs`` go to :func:`~kdistill.train.loop.fit` (epochs, lr, evaluate, output_dir, ...)."""
+    forward. ``sampler``: which examples each epoch draws (data selection's DDK draws by domain), instead of all of
+    them shuffled. ``fit_kwargs`` go to :func:`~kdistill.train.loop.fit` (epochs, lr, evaluate, output_dir, ...)."""
     from ..teachers.cache import teacher_logits_table
 
     extra = dict(batch_extra or {})
     if target_probs is not None:
         extra["target_probs"] = target_probs
     loader = make_loader(TensorDictDataset(inputs=x_train, labels=y_train, index=torch.arange(len(y_train)), **extra),
-                         batch_size, seed=seed)
+                         batch_size, seed=seed, sampler=sampler)
     teacher = teacher if method.needs_teacher else None
     targets = teacher_targets if method.needs_teacher else None
     if targets is None and teacher is not None and teacher_table and augment is None and method.cacheable \

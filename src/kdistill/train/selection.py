@@ -44,10 +44,15 @@ def _memo(fn: Callable[..., Any]) -> Callable[..., Any]:
 # -------------------------------------------------------------------------------------- classification
 
 def classifier_inputs(*, teacher: nn.Module, x: Tensor, train_proxy: Callable[[Tensor], nn.Module],
-                      batch_size: int = 1024, view_strength: float = 1.0) -> dict[str, Callable[..., Any]]:
+                      y: Tensor | None = None, initial_student: Callable[[], nn.Module] | None = None,
+                      domains: Sequence[str] | None = None, batch_size: int = 1024,
+                      view_strength: float = 1.0) -> dict[str, Callable[..., Any]]:
     """Inputs over a pool of classifier inputs ``x`` ``(N, ...)``: ``teacher_probs``, ``proxy_probs`` (a student
-    trained by ``train_proxy(indices)`` on those examples) and ``view_probs`` (label-preserving augmentations of
-    :mod:`kdistill.data.hard_augment`: noise, shift, scale, mask, one op per view in turn; float inputs only)."""
+    trained by ``train_proxy(indices)`` on those examples), ``view_probs`` (label-preserving augmentations of
+    :mod:`kdistill.data.hard_augment`: noise, shift, scale, mask, one op per view in turn; float inputs only), and,
+    given the labels ``y``, ``example_losses`` (per-example cross-entropy of the teacher, of ``initial_student()``,
+    or of a model in training) and ``domains`` (``domains``: the domain of each example; without them a strategy
+    that asks gets one error naming the setting)."""
     from ..data.hard_augment import OPS, _augment
     from ..models.classifiers import predict_logits
 
@@ -75,7 +80,32 @@ def classifier_inputs(*, teacher: nn.Module, x: Tensor, train_proxy: Callable[[T
             ss.append(torch.softmax(predict_logits(student, xv, batch_size).float(), -1))
         return torch.stack(ts), torch.stack(ss)
 
-    return {"teacher_probs": teacher_probs, "proxy_probs": proxy_probs, "view_probs": view_probs}
+    out: dict[str, Callable[..., Any]] = {"teacher_probs": teacher_probs, "proxy_probs": proxy_probs,
+                                          "view_probs": view_probs}
+    if y is not None and initial_student is not None:
+        initial = _memo(initial_student)
+
+        def example_losses(model: Any, indices: Tensor) -> Tensor:
+            m = teacher if model is None else initial() if isinstance(model, str) else model
+            logits = predict_logits(m, x[indices], batch_size).float()
+            return torch.nn.functional.cross_entropy(logits, y[indices].to(logits.device), reduction="none")
+
+        out["example_losses"] = example_losses
+
+    def pool_domains() -> tuple[Tensor, list[str]]:
+        from ..data.selection import domain_ids
+
+        if domains is None:
+            raise KDistillError("data.selection: this strategy needs the domain of every training example, and the "
+                                "data has none. Fix: give your own files (data.files) with a column naming each "
+                                "row's domain, as data.selection.domain_column.")
+        if len(domains) != len(x):
+            raise KDistillError(f"data.selection: got {len(domains)} domains for {len(x)} training examples; "
+                                "expected one per example.")
+        return domain_ids(domains)
+
+    out["domains"] = _memo(pool_domains)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ LMs
