@@ -171,3 +171,33 @@ def test_addmm_fp32_in_bf16_on_cuda():
     addmm_fp32_(acc, a, b)
     assert acc.dtype == torch.float32
     torch.testing.assert_close(acc, 0.5 + a.float() @ b.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_the_topk_student_distribution_waits_for_the_host_once_per_call():
+    """The cached-target path on a GPU: the ids' range check and the underflow test are read together, one host
+    sync per call (there were three); a bad id still gets the clear error, and an underflowing row its exact rest."""
+    import warnings
+
+    from kdistill.losses.topk import student_coarse
+
+    g = torch.Generator().manual_seed(0)
+    z = (torch.randn(2, 64, 4096, generator=g) * 3).cuda().requires_grad_(True)
+    idx = torch.randint(0, 4096, (2, 64, 32), generator=g).cuda()
+    student_coarse(z, idx)  # warm-up: allocator and kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            student_coarse(z, idx)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]
+    with pytest.raises(KDistillError, match="different vocabulary"):
+        student_coarse(z, torch.where(idx == idx[0, 0, 0], 4096, idx))
+    y = z.detach().clone()
+    y[0, 0] = -1e4
+    y[0, 0, idx[0, 0, 0]] = 50.0  # the rest's mass underflows in linear space
+    out = student_coarse(y, idx)
+    assert torch.isfinite(out[0, 0, -1]) and out[0, 0, -1] < -1e3

@@ -99,21 +99,28 @@ def student_coarse(student_logits: Tensor, topk_indices: Tensor, *, kd_temperatu
         raise KDistillError(
             f"topk_indices: got shape {tuple(topk_indices.shape)}, expected {tuple(student_logits.shape[:-1])} + (k,) "
             "to match the student logits. Is the cache aligned with this batch (same sequences, same order)?")
-    idx = topk_indices.long()
-    V = student_logits.shape[-1]
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= V):
-        raise KDistillError(f"topk_indices: got values in [{int(idx.min())}, {int(idx.max())}], expected [0, {V - 1}] "
-                            "(the student's vocabulary). The cache was made with a different vocabulary.")
     L._check_temperature(kd_temperature)
-    return _StudentCoarse.apply(student_logits, idx, float(kd_temperature))
+    return _StudentCoarse.apply(student_logits, topk_indices.long(), float(kd_temperature))
+
+
+def _index_error(name: str, idx: Tensor, V: int) -> KDistillError:
+    """The error for cached ids outside the student's vocabulary (built only once they are known to be)."""
+    return KDistillError(f"{name}: got values in [{int(idx.min())}, {int(idx.max())}], expected [0, {V - 1}] (the "
+                         "student's vocabulary). The cache was made with a different vocabulary.")
+
+
+def _out_of_range(idx: Tensor, V: int) -> Tensor:
+    """A 0-d bool tensor on ``idx``'s device: is any id outside ``[0, V)``? (read with the other flags of a call,
+    so a GPU step waits for the host once)."""
+    return ((idx < 0) | (idx >= V)).any()
 
 
 def _coarse_block(logits: Tensor, idx: Tensor, t: float, e: Tensor, total: Tensor, rest_mass: Tensor,
-                  out: Tensor, shifted: Tensor) -> None:
+                  out: Tensor, under: Tensor) -> None:
     """One row block of :class:`_StudentCoarse`'s forward, written into the given output views: ``e`` the
     shifted exponentials with the picked ids zeroed, ``total`` / ``rest_mass`` their sums before / after
-    zeroing, ``out`` the k picked log-probs and the rest's, ``shifted`` the rows whose rest was redone in log
-    space."""
+    zeroing, ``out`` the k picked log-probs and the rest's, ``under`` the rows whose rest mass underflowed in
+    linear space (:func:`_rest_in_log_space` redoes them). No host synchronisation."""
     z = logits.float()
     if t != 1.0:
         z = z / t
@@ -125,24 +132,31 @@ def _coarse_block(logits: Tensor, idx: Tensor, t: float, e: Tensor, total: Tenso
     out[:, :-1] = (z.gather(-1, idx) - m) - L._safe_log(total)  # log p at the picked ids
     e.scatter_(-1, idx, 0.0)
     rest_mass.copy_(e.sum(-1, keepdim=True))  # exact sum over the ids not picked
-    rest = L._safe_log(rest_mass) - L._safe_log(total)
-    # rows whose rest mass underflows in linear space (a very confident student): redo the rest in log space
-    # with its own shift, so log p(rest) stays finite as in an exact log-sum-exp; there the p_v of the ids not
-    # picked are below float range and drop out of the gradient's second term
-    under = (rest_mass == 0).squeeze(-1)
-    if under.any():
-        zr = z[under].scatter(-1, idx[under], -math.inf)
-        m_r = zr.amax(-1, keepdim=True)
-        ok = torch.isfinite(m_r)
-        e_r = torch.exp(zr - torch.where(ok, m_r, torch.zeros_like(m_r)))
-        mass_r = e_r.sum(-1, keepdim=True)
-        rest_r = torch.where(ok, m_r - m[under] + L._safe_log(mass_r) - L._safe_log(total[under]),
-                             torch.full_like(m_r, -math.inf))
-        e[under] = torch.where(ok, e_r, torch.zeros_like(e_r))
-        rest_mass[under] = torch.where(ok, mass_r, torch.zeros_like(mass_r))
-        rest[under] = rest_r
-        shifted[under] = ok
-    out[:, -1:] = rest
+    out[:, -1:] = L._safe_log(rest_mass) - L._safe_log(total)
+    under.copy_(rest_mass == 0)
+
+
+def _rest_in_log_space(logits: Tensor, idx: Tensor, t: float, e: Tensor, total: Tensor, rest_mass: Tensor,
+                       out: Tensor, shifted: Tensor, rows: Tensor) -> None:
+    """Rows whose rest mass underflowed in linear space (a very confident student): the rest redone in log space
+    with its own shift, so log p(rest) stays finite as in an exact log-sum-exp; there the p_v of the ids not picked
+    are below float range and drop out of the gradient's second term (``shifted`` marks the rows)."""
+    z = logits[rows].float()
+    if t != 1.0:
+        z = z / t
+    m = z.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    zr = z.scatter(-1, idx[rows], -math.inf)
+    m_r = zr.amax(-1, keepdim=True)
+    ok = torch.isfinite(m_r)
+    e_r = torch.exp(zr - torch.where(ok, m_r, torch.zeros_like(m_r)))
+    mass_r = e_r.sum(-1, keepdim=True)
+    rest_r = torch.where(ok, m_r - m + L._safe_log(mass_r) - L._safe_log(total[rows]),
+                         torch.full_like(m_r, -math.inf))
+    e[rows] = torch.where(ok, e_r, torch.zeros_like(e_r))
+    rest_mass[rows] = torch.where(ok, mass_r, torch.zeros_like(mass_r))
+    out[rows, -1:] = rest_r
+    shifted[rows] = ok
 
 
 class _StudentCoarse(torch.autograd.Function):
@@ -151,6 +165,8 @@ class _StudentCoarse(torch.autograd.Function):
     Forward: one max, one exp, two sums (the second after zeroing the k picked entries in place, so the rest
     mass is summed exactly, never as ``1 - sum(picked)``). Backward, with ``G = sum(g_picked) + g_rest``:
     ``dz_v = (g_rest [v not picked] / P_rest - G) p_v + g_picked_j [v = idx_j]``, all divided by T.
+    The ids' range check and the underflow test are read together at the end, one wait for the host per call
+    (the picked ids are clamped meanwhile, so a bad id reaches the clear error, not a device-side assert).
     """
 
     @staticmethod
@@ -165,14 +181,22 @@ class _StudentCoarse(torch.autograd.Function):
         rest_mass = torch.empty((n, 1), dtype=torch.float32, device=dev)
         out = torch.empty((n, k + 1), dtype=torch.float32, device=dev)
         shifted = torch.zeros((n, 1), dtype=torch.bool, device=dev)
+        under = torch.empty((n, 1), dtype=torch.bool, device=dev)
+        bad = _out_of_range(idf, V)
+        ids = idf.clamp(0, max(V - 1, 0))
         # row blocks of ~1 MB (as in forward_kl): the max, exp and both sums of a block run while it is in cache
         rows = L._block_rows(zf)
         for i in range(0, n, rows):
             j = slice(i, i + rows)
-            _coarse_block(zf[j], idf[j], t, e[j], total[j], rest_mass[j], out[j], shifted[j])
+            _coarse_block(zf[j], ids[j], t, e[j], total[j], rest_mass[j], out[j], under[j])
+        bad_ids, any_under = torch.stack([bad, under.any()]).tolist() if n else (False, False)
+        if bad_ids:
+            raise _index_error("topk_indices", idf, V)
+        if any_under:
+            _rest_in_log_space(zf, ids, t, e, total, rest_mass, out, shifted, under.squeeze(1).nonzero().squeeze(1))
         ctx.t, ctx.dtype = t, logits.dtype
         ctx.save_for_backward(e.reshape(*lead, V), total.reshape(*lead, 1), rest_mass.reshape(*lead, 1),
-                              out[:, :k].reshape(*lead, k), idx, shifted.reshape(*lead, 1))
+                              out[:, :k].reshape(*lead, k), ids.reshape(idx.shape), shifted.reshape(*lead, 1))
         return out.reshape(*lead, k + 1)
 
     @staticmethod
@@ -302,9 +326,8 @@ def sampled_loss(student_logits: Tensor, sample_indices: Tensor, sample_weights:
                             "Is the cache aligned with this batch (same sequences, same order)?")
     idx = sample_indices.long()
     V = student_logits.shape[-1]
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= V):
-        raise KDistillError(f"sample_indices: got values in [{int(idx.min())}, {int(idx.max())}], expected "
-                            f"[0, {V - 1}] (the student's vocabulary). The cache was made with a different vocabulary.")
+    if idx.numel() and bool(_out_of_range(idx, V)):  # one wait for the host, as student_coarse
+        raise _index_error("sample_indices", idx, V)
     L._check_temperature(kd_temperature)
     z = student_logits.float()
     if kd_temperature != 1.0:
