@@ -97,6 +97,10 @@ def test_sequence_level_kd_trains_on_stored_teacher_generations(tmp_path):
     recs = [json.loads(x) for x in store.read_text().splitlines()]
     assert len(recs) == info["sequences"] and all(len(x["prompt_ids"]) == 8 and len(x["completion_ids"]) == 24
                                                   for x in recs)
+    from kdistill.eval.metrics import repetition  # the report says how much the stored completions loop
+
+    want = repetition([x["completion_ids"] for x in recs], span=8, n=4)
+    assert (info["repeating_completions"], info["distinct_4grams"]) == (want["repeating"], want["distinct_ngrams"])
     assert math.isfinite(r["student"]["metrics"]["perplexity"])
     with pytest.raises(ConfigError, match="sequence_kd"):
         load_config("llm/tiny", ["data.sequence_kd={sampling_temperature: 0.0}"])

@@ -1,10 +1,10 @@
-"""Classification metrics, teacher agreement, and CPU latency."""
+"""Classification metrics, teacher agreement, CPU latency, and how much generated sequences repeat themselves."""
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,25 @@ def agreement(student_logits: Tensor, teacher_logits: Tensor) -> dict[str, float
         "top1_agreement": float((student_logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean()),
         "kl_teacher_student": float(forward_kl(student_logits, teacher_logits).mean()),
     }
+
+
+def repetition(sequences: Sequence[Sequence[int]], *, span: int = 8, n: int = 4) -> dict[str, float]:
+    """How much generated token sequences repeat themselves: ``repeating``, the share of sequences in which some
+    ``span``-token window occurs twice (a decoding loop), and ``distinct_ngrams``, the share of distinct ``n``-grams
+    among all the ``n``-grams of all the sequences (1.0: none repeats). Sequences shorter than a window count as
+    not repeating and add no n-grams."""
+    if span < 1 or n < 1:
+        raise ValueError(f"repetition: span={span}, n={n}; expected positive window lengths.")
+    looping, total, seen = 0, 0, set()
+    for seq in sequences:
+        s = tuple(int(t) for t in seq)
+        windows = [s[i:i + span] for i in range(len(s) - span + 1)]
+        looping += len(set(windows)) < len(windows)
+        grams = [s[i:i + n] for i in range(len(s) - n + 1)]
+        total += len(grams)
+        seen.update(grams)
+    return {"repeating": looping / len(sequences) if len(sequences) else 0.0,
+            "distinct_ngrams": len(seen) / total if total else 1.0}
 
 
 @torch.no_grad()

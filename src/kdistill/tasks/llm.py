@@ -630,6 +630,7 @@ def _sequence_kd(cfg: LLMConfig, tok: Any, teacher: nn.Module, train_blocks: Ten
                  out: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The teacher's stored completions of the training prompts as padded rows (loss on the completions)."""
     from ..data.lm import pad_id_of, prompt_id_tensors, prompt_ids
+    from ..eval.metrics import repetition
     from ..teachers.generations import complete_prompts
 
     P, L, spec = cfg.data.prompt_tokens, cfg.data.block_length, cfg.data.sequence_kd
@@ -642,7 +643,10 @@ def _sequence_kd(cfg: LLMConfig, tok: Any, teacher: nn.Module, train_blocks: Ten
                                generation_batch_size=spec.generation_batch_size)
     tensors = prompt_id_tensors([(r["prompt_ids"], r["completion_ids"]) for r in records], prompt_width=P,
                                 max_length=L, pad_id=pad_id_of(tok))
-    info: dict[str, Any] = {"store": str(store), "sequences": len(records)}
+    # a small teacher decoding greedily loops: the share of completions that repeat an 8-token span says so
+    loops = repetition([r["completion_ids"] for r in records], span=8, n=4)
+    info: dict[str, Any] = {"store": str(store), "sequences": len(records),
+                            "repeating_completions": loops["repeating"], "distinct_4grams": loops["distinct_ngrams"]}
     if rows:
         info["ended_at_eos"] = sum(r["completion_ids"][-1:] == [tok.eos_token_id] for r in records)
     return tensors, info
