@@ -191,7 +191,9 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
                         cell["gain_vs_random_std"] = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
                         cell["wins_vs_random"] = f"{sum(d > 0 for d in diffs)}/{len(diffs)}"
                 table.setdefault(method, {})[str(frac)] = cell
-        teacher = [r["teacher"] for r in mine if r.get("teacher") is not None]
+        # the teacher's metric on the whole pool (a black-box teacher's accuracy on a subset is the subset's)
+        full = [r for r in mine if r["method"] == "full"]
+        teacher = [r["teacher"] for r in (full or mine) if r.get("teacher") is not None]
         out[part] = {"metric": metric, "better": better, "cells": table,
                      "teacher": statistics.mean(teacher) if teacher else None}
     return out
