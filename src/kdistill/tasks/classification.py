@@ -260,6 +260,13 @@ def _phase_done(d: Path) -> bool:
     return (d / "model.json").is_file() and (d / "model.safetensors").is_file() and (d / "history.json").is_file()
 
 
+def _initial_model(seed: int, model_spec: ModelSpec, data: ClassificationData) -> torch.nn.Module:
+    """The model a phase starts from: every student of a seed starts from the same initial weights (and DDK's first
+    comparison uses those too)."""
+    seed_everything(seed)
+    return _build(model_spec, data)
+
+
 def _train_phase(name: str, *, cfg: ClassificationConfig, data: ClassificationData, model_spec: ModelSpec,
                  train: TrainSpec, method_spec: MethodSpec, augment_spec: AugmentSpec | None,
                  teacher: torch.nn.Module | None, accelerator: Any, ctx: RunContext,
@@ -274,8 +281,7 @@ def _train_phase(name: str, *, cfg: ClassificationConfig, data: ClassificationDa
         return model, hist["history"], hist["seconds"]
     if not ctx.resume and work.exists():
         shutil.rmtree(work)  # a fresh run never continues from stale checkpoints
-    seed_everything(cfg.seed)  # every student starts from the same initial weights
-    model = _build(model_spec, data)
+    model = _initial_model(cfg.seed, model_spec, data)
     method = method_spec.build()
     augment = build_augment(augment_spec.name, data.num_classes, **augment_spec.kwargs) if augment_spec else None
     if augment is not None and hasattr(augment, "bind") and teacher is not None:
@@ -416,13 +422,10 @@ def _select(cfg: ClassificationConfig, spec: SelectionSpec, data: Classification
                             teacher=teacher if METHODS.get(cfg.method.name).needs_teacher else None,
                             accelerator=accelerator, ctx=RunContext(work, False, False))[0]
 
-    def initial_student() -> torch.nn.Module:
-        seed_everything(cfg.seed)
-        return _build(cfg.student, data)
-
     pool = pool_fingerprint(data.x_train, data.y_train)
     inputs = classifier_inputs(teacher=teacher, x=data.x_train, y=data.y_train, train_proxy=train_proxy,
-                               initial_student=initial_student, domains=data.train_domains)
+                               initial_student=lambda: _initial_model(cfg.seed, cfg.student, data),
+                               domains=data.train_domains)
     return (select_training_subset(**spec.entry_kwargs(), n=len(data.y_train), seed=cfg.seed, pool=pool, **inputs),
             {**inputs, "pool": pool})
 

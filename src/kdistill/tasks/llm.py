@@ -50,7 +50,7 @@ from ..eval.lm import evaluate_lm_models, lm_metrics, lm_report_markdown
 from ..eval.report import write_report
 from ..io import write_json_atomic
 from ..methods.base import ModelOutput
-from ..registry import METHODS, TASKS
+from ..registry import TASKS
 from ..train.loop import fit, join_torchrun, make_accelerator
 from .base import RunContext, Task
 
@@ -468,9 +468,8 @@ class LLMConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> LLMConfig:
-        cls = METHODS.get(self.method.name)
         method = self.method.build()  # one instance for the checks below (cheap: no shape-dependent parts yet)
-        if self.cache is not None and not cls.cacheable:
+        if self.cache is not None and not method.cacheable:
             raise ValueError(f"method {self.method.name!r} is not cacheable (its targets depend on the student); "
                              f"remove `cache:` or use {DEFAULT_METHODS['llm']}")
         if self.cache is not None:
@@ -478,7 +477,7 @@ class LLMConfig(StrictModel):
                 method.check_cache_mode(self.cache.mode)
             except KDistillError as e:  # the config layer reports it as this field's error
                 raise ValueError(str(e)) from None
-        if cls.needs_prompts and self.data.prompt_tokens <= 0:
+        if method.needs_prompts and self.data.prompt_tokens <= 0:
             raise ValueError(f"method {self.method.name!r} continues prompts: set data.prompt_tokens > 0, e.g. 32, "
                              "so each block is (prompt, continuation)")
         if self.teachers:
