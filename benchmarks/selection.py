@@ -14,6 +14,12 @@ Settings (cheap on purpose: 2 shared CPU cores):
   128-token blocks, same steps at every budget. Strategies: ``miniplm`` (the reference: the student's
   architecture trained on a random 10% of the pool), ``ddk`` (the KJV's books, reweighted every 16 steps),
   ``random``. Metric: held-out perplexity (the last 5% of the KJV).
+* ``smollm2``: the recipe ``selection/smollm2_kjv_miniplm`` at its own scale: SmolLM2-135M-Instruct's top-32 targets
+  (``--cache``, written once with ``kdistill cache``) distilled with forward KL into its 6-of-30-layer copy on the
+  selected 128-token blocks of the recipe's 150,000-token KJV pool (Genesis to Numbers), 147 steps of 8 blocks at
+  every budget (one epoch of the whole pool). Strategies: ``miniplm`` (the teacher's log-likelihood read from the
+  cache; the reference: the student's architecture trained on 10% of the pool), ``ddk`` (the pool's books,
+  reweighted every 16 steps), ``random``. Metric: held-out perplexity.
 * ``blackbox``: the recipe ``selection/wordnet_supersense_rad``: SmolLM2-135M, served here behind the OpenAI-
   compatible API, labels WordNet noun glosses into five supersenses (300 training glosses per seed); a TF-IDF + MLP
   student learns its soft labels. The budget is the number of glosses sent to the teacher. Strategies: ``rad``
@@ -51,10 +57,14 @@ from kdistill import api  # noqa: E402
 
 FRACTIONS = (0.1, 0.25, 0.5)
 METHODS = {"classification": ("random", "pcoreset", "kd3", "rad"), "llm": ("random", "miniplm", "ddk"),
-           "blackbox": ("random", "pcoreset", "rad")}
-METRIC = {"classification": ("accuracy", "higher"), "llm": ("perplexity", "lower"), "blackbox": ("accuracy", "higher")}
+           "smollm2": ("random", "miniplm", "ddk"), "blackbox": ("random", "pcoreset", "rad")}
+METRIC = {"classification": ("accuracy", "higher"), "llm": ("perplexity", "lower"), "smollm2": ("perplexity", "lower"),
+          "blackbox": ("accuracy", "higher")}
 PARTS = tuple(METHODS)
 BLACKBOX_RECIPE = "selection/wordnet_supersense_rad"
+SMOLLM2_RECIPE = "selection/smollm2_kjv_miniplm"
+#: one epoch of the recipe's 1,171 training blocks at batch 8: every budget trains for as many steps
+SMOLLM2_STEPS = 147
 
 
 def classification_recipe(seed: int, quick: bool) -> dict[str, Any]:
@@ -132,13 +142,32 @@ def blackbox_overrides(method: str | None, fraction: float | None, seed: int, wo
     return [f"{k}={json.dumps(v)}" for k, v in o.items()]
 
 
+def smollm2_overrides(method: str | None, fraction: float | None, seed: int, cache: Path | None,
+                      quick: bool) -> list[str]:
+    """``key=value`` overrides of :data:`SMOLLM2_RECIPE` for one row: the strategy at a fraction of the pool
+    (``method=None``: every block), the same optimizer steps at every budget, the top-k cache, no baseline or audit."""
+    sel = None if method is None else {"method": method, "fraction": fraction, **SELECTION_OPTIONS.get(method, {})}
+    o: dict[str, Any] = {"seed": seed, "data.selection": sel, "baseline": False, "train.epochs": 10**4,
+                         "train.max_steps": 4 if quick else SMOLLM2_STEPS, "eval.generations": 1,
+                         "eval.audit": {"enabled": False}}
+    if quick:  # a smaller pool than the cache's: the teacher runs
+        o["data.train_tokens"] = 16_384
+        o["cache"] = None
+    elif cache is not None:
+        o["cache.dir"] = str(cache)
+    return [f"{k}={json.dumps(v)}" for k, v in o.items()]
+
+
 def run_row(part: str, method: str | None, fraction: float | None, seed: int, work: Path, quick: bool,
-            teacher: str | None = None, threads: int = 1) -> dict[str, Any]:
+            teacher: str | None = None, threads: int = 1, cache: Path | None = None) -> dict[str, Any]:
     name = f"{part}_{method or 'full'}_{fraction or 1.0}_{seed}"
     t0 = time.perf_counter()
     if part == "blackbox":
         rep = api.run(BLACKBOX_RECIPE, output=work / name, progress=False, quiet=True,
                       overrides=blackbox_overrides(method, fraction, seed, work, quick, threads))
+    elif part == "smollm2":
+        rep = api.run(SMOLLM2_RECIPE, output=work / name, progress=False, quiet=True,
+                      overrides=smollm2_overrides(method, fraction, seed, cache, quick))
     else:
         recipe = classification_recipe(seed, quick) if part == "classification" else llm_recipe(seed, teacher, quick)
         if method is not None:
@@ -233,10 +262,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--parts", nargs="+", default=["classification", "llm"], choices=list(PARTS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--llm-seeds", nargs="+", type=int, default=None, help="seeds of the llm part (default --seeds)")
+    ap.add_argument("--llm-seeds", nargs="+", type=int, default=None,
+                    help="seeds of the llm and smollm2 parts (default --seeds)")
     ap.add_argument("--fractions", nargs="+", type=float, default=list(FRACTIONS))
     ap.add_argument("--work", type=Path, default=Path("/tmp/kdistill-selection"))
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="smollm2: the top-32 cache of selection/smollm2_kjv_miniplm (default: the recipe's cache.dir)")
     ap.add_argument("--quick", action="store_true", help="tiny settings (plumbing only; numbers are meaningless)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--markdown", type=Path, default=None, help="print the tables of a finished JSON and exit")
@@ -255,14 +287,14 @@ def main() -> None:
         teacher = None
         if part == "llm":
             teacher, extra["llm_teacher"] = llm_teacher(args.work, args.quick)
-        seeds = args.llm_seeds if part == "llm" and args.llm_seeds else args.seeds
+        seeds = args.llm_seeds if part in ("llm", "smollm2") and args.llm_seeds else args.seeds
         todo = [(None, None, s) for s in seeds]
         todo += [(m, f, s) for f in args.fractions for s in seeds for m in METHODS[part]]
         for method, frac, seed in todo:
             key = (part, method or "full", frac or 1.0, seed)
             if key in done:
                 continue
-            row = run_row(part, method, frac, seed, args.work, args.quick, teacher, args.threads)
+            row = run_row(part, method, frac, seed, args.work, args.quick, teacher, args.threads, args.cache)
             rows.append(row)
             with open(log, "a") as f:
                 f.write(json.dumps(row) + "\n")
