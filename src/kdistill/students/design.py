@@ -197,14 +197,21 @@ def plot_pareto(path: Path, points: Sequence[Mapping[str, Any]], front: Sequence
     if teacher:
         ax.axhline(teacher["accuracy"], color="grey", lw=0.8, ls=":", label="teacher")
     ax.set_xscale("log")
+    from matplotlib.ticker import FormatStrFormatter, LogLocator
+
+    ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(FormatStrFormatter("%g"))
     if lower_is_better:
         ax.set_yscale("log")
         ax.invert_yaxis()
+        ax.yaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
     ax.set_xlabel("latency per batch on this machine (ms, log)")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    ax.set_title("Student design: accuracy vs latency")
+    ax.set_title(f"Student design: {'perplexity' if lower_is_better else 'accuracy'} against latency")
     _save(fig, path)
 
 
