@@ -288,6 +288,13 @@ def test_block_domains_match_the_packing_of_the_training_blocks():
     assert doms.tolist() == [0, 1, 2, 2]
 
 
+def test_domains_absent_from_the_pool_are_dropped_and_the_rest_renumbered_in_order():
+    ids, names = S.drop_empty_domains(torch.tensor([3, 1, 3, 3, 1]), ["Acts", "Exo", "Gal", "Ge"])
+    assert names == ["Exo", "Ge"] and ids.tolist() == [1, 0, 1, 1, 0]
+    ids, names = S.drop_empty_domains(torch.tensor([0, 1]), ["a", "b"])  # nothing to drop
+    assert names == ["a", "b"] and ids.tolist() == [0, 1]
+
+
 # -------------------------------------------------------------------------------------------------- RAD
 
 def test_rad_without_teacher_mistakes_is_margin_sampling():

@@ -387,6 +387,15 @@ def domain_ids(labels: Sequence[str]) -> tuple[Tensor, list[str]]:
     return torch.tensor([lookup[x] for x in labels], dtype=torch.long), names
 
 
+def drop_empty_domains(ids: Tensor, names: Sequence[str]) -> tuple[Tensor, list[str]]:
+    """``(ids, names)`` with the domains no example has removed and the ids renumbered in the same order (a
+    corpus cut to its first ``train_tokens`` holds only some of its books; DDK weighs the domains of the pool)."""
+    used = torch.unique(ids)
+    remap = torch.full((len(names),), -1, dtype=torch.long)
+    remap[used] = torch.arange(len(used))
+    return remap[ids], [names[i] for i in used.tolist()]
+
+
 def block_domains(token_lists: Iterable[Sequence[int]], item_domains: Sequence[int], *, block_length: int,
                   eos_id: int | None, max_blocks: int | None, num_domains: int) -> Tensor:
     """The domain of each packed block ``(N,)``: the domain most of its tokens come from (ties: the lower id).

@@ -234,9 +234,9 @@ def lm_inputs(*, teacher: nn.Module, tensors: Mapping[str, Tensor], batch_size: 
 def lm_domains(*, tokenizer: Any, items: Sequence[Any], labels: Sequence[str], layout: str, block_length: int,
                train_tokens: int, pool_size: int) -> tuple[Tensor, list[str]]:
     """Domain ids of the LM training pool: one per packed block (its majority domain) for text, one per row for
-    chat / prompt rows; checked to cover the pool exactly."""
+    chat / prompt rows; checked to cover the pool exactly. Only the domains present in the pool are named."""
     from ..data.lm import corpus_texts, tokenize_texts
-    from ..data.selection import block_domains, domain_ids
+    from ..data.selection import block_domains, domain_ids, drop_empty_domains
 
     if len(labels) != len(items):
         raise KDistillError(f"data.selection: got {len(labels)} domain labels for {len(items)} training texts; "
@@ -249,7 +249,7 @@ def lm_domains(*, tokenizer: Any, items: Sequence[Any], labels: Sequence[str], l
     if len(ids) != pool_size:
         raise KDistillError(f"data.selection: the domains cover {len(ids)} training rows, the pool has {pool_size}; "
                             "expected the same packing (a bug, or data that changed between the two reads).")
-    return ids, names
+    return drop_empty_domains(ids, names)
 
 
 # ----------------------------------------------------------------------------------------- black box
