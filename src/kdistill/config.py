@@ -236,10 +236,16 @@ class MethodSpec(NamedSpec):
             raise ConfigError(f"method {self.name!r} rejected its kwargs {self.kwargs}: {e}") from None
         return self
 
+    @property
+    def method_class(self) -> Any:
+        """The registered class, for reading what the method declares (``needs_teacher``, ``cacheable``, ...) without
+        building it: the tasks look methods up only through this and :meth:`build`."""
+        return METHODS.get(self.name)
+
     def build(self) -> Any:
         """A fresh instance of the method with these kwargs: the tasks build methods only through this, so they
         never read a method's kwargs themselves."""
-        return METHODS.get(self.name)(**self.kwargs)
+        return self.method_class(**self.kwargs)
 
 
 class AugmentSpec(NamedSpec):

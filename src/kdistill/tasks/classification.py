@@ -38,7 +38,7 @@ from ..eval.report import write_report
 from ..exporters.classifier import load_classifier, save_classifier
 from ..io import cache_root, load_state_dict, publish_dir, seed_everything, write_json_atomic
 from ..models.classifiers import count_params, predict_logits
-from ..registry import DATASETS, METHODS, MODELS, TASKS
+from ..registry import DATASETS, MODELS, TASKS
 from ..train.classifier import train_classifier
 from ..train.loop import make_accelerator
 from .base import RunContext, Task
@@ -211,7 +211,7 @@ class ClassificationConfig(StrictModel):
     @model_validator(mode="after")
     def _no_data_distillation(self) -> ClassificationConfig:
         for spec in [self.method, *(v.method for v in self.variants.values())]:
-            if getattr(METHODS.get(spec.name), "distills_data", False):
+            if getattr(spec.method_class, "distills_data", False):
                 raise ValueError(f"method {spec.name!r} distils a training set, which this task does not build; "
                                  "expected a method that trains a student. Fix: run it with task: "
                                  "dataset_distillation, or train on a set it wrote with data: {name: distilled, "
@@ -419,7 +419,7 @@ def _select(cfg: ClassificationConfig, spec: SelectionSpec, data: Classification
         seed_data = replace(data, x_train=data.x_train[indices], y_train=data.y_train[indices])
         return _train_phase("proxy", cfg=cfg, data=seed_data, model_spec=cfg.student, train=cfg.train,
                             method_spec=cfg.method, augment_spec=None,
-                            teacher=teacher if METHODS.get(cfg.method.name).needs_teacher else None,
+                            teacher=teacher if cfg.method.method_class.needs_teacher else None,
                             accelerator=accelerator, ctx=RunContext(work, False, False))[0]
 
     pool = pool_fingerprint(data.x_train, data.y_train)
@@ -461,7 +461,7 @@ def train_students(cfg: Any, data: ClassificationData, teacher: torch.nn.Module,
     phases += [(n, v.method, v.augment) for n, v in cfg.variants.items()]
     trained: Trained = {}
     for name, mspec, aspec in phases:
-        needs_teacher = METHODS.get(mspec.name).needs_teacher
+        needs_teacher = mspec.method_class.needs_teacher
         trained[name] = _train_phase(name, cfg=cfg, data=data, model_spec=cfg.student, train=cfg.train,
                                      method_spec=mspec, augment_spec=aspec,
                                      teacher=teacher if needs_teacher else None, accelerator=accelerator, ctx=ctx,
@@ -563,7 +563,7 @@ def design_classification(cfg: ClassificationConfig, output: Path, *, budget: di
 
     brief = cfg.train.model_copy(update={"max_steps": spec.steps, "epochs": 10**6})
     to_train = eligible if capacity_gap or spec.top_k == 0 else eligible[: spec.top_k]
-    needs_teacher = METHODS.get(cfg.method.name).needs_teacher
+    needs_teacher = cfg.method.method_class.needs_teacher
     phases = [("distilled", cfg.method, cfg.augment)] + ([("alone", MethodSpec(name=ALONE), None)] if capacity_gap
                                                          else [])
     for r in to_train:

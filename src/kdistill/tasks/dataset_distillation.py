@@ -73,7 +73,7 @@ class DatasetDistillationConfig(StrictModel):
 
     @model_validator(mode="after")
     def _method(self) -> DatasetDistillationConfig:
-        if not getattr(METHODS.get(self.method.name), "distills_data", False):
+        if not getattr(self.method.method_class, "distills_data", False):
             raise ValueError(f"method {self.method.name!r} trains a student but builds no data set; expected a "
                              f"dataset-distillation method: one of {', '.join(_distilling_methods())}")
         return self

@@ -375,7 +375,7 @@ def run_diffusion(cfg: DiffusionConfig, ctx: RunContext) -> dict[str, Any]:
     schedule = DiffusionSchedule(**cfg.schedule.model_dump())
     accelerator = make_accelerator(cfg.train.mixed_precision)
     for spec in [cfg.method, *(v.method for v in cfg.variants.values())]:
-        sampler = METHODS.get(spec.name).diffusion_sampler
+        sampler = spec.method_class.diffusion_sampler
         if sampler not in SAMPLERS:  # a method declaring a sampler that does not exist fails now, not after training
             raise KDistillError(f"method {spec.name!r} declares diffusion_sampler {sampler!r}; expected one of "
                                 f"{sorted(SAMPLERS)}")

@@ -26,7 +26,7 @@ from ..eval.report import write_report
 from ..eval.retrieval import embedding_report_md, encoder_entry, retrieval_metrics, text_agreement
 from ..io import seed_everything
 from ..modules.quantization import ProductQuantizer, quantize_student
-from ..registry import METHODS, TASKS
+from ..registry import TASKS
 from ..students.embedding import STUDENTS
 from ..students.encoders import SentenceEncoder, load_teacher_encoder, training_forwards
 from ..teachers.cache import cached_embeddings
@@ -223,11 +223,10 @@ class EmbeddingConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> EmbeddingConfig:
-        cls = METHODS.get(self.method.name)
-        if not cls.needs_teacher and self.distill:
+        if not self.method.method_class.needs_teacher and self.distill:
             raise ValueError(f"method {self.method.name!r} does not use a teacher; embedding distillation needs one "
                              f"(use {DEFAULT_METHODS['embedding']}, or distill: false for the student alone)")
-        method = cls(**self.method.kwargs)  # its declared needs, checked before any model loads
+        method = self.method.build()  # its declared needs, checked before any model loads
         if self.student.name == "static" and method.uses_token_states:
             raise ValueError(f"method {self.method.name!r} as configured reads token states, "
                              "but student 'static' has none: use layer_subset or narrow, or drop the token term.")
